@@ -1,0 +1,119 @@
+// Flags between GPUs: release stores, acquire loads and bounded waits.
+//
+// Memory ordering of each helper (PTX memory model, scope .sys because peers
+// are other GPUs reached over NVLink):
+//  - store_release_sys(p, v): every write this thread made before it, and every
+//    write another thread of the block made before a __syncthreads() that this
+//    thread passed, is visible to any thread that observes v with an acquire.
+//  - load_acquire_sys(p): writes released before the observed value are visible
+//    to this thread afterwards, and to the block after a following __syncthreads().
+//  - wait_flag_eq(...): spins with acquire loads until *p == expected; traps with
+//    a message naming the op, the tile (or block) and the peer after timeout_ns.
+//  - ll_store / ll_load: 16-byte "low latency" lines {d0, flag, d1, flag}. A line
+//    is written by one vector store and is valid when both flags equal the
+//    epoch, so data and flag arrive together and no fence is needed.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+
+namespace distfuse {
+
+constexpr uint64_t kDefaultTimeoutNs = 60ull * 1000 * 1000 * 1000;  // 60 s
+
+enum OpId : int {
+  kOpAllReduce = 0,
+  kOpMatmulAllReduce = 1,
+  kOpAllReduceRmsNorm = 2,
+};
+
+__device__ __forceinline__ const char* op_name(int op) {
+  switch (op) {
+    case kOpAllReduce: return "all_reduce";
+    case kOpMatmulAllReduce: return "matmul_all_reduce";
+    case kOpAllReduceRmsNorm: return "all_reduce_rms_norm";
+    default: return "distfuse op";
+  }
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void store_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint32_t load_relaxed_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// The next epoch after `e`; 0 is skipped because it is the value of fresh memory.
+__device__ __forceinline__ uint32_t next_epoch(uint32_t e) { return e + 1 == 0 ? 1 : e + 1; }
+
+[[noreturn]] __device__ __forceinline__ void timeout_trap(int op, const char* what, int index,
+                                                          int peer, uint32_t expected,
+                                                          uint32_t seen) {
+  printf(
+      "distfuse: %s timed out waiting for %s %d from peer rank %d (expected epoch %u, saw %u); "
+      "a rank did not call the op, or called it with other arguments\n",
+      op_name(op), what, index, peer, expected, seen);
+  __trap();
+  __builtin_unreachable();
+}
+
+// Spin until *p == expected. The clock is read only every 64 polls.
+__device__ __forceinline__ void wait_flag_eq(const uint32_t* p, uint32_t expected,
+                                             uint64_t timeout_ns, int op, const char* what,
+                                             int index, int peer) {
+  uint32_t v = load_acquire_sys(p);
+  if (v == expected) return;
+  const uint64_t start = global_timer_ns();
+  const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
+  for (uint32_t spins = 1;; ++spins) {
+    v = load_acquire_sys(p);
+    if (v == expected) return;
+    if ((spins & 63u) == 0 && global_timer_ns() - start > bound)
+      timeout_trap(op, what, index, peer, expected, v);
+  }
+}
+
+struct LLLine {
+  uint32_t d0, f0, d1, f1;
+};
+
+__device__ __forceinline__ void ll_store(LLLine* p, uint32_t d0, uint32_t d1, uint32_t flag) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(d0), "r"(flag),
+               "r"(d1), "r"(flag)
+               : "memory");
+}
+
+// Spin until the line carries `flag` in both halves; returns its data.
+__device__ __forceinline__ uint2 ll_load(const LLLine* p, uint32_t flag, uint64_t timeout_ns,
+                                         int op, int block, int peer) {
+  uint32_t d0, f0, d1, f1;
+  uint64_t start = 0;
+  const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
+  for (uint32_t spins = 0;; ++spins) {
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(d0), "=r"(f0), "=r"(d1), "=r"(f1)
+                 : "l"(p)
+                 : "memory");
+    if (f0 == flag && f1 == flag) return make_uint2(d0, d1);
+    if (spins == 0) start = global_timer_ns();
+    else if ((spins & 63u) == 0 && global_timer_ns() - start > bound)
+      timeout_trap(op, "block", block, peer, flag, f0 != flag ? f0 : f1);
+  }
+}
+
+}  // namespace distfuse

@@ -1,0 +1,50 @@
+"""distfuse: fused compute + communication operators for tensor-parallel PyTorch.
+
+Importing the package loads the C++/CUDA library, which registers the ops in
+``torch.ops.distfuse``; the typed wrappers live in :mod:`distfuse.ops`.
+"""
+import glob
+import os
+
+import torch
+
+__version__ = "0.1.0"
+
+
+def _load_library():
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = sorted(glob.glob(os.path.join(here, "_C*.so")))
+    if not candidates:
+        raise ImportError(
+            f"distfuse: no compiled library (_C*.so) in {here}; build it with "
+            "`pip install --no-build-isolation -e .`")
+    torch.ops.load_library(candidates[0])
+    return candidates[0]
+
+
+_LIBRARY_PATH = _load_library()
+
+from . import _fake  # noqa: E402,F401  (registers the fake kernels)
+from .comm import destroy_workspace, init_workspace, workspace_info  # noqa: E402
+from .ops import (  # noqa: E402
+    all_gather_matmul,
+    all_reduce,
+    all_reduce_rms_norm,
+    attention_all_gather,
+    force_path,
+    last_path,
+    matmul_all_reduce,
+    matmul_reduce_scatter,
+)
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded library contains the fused CUDA kernels."""
+    return bool(torch.ops.distfuse._built_with_cuda())
+
+
+__all__ = [
+    "all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul",
+    "attention_all_gather", "all_reduce_rms_norm", "init_workspace", "destroy_workspace",
+    "workspace_info", "force_path", "last_path", "built_with_cuda",
+]

@@ -1,0 +1,97 @@
+"""Typed wrappers of the ``torch.ops.distfuse`` operators.
+
+Every collective takes ``group``: a ``torch.distributed.ProcessGroup`` or its
+``group_name`` string (``None`` means the default group). Sum is the only
+reduction; results are bitwise identical on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+GroupLike = Union[str, dist.ProcessGroup, None]
+
+OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul",
+       "attention_all_gather", "all_reduce_rms_norm")
+
+# Paths the dispatcher can be forced to take, per op ("auto" lets it decide).
+PATHS = {
+    "all_reduce": ("auto", "reference", "one_shot", "two_shot"),
+    "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push"),
+}
+
+
+def group_name(group: GroupLike) -> str:
+    """The registered name of ``group`` (a ProcessGroup, a name, or None for WORLD)."""
+    if isinstance(group, str):
+        return group
+    if group is None:
+        group = dist.group.WORLD
+    if group is None:
+        raise ValueError("distfuse: no process group given and torch.distributed is not initialized")
+    return group.group_name
+
+
+def all_reduce(x: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
+    """Σ_r x_r over the group (a new tensor, contiguous, same shape and dtype)."""
+    return torch.ops.distfuse.all_reduce(x, group_name(group))
+
+
+def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None, *,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_r a_r @ b_r (+ bias, added once): a [..., K_r], b [K_r, N] -> [..., N].
+
+    ``b`` may be row-major or a transposed view such as ``linear.weight.t()``.
+    This is the row-parallel linear layer: each GEMM tile's all-reduce starts as
+    soon as the tile is written.
+    """
+    return torch.ops.distfuse.matmul_all_reduce(a, b, group_name(group), bias=bias)
+
+
+def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
+    """Rows [r·M/W, (r+1)·M/W) of Σ_r a_r @ b_r, where M = prod(a.shape[:-1]) -> [M/W, N]."""
+    return torch.ops.distfuse.matmul_reduce_scatter(a, b, group_name(group))
+
+
+def all_gather_matmul(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
+    """concat_r(a_r) @ b: a [M/W, K] (this rank's rows), b [K, N_r] -> [M, N_r]."""
+    return torch.ops.distfuse.all_gather_matmul(a, b, group_name(group))
+
+
+def attention_all_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: GroupLike = None,
+                         *, is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
+    """Context-parallel attention: rank r holds tokens [r·S/W, (r+1)·S/W) of q, k and v
+    ([B, H, S/W, D]); returns softmax(q Kᵀ·scale) V over the whole gathered sequence,
+    causal in global positions when ``is_causal``; [B, Hq, S/W, D]."""
+    return torch.ops.distfuse.attention_all_gather(q, k, v, group_name(group), is_causal=is_causal,
+                                                   scale=scale)
+
+
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        group: GroupLike = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(Σ_r x_r + residual) · weight, Σ_r x_r + residual)."""
+    return torch.ops.distfuse.all_reduce_rms_norm(x, residual, weight, eps, group_name(group))
+
+
+@contextlib.contextmanager
+def force_path(op: str, path: str) -> Iterator[None]:
+    """Force the dispatcher of ``op`` onto ``path`` (tests and benchmarks), e.g.
+    ``with force_path("all_reduce", "two_shot"): ...``. Every rank must force the same path."""
+    if op not in PATHS:
+        raise ValueError(f"distfuse.force_path: op must be one of {sorted(PATHS)}, got {op!r}")
+    if path not in PATHS[op]:
+        raise ValueError(f"distfuse.force_path: path for {op} must be one of {PATHS[op]}, got {path!r}")
+    previous = torch.ops.distfuse._forced_path(op)
+    torch.ops.distfuse._set_forced_path(op, path)
+    try:
+        yield
+    finally:
+        torch.ops.distfuse._set_forced_path(op, previous or "auto")
+
+
+def last_path(op: str) -> str:
+    """The path the last call of ``op`` in this process took ("" before the first call)."""
+    return torch.ops.distfuse._last_path(op)
