@@ -1,0 +1,53 @@
+// Plain parameter structs of the kernels: raw pointers, sizes and strides only.
+// The ATen glue (csrc/ops/) validates tensors and fills them.
+#pragma once
+
+#include <cstdint>
+
+#include "distfuse/comm/handle.h"
+
+namespace distfuse {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// Sum of one tensor over the group: output = Σ_r input_r (+ bias[i % bias_period]).
+struct AllReduceParams {
+  const void* input;  // this rank's contribution; 16-byte aligned
+  void* output;       // numel elements; 16-byte aligned; may alias input
+  const void* bias;   // optional, `bias_period` elements of the same dtype, added once
+  int64_t bias_period;
+  int64_t numel;
+  DType dtype;
+  int op;       // OpId, for timeout messages
+  int blocks;   // grid size (0: the kernel's default for this size)
+  CommHandle comm;
+};
+
+// GEMM whose every output tile publishes a readiness flag.
+//
+//   D[M, N] = A[M, K] @ B[K, N]        (fp32 accumulation, D in A's dtype)
+//
+// A is row-major with leading dimension lda (>= K). B is either row-major [K, N]
+// (b_transposed == false, ldb >= N) or given as its transpose Bt [N, K] row-major
+// (b_transposed == true, ldb >= K), which is how nn.Linear stores its weight.
+// D is row-major with leading dimension ldd (>= N).
+//
+// When tile (tm, tn) of D is completely written and visible to other GPUs, the
+// kernel atomically adds 1 (release, system scope) to
+// tile_flags[tm * tiles_n + tn], where tiles_n = ceil(N / tile_n). The flags are
+// never reset: a consumer that has seen c calls expects the value c + 1.
+struct TileGemmParams {
+  const void* a;
+  const void* b;
+  void* d;
+  int64_t lda, ldb, ldd;
+  int m, n, k;
+  bool b_transposed;
+  DType dtype;            // kBFloat16 or kFloat16
+  uint32_t* tile_flags;   // may be null: no flags are published
+  int sm_count;           // CTAs of the persistent grid (the SMs this GEMM may occupy)
+};
+
+}  // namespace distfuse
