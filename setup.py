@@ -53,16 +53,27 @@ def extension():
     with_cuda = want_cuda()
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp"))
     cuda_only_cpp = sorted(glob.glob("csrc/comm/*.cpp") + glob.glob("csrc/ops/cuda/*.cpp"))
-    cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    # DISTFUSE_KERNELS=allreduce,... builds only those kernel families (faster
+    # iteration); ops whose kernels are left out run their reference path.
+    families = os.environ.get("DISTFUSE_KERNELS", "")
+    cu_sources = sorted(f for f in glob.glob("csrc/**/*.cu", recursive=True)
+                        if "/tests/" not in f)
+    if families:
+        keep = set(families.split(",")) | {"common"}
+        cu_sources = [f for f in cu_sources
+                      if not f.startswith("csrc/kernels/") or f.split("/")[2] in keep]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-std=c++17"]
     opt = os.environ.get("DISTFUSE_NVCC_THREADS", "2")
     if with_cuda:
         include_dirs += cutlass_include_dirs()
-        cxx.append("-DDISTFUSE_WITH_CUDA")
+        defines = ["-DDISTFUSE_WITH_CUDA"]
+        if families and "gemm" not in families.split(","):
+            defines.append("-DDISTFUSE_NO_GEMM")
+        cxx += defines
         # No --use_fast_math: it flushes fp32 denormals, which bf16 inputs can hold.
-        nvcc = ["-O3", "-std=c++17", "-DDISTFUSE_WITH_CUDA", "--expt-relaxed-constexpr",
-                "-lineinfo", f"--threads={opt}", "-DNDEBUG"]
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                f"--threads={opt}", "-DNDEBUG"] + defines
         if os.environ.get("DISTFUSE_PTXAS_VERBOSE"):
             nvcc.append("-Xptxas=-v")
         nvcc += arch_flags()

@@ -20,7 +20,7 @@ OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_m
 # Paths the dispatcher can be forced to take, per op ("auto" lets it decide).
 PATHS = {
     "all_reduce": ("auto", "reference", "one_shot", "two_shot"),
-    "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push"),
+    "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized"),
 }
 
 

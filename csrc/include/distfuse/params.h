@@ -10,6 +10,13 @@ namespace distfuse {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Names the op in timeout messages of the device code.
+enum OpId : int {
+  kOpAllReduce = 0,
+  kOpMatmulAllReduce = 1,
+  kOpAllReduceRmsNorm = 2,
+};
+
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 // Sum of one tensor over the group: output = Σ_r input_r (+ bias[i % bias_period]).
@@ -21,7 +28,7 @@ struct AllReduceParams {
   int64_t numel;
   DType dtype;
   int op;       // OpId, for timeout messages
-  int blocks;   // grid size (0: the kernel's default for this size)
+  int blocks;   // two-shot: most blocks to use (0: the default)
   CommHandle comm;
 };
 

@@ -40,7 +40,7 @@ struct WorkspaceLayout {
   // One-shot LL region: [parity 2][src world][kMaxBlocks * lines_per_block] 16-byte lines.
   uint64_t oneshot_offset;
   uint64_t oneshot_bytes;
-  // Two-shot region: [phase 2][parity 2][src world][blocks][chunk_bytes].
+  // Two-shot region: [phase 2][src world][blocks][chunk_bytes].
   uint64_t twoshot_offset;
   uint64_t twoshot_bytes;
   // Tile region for fused GEMM ops (size chosen by init_workspace(max_bytes)).
@@ -49,7 +49,35 @@ struct WorkspaceLayout {
   uint64_t total_bytes;
 };
 
-constexpr uint64_t kFlagsPerChannel = 2ull * kMaxBlocks * kMaxWorld * 4;  // generous, 256 KB
+constexpr uint64_t kFlagsPerChannel = 2ull * kMaxBlocks * kMaxWorld * 4;  // 65536 slots
+constexpr int kMaxTiles = 32768;  // output tiles of one fused GEMM call (flags per tile)
+
+// One-shot: payload capacity of one call; a line carries 8 payload bytes.
+constexpr uint64_t kOneShotCapacityBytes = 1ull << 20;
+constexpr uint64_t kOneShotLinesPerSlot = kOneShotCapacityBytes / 8;
+// Two-shot: bytes one block moves per peer and phase in one step, and the most blocks.
+constexpr uint64_t kTwoShotChunkBytes = 32ull << 10;
+constexpr int kTwoShotMaxBlocks = 64;
+
+inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+// The layout every rank of a `world`-sized group uses.
+inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
+  constexpr uint64_t kAlign = 4096;
+  WorkspaceLayout l{};
+  l.counters_offset = 0;
+  l.counters_bytes = align_up((uint64_t(kNumChannels) * kMaxBlocks + kMaxTiles) * 4, kAlign);
+  l.flags_offset = l.counters_offset + l.counters_bytes;
+  l.flags_bytes = align_up(uint64_t(kNumChannels) * kFlagsPerChannel * 4, kAlign);
+  l.oneshot_offset = l.flags_offset + l.flags_bytes;
+  l.oneshot_bytes = 2ull * world * kOneShotLinesPerSlot * 16;
+  l.twoshot_offset = align_up(l.oneshot_offset + l.oneshot_bytes, kAlign);
+  l.twoshot_bytes = 2ull * world * kTwoShotMaxBlocks * kTwoShotChunkBytes;
+  l.tiles_offset = align_up(l.twoshot_offset + l.twoshot_bytes, kAlign);
+  l.tiles_bytes = align_up(tile_bytes, kAlign);
+  l.total_bytes = l.tiles_offset + l.tiles_bytes;
+  return l;
+}
 
 struct CommHandle {
   unsigned char* peer_base[kMaxWorld];
@@ -71,6 +99,14 @@ struct CommHandle {
   inline uint32_t* flags(int peer, int channel) const {
     return reinterpret_cast<uint32_t*>(peer_base[peer] + layout.flags_offset) +
            channel * kFlagsPerChannel;
+  }
+  // Per-tile counters of calls this rank has consumed (local only).
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  inline uint32_t* tile_seen() const {
+    return reinterpret_cast<uint32_t*>(peer_base[rank] + layout.counters_offset) +
+           kNumChannels * kMaxBlocks;
   }
 };
 

@@ -17,15 +17,11 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "distfuse/params.h"
+
 namespace distfuse {
 
 constexpr uint64_t kDefaultTimeoutNs = 60ull * 1000 * 1000 * 1000;  // 60 s
-
-enum OpId : int {
-  kOpAllReduce = 0,
-  kOpMatmulAllReduce = 1,
-  kOpAllReduceRmsNorm = 2,
-};
 
 __device__ __forceinline__ const char* op_name(int op) {
   switch (op) {

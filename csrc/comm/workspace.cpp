@@ -1,0 +1,217 @@
+#include "comm/workspace.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+
+namespace distfuse::comm {
+namespace {
+
+constexpr uint64_t kDefaultTimeoutMs = 60000;
+
+std::mutex g_mutex;
+// Never destroyed: freeing peer-mapped memory during interpreter teardown is unsafe.
+auto* g_workspaces = new std::map<std::string, std::unique_ptr<Workspace>>();
+// How often each group's workspace was created; part of the store keys so that a
+// re-created workspace never reads a stale exchange.
+auto* g_generation = new std::map<std::string, int>();
+
+uint64_t timeout_from_env(uint64_t requested_ms) {
+  if (requested_ms) return requested_ms;
+  if (const char* env = std::getenv("DISTFUSE_TIMEOUT_MS")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<uint64_t>(v);
+  }
+  return kDefaultTimeoutMs;
+}
+
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+std::string to_string(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
+std::vector<uint8_t> to_bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
+
+// Every rank learns whether all members sit on one host and can reach each
+// other's GPU memory directly. Two rounds through the group's store: identity
+// (host, PCI bus id), then each rank's verdict; the answer is the AND of verdicts.
+bool exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int device) {
+  const int rank = pg.getRank();
+  const int world = pg.getSize();
+  auto store = pg.getStore();
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  char bus[64] = {0};
+  C10_CUDA_CHECK(cudaDeviceGetPCIBusId(bus, sizeof(bus), device));
+  store->set(prefix + "id/" + std::to_string(rank), to_bytes(std::string(host) + "|" + bus));
+
+  bool ok = true;
+  for (int p = 0; p < world && ok; ++p) {
+    const std::string id = to_string(store->get(prefix + "id/" + std::to_string(p)));
+    const size_t bar = id.find('|');
+    if (id.substr(0, bar) != host) {
+      ok = false;  // another host: no load/store access
+      break;
+    }
+    int peer_device = -1;
+    if (cudaDeviceGetByPCIBusId(&peer_device, id.substr(bar + 1).c_str()) != cudaSuccess) {
+      (void)cudaGetLastError();
+      ok = false;  // the peer's GPU is not visible to this process
+      break;
+    }
+    if (peer_device != device) {
+      int can = 0;
+      C10_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, device, peer_device));
+      ok = ok && can;
+    }
+  }
+  store->set(prefix + "ok/" + std::to_string(rank), to_bytes(ok ? "1" : "0"));
+  bool all_ok = true;
+  for (int p = 0; p < world; ++p)
+    all_ok = all_ok && to_string(store->get(prefix + "ok/" + std::to_string(p))) == "1";
+  return all_ok;
+}
+
+}  // namespace
+
+Workspace::Workspace(std::string group_name, size_t tile_bytes, uint64_t timeout_ms)
+    : group_name_(std::move(group_name)), tile_bytes_(tile_bytes), timeout_ms_(timeout_ms) {}
+
+size_t Workspace::one_shot_capacity_bytes() const { return kOneShotCapacityBytes; }
+
+void Workspace::allocate() {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  try {
+    pg = c10d::resolve_process_group(group_name_);
+  } catch (const std::exception&) {
+    TORCH_CHECK(false, "distfuse: unknown group_name '", group_name_,
+                "': pass a torch.distributed ProcessGroup or its .group_name");
+  }
+  rank_ = pg->getRank();
+  world_ = pg->getSize();
+  device_ = c10::cuda::current_device();
+  TORCH_CHECK(world_ <= kMaxWorld, "distfuse: group '", group_name_, "' has ", world_,
+              " ranks; the fused kernels support at most ", kMaxWorld);
+
+  const int generation = (*g_generation)[group_name_]++;
+  const std::string prefix =
+      "distfuse/" + group_name_ + "/" + std::to_string(generation) + "/";
+  p2p_ = world_ > 1 && exchange_p2p_verdict(*pg, prefix, device_);
+  if (!p2p_) return;
+
+  const WorkspaceLayout layout = make_layout(world_, tile_bytes_);
+  buffer_ = c10d::symmetric_memory::empty_strided_p2p(
+      {static_cast<int64_t>(layout.total_bytes)}, {1}, at::kByte, at::Device(at::kCUDA, device_),
+      group_name_, std::nullopt);
+  symm_ = c10d::symmetric_memory::rendezvous(buffer_, group_name_);
+  TORCH_CHECK(symm_->get_world_size() == world_ && symm_->get_rank() == rank_,
+              "distfuse: symmetric memory of group '", group_name_, "' reports rank ",
+              symm_->get_rank(), " of ", symm_->get_world_size(), ", expected ", rank_, " of ",
+              world_);
+  const std::vector<void*> ptrs = symm_->get_buffer_ptrs();
+  const size_t offset = symm_->get_offset();
+  handle_ = CommHandle{};
+  for (int p = 0; p < world_; ++p) handle_.peer_base[p] = static_cast<unsigned char*>(ptrs[p]) + offset;
+  handle_.rank = rank_;
+  handle_.world = world_;
+  handle_.timeout_ns = timeout_ms_ * 1000000ull;
+  handle_.layout = layout;
+
+  // Counters, flags and one-shot lines start at zero (epoch 0 never appears).
+  // The barrier keeps peers from writing into this buffer before it is cleared.
+  auto stream = at::cuda::getCurrentCUDAStream(device_);
+  C10_CUDA_CHECK(cudaMemsetAsync(handle_.peer_base[rank_], 0, layout.twoshot_offset, stream));
+  symm_->barrier(0, timeout_ms_);
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void Workspace::release() {
+  if (!symm_) return;
+  // Peers may still read this buffer (the tail of their last op): wait for all.
+  symm_->barrier(0, timeout_ms_);
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  symm_.reset();
+  buffer_ = at::Tensor();
+}
+
+Workspace& Workspace::create(const std::string& group_name, size_t tile_bytes,
+                             uint64_t timeout_ms) {
+  TORCH_CHECK(!capturing(), "distfuse.init_workspace: cannot create the workspace of group '",
+              group_name, "' during CUDA graph capture; call it before capturing");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_workspaces->find(group_name);
+  if (it != g_workspaces->end()) {
+    c10::cuda::CUDAGuard guard(it->second->device_ >= 0 ? it->second->device_
+                                                        : c10::cuda::current_device());
+    it->second->release();
+    g_workspaces->erase(it);
+  }
+  std::unique_ptr<Workspace> ws(new Workspace(group_name, tile_bytes, timeout_from_env(timeout_ms)));
+  ws->allocate();
+  Workspace& ref = *ws;
+  (*g_workspaces)[group_name] = std::move(ws);
+  return ref;
+}
+
+Workspace& Workspace::get(const std::string& group_name, const char* op) {
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_workspaces->find(group_name);
+    if (it != g_workspaces->end()) return *it->second;
+  }
+  TORCH_CHECK(!capturing(), "distfuse.", op, ": group '", group_name,
+              "' has no workspace and one cannot be created during CUDA graph capture; call "
+              "distfuse.init_workspace(group, max_bytes) on every rank before capturing");
+  return create(group_name, 0, 0);
+}
+
+void Workspace::destroy(const std::string& group_name) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_workspaces->find(group_name);
+  if (it == g_workspaces->end()) return;
+  if (it->second->device_ >= 0) {
+    c10::cuda::CUDAGuard guard(it->second->device_);
+    it->second->release();
+  }
+  g_workspaces->erase(it);
+}
+
+std::vector<int64_t> Workspace::info(const std::string& group_name) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_workspaces->find(group_name);
+  if (it == g_workspaces->end()) return {};
+  const Workspace& w = *it->second;
+  const WorkspaceLayout& l = w.handle_.layout;
+  return {w.p2p_, w.world_, w.rank_, static_cast<int64_t>(l.total_bytes),
+          w.p2p_ ? static_cast<int64_t>(kOneShotCapacityBytes) : 0,
+          static_cast<int64_t>(l.twoshot_bytes), static_cast<int64_t>(l.tiles_bytes),
+          static_cast<int64_t>(w.timeout_ms_)};
+}
+
+void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
+  if (!p2p_ || bytes <= handle_.layout.tiles_bytes) return;
+  TORCH_CHECK(!capturing(), "distfuse.", op, ": this call needs a tile region of ", bytes,
+              " bytes but the workspace of group '", group_name_, "' has ",
+              handle_.layout.tiles_bytes,
+              "; it cannot grow during CUDA graph capture: call distfuse.init_workspace(group, "
+              "max_bytes=",
+              bytes, ") (or more) on every rank before capturing");
+  // Round up so that a sweep of growing shapes re-creates rarely; identical on every rank.
+  constexpr size_t kGrain = 64ull << 20;
+  const size_t grown = (bytes + kGrain - 1) / kGrain * kGrain;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  release();
+  tile_bytes_ = grown;
+  allocate();
+}
+
+}  // namespace distfuse::comm

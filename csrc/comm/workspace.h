@@ -1,0 +1,68 @@
+// Symmetric workspace of one process group (host side).
+//
+// One Workspace per group_name, created collectively on first use or by
+// distfuse.init_workspace. It owns one PyTorch SymmetricMemory allocation per
+// rank, laid out as described in distfuse/comm/handle.h, and hands kernels a
+// CommHandle (peer base pointers, rank, world, layout, wait bound).
+//
+// Groups whose members cannot all reach each other's memory directly (ranks on
+// several hosts, GPUs without peer access) get a Workspace with p2p() == false
+// and no allocation: their ops take the NCCL path. The decision is exchanged
+// through the group's store, so every rank takes the same one.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/symm_mem/SymmetricMemory.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "distfuse/comm/handle.h"
+
+namespace distfuse::comm {
+
+class Workspace {
+ public:
+  // The workspace of `group_name` on the current device, created collectively
+  // when missing. Creation during CUDA-graph capture is an error that says how
+  // to pre-size (`op` names the calling op in that message).
+  static Workspace& get(const std::string& group_name, const char* op);
+  // (Re-)creates the workspace with a tile region of `tile_bytes`; collective.
+  static Workspace& create(const std::string& group_name, size_t tile_bytes, uint64_t timeout_ms);
+  // Frees the workspace after every rank's pending work finished; collective.
+  static void destroy(const std::string& group_name);
+  // {p2p, world, rank, total_bytes, one_shot_capacity, two_shot_bytes, tile_bytes, timeout_ms};
+  // empty when the group has no workspace.
+  static std::vector<int64_t> info(const std::string& group_name);
+
+  // Grows the tile region to at least `bytes` (collective: every rank calls it
+  // with the same size because shapes are identical). Inside CUDA-graph capture
+  // growth is impossible and raises an error naming the size to pre-allocate.
+  void ensure_tile_bytes(size_t bytes, const char* op);
+
+  bool p2p() const { return p2p_; }
+  int rank() const { return rank_; }
+  int world() const { return world_; }
+  int device() const { return device_; }
+  const CommHandle& handle() const { return handle_; }
+  size_t one_shot_capacity_bytes() const;
+
+ private:
+  Workspace(std::string group_name, size_t tile_bytes, uint64_t timeout_ms);
+  void allocate();
+  void release();
+
+  std::string group_name_;
+  size_t tile_bytes_;
+  uint64_t timeout_ms_;
+  bool p2p_ = false;
+  int rank_ = 0;
+  int world_ = 1;
+  int device_ = -1;
+  at::Tensor buffer_;
+  c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> symm_;
+  CommHandle handle_{};
+};
+
+}  // namespace distfuse::comm

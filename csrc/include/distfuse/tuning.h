@@ -1,0 +1,61 @@
+// Dispatch decisions of the fused ops: pure functions of shapes, dtype and group
+// size, so every rank takes the same decision. Entries for W > 4 are untuned
+// extrapolations until measured on 8-GPU machines.
+#pragma once
+
+#include <cstdint>
+
+namespace distfuse {
+
+enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1 };
+
+// Largest all-reduce (bytes per rank) taken by the one-shot algorithm.
+inline int64_t one_shot_threshold_bytes(int world) {
+  if (world <= 2) return 512 << 10;
+  if (world <= 4) return 256 << 10;
+  return 128 << 10;  // untuned (W > 4)
+}
+
+// `override_threshold` > 0 replaces the table (benchmarks sweep it).
+inline AllReduceAlgo choose_all_reduce(int64_t bytes, int world, int64_t one_shot_capacity_bytes,
+                                       int64_t override_threshold = 0) {
+  int64_t threshold = override_threshold > 0 ? override_threshold : one_shot_threshold_bytes(world);
+  if (threshold > one_shot_capacity_bytes) threshold = one_shot_capacity_bytes;
+  return bytes <= threshold ? AllReduceAlgo::kOneShot : AllReduceAlgo::kTwoShot;
+}
+
+// Blocks of the two-shot kernel (each moves 32 KB chunks; more blocks keep more
+// NVLink transfers in flight).
+inline int two_shot_blocks(int world, int override_blocks = 0) {
+  if (override_blocks > 0) return override_blocks;
+  (void)world;
+  return 32;
+}
+
+}  // namespace distfuse
+
+namespace distfuse {
+
+enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2 };
+
+// Largest M (rows of the GEMM) that takes the decode push path.
+inline int64_t decode_max_m(int world) {
+  (void)world;
+  return 128;
+}
+
+// Which schedule runs matmul_all_reduce when the fused GEMM can run at all.
+inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int world,
+                                                    int64_t override_decode_max_m = 0) {
+  const int64_t limit = override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world);
+  return m <= limit ? MatmulAllReduceAlgo::kDecodePush : MatmulAllReduceAlgo::kFusedTiles;
+}
+
+// Consumer CTAs that run beside the GEMM (the GEMM keeps the other SMs).
+inline int consumer_blocks(MatmulAllReduceAlgo algo, int world, int override_blocks = 0) {
+  if (override_blocks > 0) return override_blocks;
+  (void)world;
+  return algo == MatmulAllReduceAlgo::kDecodePush ? 8 : 24;
+}
+
+}  // namespace distfuse

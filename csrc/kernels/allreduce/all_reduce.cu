@@ -1,0 +1,306 @@
+// One-shot (LL push) and two-shot (push reduce-scatter + all-gather) all-reduce.
+// Schedules and memory ordering: all_reduce.h and distfuse/comm/signal.cuh.
+#include "kernels/allreduce/all_reduce.h"
+
+#include <algorithm>
+
+#include "distfuse/comm/handle.h"
+#include "distfuse/comm/signal.cuh"
+#include "kernels/common/vec.cuh"
+
+namespace distfuse {
+namespace {
+
+template <typename I>
+__host__ __device__ __forceinline__ I ceil_div(I a, I b) {
+  return (a + b - 1) / b;
+}
+
+// Adds bias[(idx + i) % period] to acc[i] for the elements that exist.
+template <typename T, int kElems>
+__device__ __forceinline__ void add_bias(float (&acc)[kElems], const T* bias, int64_t period,
+                                         int64_t idx, int64_t n) {
+  int64_t col = idx % period;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) {
+    if (idx + i < n) acc[i] += to_float(bias[col]);
+    col = col + 1 == period ? 0 : col + 1;
+  }
+}
+
+// ---------------------------------------------------------------- one-shot
+
+constexpr int kOneShotThreads = 512;
+constexpr int kOneShotLinesPerThread = 2;
+constexpr int64_t kOneShotLinesPerBlock = int64_t(kOneShotThreads) * kOneShotLinesPerThread;
+
+// Slot of lines that `src` pushes to `dst` for epochs of this parity. Block b always
+// owns lines [b * kOneShotLinesPerBlock, (b + 1) * kOneShotLinesPerBlock): with the
+// block's own epoch counter this is what makes the parity argument hold (a peer can
+// be at most one epoch ahead of this block, so it never writes the parity we read).
+__device__ __forceinline__ LLLine* one_shot_slot(const CommHandle& c, int dst, int parity,
+                                                 int src) {
+  return reinterpret_cast<LLLine*>(c.peer_base[dst] + c.layout.oneshot_offset) +
+         (int64_t(parity) * c.world + src) * int64_t(kOneShotLinesPerSlot);
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kOneShotThreads)
+    all_reduce_one_shot_kernel(AllReduceParams p) {
+  using Line = Pack<T, 8>;
+  constexpr int kElems = Line::kElems;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
+  const T* in = static_cast<const T*>(p.input);
+  T* out = static_cast<T*>(p.output);
+  const int64_t n = p.numel;
+  const int64_t lines = ceil_div<int64_t>(n, kElems);
+
+  __shared__ uint32_t s_epoch;
+  uint32_t* counter = c.counters(kChannelOneShot) + blockIdx.x;
+  if (threadIdx.x == 0) s_epoch = next_epoch(*counter);
+  __syncthreads();
+  const uint32_t epoch = s_epoch;
+  const int parity = epoch & 1;
+
+  Line mine[kOneShotLinesPerThread];
+  int64_t line[kOneShotLinesPerThread];
+#pragma unroll
+  for (int k = 0; k < kOneShotLinesPerThread; ++k) {
+    line[k] = blockIdx.x * kOneShotLinesPerBlock + k * kOneShotThreads + threadIdx.x;
+    if (line[k] >= lines) continue;
+    const int64_t idx = line[k] * kElems;
+    mine[k] = idx + kElems <= n ? *reinterpret_cast<const Line*>(in + idx)
+                                : load_pack_tail<T, 8>(in, idx, n);
+#pragma unroll
+    for (int i = 1; i < W; ++i) {
+      const int dst = rank + i < W ? rank + i : rank + i - W;
+      ll_store(one_shot_slot(c, dst, parity, rank) + line[k], mine[k].w[0], mine[k].w[1], epoch);
+    }
+  }
+
+#pragma unroll
+  for (int k = 0; k < kOneShotLinesPerThread; ++k) {
+    if (line[k] >= lines) continue;
+    float acc[kElems];
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int src = 0; src < W; ++src) {
+      Line v;
+      if (src == rank) {
+        v = mine[k];
+      } else {
+        const uint2 d = ll_load(one_shot_slot(c, rank, parity, src) + line[k], epoch,
+                                c.timeout_ns, p.op, blockIdx.x, src);
+        v.w[0] = d.x;
+        v.w[1] = d.y;
+      }
+      accumulate<T, 8>(acc, v);
+    }
+    const int64_t idx = line[k] * kElems;
+    if (p.bias) add_bias<T, kElems>(acc, static_cast<const T*>(p.bias), p.bias_period, idx, n);
+    const Line r = round_pack<T, 8>(acc);
+    if (idx + kElems <= n) *reinterpret_cast<Line*>(out + idx) = r;
+    else store_pack_tail<T, 8>(out, idx, n, r);
+  }
+
+  __syncthreads();  // every thread has read s_epoch before the counter moves on
+  if (threadIdx.x == 0) *counter = epoch;
+}
+
+// ---------------------------------------------------------------- two-shot
+
+constexpr int kTwoShotThreads = 512;
+constexpr int kTwoShotUnroll = 4;  // 16-byte vectors in flight per thread
+
+// Data `src` pushes to `dst` in `phase` for block `block`.
+__device__ __forceinline__ unsigned char* two_shot_region(const CommHandle& c, int dst, int phase,
+                                                          int src, int block) {
+  return c.peer_base[dst] + c.layout.twoshot_offset +
+         ((int64_t(phase) * c.world + src) * kTwoShotMaxBlocks + block) * kTwoShotChunkBytes;
+}
+
+__device__ __forceinline__ uint32_t* two_shot_flag(const CommHandle& c, int owner, int phase,
+                                                   int block, int src) {
+  return c.flags(owner, kChannelTwoShot) + (int64_t(phase) * kMaxBlocks + block) * kMaxWorld + src;
+}
+
+// Copies `len` elements; both pointers 16-byte aligned. Sources written by a
+// peer are read with ld.global.cg (L2 only): this block read the same addresses
+// in an earlier step, and L1 is not coherent with NVLink writes.
+template <typename T, bool kSourceFromPeer>
+__device__ __forceinline__ void copy_elems(T* dst, const T* src, int64_t len) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t full = len / kVec;
+  for (int64_t base = threadIdx.x; base < full; base += int64_t(kTwoShotUnroll) * kTwoShotThreads) {
+    uint4 v[kTwoShotUnroll];
+#pragma unroll
+    for (int u = 0; u < kTwoShotUnroll; ++u) {
+      const int64_t i = base + int64_t(u) * kTwoShotThreads;
+      if (i < full) v[u] = kSourceFromPeer ? load_cg(src + i * kVec) : load_plain(src + i * kVec);
+    }
+#pragma unroll
+    for (int u = 0; u < kTwoShotUnroll; ++u) {
+      const int64_t i = base + int64_t(u) * kTwoShotThreads;
+      if (i < full) store_plain(dst + i * kVec, v[u]);
+    }
+  }
+  for (int64_t i = full * kVec + threadIdx.x; i < len; i += kTwoShotThreads) dst[i] = src[i];
+}
+
+// Elements of shard `s` (of `shard` elements) that chunk offset `off` covers.
+__device__ __forceinline__ int64_t chunk_len(int s, int64_t shard, int64_t off, int64_t chunk,
+                                             int64_t n) {
+  const int64_t begin = int64_t(s) * shard + off;
+  const int64_t end = min(min(begin + chunk, int64_t(s + 1) * shard), n);
+  return end > begin ? end - begin : 0;
+}
+
+template <int W>
+__device__ __forceinline__ void signal_peers(const CommHandle& c, int phase, uint32_t epoch) {
+  __syncthreads();  // this block's pushes precede the release (cumulativity)
+  const int t = threadIdx.x;
+  if (t < W && t != c.rank) store_release_sys(two_shot_flag(c, t, phase, blockIdx.x, c.rank), epoch);
+}
+
+template <int W>
+__device__ __forceinline__ void wait_peers(const CommHandle& c, int phase, uint32_t epoch, int op) {
+  const int t = threadIdx.x;
+  if (t < W && t != c.rank)
+    wait_flag_eq(two_shot_flag(c, c.rank, phase, blockIdx.x, t), epoch, c.timeout_ns, op, "block",
+                 blockIdx.x, t);
+  __syncthreads();
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kTwoShotThreads)
+    all_reduce_two_shot_kernel(AllReduceParams p, int64_t chunk) {
+  constexpr int kVec = 16 / sizeof(T);
+  using Vec = Pack<T, 16>;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
+  const T* in = static_cast<const T*>(p.input);
+  T* out = static_cast<T*>(p.output);
+  const int64_t n = p.numel;
+  const int64_t shard = ceil_div<int64_t>(ceil_div<int64_t>(n, W), kVec) * kVec;
+  const int64_t chunks = ceil_div<int64_t>(shard, chunk);
+
+  __shared__ uint32_t s_epoch;
+  uint32_t* counter = c.counters(kChannelTwoShot) + blockIdx.x;
+  if (threadIdx.x == 0) s_epoch = *counter;
+  __syncthreads();
+  uint32_t epoch = s_epoch;
+
+  for (int64_t j = blockIdx.x; j < chunks; j += gridDim.x) {
+    epoch = next_epoch(epoch);
+    const int64_t off = j * chunk;
+
+    // Phase 0: chunk j of shard `dst` goes to its owner.
+#pragma unroll 1
+    for (int i = 1; i < W; ++i) {
+      const int dst = rank + i < W ? rank + i : rank + i - W;
+      copy_elems<T, false>(reinterpret_cast<T*>(two_shot_region(c, dst, 0, rank, blockIdx.x)),
+                           in + int64_t(dst) * shard + off, chunk_len(dst, shard, off, chunk, n));
+    }
+    signal_peers<W>(c, 0, epoch);
+    wait_peers<W>(c, 0, epoch, p.op);
+
+    // Reduce chunk j of this rank's shard in rank order, then push the sum.
+    const int64_t mine = chunk_len(rank, shard, off, chunk, n);
+    const int64_t begin = int64_t(rank) * shard + off;
+    for (int64_t v = threadIdx.x; v * kVec < mine; v += kTwoShotThreads) {
+      const int64_t e = v * kVec;
+      const bool full = e + kVec <= mine;
+      float acc[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
+#pragma unroll
+      for (int src = 0; src < W; ++src) {
+        const T* from = src == rank
+                            ? in + begin
+                            : reinterpret_cast<const T*>(two_shot_region(c, rank, 0, src, blockIdx.x));
+        Vec x;
+        if (full) x = to_pack<T>(src == rank ? load_plain(from + e) : load_cg(from + e));
+        else x = load_pack_tail<T, 16>(from, e, mine);
+        accumulate<T, 16>(acc, x);
+      }
+      if (p.bias)
+        add_bias<T, kVec>(acc, static_cast<const T*>(p.bias), p.bias_period, begin + e, begin + mine);
+      const Vec r = round_pack<T, 16>(acc);
+      if (full) store_plain(out + begin + e, from_pack<T>(r));
+      else store_pack_tail<T, 16>(out + begin, e, mine, r);
+#pragma unroll
+      for (int i = 1; i < W; ++i) {
+        const int dst = rank + i < W ? rank + i : rank + i - W;
+        T* to = reinterpret_cast<T*>(two_shot_region(c, dst, 1, rank, blockIdx.x));
+        if (full) store_plain(to + e, from_pack<T>(r));
+        else store_pack_tail<T, 16>(to, e, mine, r);
+      }
+    }
+    signal_peers<W>(c, 1, epoch);
+    wait_peers<W>(c, 1, epoch, p.op);
+
+    // Phase 1: every peer's summed chunk lands in the output.
+#pragma unroll 1
+    for (int i = 1; i < W; ++i) {
+      const int src = rank + i < W ? rank + i : rank + i - W;
+      copy_elems<T, true>(out + int64_t(src) * shard + off,
+                          reinterpret_cast<const T*>(two_shot_region(c, rank, 1, src, blockIdx.x)),
+                          chunk_len(src, shard, off, chunk, n));
+    }
+    // No double buffering is needed: a peer pushes into our phase-0 region again
+    // only after it saw our phase-1 flag of this step (raised after our reduce
+    // read it), and into our phase-1 region only after it saw our phase-0 flag of
+    // the next step (raised after this copy).
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0) *counter = epoch;
+}
+
+}  // namespace
+
+int64_t all_reduce_one_shot_max_numel(DType dtype) {
+  return int64_t(kOneShotCapacityBytes) / dtype_size(dtype);
+}
+
+cudaError_t launch_all_reduce_one_shot(const AllReduceParams& p, cudaStream_t stream) {
+  if (p.numel <= 0) return cudaSuccess;
+  const int esize = dtype_size(p.dtype);
+  const int64_t lines = ceil_div<int64_t>(p.numel * esize, 8);
+  if (lines > int64_t(kOneShotLinesPerSlot)) return cudaErrorInvalidValue;
+  const int blocks = static_cast<int>(ceil_div<int64_t>(lines, kOneShotLinesPerBlock));
+  return visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return visit_world(p.comm.world, [&](auto w) {
+      all_reduce_one_shot_kernel<T, decltype(w)::value><<<blocks, kOneShotThreads, 0, stream>>>(p);
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t launch_all_reduce_two_shot(const AllReduceParams& p, cudaStream_t stream) {
+  if (p.numel <= 0) return cudaSuccess;
+  const int esize = dtype_size(p.dtype);
+  const int vec = 16 / esize;
+  const int world = p.comm.world;
+  const int64_t shard = ceil_div<int64_t>(ceil_div<int64_t>(p.numel, world), vec) * vec;
+  const int target_blocks = std::clamp(p.blocks > 0 ? p.blocks : 32, 1, kTwoShotMaxBlocks);
+  // Spread small tensors over the target number of blocks; large ones use full chunks.
+  const int64_t max_chunk = int64_t(kTwoShotChunkBytes) / esize;
+  const int64_t chunk =
+      std::min(max_chunk, ceil_div<int64_t>(ceil_div<int64_t>(shard, target_blocks), vec) * vec);
+  const int64_t chunks = ceil_div<int64_t>(shard, chunk);
+  const int blocks = static_cast<int>(std::min<int64_t>(chunks, target_blocks));
+  return visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return visit_world(world, [&](auto w) {
+      all_reduce_two_shot_kernel<T, decltype(w)::value>
+          <<<blocks, kTwoShotThreads, 0, stream>>>(p, chunk);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace distfuse

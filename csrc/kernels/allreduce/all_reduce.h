@@ -1,0 +1,33 @@
+// All-reduce kernels over a symmetric workspace (torch-free).
+//
+// one-shot (small sizes, latency-bound): every rank pushes its whole input to
+//   every peer as 16-byte "LL" lines {data, flag, data, flag}; each rank then sums
+//   the W contributions in rank order. One NVLink crossing, no barrier.
+//
+//     rank r:  input ──push line──▶ peer p slot[parity][r]   (for every p != r)
+//              slot[parity][0..W-1] ──poll flags, Σ in rank order──▶ output
+//
+// two-shot (large sizes, bandwidth-bound): reduce-scatter then all-gather, both
+//   by pushes, pipelined per block and chunk with per-block flags.
+//
+//     step j of block b (chunk j of every shard):
+//     phase 0  rank r pushes chunk j of shard p to peer p ─flag─▶ p
+//     reduce   rank r sums chunk j of its own shard in rank order (+ bias)
+//     phase 1  rank r pushes the sum to every peer ─flag─▶ peers; peers copy it out
+//
+// Both sum in fp32 in the fixed order rank 0, 1, ..., W-1 and round once, so
+// every rank gets the same bits, whichever algorithm ran.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "distfuse/params.h"
+
+namespace distfuse {
+
+// Most elements a one-shot call can carry for this dtype.
+int64_t all_reduce_one_shot_max_numel(DType dtype);
+cudaError_t launch_all_reduce_one_shot(const AllReduceParams& p, cudaStream_t stream);
+cudaError_t launch_all_reduce_two_shot(const AllReduceParams& p, cudaStream_t stream);
+
+}  // namespace distfuse

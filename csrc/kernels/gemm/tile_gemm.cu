@@ -1,0 +1,255 @@
+// Host side of the flag-publishing GEMM: configuration choice, tile schedule,
+// argument checks and launch. Design notes: tile_gemm.h.
+
+// The asserts inside CUTLASS's mainloop are function calls in device code, and
+// a call serializes the wgmma pipeline (ptxas C7510): build this file without
+// them whatever the build flags say.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+
+#include "tile_gemm.h"
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/bfloat16.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/half.h>
+
+#include "tile_gemm_kernel.cuh"
+
+namespace distfuse {
+namespace tile_gemm_detail {
+namespace {
+
+using cute::_1;
+
+constexpr int kAlignment = 8;  // elements: TMA needs 16-byte aligned rows
+constexpr int kTileK = 64;
+// Up to this M the decode configuration is used.
+constexpr int kDecodeMaxM = 128;
+// A plan whose whole waves keep at least this share of the CTAs busy stays
+// data-parallel (no split tiles, no workspace).
+constexpr double kMinWaveEfficiency = 0.9;
+// A stream-K range shorter than this many K blocks costs more in partial-sum
+// traffic than it saves.
+constexpr int kMinBlocksPerRange = 4;
+
+enum class Variant { kDecode, kPrefill };
+
+struct DecodeShape {
+  static constexpr int kTileM = 64;
+  static constexpr int kTileN = 128;
+  using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
+  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;  // 1 MMA warp group
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+struct PrefillShape {
+  static constexpr int kTileM = 128;
+  static constexpr int kTileN = 256;
+  using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
+  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;  // 2 MMA warp groups
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+
+template <class Element_, bool kBTransposed, class ShapeConfig>
+struct Config {
+  using Element = Element_;
+  using Tile = typename ShapeConfig::Tile;
+  using Cluster = cute::Shape<_1, _1, _1>;
+  // B given as Bt [N, K] row-major is column-major [K, N]: K-major for wgmma.
+  using LayoutB = std::conditional_t<kBTransposed, cutlass::layout::ColumnMajor,
+                                     cutlass::layout::RowMajor>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, cutlass::layout::RowMajor, kAlignment,        // no source operand C
+      Element, cutlass::layout::RowMajor, kAlignment,     // D
+      typename ShapeConfig::EpilogueSchedule>::CollectiveOp;
+
+  // The kernel's shared storage beyond the epilogue's: pipeline barriers,
+  // alignment padding and the split-tile broadcast word.
+  static constexpr int kKernelSmemBytes = 2048;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      Element, cutlass::layout::RowMajor, kAlignment,
+      Element, LayoutB, kAlignment, float, Tile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          int(sizeof(typename Epilogue::SharedStorage)) + kKernelSmemBytes>,
+      typename ShapeConfig::MainloopSchedule>::CollectiveOp;
+
+  using Kernel = TileGemmKernel<Mainloop, Epilogue>;
+  static_assert(sizeof(typename Kernel::SharedStorage) <= 227 * 1024,
+                "shared storage exceeds the 227 KB an sm_90 CTA may use");
+};
+
+struct Plan {
+  Variant variant;
+  int tile_m;
+  int tile_n;
+  TileSchedule schedule;
+  size_t counters_bytes;  // workspace: split-tile counters, then partial-sum slots
+  size_t workspace_bytes;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+size_t round_up(size_t bytes, size_t alignment) {
+  return (bytes + alignment - 1) / alignment * alignment;
+}
+
+Variant variant_for(int m) { return m <= kDecodeMaxM ? Variant::kDecode : Variant::kPrefill; }
+
+int tile_m_of(Variant v) { return v == Variant::kDecode ? DecodeShape::kTileM : PrefillShape::kTileM; }
+int tile_n_of(Variant v) { return v == Variant::kDecode ? DecodeShape::kTileN : PrefillShape::kTileN; }
+
+Plan make_plan(const TileGemmParams& p) {
+  Plan plan{};
+  plan.variant = variant_for(p.m);
+  plan.tile_m = tile_m_of(plan.variant);
+  plan.tile_n = tile_n_of(plan.variant);
+
+  TileSchedule& s = plan.schedule;
+  s.tiles_m = int(ceil_div(p.m, plan.tile_m));
+  s.tiles_n = int(ceil_div(p.n, plan.tile_n));
+  s.k_tiles = int(ceil_div(p.k, kTileK));
+  const int tiles = s.tiles_m * s.tiles_n;
+  const int ctas = p.sm_count;
+
+  const int64_t waves = ceil_div(tiles, ctas);
+  const double wave_efficiency = double(tiles) / double(waves * ctas);
+  if (wave_efficiency >= kMinWaveEfficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
+    s.num_ctas = tiles < ctas ? tiles : ctas;
+    s.dp_tiles = tiles;
+    return plan;
+  }
+  // Keep all but the last full wave data-parallel; the last full wave and the
+  // partial one are spread over all CTAs by K blocks.
+  s.dp_tiles = tiles > ctas ? (tiles / ctas - 1) * ctas : 0;
+  s.sk_tiles = tiles - s.dp_tiles;
+  s.sk_iters = int64_t(s.sk_tiles) * s.k_tiles;
+  s.num_ctas = ctas;
+  if (s.sk_iters < int64_t(ctas) * kMinBlocksPerRange) {  // only when dp_tiles == 0
+    s.num_ctas = int(s.sk_iters / kMinBlocksPerRange);
+  }
+  plan.counters_bytes = round_up(size_t(s.sk_tiles) * sizeof(uint32_t), 256);
+  plan.workspace_bytes = plan.counters_bytes + size_t(2) * s.num_ctas * plan.tile_m *
+                                                   plan.tile_n * sizeof(float);
+  return plan;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+cudaError_t check_params(const TileGemmParams& p) {
+  if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
+      p.sm_count < 1 || p.lda < p.k || p.ldd < p.n || p.ldb < (p.b_transposed ? p.k : p.n)) {
+    return cudaErrorInvalidValue;
+  }
+  if ((p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) || p.k % kAlignment != 0 ||
+      p.n % kAlignment != 0 || p.lda % kAlignment != 0 || p.ldb % kAlignment != 0 ||
+      p.ldd % kAlignment != 0 || !aligned16(p.a) || !aligned16(p.b) || !aligned16(p.d)) {
+    return cudaErrorNotSupported;
+  }
+  return cudaSuccess;
+}
+
+template <class C>
+cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
+                   cudaStream_t stream) {
+  using Element = typename C::Element;
+  using Mainloop = typename C::Mainloop;
+  using Epilogue = typename C::Epilogue;
+  using Kernel = typename C::Kernel;
+
+  const auto problem = cute::make_shape(p.m, p.n, p.k, 1);
+  typename Mainloop::StrideB stride_b;
+  if constexpr (std::is_same_v<typename C::LayoutB, cutlass::layout::ColumnMajor>) {
+    stride_b = cute::make_stride(p.ldb, cute::Int<1>{}, int64_t(p.n) * p.ldb);
+  } else {
+    stride_b = cute::make_stride(cute::Int<1>{}, p.ldb, int64_t(p.k) * p.ldb);
+  }
+  const typename Mainloop::Arguments mainloop_args{
+      static_cast<const Element*>(p.a),
+      cute::make_stride(p.lda, cute::Int<1>{}, int64_t(p.m) * p.lda),
+      static_cast<const Element*>(p.b), stride_b};
+
+  typename Epilogue::Arguments epilogue_args{};
+  epilogue_args.thread.alpha = 1.f;
+  epilogue_args.thread.beta = 0.f;
+  epilogue_args.ptr_D = static_cast<const Element*>(p.d);
+  epilogue_args.dD = cute::make_stride(p.ldd, cute::Int<1>{}, int64_t(p.m) * p.ldd);
+
+  if (!Mainloop::can_implement(problem, mainloop_args) ||
+      !Epilogue::can_implement(problem, epilogue_args)) {
+    return cudaErrorNotSupported;
+  }
+
+  auto* workspace_bytes = static_cast<unsigned char*>(workspace);
+  const typename Kernel::Params params{
+      Mainloop::to_underlying_arguments(problem, mainloop_args, nullptr),
+      Epilogue::to_underlying_arguments(problem, epilogue_args, nullptr),
+      problem,
+      plan.schedule,
+      p.tile_flags,
+      reinterpret_cast<uint32_t*>(workspace_bytes),
+      reinterpret_cast<float*>(workspace_bytes + plan.counters_bytes)};
+
+  const auto kernel = tile_gemm_kernel<Kernel>;
+  constexpr int kSmemBytes = int(sizeof(typename Kernel::SharedStorage));
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<plan.schedule.num_ctas, Kernel::kThreads, kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <class Element, class ShapeConfig>
+cudaError_t launch_for_layout(const TileGemmParams& p, const Plan& plan, void* workspace,
+                              cudaStream_t stream) {
+  return p.b_transposed
+             ? launch<Config<Element, true, ShapeConfig>>(p, plan, workspace, stream)
+             : launch<Config<Element, false, ShapeConfig>>(p, plan, workspace, stream);
+}
+
+template <class Element>
+cudaError_t launch_for_dtype(const TileGemmParams& p, const Plan& plan, void* workspace,
+                             cudaStream_t stream) {
+  return plan.variant == Variant::kDecode
+             ? launch_for_layout<Element, DecodeShape>(p, plan, workspace, stream)
+             : launch_for_layout<Element, PrefillShape>(p, plan, workspace, stream);
+}
+
+}  // namespace
+}  // namespace tile_gemm_detail
+
+int tile_gemm_tile_m(const TileGemmParams& p) {
+  return tile_gemm_detail::tile_m_of(tile_gemm_detail::variant_for(p.m));
+}
+
+int tile_gemm_tile_n(const TileGemmParams& p) {
+  return tile_gemm_detail::tile_n_of(tile_gemm_detail::variant_for(p.m));
+}
+
+size_t tile_gemm_workspace_bytes(const TileGemmParams& p) {
+  if (tile_gemm_detail::check_params(p) != cudaSuccess) return 0;
+  return tile_gemm_detail::make_plan(p).workspace_bytes;
+}
+
+cudaError_t launch_tile_gemm(const TileGemmParams& p, cudaStream_t stream, void* workspace) {
+  using namespace tile_gemm_detail;
+  const cudaError_t err = check_params(p);
+  if (err != cudaSuccess) return err;
+  const Plan plan = make_plan(p);
+  if (plan.workspace_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  return p.dtype == DType::kBFloat16
+             ? launch_for_dtype<cutlass::bfloat16_t>(p, plan, workspace, stream)
+             : launch_for_dtype<cutlass::half_t>(p, plan, workspace, stream);
+}
+
+}  // namespace distfuse

@@ -1,0 +1,127 @@
+// Hopper GEMM that publishes a readiness flag per output tile (torch-free).
+//
+//   D[M, N] = A[M, K] @ B[K, N]      bf16/fp16 in and out, fp32 accumulation
+//
+// See TileGemmParams (distfuse/params.h) for layouts and the flag contract.
+//
+// Kernel
+// ------
+// A persistent, warp-specialized sm_90a kernel of our own (tile_gemm_kernel.cuh)
+// composed from CUTLASS's SM90 collectives: the TMA + wgmma mainloop
+// (CollectiveMma, MainloopSm90TmaGmmaWarpSpecialized) and the TMA-store epilogue
+// (Sm90TmaWarpSpecialized). Our kernel owns the tile schedule, the split-K
+// reduction and the flag. One CTA per SM (shared memory is sized so), cluster
+// 1x1x1, grid <= sm_count. CTAs never wait for each other, so the kernel
+// completes whatever subset of its CTAs is resident at a time.
+//
+//   CTA = producer warp group (warp 0 issues the TMA loads of A and B)
+//       + 1 or 2 consumer warp groups (wgmma, then the epilogue of the tile)
+//
+// Two configurations, chosen by M:
+//   decode  (M <= 128): 64 x 128 x 64 tile, 1 consumer warp group. Few output
+//           tiles and B streamed from HBM dominates, so the K loop of the tiles
+//           is spread over all CTAs (stream-K) and every SM streams B.
+//   prefill (M >  128): 128 x 256 x 64 tile, 2 consumer warp groups
+//           (cooperative); data-parallel, with a stream-K tail when whole waves
+//           of tiles would leave SMs idle.
+//
+// Per-tile sequence of the CTA that finishes a tile
+// --------------------------------------------------
+//   producer warp  : TMA A,B k-blocks ---> smem ring (mbarrier pipeline)
+//   consumer WGs   : wgmma over the k-blocks of this work unit (fp32 registers)
+//                    [split tile only] store partial sums to the workspace,
+//                    arrive on the tile counter; the last arriver adds all
+//                    partials in K order and goes on, the others stop here
+//   epilogue       : registers -> bf16/fp16 -> smem -> TMA store into D
+//                    (consumer warp 0 issues and commits the bulk stores)
+//   consumer warp 0: cp.async.bulk.wait_group 0   the tile's writes are done
+//                    fence.proxy.async.global      (not just its smem reads) and
+//                                                  ordered before generic-proxy
+//                                                  operations that follow
+//                    red.release.sys.global.add.u32 tile_flags[tm*tiles_n+tn], 1
+//
+// The release is made by the thread that issued the TMA stores, after they
+// completed, so any thread (any GPU) that reads the new flag value with an
+// acquire at system scope sees the whole tile. Stores outside [M, N] are
+// clipped by TMA; the flag still covers the tile (its in-bounds part).
+//
+// Tile order
+// ----------
+// Tiles are numbered 0 .. tiles_m*tiles_n-1 and tile_gemm_tile_coord() maps the
+// number to (tm, tn): groups of kTileGemmGroupRows tile rows, column by column
+// inside a group (L2 reuse of both A and B across a wave of CTAs):
+//
+//     tiles_m = 10, tiles_n = 4, group rows = 8       numbers in each cell
+//            tn=0  1   2   3
+//     tm=0  [  0   8  16  24 ]  \
+//     tm=1  [  1   9  17  25 ]   |
+//      ...                       | group 0: 8 rows
+//     tm=7  [  7  15  23  31 ]  /
+//     tm=8  [ 32  34  36  38 ]  \  group 1: the 2 remaining rows
+//     tm=9  [ 33  35  37  39 ]  /
+//
+// CTA c of a grid of G computes the data-parallel tiles c, c+G, c+2G, ...
+// (whole tiles), so the tiles are published roughly in number order, wave by
+// wave. The stream-K tiles are the last numbers: their K range is split evenly
+// over all G CTAs and each is published by whichever CTA finishes it last.
+//
+// Workspace
+// ---------
+// Stream-K needs fp32 partial tiles and one arrival counter per split tile:
+// tile_gemm_workspace_bytes(p) bytes (0 when the plan has no split tiles;
+// then `workspace` may be null). The workspace must be zero-filled once when
+// it is allocated; every completed launch leaves the counters at zero again,
+// so it can be reused by later launches (and CUDA graph replays) without a
+// memset. Launches that may run concurrently need separate workspaces.
+#pragma once
+
+#include <cstddef>
+#include <cuda_runtime_api.h>
+
+#include "distfuse/params.h"
+
+#if defined(__CUDACC__)
+#define DF_TILE_GEMM_HD __host__ __device__
+#else
+#define DF_TILE_GEMM_HD
+#endif
+
+namespace distfuse {
+
+// Rows of tiles in one group of the tile order.
+constexpr int kTileGemmGroupRows = 8;
+
+// Tile shape the launch for these parameters uses (depends on p.m only).
+int tile_gemm_tile_m(const TileGemmParams& p);
+int tile_gemm_tile_n(const TileGemmParams& p);
+
+// Device workspace the launch needs (0: none).
+size_t tile_gemm_workspace_bytes(const TileGemmParams& p);
+
+// Enqueues D = A @ B on `stream`. Returns
+//   cudaErrorInvalidValue   missing pointers, M/N/K < 1, leading dimension too
+//                           small, sm_count < 1, or workspace null when needed;
+//   cudaErrorNotSupported   a GEMM this engine does not run (the caller falls
+//                           back to cuBLAS): dtype other than bf16/fp16, K or N
+//                           or a leading dimension not a multiple of 8, a
+//                           pointer not 16-byte aligned;
+//   otherwise the launch status.
+cudaError_t launch_tile_gemm(const TileGemmParams& p, cudaStream_t stream,
+                             void* workspace = nullptr);
+
+// (tm, tn) of tile number `index` in the tile order described above.
+DF_TILE_GEMM_HD inline void tile_gemm_tile_coord(int index, int tiles_m, int tiles_n, int* tm,
+                                                 int* tn) {
+  const int tiles_per_group = kTileGemmGroupRows * tiles_n;
+  const int group = index / tiles_per_group;
+  const int first_row = group * kTileGemmGroupRows;
+  const int rows_in_group =
+      tiles_m - first_row < kTileGemmGroupRows ? tiles_m - first_row : kTileGemmGroupRows;
+  const int index_in_group = index - group * tiles_per_group;
+  *tm = first_row + index_in_group % rows_in_group;
+  *tn = index_in_group / rows_in_group;
+}
+
+}  // namespace distfuse
+
+#undef DF_TILE_GEMM_HD

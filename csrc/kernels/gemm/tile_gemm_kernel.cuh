@@ -1,0 +1,342 @@
+// Persistent warp-specialized sm_90a GEMM kernel with per-tile readiness flags.
+// Design, memory ordering and tile order: tile_gemm.h. Included by tile_gemm.cu only.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include "tile_gemm.h"
+
+namespace distfuse {
+namespace tile_gemm_detail {
+
+// Which CTA computes which part of which tile. Tiles [0, dp_tiles) are computed
+// whole, tile t by CTA t % num_ctas. The K blocks of tiles
+// [dp_tiles, dp_tiles + sk_tiles), taken as one sequence of sk_iters blocks,
+// are cut into num_ctas contiguous ranges, range c going to CTA c (stream-K):
+//
+//   sk tile:      |    0     |    1     |    2     |    3     |   (k_tiles blocks each)
+//   CTA ranges:   |  c0   |  c1   |  c2   |  c3   |  c4   |  c5  |
+//
+// A tile covered by several ranges is a split tile: each covering CTA stores
+// its partial sums in its own workspace slot (2 per CTA: the first and the
+// last unit of its range) and the last to arrive adds them up.
+struct TileSchedule {
+  int tiles_m;
+  int tiles_n;
+  int k_tiles;  // K blocks per tile
+  int num_ctas;
+  int dp_tiles;
+  int sk_tiles;
+  int64_t sk_iters;  // sk_tiles * k_tiles
+
+  __host__ __device__ int64_t sk_range_begin(int cta) const {
+    return int64_t(cta) * sk_iters / num_ctas;
+  }
+  // The CTA whose range holds stream-K block `iter`.
+  __host__ __device__ int sk_range_owner(int64_t iter) const {
+    return int(((iter + 1) * num_ctas - 1) / sk_iters);
+  }
+};
+
+struct WorkUnit {
+  int tile;          // number in the tile order
+  int k_begin;       // first K block
+  int k_count;       // K blocks (>= 1)
+  int partial_slot;  // workspace slot of the partial sums of a split tile; -1 for a whole tile
+};
+
+// The work units of one CTA in order; the producer and the consumers each walk
+// their own copy, so no scheduling state is shared between warps.
+class CtaWork {
+ public:
+  __device__ CtaWork(const TileSchedule& schedule, int cta)
+      : s_(schedule), cta_(cta), next_dp_tile_(cta) {
+    sk_first_ = s_.sk_tiles > 0 ? s_.sk_range_begin(cta) : 0;
+    sk_end_ = s_.sk_tiles > 0 ? s_.sk_range_begin(cta + 1) : 0;
+    next_sk_iter_ = sk_first_;
+  }
+
+  __device__ bool next(WorkUnit& unit) {
+    if (next_dp_tile_ < s_.dp_tiles) {
+      unit = {next_dp_tile_, 0, s_.k_tiles, -1};
+      next_dp_tile_ += s_.num_ctas;
+      return true;
+    }
+    if (next_sk_iter_ < sk_end_) {
+      const int sk_tile = int(next_sk_iter_ / s_.k_tiles);
+      const int k_begin = int(next_sk_iter_ - int64_t(sk_tile) * s_.k_tiles);
+      const int64_t left_in_range = sk_end_ - next_sk_iter_;
+      const int k_count = int(left_in_range < s_.k_tiles - k_begin ? left_in_range
+                                                                   : s_.k_tiles - k_begin);
+      // Only the first and the last unit of a range can be part of a split tile.
+      const int slot = k_count == s_.k_tiles ? -1 : 2 * cta_ + (next_sk_iter_ == sk_first_ ? 0 : 1);
+      unit = {s_.dp_tiles + sk_tile, k_begin, k_count, slot};
+      next_sk_iter_ += k_count;
+      return true;
+    }
+    return false;
+  }
+
+ private:
+  const TileSchedule& s_;
+  int cta_;
+  int next_dp_tile_;
+  int64_t sk_first_, sk_end_, next_sk_iter_;
+};
+
+template <class Mainloop, class Epilogue>
+struct KernelParams {
+  typename Mainloop::Params mainloop;
+  typename Epilogue::Params epilogue;
+  cute::Shape<int, int, int, int> problem;  // M, N, K, 1
+  TileSchedule schedule;
+  uint32_t* tile_flags;      // null: no flags
+  uint32_t* split_counters;  // per split tile: units arrived (zero between launches)
+  float* split_partials;     // 2 * num_ctas slots of tile_m * tile_n floats
+};
+
+// After the warp that issued the TMA stores of a tile has committed them: wait
+// until they are complete (not only done reading shared memory), order them
+// before generic-proxy operations, then publish with a system-scope release.
+__device__ __forceinline__ void publish_tile_flag(uint32_t* flag) {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+  if (cute::elect_one_sync()) {
+    asm volatile("red.release.sys.global.add.u32 [%0], 1;" ::"l"(flag) : "memory");
+  }
+}
+
+__device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+template <class Mainloop_, class Epilogue_>
+struct TileGemmKernel {
+  using Mainloop = Mainloop_;
+  using Epilogue = Epilogue_;
+  using Params = KernelParams<Mainloop, Epilogue>;
+  using TileShape = typename Mainloop::TileShape;
+  using TiledMma = typename Mainloop::TiledMma;
+  using MainloopPipeline = typename Mainloop::MainloopPipeline;
+  using EpilogueLoadPipeline = typename Epilogue::LoadPipeline;
+  using EpilogueStorePipeline = typename Epilogue::StorePipeline;
+
+  static constexpr int kMmaThreads = int(cute::size(TiledMma{}));
+  static constexpr int kThreads = cutlass::NumThreadsPerWarpGroup + kMmaThreads;
+  static constexpr int kTileElems = int(cute::size<0>(TileShape{}) * cute::size<1>(TileShape{}));
+  // The producer needs few registers; the consumers hold a 64x256 fp32 slice
+  // of the tile per warp group plus the epilogue's registers.
+  static constexpr uint32_t kProducerRegisters = 40;
+  static constexpr uint32_t kConsumerRegisters = 232;
+  // Named barrier of the consumer warp groups for the split-tile reduction;
+  // user ids start after the ones CUTLASS's collectives reserve.
+  static constexpr uint32_t kSplitBarrier = 0;
+
+  struct SharedStorage {
+    // Swizzled TMA buffers: 1024-byte alignment keeps the swizzle pattern on
+    // the addresses the collectives assume.
+    alignas(1024) typename Mainloop::TensorStorage mainloop;
+    alignas(1024) typename Epilogue::TensorStorage epilogue;
+    alignas(16) typename Mainloop::PipelineStorage mainloop_pipeline;
+    alignas(16) typename Epilogue::PipelineStorage epilogue_load_pipeline;
+    uint32_t split_is_last;  // broadcast of the split-tile arrival result
+  };
+
+  static_assert(kThreads == 256 || kThreads == 384, "1 producer + 1 or 2 consumer warp groups");
+
+  __device__ void operator()(const Params& params, char* smem) const {
+    using namespace cute;
+    SharedStorage& shared = *reinterpret_cast<SharedStorage*>(smem);
+    const int thread_idx = int(threadIdx.x);
+    const bool is_producer = cutlass::canonical_warp_group_idx() == 0;
+    const int warp_in_group = cutlass::canonical_warp_idx_sync() % cutlass::NumWarpsPerWarpGroup;
+
+    if (thread_idx == 0) {
+      Mainloop::prefetch_tma_descriptors(params.mainloop);
+      Epilogue::prefetch_tma_descriptors(params.epilogue);
+    }
+
+    typename MainloopPipeline::Params mainloop_pipeline_params;
+    mainloop_pipeline_params.role =
+        !is_producer        ? MainloopPipeline::ThreadCategory::Consumer
+        : warp_in_group == 0 ? MainloopPipeline::ThreadCategory::Producer
+                             : MainloopPipeline::ThreadCategory::NonParticipant;
+    mainloop_pipeline_params.is_leader = thread_idx == 0;
+    mainloop_pipeline_params.num_consumers = kMmaThreads;
+    mainloop_pipeline_params.num_producers = Mainloop::NumProducerThreadEvents;
+    mainloop_pipeline_params.transaction_bytes = params.mainloop.tma_transaction_bytes;
+    MainloopPipeline mainloop_pipeline(shared.mainloop_pipeline, mainloop_pipeline_params,
+                                       Shape<_1, _1, _1>{});
+
+    // D = acc has no source operand: the epilogue's load pipeline is never
+    // filled but its store() takes one.
+    typename EpilogueLoadPipeline::Params epilogue_load_params;
+    epilogue_load_params.role = is_producer ? EpilogueLoadPipeline::ThreadCategory::NonParticipant
+                                            : EpilogueLoadPipeline::ThreadCategory::Consumer;
+    epilogue_load_params.dst_blockid = 0;
+    epilogue_load_params.producer_arv_count = cutlass::NumThreadsPerWarp;
+    epilogue_load_params.consumer_arv_count = kMmaThreads;
+    epilogue_load_params.transaction_bytes = params.epilogue.tma_transaction_bytes;
+    EpilogueLoadPipeline epilogue_load_pipeline(shared.epilogue_load_pipeline, epilogue_load_params);
+
+    typename EpilogueStorePipeline::Params epilogue_store_params;
+    epilogue_store_params.always_wait = true;
+    EpilogueStorePipeline epilogue_store_pipeline(epilogue_store_params);
+
+    __syncthreads();  // barrier initialization visible to every warp
+
+    Mainloop mainloop;
+    CtaWork work(params.schedule, int(blockIdx.x));
+    WorkUnit unit;
+
+    if (is_producer) {
+      cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+      if (warp_in_group != 0) return;
+      auto load_inputs = mainloop.load_init(params.problem, params.mainloop);
+      auto k_tile_shape = shape<3>(get<0>(load_inputs));
+      auto write_state = cutlass::make_producer_start_state<MainloopPipeline>();
+      while (work.next(unit)) {
+        int tm, tn;
+        tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn);
+        auto k_tile_iter = make_coord_iterator(idx2crd(unit.k_begin, k_tile_shape), k_tile_shape);
+        mainloop.load(params.mainloop, mainloop_pipeline, write_state, load_inputs,
+                      make_coord(tm, tn, _, 0), k_tile_iter, unit.k_count,
+                      cutlass::canonical_lane_idx(), 0u, shared.mainloop);
+        write_state.advance(unit.k_count);
+      }
+      mainloop.load_tail(mainloop_pipeline, write_state);
+      return;
+    }
+
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
+    const int mma_thread_idx = thread_idx - cutlass::NumThreadsPerWarpGroup;
+    TiledMma tiled_mma;
+    Epilogue epilogue(params.epilogue, shared.epilogue);
+    typename Mainloop::PipelineState read_state;
+    typename Epilogue::LoadPipelineState epilogue_load_state;
+    auto epilogue_store_state = cutlass::make_producer_start_state<EpilogueStorePipeline>();
+    bool stored_any_tile = false;
+
+    while (work.next(unit)) {
+      auto accum = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
+      mainloop.mma(mainloop_pipeline, read_state, accum, unit.k_count, mma_thread_idx,
+                   shared.mainloop, params.mainloop);
+      mainloop.mma_tail(mainloop_pipeline, read_state, unit.k_count);
+      read_state.advance(unit.k_count);
+
+      if (unit.partial_slot >= 0 &&
+          !reduce_split_tile(params, unit, accum, mma_thread_idx, shared.split_is_last)) {
+        continue;  // another CTA finishes this tile
+      }
+
+      int tm, tn;
+      tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn);
+      auto [load_state_next, store_state_next] = epilogue.store(
+          epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
+          epilogue_store_state, params.problem, TileShape{}, make_coord(tm, tn, _, 0), accum,
+          tiled_mma, mma_thread_idx, shared.epilogue);
+      epilogue_load_state = load_state_next;
+      epilogue_store_state = store_state_next;
+      stored_any_tile = true;
+
+      // Consumer warp 0 issued and committed the tile's TMA stores.
+      if (params.tile_flags != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
+        publish_tile_flag(params.tile_flags + tm * params.schedule.tiles_n + tn);
+      }
+    }
+    if (stored_any_tile) {
+      epilogue.store_tail(epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
+                          epilogue_store_state);
+    }
+  }
+
+  // Split tile: store this unit's partial sums, arrive on the tile's counter.
+  // Returns true in the last arriving CTA, with `accum` then holding the sum
+  // of all partials, added in K order so the result does not depend on which
+  // CTA arrived last.
+  template <class Accumulators>
+  __device__ static bool reduce_split_tile(const Params& params, const WorkUnit& unit,
+                                           Accumulators& accum, int mma_thread_idx,
+                                           uint32_t& split_is_last) {
+    constexpr int kVectors = int(cute::size(Accumulators{})) / 4;
+    static_assert(kVectors * 4 * kMmaThreads == kTileElems, "fragment must cover the tile");
+    const TileSchedule& s = params.schedule;
+    // Slot layout [vector][thread]: each warp stores 512 contiguous bytes.
+    auto slot_at = [&](int slot) {
+      return reinterpret_cast<float4*>(params.split_partials) + int64_t(slot) * (kTileElems / 4) +
+             mma_thread_idx;
+    };
+
+    float4* own = slot_at(unit.partial_slot);
+    CUTLASS_PRAGMA_UNROLL
+    for (int v = 0; v < kVectors; ++v) {
+      __stcg(own + v * kMmaThreads,
+             make_float4(accum(4 * v), accum(4 * v + 1), accum(4 * v + 2), accum(4 * v + 3)));
+    }
+
+    const int sk_tile = unit.tile - s.dp_tiles;
+    const int64_t first_iter = int64_t(sk_tile) * s.k_tiles;
+    const int first_cta = s.sk_range_owner(first_iter);
+    const int last_cta = s.sk_range_owner(first_iter + s.k_tiles - 1);
+
+    // The barrier orders every consumer thread's partial stores before the
+    // release of the arrival; the acquire of the last arriver plus the second
+    // barrier orders the other CTAs' partials before our loads.
+    cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
+    if (mma_thread_idx == 0) {
+      uint32_t* counter = params.split_counters + sk_tile;
+      const bool last = atomic_add_acq_rel_gpu(counter, 1) == uint32_t(last_cta - first_cta);
+      if (last) *counter = 0;  // every unit of the tile has arrived: ready for the next launch
+      split_is_last = last;
+    }
+    cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
+    if (!split_is_last) return false;
+
+    auto partial = [&](int cta, int v) {
+      if (cta == int(blockIdx.x)) {
+        return make_float4(accum(4 * v), accum(4 * v + 1), accum(4 * v + 2), accum(4 * v + 3));
+      }
+      // The tile is the first unit of CTA `cta` unless its range began in an earlier tile.
+      const int slot = 2 * cta + (s.sk_range_begin(cta) >= first_iter ? 0 : 1);
+      return __ldcg(slot_at(slot) + v * kMmaThreads);
+    };
+    CUTLASS_PRAGMA_UNROLL
+    for (int v = 0; v < kVectors; ++v) {
+      float4 sum = partial(first_cta, v);
+      for (int cta = first_cta + 1; cta <= last_cta; ++cta) {
+        const float4 part = partial(cta, v);
+        sum.x += part.x;
+        sum.y += part.y;
+        sum.z += part.z;
+        sum.w += part.w;
+      }
+      accum(4 * v) = sum.x;
+      accum(4 * v + 1) = sum.y;
+      accum(4 * v + 2) = sum.z;
+      accum(4 * v + 3) = sum.w;
+    }
+    return true;
+  }
+};
+
+template <class Kernel>
+__global__ void __launch_bounds__(Kernel::kThreads, 1)
+    tile_gemm_kernel(const __grid_constant__ typename Kernel::Params params) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ char smem[];
+  Kernel{}(params, smem);
+#else
+  __trap();  // wgmma and TMA need sm_90a
+#endif
+}
+
+}  // namespace tile_gemm_detail
+}  // namespace distfuse

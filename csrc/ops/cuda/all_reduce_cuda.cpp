@@ -1,0 +1,106 @@
+// CUDA glue of all_reduce: validate, pick a path, fill AllReduceParams, launch.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "distfuse/tuning.h"
+#include "kernels/allreduce/all_reduce.h"
+#include "ops/control.h"
+#include "ops/cuda/glue.h"
+#include "ops/reference.h"
+#include "ops/validate.h"
+
+namespace distfuse::ops {
+
+bool kernel_dtype(at::ScalarType t, DType* out) {
+  switch (t) {
+    case at::kFloat: *out = DType::kFloat32; return true;
+    case at::kHalf: *out = DType::kFloat16; return true;
+    case at::kBFloat16: *out = DType::kBFloat16; return true;
+    default: return false;
+  }
+}
+
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+void check_workspace_device(const char* op, const char* name, const at::Tensor& t,
+                            const comm::Workspace& ws) {
+  TORCH_CHECK(t.is_cuda() && t.get_device() == ws.device(), "distfuse.", op, ": ", name,
+              " must be on cuda:", ws.device(),
+              " (the device this rank's workspace was created on), got ", t.device());
+}
+
+const char* path_name(AllReducePath p) {
+  return p == AllReducePath::kOneShot ? "one_shot" : "two_shot";
+}
+
+AllReducePath choose_all_reduce_path(const comm::Workspace& ws, int64_t bytes, DType dtype,
+                                     bool* reference) {
+  *reference = false;
+  const std::string forced = forced_path("all_reduce");
+  if (forced == "reference") {
+    *reference = true;
+    return AllReducePath::kTwoShot;
+  }
+  if (forced == "one_shot" && bytes <= int64_t(ws.one_shot_capacity_bytes()))
+    return AllReducePath::kOneShot;
+  if (forced == "two_shot") return AllReducePath::kTwoShot;
+  const AllReduceAlgo algo = choose_all_reduce(bytes, ws.world(), ws.one_shot_capacity_bytes(),
+                                               get_tuning("all_reduce.one_shot_max_bytes"));
+  return algo == AllReduceAlgo::kOneShot ? AllReducePath::kOneShot : AllReducePath::kTwoShot;
+}
+
+void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tensor& out,
+                    const at::Tensor* bias, AllReducePath path, int op) {
+  AllReduceParams p{};
+  p.input = input.data_ptr();
+  p.output = out.data_ptr();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.bias_period = bias ? bias->numel() : 1;
+  p.numel = input.numel();
+  TORCH_INTERNAL_ASSERT(kernel_dtype(input.scalar_type(), &p.dtype));
+  p.op = op;
+  p.blocks = two_shot_blocks(ws.world(), static_cast<int>(get_tuning("all_reduce.two_shot_blocks")));
+  p.comm = ws.handle();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaError_t err = path == AllReducePath::kOneShot ? launch_all_reduce_one_shot(p, stream)
+                                                          : launch_all_reduce_two_shot(p, stream);
+  TORCH_CHECK(err == cudaSuccess, "distfuse: ", path_name(path), " all-reduce launch failed: ",
+              cudaGetErrorString(err));
+}
+
+namespace {
+
+at::Tensor all_reduce_cuda(const at::Tensor& x, c10::string_view group_name) {
+  const std::string name(group_name);
+  c10::cuda::CUDAGuard guard(x.device());
+  comm::Workspace& ws = comm::Workspace::get(name, "all_reduce");
+  if (ws.world() == 1) {
+    record_path("all_reduce", "identity");
+    return x.clone(at::MemoryFormat::Contiguous);
+  }
+  DType dtype;
+  bool reference = !ws.p2p() || !kernel_dtype(x.scalar_type(), &dtype);
+  AllReducePath path = AllReducePath::kTwoShot;
+  if (!reference) path = choose_all_reduce_path(ws, x.numel() * x.element_size(), dtype, &reference);
+  if (reference) {
+    record_path("all_reduce", "reference");
+    return all_reduce_reference(x, group_name).contiguous();
+  }
+  check_workspace_device("all_reduce", "x", x, ws);
+  at::Tensor input = contiguous_aligned(x);
+  at::Tensor out = at::empty_like(input);
+  run_all_reduce(ws, input, out, nullptr, path, kOpAllReduce);
+  record_path("all_reduce", path_name(path));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distfuse, CUDA, m) { m.impl("all_reduce", &all_reduce_cuda); }
+
+}  // namespace distfuse::ops

@@ -1,0 +1,231 @@
+// CUDA glue of matmul_all_reduce: validate, pick a schedule, launch.
+//
+// Schedules ("paths"):
+//   reference    torch.matmul + NCCL all_reduce (+ bias)
+//   sequential   cuBLAS matmul, then the distfuse all-reduce (bias in its epilogue)
+//   fused_tiles  tile GEMM on SMs - C SMs, owner-mode tile all-reduce on C SMs, overlapped
+//   decode_push  tile GEMM, push-mode tile all-reduce (small M), overlapped
+//   serialized   fused_tiles' kernels one after the other (tests: same bits, no overlap)
+//
+//   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
+//   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "distfuse/tuning.h"
+#include "kernels/allreduce/tile_all_reduce.h"
+#include "ops/control.h"
+#include "ops/cuda/glue.h"
+#include "ops/reference.h"
+#include "ops/validate.h"
+
+#ifndef DISTFUSE_NO_GEMM
+#include "kernels/gemm/tile_gemm.h"
+#endif
+
+namespace distfuse::ops {
+namespace {
+
+constexpr const char* kOp = "matmul_all_reduce";
+
+at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                      const std::optional<at::Tensor>& bias) {
+  at::Tensor partial = contiguous_aligned(at::matmul(a, b));
+  at::Tensor bias_c;
+  if (bias.has_value()) bias_c = contiguous_aligned(*bias);
+  bool reference = false;
+  DType dtype;
+  TORCH_INTERNAL_ASSERT(kernel_dtype(partial.scalar_type(), &dtype));
+  const AllReducePath path =
+      choose_all_reduce_path(ws, partial.numel() * partial.element_size(), dtype, &reference);
+  // The all-reduce runs in place: the partial product is a temporary.
+  run_all_reduce(ws, partial, partial, bias.has_value() ? &bias_c : nullptr,
+                 reference ? AllReducePath::kTwoShot : path, kOpMatmulAllReduce);
+  return partial;
+}
+
+#ifndef DISTFUSE_NO_GEMM
+
+int sm_count(int device) {
+  static std::mutex mutex;
+  static int counts[64] = {0};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (counts[device] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  return counts[device];
+}
+
+// One side stream and a fork/join event pair per device for the consumers.
+struct SideStream {
+  c10::cuda::CUDAStream stream;
+  cudaEvent_t fork;
+  cudaEvent_t join;
+};
+
+SideStream& side_stream(int device) {
+  static std::mutex mutex;
+  static std::vector<std::unique_ptr<SideStream>> streams(64);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!streams[device]) {
+    auto s = std::make_unique<SideStream>(
+        SideStream{c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device), nullptr, nullptr});
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&s->fork, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&s->join, cudaEventDisableTiming));
+    streams[device] = std::move(s);
+  }
+  return *streams[device];
+}
+
+// A as row-major [M, K] and B as row-major [K, N] or its transpose [N, K]
+// (nn.Linear's weight), without copies when the layout already fits.
+struct GemmOperands {
+  at::Tensor a, b;
+  bool b_transposed;
+  int64_t m, n, k;
+};
+
+GemmOperands gemm_operands(const at::Tensor& a, const at::Tensor& b) {
+  GemmOperands g;
+  g.k = a.size(-1);
+  g.n = b.size(1);
+  g.a = contiguous_aligned(a.reshape({-1, g.k}));
+  g.m = g.a.size(0);
+  if (b.stride(1) == 1 && b.stride(0) == g.n) {
+    g.b = b;
+    g.b_transposed = false;
+  } else if (b.stride(0) == 1 && b.stride(1) == g.k) {
+    g.b = b.t();  // [N, K] row-major
+    g.b_transposed = true;
+  } else {
+    g.b = b.contiguous();
+    g.b_transposed = false;
+  }
+  if (reinterpret_cast<uintptr_t>(g.b.data_ptr()) % 16 != 0) g.b = g.b.clone();
+  return g;
+}
+
+bool fused_gemm_supported(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t k = a.size(-1), n = b.size(1);
+  const int64_t m = k ? a.numel() / k : 0;
+  return (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) && k % 8 == 0 &&
+         n % 8 == 0 && k > 0 && m > 0 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX;
+}
+
+enum class Overlap { kOverlapped, kSerialized };
+
+at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                 const std::optional<at::Tensor>& bias, TileReduceMode mode, Overlap overlap,
+                 int consumers) {
+  GemmOperands g = gemm_operands(a, b);
+  const int device = ws.device();
+  const int esize = static_cast<int>(a.element_size());
+  TileGemmParams gp{};
+  gp.a = g.a.data_ptr();
+  gp.b = g.b.data_ptr();
+  gp.lda = g.k;
+  gp.ldb = g.b.stride(0);
+  gp.ldd = g.n;
+  gp.m = static_cast<int>(g.m);
+  gp.n = static_cast<int>(g.n);
+  gp.k = static_cast<int>(g.k);
+  gp.b_transposed = g.b_transposed;
+  TORCH_INTERNAL_ASSERT(kernel_dtype(a.scalar_type(), &gp.dtype));
+  const int tile_m = tile_gemm_tile_m(gp), tile_n = tile_gemm_tile_n(gp);
+  const int64_t tiles = (g.m + tile_m - 1) / tile_m * ((g.n + tile_n - 1) / tile_n);
+  TORCH_CHECK(tiles <= kMaxTiles, "distfuse.matmul_all_reduce: M = ", g.m, ", N = ", g.n,
+              " makes ", tiles, " output tiles, more than the ", kMaxTiles, " the workspace tracks");
+  ws.ensure_tile_bytes(tile_region_bytes(mode, gp.m, gp.n, tile_m, tile_n, esize, ws.world()), kOp);
+
+  const CommHandle& handle = ws.handle();
+  gp.d = tile_partial(handle);
+  gp.tile_flags = tile_ready_flags(handle);
+  consumers = std::max(1, std::min<int>(consumers, sm_count(device) / 2));
+  gp.sm_count = sm_count(device) - consumers;
+
+  at::Tensor out = at::empty({g.m, g.n}, a.options());
+  at::Tensor bias_c;
+  if (bias.has_value()) bias_c = contiguous_aligned(*bias);
+  TileAllReduceParams rp{};
+  rp.output = out.data_ptr();
+  rp.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
+  rp.m = gp.m;
+  rp.n = gp.n;
+  rp.tile_m = tile_m;
+  rp.tile_n = tile_n;
+  rp.dtype = gp.dtype;
+  rp.comm = handle;
+
+  cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
+  if (overlap == Overlap::kSerialized) {
+    C10_CUDA_CHECK(launch_tile_gemm(gp, main));
+    C10_CUDA_CHECK(launch_tile_all_reduce(rp, mode, consumers, main));
+  } else {
+    SideStream& side = side_stream(device);
+    C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
+    // Consumers first, so that they hold their SMs before the GEMM fills the rest.
+    C10_CUDA_CHECK(launch_tile_all_reduce(rp, mode, consumers, side.stream));
+    C10_CUDA_CHECK(launch_tile_gemm(gp, main));
+    C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
+  }
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
+  shape.push_back(g.n);
+  return out.view(shape);
+}
+
+#endif  // DISTFUSE_NO_GEMM
+
+at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
+                                  c10::string_view group_name,
+                                  const std::optional<at::Tensor>& bias) {
+  check_matmul(kOp, a, b, bias);
+  c10::cuda::CUDAGuard guard(a.device());
+  comm::Workspace& ws = comm::Workspace::get(std::string(group_name), kOp);
+  if (ws.world() == 1) {
+    record_path(kOp, "local");
+    at::Tensor y = at::matmul(a, b);
+    return bias.has_value() ? y.add_(*bias) : y;
+  }
+  DType dtype;
+  const std::string forced = forced_path(kOp);
+  if (!ws.p2p() || !kernel_dtype(a.scalar_type(), &dtype) || forced == "reference" ||
+      a.numel() == 0) {
+    record_path(kOp, "reference");
+    return matmul_all_reduce_reference(a, b, group_name, bias);
+  }
+  check_workspace_device(kOp, "a", a, ws);
+  check_workspace_device(kOp, "b", b, ws);
+  if (bias.has_value()) check_workspace_device(kOp, "bias", *bias, ws);
+
+#ifndef DISTFUSE_NO_GEMM
+  if (forced != "sequential" && fused_gemm_supported(a, b)) {
+    const int64_t m = a.numel() / a.size(-1);
+    MatmulAllReduceAlgo algo =
+        choose_matmul_all_reduce(m, ws.world(), get_tuning("matmul_all_reduce.decode_max_m"));
+    if (forced == "fused_tiles" || forced == "serialized") algo = MatmulAllReduceAlgo::kFusedTiles;
+    if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
+    const int consumers = consumer_blocks(
+        algo, ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.consumer_blocks")));
+    const TileReduceMode mode =
+        algo == MatmulAllReduceAlgo::kDecodePush ? TileReduceMode::kPush : TileReduceMode::kOwner;
+    const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
+    at::Tensor out = fused(ws, a, b, bias, mode, overlap, consumers);
+    record_path(kOp, forced == "serialized" ? "serialized"
+                     : mode == TileReduceMode::kPush ? "decode_push"
+                                                     : "fused_tiles");
+    return out;
+  }
+#endif
+  record_path(kOp, "sequential");
+  return sequential(ws, a, b, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distfuse, CUDA, m) { m.impl("matmul_all_reduce", &matmul_all_reduce_cuda); }
+
+}  // namespace distfuse::ops
