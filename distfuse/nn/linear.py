@@ -1,0 +1,179 @@
+"""Tensor-parallel linear layers.
+
+A column-parallel layer splits the output features across the ranks of a
+group (no communication in forward); a row-parallel layer splits the input
+features and sums the partial products with ``distfuse.ops.matmul_all_reduce``,
+whose all-reduce starts tile by tile while the GEMM is still running.
+
+Rank, world size and group name are resolved once at construction, so that
+``forward`` touches no Python-side ``torch.distributed`` API and traces into one
+graph under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops import GroupLike
+
+
+def resolve_group(group: GroupLike) -> Tuple[str, int, int]:
+    """(group_name, rank in the group, group size) of a ProcessGroup, a group name or None (WORLD)."""
+    name = ops.group_name(group)
+    pg = group if isinstance(group, dist.ProcessGroup) else \
+        dist.distributed_c10d._resolve_process_group(name)
+    return name, pg.rank(), pg.size()
+
+
+def shard_size(what: str, value: int, world: int) -> int:
+    """value // world, or a ValueError naming ``what`` when the split would not be even."""
+    if value % world != 0:
+        raise ValueError(f"distfuse.nn: {what} = {value} must be divisible by the group size {world}")
+    return value // world
+
+
+def _init_weight(weight: torch.Tensor, in_features: int) -> None:
+    # nn.Linear's distribution, with the fan-in of the whole (unsharded) layer.
+    bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
+def _check_same_shape(layer: nn.Module, linear: nn.Linear) -> None:
+    theirs = (linear.in_features, linear.out_features, linear.bias is not None)
+    ours = (layer.in_features, layer.out_features, layer.bias is not None)
+    if theirs != ours:
+        raise ValueError(f"distfuse.nn: cannot load an nn.Linear with (in_features, out_features, bias) = "
+                         f"{theirs} into a {type(layer).__name__} with {ours}")
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x @ Wᵀ + b with the output features split across ranks.
+
+    Rank r holds rows [r·out/W, (r+1)·out/W) of the weight ([out/W, in]) and the
+    matching slice of the bias, and returns that slice of y (no communication),
+    or the full y when ``gather_output`` (an all-gather along the last dim).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group: GroupLike = None, bias: bool = True,
+                 gather_output: bool = False, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self._group_name, self.rank, self.world_size = resolve_group(group)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.out_features_per_rank = shard_size("out_features", out_features, self.world_size)
+        self.gather_output = gather_output
+        factory = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty(self.out_features_per_rank, in_features, **factory))
+        # Biases start at zero (as in Megatron-style TP layers): a random bias would
+        # have to be drawn identically on every rank.
+        self.bias = nn.Parameter(torch.zeros(self.out_features_per_rank, **factory)) if bias else None
+        _init_weight(self.weight, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output and self.world_size > 1:
+            # A functional collective (traceable by Dynamo) gathers along dim 0: [W·d0, ..., n].
+            # The regrouping to [..., W·n] is done here, as funcol's own path for another
+            # gather dim is skipped by Dynamo (a graph break).
+            g = funcol.all_gather_tensor(y.contiguous(), 0, self._group_name)
+            y = g.unflatten(0, (self.world_size, -1)).movedim(0, -2).flatten(-2)
+        return y
+
+    @classmethod
+    def from_unsharded(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "ColumnParallelLinear":
+        """This rank's shard of a full ``nn.Linear`` (same dtype and device unless given in kwargs)."""
+        kwargs.setdefault("dtype", linear.weight.dtype)
+        kwargs.setdefault("device", linear.weight.device)
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
+                    **kwargs)
+        return layer.load_unsharded(linear)
+
+    @torch.no_grad()
+    def load_unsharded(self, linear: nn.Linear) -> "ColumnParallelLinear":
+        """Copy this rank's rows of a full ``nn.Linear`` of the same shape into this layer."""
+        _check_same_shape(self, linear)
+        rows = slice(self.rank * self.out_features_per_rank, (self.rank + 1) * self.out_features_per_rank)
+        self.weight.copy_(linear.weight[rows])
+        if self.bias is not None:
+            self.bias.copy_(linear.bias[rows])
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"({self.out_features_per_rank} on rank {self.rank} of {self.world_size}), "
+                f"bias={self.bias is not None}, gather_output={self.gather_output}")
+
+
+class RowParallelLinear(nn.Module):
+    """y = x @ Wᵀ + b with the input features split across ranks.
+
+    Rank r holds columns [r·in/W, (r+1)·in/W) of the weight ([out, in/W]) and the
+    full bias. ``input_is_parallel``: x is already this rank's slice of the
+    features (the output of a column-parallel layer); otherwise x is the full
+    input and the layer takes its slice. ``reduce_results``: return the full y on
+    every rank (one fused ``matmul_all_reduce``, bias added once); otherwise return
+    this rank's partial product, with the bias on rank 0 only so that the sum of
+    the partials contains it once.
+
+    Forward only for now: ``matmul_all_reduce`` has no autograd formula, so run
+    under ``torch.no_grad()`` / ``torch.inference_mode()``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group: GroupLike = None, bias: bool = True,
+                 input_is_parallel: bool = True, reduce_results: bool = True,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        self._group_name, self.rank, self.world_size = resolve_group(group)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.in_features_per_rank = shard_size("in_features", in_features, self.world_size)
+        self.input_is_parallel = input_is_parallel
+        self.reduce_results = reduce_results
+        factory = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank, **factory))
+        # The bias is replicated and added after the reduction, so every rank must
+        # hold the same values: start from zero rather than a per-rank random draw.
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        _init_weight(self.weight, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            start = self.rank * self.in_features_per_rank
+            x = x[..., start:start + self.in_features_per_rank]
+        if not self.reduce_results:
+            return F.linear(x, self.weight, self.bias if self.rank == 0 else None)
+        # weight.t() is a transposed view; the op takes it without a copy.
+        return ops.matmul_all_reduce(x, self.weight.t(), self._group_name, bias=self.bias)
+
+    @classmethod
+    def from_unsharded(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "RowParallelLinear":
+        """This rank's shard of a full ``nn.Linear`` (same dtype and device unless given in kwargs)."""
+        kwargs.setdefault("dtype", linear.weight.dtype)
+        kwargs.setdefault("device", linear.weight.device)
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
+                    **kwargs)
+        return layer.load_unsharded(linear)
+
+    @torch.no_grad()
+    def load_unsharded(self, linear: nn.Linear) -> "RowParallelLinear":
+        """Copy this rank's columns (and the whole bias) of a full ``nn.Linear`` of the same shape."""
+        _check_same_shape(self, linear)
+        cols = slice(self.rank * self.in_features_per_rank, (self.rank + 1) * self.in_features_per_rank)
+        self.weight.copy_(linear.weight[:, cols])
+        if self.bias is not None:
+            self.bias.copy_(linear.bias)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} ({self.in_features_per_rank} on rank {self.rank} of "
+                f"{self.world_size}), out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}, reduce_results={self.reduce_results}")

@@ -1,0 +1,240 @@
+"""GPU tests of the distfuse all-reduce (one-shot, two-shot, auto) against NCCL.
+
+Run on a machine with >= 2 GPUs with P2P (skipped elsewhere). Each body runs on
+every rank; results are compared exactly where inputs are integer-valued.
+"""
+import os
+
+import pytest
+import torch
+
+from dist_harness import run_distributed
+
+pytestmark = pytest.mark.multigpu
+
+PATHS = ("one_shot", "two_shot", "auto")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def world_sizes():
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [w for w in (2, 4) if w <= n] or [2]
+
+
+def _int_inputs(numel, dtype, world, seed, device):
+    """Every rank's input for one call (small integers: every sum is exact)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xs = torch.randint(-8, 9, (world, numel), generator=g).to(dtype)
+    return xs.to(device)
+
+
+def _gather(t, world):
+    import torch.distributed as dist
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return out
+
+
+def body_exact_and_bitwise(rank, world, group_name):
+    import torch.distributed as dist
+    import distfuse
+    from distfuse.ops import force_path, last_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert distfuse.init_workspace(group_name, timeout_ms=20000), "P2P workspace expected"
+    sizes = [1, 7, 8, 1000, 4097, 65536 + 3, 1000003, 4 << 20]
+    seed = 0
+    for dtype in DTYPES:
+        for path in PATHS:
+            for numel in sizes:
+                seed += 1
+                xs = _int_inputs(numel, dtype, world, seed, dev)
+                x = xs[rank].clone()
+                expected = xs.to(torch.float64).sum(0).to(dtype)
+                out = torch.full_like(x, float("nan"))  # poison: catches unwritten elements
+                with force_path("all_reduce", path):
+                    out = distfuse.all_reduce(x, group_name)
+                    taken = last_path("all_reduce")
+                assert path == "auto" or taken == path, (path, taken)
+                assert torch.equal(out, expected), (dtype, path, numel, (out.double() - expected.double()).abs().max())
+                assert torch.equal(x, xs[rank]), "input modified"
+                for other in _gather(out, world):
+                    assert torch.equal(other, out), "ranks disagree"
+    # Random inputs: compare with NCCL within rounding, bitwise across ranks and paths.
+    torch.manual_seed(1234 + rank)
+    for dtype in (torch.bfloat16, torch.float16):
+        for numel in (3, 12345, 300000, 2_000_001):
+            x = torch.randn(numel, dtype=dtype, device=dev)
+            ref64 = x.double().clone()
+            dist.all_reduce(ref64)
+            results = {}
+            for path in ("one_shot", "two_shot"):
+                if path == "one_shot" and numel * x.element_size() > (1 << 20):
+                    continue
+                with force_path("all_reduce", path):
+                    results[path] = distfuse.all_reduce(x, group_name)
+            for path, out in results.items():
+                rel = (out.double() - ref64).norm() / ref64.norm()
+                assert rel < 5e-3, (dtype, numel, path, rel.item())
+            vals = list(results.values())
+            for other in vals[1:]:
+                assert torch.equal(vals[0], other), "one-shot and two-shot differ"
+            for other in _gather(vals[0], world):
+                assert torch.equal(other, vals[0]), "ranks disagree"
+    # Odd layouts: non-contiguous and misaligned inputs, 2-D shapes, in-place semantics.
+    base = torch.randint(-4, 5, (1001,), device=dev).to(torch.bfloat16)
+    misaligned = base[1:]
+    out = distfuse.all_reduce(misaligned, group_name)
+    allin = _gather(misaligned.contiguous(), world)
+    assert torch.equal(out, torch.stack(allin).double().sum(0).to(torch.bfloat16))
+    mat = torch.randint(-4, 5, (64, 48), device=dev).to(torch.float16)
+    out = distfuse.all_reduce(mat.t(), group_name)
+    allin = _gather(mat.t().contiguous(), world)
+    assert out.shape == (48, 64) and torch.equal(out, torch.stack(allin).double().sum(0).to(torch.float16))
+    # Integer dtype: no fused kernel, the reference path still answers.
+    ints = torch.arange(10, device=dev, dtype=torch.int32) * (rank + 1)
+    assert torch.equal(distfuse.all_reduce(ints, group_name),
+                       torch.arange(10, device=dev, dtype=torch.int32) * (world * (world + 1) // 2))
+
+
+def body_graphs(rank, world, group_name):
+    import distfuse
+    from distfuse.ops import force_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, timeout_ms=20000)
+    for path in ("one_shot", "two_shot"):
+        for numel in (1000, 300001):
+            if path == "one_shot" and numel * 2 > (1 << 20):
+                continue
+            x = torch.zeros(numel, dtype=torch.bfloat16, device=dev)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s), force_path("all_reduce", path):
+                distfuse.all_reduce(x, group_name)  # warm-up outside capture
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with force_path("all_reduce", path), torch.cuda.graph(graph):
+                y = distfuse.all_reduce(x, group_name)
+                x.fill_(12345.0)  # overwrite the input right after the op, inside the graph
+            for replay in range(50):
+                xs = _int_inputs(numel, torch.bfloat16, world, 1000 + replay, dev)
+                x.copy_(xs[rank])  # inputs changed in place between replays
+                y.fill_(float("nan"))
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(y, xs.double().sum(0).to(torch.bfloat16)), (path, numel, replay)
+
+
+def body_back_to_back(rank, world, group_name):
+    """1000 calls of random sizes and paths, checked every time (stale flags, counters)."""
+    import torch.distributed as dist
+    import distfuse
+    from distfuse.ops import force_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, timeout_ms=20000)
+    second = dist.new_group(list(range(world)))  # a second group, used alternately
+    distfuse.init_workspace(second, timeout_ms=20000)
+    g = torch.Generator(device="cpu").manual_seed(7)  # same on every rank
+    pending = []
+    for i in range(1000):
+        numel = int(torch.randint(1, 1 << int(torch.randint(1, 19, (1,), generator=g)), (1,), generator=g))
+        path = PATHS[int(torch.randint(0, 3, (1,), generator=g))]
+        group = group_name if i % 2 == 0 else second.group_name
+        xs = _int_inputs(numel, torch.float16, world, 5000 + i, dev)
+        with force_path("all_reduce", path):
+            out = distfuse.all_reduce(xs[rank], group)
+        pending.append((out, xs))
+        if len(pending) == 16:  # check in batches so that calls stay back to back
+            for out, xs in pending:
+                assert torch.equal(out, xs.double().sum(0).to(torch.float16)), i
+            pending.clear()
+    for out, xs in pending:
+        assert torch.equal(out, xs.double().sum(0).to(torch.float16))
+
+
+def body_reinit_and_streams(rank, world, group_name):
+    import distfuse
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for cycle in range(3):
+        assert distfuse.init_workspace(group_name, max_bytes=(cycle + 1) << 20, timeout_ms=20000)
+        info = distfuse.workspace_info(group_name)
+        assert info["p2p"] == 1 and info["world"] == world and info["rank"] == rank
+        x = torch.full((5000,), float(rank + 1), device=dev)
+        assert torch.equal(distfuse.all_reduce(x, group_name), torch.full_like(x, world * (world + 1) / 2))
+        distfuse.destroy_workspace(group_name)
+        assert distfuse.workspace_info(group_name) == {}
+    # Lazy creation on first use, on a side stream.
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = torch.full((777,), 2.0, device=dev, dtype=torch.bfloat16)
+        y = distfuse.all_reduce(x, group_name)
+    s.synchronize()
+    assert torch.equal(y, torch.full_like(x, 2.0 * world))
+    # Capture without a workspace big enough is a clear error, not a hang.
+    distfuse.destroy_workspace(group_name)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            distfuse.all_reduce(x, group_name)
+    except RuntimeError as e:
+        assert "init_workspace" in str(e), str(e)
+    else:
+        raise AssertionError("capture without a workspace did not raise")
+
+
+def body_missing_peer(rank, world, group_name, log_dir):
+    """Rank 1 never calls: rank 0 must fail within the timeout with a message naming
+    the op and the peer, instead of hanging."""
+    import distfuse
+    import time
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, timeout_ms=1500)
+    x = torch.ones(4096, device=dev)
+    distfuse.all_reduce(x, group_name)
+    torch.cuda.synchronize()
+    import torch.distributed as dist
+    dist.barrier()
+    if rank != 0:
+        return
+    log = os.path.join(log_dir, "rank0_stdout.txt")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    saved = os.dup(1)
+    os.dup2(fd, 1)  # device printf goes to stdout
+    start = time.time()
+    try:
+        distfuse.all_reduce(x, group_name)
+        torch.cuda.synchronize()
+        raised = None
+    except RuntimeError as e:
+        raised = str(e)
+    finally:
+        os.dup2(saved, 1)
+        os.close(fd)
+    elapsed = time.time() - start
+    assert raised is not None, "a missing peer did not raise"
+    assert elapsed < 30, elapsed
+    text = open(log).read()
+    assert "distfuse: all_reduce timed out" in text and "peer rank 1" in text, text
+    # The trap leaves this process's CUDA context unusable; the harness reports the
+    # result before tearing down.
+
+
+@pytest.mark.parametrize("world", world_sizes())
+def test_exact_bitwise_and_nccl(world):
+    run_distributed(body_exact_and_bitwise, world, backend="nccl", timeout=600)
+
+
+@pytest.mark.parametrize("world", world_sizes())
+def test_graph_capture_replays(world):
+    run_distributed(body_graphs, world, backend="nccl", timeout=300)
+
+
+def test_back_to_back_random_sizes_two_groups():
+    run_distributed(body_back_to_back, world_sizes()[-1], backend="nccl", timeout=600)
+
+
+def test_init_destroy_reinit_streams():
+    run_distributed(body_reinit_and_streams, 2, backend="nccl", timeout=300)
+
+
+def test_missing_peer_times_out(tmp_path):
+    run_distributed(body_missing_peer, 2, args=(str(tmp_path),), backend="nccl", timeout=120)

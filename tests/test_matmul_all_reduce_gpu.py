@@ -1,0 +1,164 @@
+"""GPU tests of matmul_all_reduce: every path against a float64 reference, the
+overlapped schedules bitwise equal to the same kernels run one after the other,
+bitwise identical across ranks, CUDA graphs and many calls of random M.
+"""
+import pytest
+import torch
+
+from dist_harness import run_distributed
+
+pytestmark = pytest.mark.multigpu
+
+FUSED_PATHS = ("fused_tiles", "decode_push")
+ALL_PATHS = ("fused_tiles", "decode_push", "serialized", "sequential", "reference", "auto")
+
+
+def world_sizes():
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [w for w in (2, 4) if w <= n] or [2]
+
+
+def _gather(t, world):
+    import torch.distributed as dist
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def _poison_allocator(numel, dtype, dev):
+    """Leave NaNs in the caching allocator so an unwritten output element shows."""
+    torch.full((numel,), float("nan"), dtype=dtype, device=dev)
+
+
+def _reference64(a, w, bias, world):
+    """Σ_r a_r @ w_r.T (+ bias) in float64 from every rank's operands."""
+    a_all = _gather(a, world)
+    w_all = _gather(w, world)
+    ref = sum(x.double() @ y.double().t() for x, y in zip(a_all, w_all))
+    return ref + bias.double() if bias is not None else ref
+
+
+def body_paths(rank, world, group_name):
+    import distfuse
+    from distfuse.ops import force_path, last_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert distfuse.init_workspace(group_name, max_bytes=256 << 20, timeout_ms=30000)
+    torch.manual_seed(100 + rank)
+    shapes = [(1, 512, 1024), (3, 1024, 8192), (8, 256, 264), (128, 2048, 8192), (1000, 512, 1024),
+              (4097, 1024, 2048)]
+    for dtype in (torch.bfloat16, torch.float16):
+        for m, k, n in shapes:
+            for with_bias in (False, True):
+                a = torch.randn(m, k, dtype=dtype, device=dev)
+                w = torch.randn(n, k, dtype=dtype, device=dev) / k ** 0.5  # nn.Linear weight [N, K]
+                bias = torch.randn(n, dtype=dtype, device=dev) if with_bias else None
+                ref = _reference64(a, w, bias, world)
+                outs = {}
+                for path in ALL_PATHS:
+                    for layout in ("weight_t", "row_major"):
+                        if layout == "row_major" and path not in ("fused_tiles", "decode_push"):
+                            continue
+                        b = w.t() if layout == "weight_t" else w.t().contiguous()
+                        _poison_allocator(m * n, dtype, dev)
+                        with force_path("matmul_all_reduce", path):
+                            out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
+                            taken = last_path("matmul_all_reduce")
+                        assert path == "auto" or taken == path, (path, taken)
+                        assert out.shape == (m, n) and out.dtype == dtype
+                        assert not out.isnan().any(), (path, layout, m, k, n)
+                        rel = ((out.double() - ref).norm() / ref.norm()).item()
+                        assert rel < 1e-2, (dtype, path, layout, m, k, n, with_bias, rel)
+                        outs[(path, layout)] = out
+                # Same GEMM + same reduction order: the overlap changes no bit.
+                base = outs[("serialized", "weight_t")]
+                for path in FUSED_PATHS:
+                    for layout in ("weight_t", "row_major"):
+                        assert torch.equal(outs[(path, layout)], base), (path, layout, m, k, n)
+                for path in ("fused_tiles", "decode_push", "sequential", "auto"):
+                    for other in _gather(outs[(path, "weight_t")], world):
+                        assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)
+    # Leading batch dims, a shape the fused GEMM cannot take (K % 8 != 0), device mismatch.
+    a = torch.randn(2, 5, 64, dtype=torch.bfloat16, device=dev)
+    w = torch.randn(96, 64, dtype=torch.bfloat16, device=dev)
+    out = distfuse.matmul_all_reduce(a, w.t(), group_name)
+    assert out.shape == (2, 5, 96)
+    a_odd = torch.randn(7, 60, dtype=torch.bfloat16, device=dev)
+    w_odd = torch.randn(40, 60, dtype=torch.bfloat16, device=dev)
+    out = distfuse.matmul_all_reduce(a_odd, w_odd.t(), group_name)
+    assert last_path("matmul_all_reduce") == "sequential"
+    rel = ((out.double() - _reference64(a_odd, w_odd, None, world)).norm() / out.double().norm()).item()
+    assert rel < 1e-2, rel
+    try:
+        distfuse.matmul_all_reduce(a_odd, w_odd.t().cpu(), group_name)
+    except RuntimeError as e:
+        assert "matmul_all_reduce" in str(e) and "device" in str(e), str(e)
+    else:
+        raise AssertionError("device mismatch did not raise")
+
+
+def body_exact_random_m(rank, world, group_name):
+    """1000 calls, random M, integer-valued fp16 operands: exact results every call."""
+    import distfuse
+    from distfuse.ops import force_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
+    g = torch.Generator(device="cpu").manual_seed(11)  # same sequence of shapes on every rank
+    k, n = 128, 1024
+    for i in range(1000):
+        m = int(torch.randint(1, 700, (1,), generator=g))
+        path = ("auto", "fused_tiles", "decode_push")[i % 3]
+        gen = torch.Generator(device="cpu").manual_seed(1_000_000 + i)
+        a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(dev, torch.float16)
+        w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(dev, torch.float16)
+        expected = torch.einsum("rmk,rnk->mn", a_all.double(), w_all.double()).to(torch.float16)
+        with force_path("matmul_all_reduce", path):
+            out = distfuse.matmul_all_reduce(a_all[rank], w_all[rank].t(), group_name)
+        assert torch.equal(out, expected), (i, m, path)
+
+
+def body_graphs(rank, world, group_name):
+    import distfuse
+    from distfuse.ops import force_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
+    k, n = 256, 2048
+    for path, m in (("decode_push", 4), ("fused_tiles", 512), ("auto", 1), ("auto", 1024)):
+        a = torch.zeros(m, k, dtype=torch.float16, device=dev)
+        w = torch.zeros(n, k, dtype=torch.float16, device=dev)
+        bias = torch.zeros(n, dtype=torch.float16, device=dev)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), force_path("matmul_all_reduce", path):
+            distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with force_path("matmul_all_reduce", path), torch.cuda.graph(graph):
+            y = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+            a.fill_(3.0)  # the input is overwritten right after the op, inside the graph
+        for replay in range(20):
+            gen = torch.Generator(device="cpu").manual_seed(77 + replay)
+            a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(torch.float16)
+            w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(torch.float16)
+            b_vals = torch.randint(-3, 4, (n,), generator=gen).to(torch.float16)
+            a.copy_(a_all[rank])
+            w.copy_(w_all[rank])
+            bias.copy_(b_vals)
+            y.fill_(float("nan"))
+            graph.replay()
+            expected = (sum(a_all[r].double() @ w_all[r].double().t() for r in range(world))
+                        + b_vals.double()).to(torch.float16)
+            assert torch.equal(y.cpu(), expected), (path, m, replay)
+
+
+@pytest.mark.parametrize("world", world_sizes())
+def test_paths_against_reference_and_bitwise(world):
+    run_distributed(body_paths, world, backend="nccl", timeout=600)
+
+
+def test_thousand_calls_random_m_exact():
+    run_distributed(body_exact_random_m, world_sizes()[-1], backend="nccl", timeout=600)
+
+
+@pytest.mark.parametrize("world", world_sizes())
+def test_graph_capture_replays(world):
+    run_distributed(body_graphs, world, backend="nccl", timeout=300)
