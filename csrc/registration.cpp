@@ -11,8 +11,8 @@ TORCH_LIBRARY(distfuse, m) {
 
   // Collective ops: group_name names a registered ProcessGroup (ProcessGroup.group_name).
   m.def("all_reduce(Tensor x, str group_name) -> Tensor", tags);
-  m.def(
-      "matmul_all_reduce(Tensor a, Tensor b, str group_name, *, Tensor? bias=None) -> Tensor", tags);
+  // bias is not keyword-only so that autograd can return its gradient.
+  m.def("matmul_all_reduce(Tensor a, Tensor b, str group_name, Tensor? bias=None) -> Tensor", tags);
   m.def("matmul_reduce_scatter(Tensor a, Tensor b, str group_name) -> Tensor", tags);
   m.def("all_gather_matmul(Tensor a, Tensor b, str group_name) -> Tensor", tags);
   m.def(

@@ -24,7 +24,7 @@ def _load_library():
 
 _LIBRARY_PATH = _load_library()
 
-from . import _fake  # noqa: E402,F401  (registers the fake kernels)
+from . import _autograd, _fake  # noqa: E402,F401  (register backward formulas and fake kernels)
 from .comm import destroy_workspace, init_workspace, workspace_info  # noqa: E402
 from .ops import (  # noqa: E402
     all_gather_matmul,

@@ -1,4 +1,6 @@
 """Fake (Meta) kernels: output shapes from input shapes and the group size only."""
+import math
+
 import torch
 from torch.distributed.distributed_c10d import _get_group_size_by_name
 
@@ -14,14 +16,14 @@ def _all_reduce_fake(x, group_name):
 
 
 @torch.library.register_fake("distfuse::matmul_all_reduce")
-def _matmul_all_reduce_fake(a, b, group_name, *, bias=None):
+def _matmul_all_reduce_fake(a, b, group_name, bias=None):
     return a.new_empty((*a.shape[:-1], b.shape[1]))
 
 
 @torch.library.register_fake("distfuse::matmul_reduce_scatter")
 def _matmul_reduce_scatter_fake(a, b, group_name):
     world = _get_group_size_by_name(group_name)
-    m = a.numel() // a.shape[-1] if a.shape[-1] else 0
+    m = math.prod(a.shape[:-1])
     _check_divisible("matmul_reduce_scatter", "M (the product of a's leading dims)", m, world)
     return a.new_empty((m // world, b.shape[1]))
 
@@ -29,8 +31,7 @@ def _matmul_reduce_scatter_fake(a, b, group_name):
 @torch.library.register_fake("distfuse::all_gather_matmul")
 def _all_gather_matmul_fake(a, b, group_name):
     world = _get_group_size_by_name(group_name)
-    m = a.numel() // a.shape[-1] if a.shape[-1] else 0
-    return a.new_empty((m * world, b.shape[1]))
+    return a.new_empty((math.prod(a.shape[:-1]) * world, b.shape[1]))
 
 
 @torch.library.register_fake("distfuse::attention_all_gather")

@@ -88,18 +88,18 @@ Workspace::Workspace(std::string group_name, size_t tile_bytes, uint64_t timeout
 
 size_t Workspace::one_shot_capacity_bytes() const { return kOneShotCapacityBytes; }
 
-void Workspace::allocate() {
+void Workspace::allocate(const char* op) {
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
   try {
     pg = c10d::resolve_process_group(group_name_);
   } catch (const std::exception&) {
-    TORCH_CHECK(false, "distfuse: unknown group_name '", group_name_,
+    TORCH_CHECK(false, "distfuse.", op, ": unknown group_name '", group_name_,
                 "': pass a torch.distributed ProcessGroup or its .group_name");
   }
   rank_ = pg->getRank();
   world_ = pg->getSize();
   device_ = c10::cuda::current_device();
-  TORCH_CHECK(world_ <= kMaxWorld, "distfuse: group '", group_name_, "' has ", world_,
+  TORCH_CHECK(world_ <= kMaxWorld, "distfuse.", op, ": group '", group_name_, "' has ", world_,
               " ranks; the fused kernels support at most ", kMaxWorld);
 
   const int generation = (*g_generation)[group_name_]++;
@@ -144,7 +144,7 @@ void Workspace::release() {
 }
 
 Workspace& Workspace::create(const std::string& group_name, size_t tile_bytes,
-                             uint64_t timeout_ms) {
+                             uint64_t timeout_ms, const char* op) {
   TORCH_CHECK(!capturing(), "distfuse.init_workspace: cannot create the workspace of group '",
               group_name, "' during CUDA graph capture; call it before capturing");
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -156,7 +156,7 @@ Workspace& Workspace::create(const std::string& group_name, size_t tile_bytes,
     g_workspaces->erase(it);
   }
   std::unique_ptr<Workspace> ws(new Workspace(group_name, tile_bytes, timeout_from_env(timeout_ms)));
-  ws->allocate();
+  ws->allocate(op);
   Workspace& ref = *ws;
   (*g_workspaces)[group_name] = std::move(ws);
   return ref;
@@ -171,7 +171,7 @@ Workspace& Workspace::get(const std::string& group_name, const char* op) {
   TORCH_CHECK(!capturing(), "distfuse.", op, ": group '", group_name,
               "' has no workspace and one cannot be created during CUDA graph capture; call "
               "distfuse.init_workspace(group, max_bytes) on every rank before capturing");
-  return create(group_name, 0, 0);
+  return create(group_name, 0, 0, op);
 }
 
 void Workspace::destroy(const std::string& group_name) {
@@ -211,7 +211,7 @@ void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
   std::lock_guard<std::mutex> lock(g_mutex);
   release();
   tile_bytes_ = grown;
-  allocate();
+  allocate(op);
 }
 
 }  // namespace distfuse::comm

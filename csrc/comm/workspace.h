@@ -29,7 +29,8 @@ class Workspace {
   // to pre-size (`op` names the calling op in that message).
   static Workspace& get(const std::string& group_name, const char* op);
   // (Re-)creates the workspace with a tile region of `tile_bytes`; collective.
-  static Workspace& create(const std::string& group_name, size_t tile_bytes, uint64_t timeout_ms);
+  static Workspace& create(const std::string& group_name, size_t tile_bytes, uint64_t timeout_ms,
+                           const char* op = "init_workspace");
   // Frees the workspace after every rank's pending work finished; collective.
   static void destroy(const std::string& group_name);
   // {p2p, world, rank, total_bytes, one_shot_capacity, two_shot_bytes, tile_bytes, timeout_ms};
@@ -50,7 +51,7 @@ class Workspace {
 
  private:
   Workspace(std::string group_name, size_t tile_bytes, uint64_t timeout_ms);
-  void allocate();
+  void allocate(const char* op);
   void release();
 
   std::string group_name_;

@@ -16,8 +16,24 @@ at::Tensor wait(const at::Tensor& t) {
   return op.call(t);
 }
 
+// bf16/fp16 are summed in fp32 (DESIGN: fp32 accumulation); the caller rounds.
+bool is_half(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+}
+
+at::Tensor sum_over_group(const at::Tensor& x, c10::string_view group_name) {
+  at::Tensor wide = is_half(x) ? x.to(at::kFloat) : x.contiguous();
+  return wait(c10d::all_reduce(wide, "sum", std::string(group_name)));
+}
+
 at::Tensor functional_all_reduce(const at::Tensor& x, c10::string_view group_name) {
-  return wait(c10d::all_reduce(x.contiguous(), "sum", std::string(group_name)));
+  return sum_over_group(x, group_name).to(x.scalar_type());
+}
+
+int64_t leading_rows(const at::Tensor& a) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < a.dim(); ++d) m *= a.size(d);
+  return m;
 }
 
 at::Tensor functional_all_gather(const at::Tensor& x, int64_t world, c10::string_view group_name) {
@@ -39,21 +55,23 @@ at::Tensor all_reduce_reference(const at::Tensor& x, c10::string_view group_name
 at::Tensor matmul_all_reduce_reference(const at::Tensor& a, const at::Tensor& b,
                                        c10::string_view group_name,
                                        const std::optional<at::Tensor>& bias) {
-  at::Tensor y = functional_all_reduce(at::matmul(a, b), group_name);
-  if (bias.has_value()) y.add_(*bias);
-  return y;
+  at::Tensor y = sum_over_group(at::matmul(a, b), group_name);
+  if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
+  return y.to(a.scalar_type());
 }
 
 at::Tensor matmul_reduce_scatter_reference(const at::Tensor& a, const at::Tensor& b,
                                            c10::string_view group_name, int64_t world) {
-  at::Tensor partial = at::matmul(a.reshape({-1, a.size(-1)}), b);
-  return wait(c10d::reduce_scatter_tensor(partial.contiguous(), "sum", world,
-                                          std::string(group_name)));
+  at::Tensor partial = at::matmul(a.reshape({leading_rows(a), a.size(-1)}), b);
+  at::Tensor wide = is_half(partial) ? partial.to(at::kFloat) : partial.contiguous();
+  return wait(c10d::reduce_scatter_tensor(wide, "sum", world, std::string(group_name)))
+      .to(a.scalar_type());
 }
 
 at::Tensor all_gather_matmul_reference(const at::Tensor& a, const at::Tensor& b,
                                        c10::string_view group_name, int64_t world) {
-  at::Tensor gathered = functional_all_gather(a.reshape({-1, a.size(-1)}), world, group_name);
+  at::Tensor gathered =
+      functional_all_gather(a.reshape({leading_rows(a), a.size(-1)}), world, group_name);
   return at::matmul(gathered, b);
 }
 
@@ -91,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor> all_reduce_rms_norm_reference(const at::Tenso
                                                                  const at::Tensor& weight,
                                                                  double eps,
                                                                  c10::string_view group_name) {
-  at::Tensor summed = functional_all_reduce(x, group_name);
-  at::Tensor y = (summed.to(at::kFloat) + residual.to(at::kFloat)).to(x.scalar_type());
+  at::Tensor y = (sum_over_group(x, group_name).to(at::kFloat) + residual.to(at::kFloat))
+                     .to(x.scalar_type());
   return {rms_norm_reference(y, weight, eps), y};
 }
 

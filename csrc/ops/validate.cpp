@@ -108,8 +108,9 @@ GroupInfo check_matmul_reduce_scatter_args(const at::Tensor& a, const at::Tensor
   const char* op = "matmul_reduce_scatter";
   check_matmul(op, a, b, std::nullopt);
   GroupInfo g = resolve_group(op, group_name);
-  check_divisible(op, "M (the product of a's leading dims)", a.numel() / std::max<int64_t>(a.size(-1), 1),
-                  g.size);
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < a.dim(); ++d) m *= a.size(d);
+  check_divisible(op, "M (the product of a's leading dims)", m, g.size);
   return g;
 }
 

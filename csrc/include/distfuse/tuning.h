@@ -11,7 +11,7 @@ enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1 };
 
 // Largest all-reduce (bytes per rank) taken by the one-shot algorithm.
 inline int64_t one_shot_threshold_bytes(int world) {
-  if (world <= 2) return 512 << 10;
+  if (world <= 2) return 1 << 20;
   if (world <= 4) return 256 << 10;
   return 128 << 10;  // untuned (W > 4)
 }
@@ -29,7 +29,7 @@ inline AllReduceAlgo choose_all_reduce(int64_t bytes, int world, int64_t one_sho
 inline int two_shot_blocks(int world, int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
-  return 32;
+  return 64;
 }
 
 }  // namespace distfuse

@@ -114,11 +114,14 @@ __global__ void __launch_bounds__(kOneShotThreads)
 constexpr int kTwoShotThreads = 512;
 constexpr int kTwoShotUnroll = 4;  // 16-byte vectors in flight per thread
 
-// Data `src` pushes to `dst` in `phase` for block `block`.
+// Data `src` pushes to `dst` in `phase` for block `block`, in slot `slot`: each
+// block double-buffers its steps (slot = step epoch & 1) so that step s+1's
+// pushes overlap step s's last phase.
 __device__ __forceinline__ unsigned char* two_shot_region(const CommHandle& c, int dst, int phase,
-                                                          int src, int block) {
+                                                          int slot, int src, int block) {
   return c.peer_base[dst] + c.layout.twoshot_offset +
-         ((int64_t(phase) * c.world + src) * kTwoShotMaxBlocks + block) * kTwoShotChunkBytes;
+         ((int64_t((phase * kTwoShotSlots + slot) * c.world + src) * kTwoShotMaxBlocks + block) *
+          kTwoShotChunkBytes);
 }
 
 __device__ __forceinline__ uint32_t* two_shot_flag(const CommHandle& c, int owner, int phase,
@@ -164,15 +167,48 @@ __device__ __forceinline__ void signal_peers(const CommHandle& c, int phase, uin
   if (t < W && t != c.rank) store_release_sys(two_shot_flag(c, t, phase, blockIdx.x, c.rank), epoch);
 }
 
+// Flags are step counters: a peer may already be one step further (it then wrote
+// the other slot), hence "reached" rather than "equal".
 template <int W>
 __device__ __forceinline__ void wait_peers(const CommHandle& c, int phase, uint32_t epoch, int op) {
   const int t = threadIdx.x;
   if (t < W && t != c.rank)
-    wait_flag_eq(two_shot_flag(c, c.rank, phase, blockIdx.x, t), epoch, c.timeout_ns, op, "block",
-                 blockIdx.x, t);
+    wait_flag_reached(two_shot_flag(c, c.rank, phase, blockIdx.x, t), epoch, c.timeout_ns, op,
+                      "block", blockIdx.x, t);
   __syncthreads();
 }
 
+struct TwoShotShape {
+  int64_t n, shard, chunk;
+};
+
+// Phase 1 of the step with epoch `e` at chunk offset `off`: every peer's sum of its
+// shard's chunk lands in this rank's output.
+template <typename T, int W>
+__device__ __forceinline__ void two_shot_gather(const CommHandle& c, T* out, const TwoShotShape& s,
+                                                int64_t off, uint32_t e, int op) {
+  wait_peers<W>(c, 1, e, op);
+#pragma unroll 1
+  for (int i = 1; i < W; ++i) {
+    const int src = c.rank + i < W ? c.rank + i : c.rank + i - W;
+    copy_elems<T, true>(out + int64_t(src) * s.shard + off,
+                        reinterpret_cast<const T*>(two_shot_region(c, c.rank, 1, e & 1, src, blockIdx.x)),
+                        chunk_len(src, s.shard, off, s.chunk, s.n));
+  }
+}
+
+// Step s of block b covers chunk j = b + s * gridDim.x of every shard:
+//
+//   push chunk j of shard p to p (phase 0) ─┐
+//   finish step s-1: wait phase-1 flags,    │ overlapped with the phase-0 transfer
+//     copy peers' sums of step s-1 out      ┘
+//   wait phase-0 flags, sum own chunk in rank order (+ bias), write it,
+//   push the sum to every peer (phase 1)
+//
+// Slot reuse is safe with two slots: a rank pushes phase 0 of step s+2 only after
+// it finished step s+1, whose phase-1 flags the peer raised after reading step s's
+// phase-0 data; and the peer pushes phase 1 of step s+2 only after this rank's
+// phase-0 push of step s+2, which follows this rank's copy-out of step s.
 template <typename T, int W>
 __global__ void __launch_bounds__(kTwoShotThreads)
     all_reduce_two_shot_kernel(AllReduceParams p, int64_t chunk) {
@@ -182,33 +218,37 @@ __global__ void __launch_bounds__(kTwoShotThreads)
   const int rank = c.rank;
   const T* in = static_cast<const T*>(p.input);
   T* out = static_cast<T*>(p.output);
-  const int64_t n = p.numel;
-  const int64_t shard = ceil_div<int64_t>(ceil_div<int64_t>(n, W), kVec) * kVec;
-  const int64_t chunks = ceil_div<int64_t>(shard, chunk);
+  TwoShotShape s;
+  s.n = p.numel;
+  s.shard = ceil_div<int64_t>(ceil_div<int64_t>(s.n, W), kVec) * kVec;
+  s.chunk = chunk;
+  const int64_t chunks = ceil_div<int64_t>(s.shard, chunk);
 
   __shared__ uint32_t s_epoch;
   uint32_t* counter = c.counters(kChannelTwoShot) + blockIdx.x;
   if (threadIdx.x == 0) s_epoch = *counter;
   __syncthreads();
   uint32_t epoch = s_epoch;
+  uint32_t prev_epoch = 0;
+  int64_t prev_off = -1;
 
   for (int64_t j = blockIdx.x; j < chunks; j += gridDim.x) {
     epoch = next_epoch(epoch);
+    const int slot = epoch & 1;
     const int64_t off = j * chunk;
 
-    // Phase 0: chunk j of shard `dst` goes to its owner.
 #pragma unroll 1
     for (int i = 1; i < W; ++i) {
       const int dst = rank + i < W ? rank + i : rank + i - W;
-      copy_elems<T, false>(reinterpret_cast<T*>(two_shot_region(c, dst, 0, rank, blockIdx.x)),
-                           in + int64_t(dst) * shard + off, chunk_len(dst, shard, off, chunk, n));
+      copy_elems<T, false>(reinterpret_cast<T*>(two_shot_region(c, dst, 0, slot, rank, blockIdx.x)),
+                           in + int64_t(dst) * s.shard + off, chunk_len(dst, s.shard, off, chunk, s.n));
     }
     signal_peers<W>(c, 0, epoch);
+    if (prev_off >= 0) two_shot_gather<T, W>(c, out, s, prev_off, prev_epoch, p.op);
     wait_peers<W>(c, 0, epoch, p.op);
 
-    // Reduce chunk j of this rank's shard in rank order, then push the sum.
-    const int64_t mine = chunk_len(rank, shard, off, chunk, n);
-    const int64_t begin = int64_t(rank) * shard + off;
+    const int64_t mine = chunk_len(rank, s.shard, off, chunk, s.n);
+    const int64_t begin = int64_t(rank) * s.shard + off;
     for (int64_t v = threadIdx.x; v * kVec < mine; v += kTwoShotThreads) {
       const int64_t e = v * kVec;
       const bool full = e + kVec <= mine;
@@ -217,9 +257,9 @@ __global__ void __launch_bounds__(kTwoShotThreads)
       for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
 #pragma unroll
       for (int src = 0; src < W; ++src) {
-        const T* from = src == rank
-                            ? in + begin
-                            : reinterpret_cast<const T*>(two_shot_region(c, rank, 0, src, blockIdx.x));
+        const T* from = src == rank ? in + begin
+                                    : reinterpret_cast<const T*>(
+                                          two_shot_region(c, rank, 0, slot, src, blockIdx.x));
         Vec x;
         if (full) x = to_pack<T>(src == rank ? load_plain(from + e) : load_cg(from + e));
         else x = load_pack_tail<T, 16>(from, e, mine);
@@ -233,27 +273,16 @@ __global__ void __launch_bounds__(kTwoShotThreads)
 #pragma unroll
       for (int i = 1; i < W; ++i) {
         const int dst = rank + i < W ? rank + i : rank + i - W;
-        T* to = reinterpret_cast<T*>(two_shot_region(c, dst, 1, rank, blockIdx.x));
+        T* to = reinterpret_cast<T*>(two_shot_region(c, dst, 1, slot, rank, blockIdx.x));
         if (full) store_plain(to + e, from_pack<T>(r));
         else store_pack_tail<T, 16>(to, e, mine, r);
       }
     }
     signal_peers<W>(c, 1, epoch);
-    wait_peers<W>(c, 1, epoch, p.op);
-
-    // Phase 1: every peer's summed chunk lands in the output.
-#pragma unroll 1
-    for (int i = 1; i < W; ++i) {
-      const int src = rank + i < W ? rank + i : rank + i - W;
-      copy_elems<T, true>(out + int64_t(src) * shard + off,
-                          reinterpret_cast<const T*>(two_shot_region(c, rank, 1, src, blockIdx.x)),
-                          chunk_len(src, shard, off, chunk, n));
-    }
-    // No double buffering is needed: a peer pushes into our phase-0 region again
-    // only after it saw our phase-1 flag of this step (raised after our reduce
-    // read it), and into our phase-1 region only after it saw our phase-0 flag of
-    // the next step (raised after this copy).
+    prev_off = off;
+    prev_epoch = epoch;
   }
+  if (prev_off >= 0) two_shot_gather<T, W>(c, out, s, prev_off, epoch, p.op);
 
   __syncthreads();
   if (threadIdx.x == 0) *counter = epoch;

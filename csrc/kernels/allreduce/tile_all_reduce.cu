@@ -12,22 +12,9 @@ constexpr int kTileThreads = 512;
 
 __host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Wrap-safe "counter has reached epoch".
-__device__ __forceinline__ bool reached(uint32_t value, uint32_t epoch) {
-  return static_cast<int32_t>(value - epoch) >= 0;
-}
-
 __device__ __forceinline__ void wait_reached(const uint32_t* flag, uint32_t epoch,
                                              uint64_t timeout_ns, int tile, int peer) {
-  if (reached(load_acquire_sys(flag), epoch)) return;
-  const uint64_t start = global_timer_ns();
-  const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
-  for (uint32_t spins = 1;; ++spins) {
-    const uint32_t v = load_acquire_sys(flag);
-    if (reached(v, epoch)) return;
-    if ((spins & 63u) == 0 && global_timer_ns() - start > bound)
-      timeout_trap(kOpMatmulAllReduce, "tile", tile, peer, epoch, v);
-  }
+  wait_flag_reached(flag, epoch, timeout_ns, kOpMatmulAllReduce, "tile", tile, peer);
 }
 
 // Flag slots inside kChannelTiles: [0, kMaxTiles) ready (GEMM), then reduced (owner).

@@ -260,14 +260,17 @@ struct TileGemmKernel {
 
   // Split tile: store this unit's partial sums, arrive on the tile's counter.
   // Returns true in the last arriving CTA, with `accum` then holding the sum
-  // of all partials, added in K order so the result does not depend on which
-  // CTA arrived last.
+  // of all partials, added in K order so that the result does not depend on
+  // which CTA arrived last.
   template <class Accumulators>
   __device__ static bool reduce_split_tile(const Params& params, const WorkUnit& unit,
                                            Accumulators& accum, int mma_thread_idx,
                                            uint32_t& split_is_last) {
     constexpr int kVectors = int(cute::size(Accumulators{})) / 4;
+    // float4 vectors summed per pass: bounds the registers of loads in flight.
+    constexpr int kVectorsPerPass = 8;
     static_assert(kVectors * 4 * kMmaThreads == kTileElems, "fragment must cover the tile");
+    static_assert(kVectors % kVectorsPerPass == 0, "passes must cover the fragment");
     const TileSchedule& s = params.schedule;
     // Slot layout [vector][thread]: each warp stores 512 contiguous bytes.
     auto slot_at = [&](int slot) {
@@ -300,28 +303,32 @@ struct TileGemmKernel {
     cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
     if (!split_is_last) return false;
 
-    auto partial = [&](int cta, int v) {
-      if (cta == int(blockIdx.x)) {
-        return make_float4(accum(4 * v), accum(4 * v + 1), accum(4 * v + 2), accum(4 * v + 3));
-      }
-      // The tile is the first unit of CTA `cta` unless its range began in an earlier tile.
-      const int slot = 2 * cta + (s.sk_range_begin(cta) >= first_iter ? 0 : 1);
-      return __ldcg(slot_at(slot) + v * kMmaThreads);
+    // The tile is the first unit of CTA `cta` unless its range began in an earlier tile.
+    auto partials_of = [&](int cta) {
+      return slot_at(2 * cta + (s.sk_range_begin(cta) >= first_iter ? 0 : 1));
     };
     CUTLASS_PRAGMA_UNROLL
-    for (int v = 0; v < kVectors; ++v) {
-      float4 sum = partial(first_cta, v);
-      for (int cta = first_cta + 1; cta <= last_cta; ++cta) {
-        const float4 part = partial(cta, v);
-        sum.x += part.x;
-        sum.y += part.y;
-        sum.z += part.z;
-        sum.w += part.w;
+    for (int pass = 0; pass < kVectors; pass += kVectorsPerPass) {
+      const float4* first = partials_of(first_cta);
+      CUTLASS_PRAGMA_UNROLL
+      for (int v = pass; v < pass + kVectorsPerPass; ++v) {
+        const float4 part = __ldcg(first + v * kMmaThreads);
+        accum(4 * v) = part.x;
+        accum(4 * v + 1) = part.y;
+        accum(4 * v + 2) = part.z;
+        accum(4 * v + 3) = part.w;
       }
-      accum(4 * v) = sum.x;
-      accum(4 * v + 1) = sum.y;
-      accum(4 * v + 2) = sum.z;
-      accum(4 * v + 3) = sum.w;
+      for (int cta = first_cta + 1; cta <= last_cta; ++cta) {
+        const float4* partials = partials_of(cta);
+        CUTLASS_PRAGMA_UNROLL
+        for (int v = pass; v < pass + kVectorsPerPass; ++v) {
+          const float4 part = __ldcg(partials + v * kMmaThreads);
+          accum(4 * v) += part.x;
+          accum(4 * v + 1) += part.y;
+          accum(4 * v + 2) += part.z;
+          accum(4 * v + 3) += part.w;
+        }
+      }
     }
     return true;
   }

@@ -7,8 +7,9 @@
 //    thread passed, is visible to any thread that observes v with an acquire.
 //  - load_acquire_sys(p): writes released before the observed value are visible
 //    to this thread afterwards, and to the block after a following __syncthreads().
-//  - wait_flag_eq(...): spins with acquire loads until *p == expected; traps with
-//    a message naming the op, the tile (or block) and the peer after timeout_ns.
+//  - wait_flag_reached(...): spins with acquire loads until the counter *p has
+//    reached `epoch` (wrap-safe *p >= epoch); traps with a message naming the op,
+//    the tile (or block) and the peer after timeout_ns.
 //  - ll_store / ll_load: 16-byte "low latency" lines {d0, flag, d1, flag}. A line
 //    is written by one vector store and is valid when both flags equal the
 //    epoch, so data and flag arrive together and no fence is needed.
@@ -54,8 +55,10 @@ __device__ __forceinline__ uint32_t load_relaxed_sys(const uint32_t* p) {
   return v;
 }
 
-// The next epoch after `e`; 0 is skipped because it is the value of fresh memory.
-__device__ __forceinline__ uint32_t next_epoch(uint32_t e) { return e + 1 == 0 ? 1 : e + 1; }
+// The next epoch after `e`. 0 is the value of fresh memory and never an epoch; at
+// the wrap the sequence jumps from 0xffffffff to 2 so that parity keeps alternating
+// (double-buffered slots are chosen by epoch parity).
+__device__ __forceinline__ uint32_t next_epoch(uint32_t e) { return e + 1 == 0 ? 2 : e + 1; }
 
 [[noreturn]] __device__ __forceinline__ void timeout_trap(int op, const char* what, int index,
                                                           int peer, uint32_t expected,
@@ -68,19 +71,24 @@ __device__ __forceinline__ uint32_t next_epoch(uint32_t e) { return e + 1 == 0 ?
   __builtin_unreachable();
 }
 
-// Spin until *p == expected. The clock is read only every 64 polls.
-__device__ __forceinline__ void wait_flag_eq(const uint32_t* p, uint32_t expected,
-                                             uint64_t timeout_ns, int op, const char* what,
-                                             int index, int peer) {
+// Wrap-safe "counter `value` has reached `epoch`".
+__device__ __forceinline__ bool epoch_reached(uint32_t value, uint32_t epoch) {
+  return static_cast<int32_t>(value - epoch) >= 0;
+}
+
+// Spin until *p has reached `epoch`. The clock is read only every 64 polls.
+__device__ __forceinline__ void wait_flag_reached(const uint32_t* p, uint32_t epoch,
+                                                  uint64_t timeout_ns, int op, const char* what,
+                                                  int index, int peer) {
   uint32_t v = load_acquire_sys(p);
-  if (v == expected) return;
+  if (epoch_reached(v, epoch)) return;
   const uint64_t start = global_timer_ns();
   const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
   for (uint32_t spins = 1;; ++spins) {
     v = load_acquire_sys(p);
-    if (v == expected) return;
+    if (epoch_reached(v, epoch)) return;
     if ((spins & 63u) == 0 && global_timer_ns() - start > bound)
-      timeout_trap(op, what, index, peer, expected, v);
+      timeout_trap(op, what, index, peer, epoch, v);
   }
 }
 

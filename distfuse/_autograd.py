@@ -1,0 +1,35 @@
+"""Backward formulas (tensor-parallel semantics).
+
+In a tensor-parallel layer the output of a sum over ranks is replicated, and so
+is the gradient that flows back into it. Hence:
+  all_reduce:         forward Σ_r x_r, backward identity (each rank's x_r gets dy);
+  matmul_all_reduce:  y = Σ_r a_r @ b_r + bias, so da_r = dy @ b_rᵀ,
+                      db_r = a_rᵀ @ dy and dbias = Σ_rows dy, with no communication.
+"""
+import torch
+
+
+def _all_reduce_backward(ctx, grad):
+    return grad, None
+
+
+def _matmul_all_reduce_setup(ctx, inputs, output):
+    a, b = inputs[0], inputs[1]
+    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
+                          b if ctx.needs_input_grad[0] else None)
+
+
+def _matmul_all_reduce_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    n = grad.shape[-1]
+    grad_a = grad @ b.t() if ctx.needs_input_grad[0] else None
+    grad_b = None
+    if ctx.needs_input_grad[1]:
+        grad_b = a.reshape(-1, a.shape[-1]).t() @ grad.reshape(-1, n)
+    grad_bias = grad.reshape(-1, n).sum(0) if ctx.needs_input_grad[3] else None
+    return grad_a, grad_b, None, grad_bias
+
+
+torch.library.register_autograd("distfuse::all_reduce", _all_reduce_backward)
+torch.library.register_autograd("distfuse::matmul_all_reduce", _matmul_all_reduce_backward,
+                                setup_context=_matmul_all_reduce_setup)
