@@ -1,0 +1,98 @@
+// Dispatch decisions and the workspace layout: pure functions every rank must
+// evaluate identically.
+#include <gtest/gtest.h>
+
+#include "distfuse/check.h"
+#include "distfuse/comm/handle.h"
+#include "distfuse/params.h"
+#include "distfuse/tuning.h"
+
+namespace distfuse {
+namespace {
+
+TEST(AllReduceChoice, SmallIsOneShotLargeIsTwoShot) {
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    const int64_t threshold = one_shot_threshold_bytes(world);
+    EXPECT_EQ(choose_all_reduce(4096, world, kOneShotCapacityBytes), AllReduceAlgo::kOneShot);
+    EXPECT_EQ(choose_all_reduce(threshold, world, kOneShotCapacityBytes), AllReduceAlgo::kOneShot);
+    EXPECT_EQ(choose_all_reduce(threshold + 1, world, kOneShotCapacityBytes),
+              AllReduceAlgo::kTwoShot);
+    EXPECT_EQ(choose_all_reduce(256ll << 20, world, kOneShotCapacityBytes), AllReduceAlgo::kTwoShot);
+  }
+}
+
+TEST(AllReduceChoice, OverrideIsClampedToTheOneShotCapacity) {
+  EXPECT_EQ(choose_all_reduce(8 << 20, 2, kOneShotCapacityBytes, 64 << 20), AllReduceAlgo::kTwoShot);
+  EXPECT_EQ(choose_all_reduce(kOneShotCapacityBytes, 2, kOneShotCapacityBytes, 64 << 20),
+            AllReduceAlgo::kOneShot);
+  EXPECT_EQ(choose_all_reduce(8192, 4, kOneShotCapacityBytes, 4096), AllReduceAlgo::kTwoShot);
+}
+
+TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    EXPECT_GE(two_shot_blocks(world), 1);
+    EXPECT_LE(two_shot_blocks(world), kTwoShotMaxBlocks);
+  }
+  EXPECT_EQ(two_shot_blocks(4, 16), 16);
+}
+
+TEST(MatmulAllReduceChoice, DecodeUpToTheLimitThenTiles) {
+  EXPECT_EQ(choose_matmul_all_reduce(1, 4), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(decode_max_m(4), 4), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(decode_max_m(4) + 1, 4), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(1000, 2, 2048), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_GT(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4), 0);
+  EXPECT_EQ(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4, 7), 7);
+}
+
+TEST(WorkspaceLayout, RegionsAreOrderedAlignedAndDisjoint) {
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    const uint64_t tile_bytes = 3 << 20;
+    const WorkspaceLayout l = make_layout(world, tile_bytes + 5);
+    const uint64_t offsets[] = {l.counters_offset, l.flags_offset, l.oneshot_offset,
+                                l.twoshot_offset, l.tiles_offset};
+    const uint64_t sizes[] = {l.counters_bytes, l.flags_bytes, l.oneshot_bytes, l.twoshot_bytes,
+                              l.tiles_bytes};
+    for (int i = 0; i < 5; ++i) {
+      EXPECT_EQ(offsets[i] % 16, 0u) << "region " << i;
+      if (i + 1 < 5) EXPECT_LE(offsets[i] + sizes[i], offsets[i + 1]) << "region " << i;
+    }
+    EXPECT_GE(l.tiles_bytes, tile_bytes + 5);
+    EXPECT_EQ(l.total_bytes, l.tiles_offset + l.tiles_bytes);
+    // Counters hold every channel's blocks and the per-tile counters.
+    EXPECT_GE(l.counters_bytes, (uint64_t(kNumChannels) * kMaxBlocks + kMaxTiles) * 4);
+    EXPECT_GE(l.flags_bytes, uint64_t(kNumChannels) * kFlagsPerChannel * 4);
+    // One-shot: two parities of `world` slots of LL lines (16 bytes carry 8).
+    EXPECT_EQ(l.oneshot_bytes, 2ull * world * kOneShotCapacityBytes * 2);
+  }
+}
+
+TEST(CommHandle, PointsIntoTheRightRegions) {
+  static unsigned char buffers[2][1 << 12];
+  CommHandle h{};
+  h.peer_base[0] = buffers[0];
+  h.peer_base[1] = buffers[1];
+  h.rank = 1;
+  h.world = 2;
+  h.layout = make_layout(2, 0);
+  EXPECT_EQ(reinterpret_cast<unsigned char*>(h.counters(kChannelTwoShot)),
+            buffers[1] + h.layout.counters_offset + 4ull * kMaxBlocks * kChannelTwoShot);
+  EXPECT_EQ(reinterpret_cast<unsigned char*>(h.flags(0, kChannelTiles)),
+            buffers[0] + h.layout.flags_offset + 4ull * kFlagsPerChannel * kChannelTiles);
+  EXPECT_EQ(reinterpret_cast<unsigned char*>(h.tile_seen()),
+            buffers[1] + h.layout.counters_offset + 4ull * kNumChannels * kMaxBlocks);
+}
+
+TEST(Check, ThrowsWithFileLineAndValues) {
+  try {
+    DF_CHECK(1 + 1 == 3, "value was ", 42);
+    FAIL() << "DF_CHECK did not throw";
+  } catch (const std::runtime_error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("value was 42"), std::string::npos) << what;
+    EXPECT_NE(what.find("test_dispatch.cpp"), std::string::npos) << what;
+  }
+}
+
+}  // namespace
+}  // namespace distfuse
