@@ -124,15 +124,19 @@ class RowParallelLinear(nn.Module):
     this rank's partial product, with the bias on rank 0 only so that the sum of
     the partials contains it once.
 
-    Forward only for now: ``matmul_all_reduce`` has no autograd formula, so run
-    under ``torch.no_grad()`` / ``torch.inference_mode()``.
+    ``fused=False`` computes the same thing the unfused way (``F.linear`` then an
+    in-place NCCL ``all_reduce``): the baseline the benchmarks compare against.
+    Gradients flow through the fused op (tensor-parallel semantics: the output
+    gradient is replicated, so no communication is needed in the backward).
     """
 
     def __init__(self, in_features: int, out_features: int, group: GroupLike = None, bias: bool = True,
                  input_is_parallel: bool = True, reduce_results: bool = True,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+                 fused: bool = True):
         super().__init__()
         self._group_name, self.rank, self.world_size = resolve_group(group)
+        self.fused = fused
         self.in_features = in_features
         self.out_features = out_features
         self.in_features_per_rank = shard_size("in_features", in_features, self.world_size)
@@ -151,6 +155,10 @@ class RowParallelLinear(nn.Module):
             x = x[..., start:start + self.in_features_per_rank]
         if not self.reduce_results:
             return F.linear(x, self.weight, self.bias if self.rank == 0 else None)
+        if not self.fused:
+            y = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
+            dist.all_reduce(y, group=dist.distributed_c10d._resolve_process_group(self._group_name))
+            return y
         # weight.t() is a transposed view; the op takes it without a copy.
         return ops.matmul_all_reduce(x, self.weight.t(), self._group_name, bias=self.bias)
 
