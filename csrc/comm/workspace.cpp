@@ -197,6 +197,21 @@ std::vector<int64_t> Workspace::info(const std::string& group_name) {
           static_cast<int64_t>(w.timeout_ms_)};
 }
 
+void* Workspace::gemm_scratch(size_t bytes, const char* op) {
+  if (gemm_scratch_.defined() && size_t(gemm_scratch_.numel()) >= bytes)
+    return gemm_scratch_.data_ptr();
+  TORCH_CHECK(!capturing(), "distfuse.", op, ": the GEMM needs ", bytes,
+              " bytes of split-K scratch, more than it had when capture began; run the op once "
+              "with these shapes before capturing");
+  constexpr size_t kGrain = 4ull << 20;
+  const size_t grown = (bytes + kGrain - 1) / kGrain * kGrain;
+  // The previous buffer may still be in use by queued kernels: the caching
+  // allocator reuses it only after the current stream reaches this point.
+  gemm_scratch_ = at::zeros({static_cast<int64_t>(grown)},
+                            at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device_));
+  return gemm_scratch_.data_ptr();
+}
+
 void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
   if (!p2p_ || bytes <= handle_.layout.tiles_bytes) return;
   TORCH_CHECK(!capturing(), "distfuse.", op, ": this call needs a tile region of ", bytes,

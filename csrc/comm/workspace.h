@@ -42,6 +42,11 @@ class Workspace {
   // growth is impossible and raises an error naming the size to pre-allocate.
   void ensure_tile_bytes(size_t bytes, const char* op);
 
+  // A zero-filled local device buffer of at least `bytes` for the GEMM's split-K
+  // counters and partials (kernels leave the counters at zero). Grows outside
+  // CUDA-graph capture only; inside capture, needing more is an error.
+  void* gemm_scratch(size_t bytes, const char* op);
+
   bool p2p() const { return p2p_; }
   int rank() const { return rank_; }
   int world() const { return world_; }
@@ -62,6 +67,7 @@ class Workspace {
   int world_ = 1;
   int device_ = -1;
   at::Tensor buffer_;
+  at::Tensor gemm_scratch_;
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> symm_;
   CommHandle handle_{};
 };

@@ -25,11 +25,12 @@ inline AllReduceAlgo choose_all_reduce(int64_t bytes, int world, int64_t one_sho
 }
 
 // Blocks of the two-shot kernel (each moves 32 KB chunks; more blocks keep more
-// NVLink transfers in flight).
+// NVLink transfers in flight: 32 -> 64 blocks took 256 MB from 1401 to 1001 us on
+// 2 x H200). At most one wave on a 132-SM GPU.
 inline int two_shot_blocks(int world, int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
-  return 64;
+  return 128;
 }
 
 }  // namespace distfuse

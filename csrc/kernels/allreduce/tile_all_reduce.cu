@@ -4,6 +4,7 @@
 #include "distfuse/comm/handle.h"
 #include "distfuse/comm/signal.cuh"
 #include "kernels/common/vec.cuh"
+#include "kernels/gemm/tile_gemm.h"  // the GEMM's tile order (header only)
 
 namespace distfuse {
 namespace {
@@ -54,8 +55,7 @@ struct TileGeometry {
   int64_t row0, col0;  // origin of the tile in D
   int rows, vecs;      // rows in the tile, 16-byte vectors per row
 
-  __device__ TileGeometry(const TileAllReduceParams& p, int tiles_n, int t) {
-    const int tm = t / tiles_n, tn = t % tiles_n;
+  __device__ TileGeometry(const TileAllReduceParams& p, int tm, int tn) {
     row0 = int64_t(tm) * p.tile_m;
     col0 = int64_t(tn) * p.tile_n;
     rows = min(int64_t(p.tile_m), p.m - row0);
@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_kernel(TileAllRe
   const CommHandle& c = p.comm;
   const int rank = c.rank;
   const int tiles_n = int(ceil_div64(p.n, p.tile_n));
-  const int tiles = int(ceil_div64(p.m, p.tile_m)) * tiles_n;
+  const int tiles_m = int(ceil_div64(p.m, p.tile_m));
+  const int tiles = tiles_m * tiles_n;
   const int64_t mn = int64_t(p.m) * p.n;
   const int64_t tile_elems = int64_t(p.tile_m) * p.tile_n;
   T* out = static_cast<T*>(p.output);
@@ -93,19 +94,22 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_kernel(TileAllRe
   uint32_t* seen = c.tile_seen();
   __shared__ uint32_t s_epoch;
 
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+  for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
+    int tm, tn;
+    tile_gemm_tile_coord(i, tiles_m, tiles_n, &tm, &tn);
+    const int t = tm * tiles_n + tn;  // flag and counter index
     if (threadIdx.x == 0) s_epoch = seen[t] + 1;
     __syncthreads();
     const uint32_t epoch = s_epoch;
-    const TileGeometry<T> g(p, tiles_n, t);
+    const TileGeometry<T> g(p, tm, tn);
     const int count = g.rows * g.vecs;
 
     if constexpr (!kPush) {
-      const int owner = t % W;
+      const int owner = i % W;
       if (rank == owner) {
         if (threadIdx.x < W) wait_reached(ready_flag(c, threadIdx.x, t), epoch, c.timeout_ns, t, threadIdx.x);
         __syncthreads();
-        T* slot = reduced_slot<T>(c, rank, mn, tile_elems, t / W);
+        T* slot = reduced_slot<T>(c, rank, mn, tile_elems, i / W);
         for (int i = threadIdx.x; i < count; i += kTileThreads) {
           const int64_t off = g.d_offset(i, p.n);
           float acc[kVec];
@@ -124,7 +128,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_kernel(TileAllRe
       } else {
         if (threadIdx.x == 0) wait_reached(reduced_flag(c, owner, t), epoch, c.timeout_ns, t, owner);
         __syncthreads();
-        const T* slot = reduced_slot<T>(c, owner, mn, tile_elems, t / W);
+        const T* slot = reduced_slot<T>(c, owner, mn, tile_elems, i / W);
         for (int i = threadIdx.x; i < count; i += kTileThreads)
           store_plain(out + g.d_offset(i, p.n), load_cg(slot + g.slot_offset(i, p.tile_n)));
       }

@@ -4,19 +4,21 @@
 // region and bumps flag[t] (this rank's flags, kChannelTiles) when tile t is
 // complete (see TileGemmParams). Consumer CTAs run beside the GEMM on the SMs it
 // leaves free and reduce each tile as soon as it is ready on every rank. Tile t
-// is handled by consumer CTA t % C on every rank, tiles in increasing t, which is
-// the order in which the persistent GEMM finishes them (row-major over tiles).
+// number i (the GEMM's tile order, tile_gemm_tile_coord in kernels/gemm/tile_gemm.h)
+// is handled by consumer CTA
+// i % C on every rank, in increasing i, which is the order in which the persistent
+// GEMM finishes tiles, wave by wave. Flags are indexed tm * tiles_n + tn.
 //
 // Owner mode (prefill: bandwidth-bound, 2(W-1)/W·M·N bytes per rank over NVLink):
 //
 //   GEMM  r0: ─tile0─┬tile1─┬tile2─┬tile3─┬ ...        flag[t] += 1 on each rank
 //   GEMM  r1: ─tile0─┼tile1─┼tile2─┼tile3─┼ ...
 //                    ▼      ▼      ▼
-//   owner o = t % W pulls D_p[t] from every rank p, sums in rank order (+ bias),
+//   owner o = i % W pulls D_p[t] from every rank p, sums in rank order (+ bias),
 //   writes its output and its reduced slot, raises reduced[t];
 //   every other rank pulls the reduced slot from o straight into its output.
 //
-//     t:      0        1        2        3       (W = 2)
+//     i:      0        1        2        3       (W = 2)
 //     r0:  reduce   copy←r1  reduce   copy←r1
 //     r1:  copy←r0  reduce   copy←r0  reduce
 //

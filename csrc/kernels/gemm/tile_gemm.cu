@@ -37,6 +37,12 @@ constexpr double kMinWaveEfficiency = 0.9;
 // A stream-K range shorter than this many K blocks costs more in partial-sum
 // traffic than it saves.
 constexpr int kMinBlocksPerRange = 4;
+// A plan has fewer than 2 * sm_count split tiles, so with sm_count bounded the
+// split-tile counters fit one fixed region at the start of the workspace: no
+// plan writes partial sums where another plan keeps counters, and one
+// zero-filled workspace serves launches of every shape.
+constexpr int kMaxCtas = 1024;
+constexpr size_t kSplitCounterBytes = 2 * kMaxCtas * sizeof(uint32_t);
 
 enum class Variant { kDecode, kPrefill };
 
@@ -94,15 +100,10 @@ struct Plan {
   int tile_m;
   int tile_n;
   TileSchedule schedule;
-  size_t counters_bytes;  // workspace: split-tile counters, then partial-sum slots
-  size_t workspace_bytes;
+  size_t workspace_bytes;  // split-tile counters, then 2 partial-sum slots per CTA
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-size_t round_up(size_t bytes, size_t alignment) {
-  return (bytes + alignment - 1) / alignment * alignment;
-}
 
 Variant variant_for(int m) { return m <= kDecodeMaxM ? Variant::kDecode : Variant::kPrefill; }
 
@@ -138,9 +139,8 @@ Plan make_plan(const TileGemmParams& p) {
   if (s.sk_iters < int64_t(ctas) * kMinBlocksPerRange) {  // only when dp_tiles == 0
     s.num_ctas = int(s.sk_iters / kMinBlocksPerRange);
   }
-  plan.counters_bytes = round_up(size_t(s.sk_tiles) * sizeof(uint32_t), 256);
-  plan.workspace_bytes = plan.counters_bytes + size_t(2) * s.num_ctas * plan.tile_m *
-                                                   plan.tile_n * sizeof(float);
+  plan.workspace_bytes =
+      kSplitCounterBytes + size_t(2) * s.num_ctas * plan.tile_m * plan.tile_n * sizeof(float);
   return plan;
 }
 
@@ -148,7 +148,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 cudaError_t check_params(const TileGemmParams& p) {
   if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
-      p.sm_count < 1 || p.lda < p.k || p.ldd < p.n || p.ldb < (p.b_transposed ? p.k : p.n)) {
+      p.sm_count < 1 || p.sm_count > kMaxCtas || p.lda < p.k || p.ldd < p.n ||
+      p.ldb < (p.b_transposed ? p.k : p.n)) {
     return cudaErrorInvalidValue;
   }
   if ((p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) || p.k % kAlignment != 0 ||
@@ -198,7 +199,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
       plan.schedule,
       p.tile_flags,
       reinterpret_cast<uint32_t*>(workspace_bytes),
-      reinterpret_cast<float*>(workspace_bytes + plan.counters_bytes)};
+      reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes)};
 
   const auto kernel = tile_gemm_kernel<Kernel>;
   constexpr int kSmemBytes = int(sizeof(typename Kernel::SharedStorage));
@@ -246,7 +247,9 @@ cudaError_t launch_tile_gemm(const TileGemmParams& p, cudaStream_t stream, void*
   const cudaError_t err = check_params(p);
   if (err != cudaSuccess) return err;
   const Plan plan = make_plan(p);
-  if (plan.workspace_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  if (plan.workspace_bytes > 0 && (workspace == nullptr || !aligned16(workspace))) {
+    return cudaErrorInvalidValue;
+  }
   return p.dtype == DType::kBFloat16
              ? launch_for_dtype<cutlass::bfloat16_t>(p, plan, workspace, stream)
              : launch_for_dtype<cutlass::half_t>(p, plan, workspace, stream);

@@ -67,12 +67,13 @@
 //
 // Workspace
 // ---------
-// Stream-K needs fp32 partial tiles and one arrival counter per split tile:
+// Stream-K needs an arrival counter per split tile and fp32 partial tiles:
 // tile_gemm_workspace_bytes(p) bytes (0 when the plan has no split tiles;
-// then `workspace` may be null). The workspace must be zero-filled once when
-// it is allocated; every completed launch leaves the counters at zero again,
-// so it can be reused by later launches (and CUDA graph replays) without a
-// memset. Launches that may run concurrently need separate workspaces.
+// then `workspace` may be null). The counters sit in a fixed region at the
+// start for every shape and every completed launch leaves them at zero, so
+// one workspace, zero-filled once when allocated, serves later launches of any
+// shape (and CUDA graph replays) without a memset. Launches that may run
+// concurrently need separate workspaces; after a failed launch, zero it again.
 #pragma once
 
 #include <cstddef>
@@ -100,7 +101,8 @@ size_t tile_gemm_workspace_bytes(const TileGemmParams& p);
 
 // Enqueues D = A @ B on `stream`. Returns
 //   cudaErrorInvalidValue   missing pointers, M/N/K < 1, leading dimension too
-//                           small, sm_count < 1, or workspace null when needed;
+//                           small, sm_count outside [1, 1024], or workspace
+//                           null (or not 16-byte aligned) when needed;
 //   cudaErrorNotSupported   a GEMM this engine does not run (the caller falls
 //                           back to cuBLAS): dtype other than bf16/fp16, K or N
 //                           or a leading dimension not a multiple of 8, a

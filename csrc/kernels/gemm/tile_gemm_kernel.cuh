@@ -49,6 +49,7 @@ struct WorkUnit {
   int k_begin;       // first K block
   int k_count;       // K blocks (>= 1)
   int partial_slot;  // workspace slot of the partial sums of a split tile; -1 for a whole tile
+  bool ends_range;   // the last unit of this CTA's stream-K range
 };
 
 // The work units of one CTA in order; the producer and the consumers each walk
@@ -64,7 +65,7 @@ class CtaWork {
 
   __device__ bool next(WorkUnit& unit) {
     if (next_dp_tile_ < s_.dp_tiles) {
-      unit = {next_dp_tile_, 0, s_.k_tiles, -1};
+      unit = {next_dp_tile_, 0, s_.k_tiles, -1, false};
       next_dp_tile_ += s_.num_ctas;
       return true;
     }
@@ -76,7 +77,7 @@ class CtaWork {
                                                                    : s_.k_tiles - k_begin);
       // Only the first and the last unit of a range can be part of a split tile.
       const int slot = k_count == s_.k_tiles ? -1 : 2 * cta_ + (next_sk_iter_ == sk_first_ ? 0 : 1);
-      unit = {s_.dp_tiles + sk_tile, k_begin, k_count, slot};
+      unit = {s_.dp_tiles + sk_tile, k_begin, k_count, slot, k_count == left_in_range};
       next_sk_iter_ += k_count;
       return true;
     }
@@ -110,6 +111,12 @@ __device__ __forceinline__ void publish_tile_flag(uint32_t* flag) {
   if (cute::elect_one_sync()) {
     asm volatile("red.release.sys.global.add.u32 [%0], 1;" ::"l"(flag) : "memory");
   }
+}
+
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
 }
 
 __device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
@@ -147,7 +154,10 @@ struct TileGemmKernel {
     alignas(1024) typename Epilogue::TensorStorage epilogue;
     alignas(16) typename Mainloop::PipelineStorage mainloop_pipeline;
     alignas(16) typename Epilogue::PipelineStorage epilogue_load_pipeline;
-    uint32_t split_is_last;  // broadcast of the split-tile arrival result
+    // Broadcasts of the split-tile reduction: two words, so that each is
+    // rewritten only after a barrier that every reader of its last value passed.
+    uint32_t split_others_arrived;
+    uint32_t split_is_last;
   };
 
   static_assert(kThreads == 256 || kThreads == 384, "1 producer + 1 or 2 consumer warp groups");
@@ -233,7 +243,7 @@ struct TileGemmKernel {
       read_state.advance(unit.k_count);
 
       if (unit.partial_slot >= 0 &&
-          !reduce_split_tile(params, unit, accum, mma_thread_idx, shared.split_is_last)) {
+          !reduce_split_tile(params, unit, accum, mma_thread_idx, shared)) {
         continue;  // another CTA finishes this tile
       }
 
@@ -265,10 +275,11 @@ struct TileGemmKernel {
   template <class Accumulators>
   __device__ static bool reduce_split_tile(const Params& params, const WorkUnit& unit,
                                            Accumulators& accum, int mma_thread_idx,
-                                           uint32_t& split_is_last) {
+                                           SharedStorage& shared) {
     constexpr int kVectors = int(cute::size(Accumulators{})) / 4;
-    // float4 vectors summed per pass: bounds the registers of loads in flight.
-    constexpr int kVectorsPerPass = 8;
+    // float4 loads in flight per pass (64 registers): each pass costs one L2
+    // round trip per contributing CTA, at the end of the kernel.
+    constexpr int kVectorsPerPass = kVectors <= 16 ? kVectors : 16;
     static_assert(kVectors * 4 * kMmaThreads == kTileElems, "fragment must cover the tile");
     static_assert(kVectors % kVectorsPerPass == 0, "passes must cover the fragment");
     const TileSchedule& s = params.schedule;
@@ -278,6 +289,25 @@ struct TileGemmKernel {
              mma_thread_idx;
     };
 
+    const int sk_tile = unit.tile - s.dp_tiles;
+    const int64_t first_iter = int64_t(sk_tile) * s.k_tiles;
+    const int first_cta = s.sk_range_owner(first_iter);
+    const int last_cta = s.sk_range_owner(first_iter + s.k_tiles - 1);
+    const uint32_t other_units = uint32_t(last_cta - first_cta);
+    uint32_t* counter = params.split_counters + sk_tile;
+
+    // The unit that ends a CTA's range usually completes its tile last: when
+    // every other unit has already arrived it is the last one without arriving.
+    if (unit.ends_range) {
+      if (mma_thread_idx == 0) {
+        shared.split_others_arrived = load_acquire_gpu(counter) == other_units;
+      }
+      cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
+    }
+    const bool known_last = unit.ends_range && shared.split_others_arrived;
+
+    // The sum below reads every partial from the workspace, this unit's too
+    // (each thread reads back only what it stored), so store it even when known last.
     float4* own = slot_at(unit.partial_slot);
     CUTLASS_PRAGMA_UNROLL
     for (int v = 0; v < kVectors; ++v) {
@@ -285,23 +315,19 @@ struct TileGemmKernel {
              make_float4(accum(4 * v), accum(4 * v + 1), accum(4 * v + 2), accum(4 * v + 3)));
     }
 
-    const int sk_tile = unit.tile - s.dp_tiles;
-    const int64_t first_iter = int64_t(sk_tile) * s.k_tiles;
-    const int first_cta = s.sk_range_owner(first_iter);
-    const int last_cta = s.sk_range_owner(first_iter + s.k_tiles - 1);
-
-    // The barrier orders every consumer thread's partial stores before the
-    // release of the arrival; the acquire of the last arriver plus the second
-    // barrier orders the other CTAs' partials before our loads.
-    cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
-    if (mma_thread_idx == 0) {
-      uint32_t* counter = params.split_counters + sk_tile;
-      const bool last = atomic_add_acq_rel_gpu(counter, 1) == uint32_t(last_cta - first_cta);
-      if (last) *counter = 0;  // every unit of the tile has arrived: ready for the next launch
-      split_is_last = last;
+    if (!known_last) {
+      // The barrier orders every consumer thread's partial stores before the
+      // release of the arrival; the acquire of the last arriver plus the
+      // second barrier orders the other CTAs' partials before our loads.
+      cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
+      if (mma_thread_idx == 0) {
+        shared.split_is_last = atomic_add_acq_rel_gpu(counter, 1) == other_units;
+      }
+      cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
+      if (!shared.split_is_last) return false;
     }
-    cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
-    if (!split_is_last) return false;
+    // Every unit of the tile has arrived: ready for the next launch.
+    if (mma_thread_idx == 0) *counter = 0;
 
     // The tile is the first unit of CTA `cta` unless its range began in an earlier tile.
     auto partials_of = [&](int cta) {

@@ -158,9 +158,12 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   rp.dtype = gp.dtype;
   rp.comm = handle;
 
+  const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
+  void* scratch = scratch_bytes ? ws.gemm_scratch(scratch_bytes, kOp) : nullptr;
+
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   if (overlap == Overlap::kSerialized) {
-    C10_CUDA_CHECK(launch_tile_gemm(gp, main));
+    C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
     C10_CUDA_CHECK(launch_tile_all_reduce(rp, mode, consumers, main));
   } else {
     SideStream& side = side_stream(device);
@@ -168,7 +171,7 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
     C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
     // Consumers first, so that they hold their SMs before the GEMM fills the rest.
     C10_CUDA_CHECK(launch_tile_all_reduce(rp, mode, consumers, side.stream));
-    C10_CUDA_CHECK(launch_tile_gemm(gp, main));
+    C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
     C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
   }

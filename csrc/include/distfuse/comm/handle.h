@@ -57,7 +57,7 @@ constexpr uint64_t kOneShotCapacityBytes = 1ull << 20;
 constexpr uint64_t kOneShotLinesPerSlot = kOneShotCapacityBytes / 8;
 // Two-shot: bytes one block moves per peer and phase in one step, and the most blocks.
 constexpr uint64_t kTwoShotChunkBytes = 32ull << 10;
-constexpr int kTwoShotMaxBlocks = 64;
+constexpr int kTwoShotMaxBlocks = 128;
 constexpr int kTwoShotSlots = 2;  // steps of one block are double-buffered
 
 inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
