@@ -175,8 +175,8 @@ class TPLlamaDecoderLayer(LlamaDecoderLayer):
     Rank r owns query heads [r·Hq/W, (r+1)·Hq/W), key/value heads
     [r·Hkv/W, (r+1)·Hkv/W) and MLP columns [r·I/W, (r+1)·I/W). Each sublayer
     ends in one row-parallel ``matmul_all_reduce``; every rank returns the full
-    output. The forward is the reference layer's. Inference only (see
-    RowParallelLinear).
+    output. The forward is the reference layer's; gradients follow
+    tensor-parallel semantics (see RowParallelLinear).
     """
 
     def __init__(self, config: LlamaConfig, group: GroupLike = None, dtype=None, device=None):

@@ -50,7 +50,8 @@ struct DecodeShape {
   static constexpr int kTileM = 64;
   static constexpr int kTileN = 128;
   using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
-  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;  // 1 MMA warp group
+  // Only selects the builder's 1-warp-group TiledMma; the kernel is ours.
+  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
 };
 
@@ -58,7 +59,8 @@ struct PrefillShape {
   static constexpr int kTileM = 128;
   static constexpr int kTileN = 256;
   using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
-  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;  // 2 MMA warp groups
+  // The builder's TiledMma of 2 warp groups splitting the tile's 128 rows.
+  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 };
 

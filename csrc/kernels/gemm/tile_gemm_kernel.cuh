@@ -139,8 +139,8 @@ struct TileGemmKernel {
   static constexpr int kMmaThreads = int(cute::size(TiledMma{}));
   static constexpr int kThreads = cutlass::NumThreadsPerWarpGroup + kMmaThreads;
   static constexpr int kTileElems = int(cute::size<0>(TileShape{}) * cute::size<1>(TileShape{}));
-  // The producer needs few registers; the consumers hold a 64x256 fp32 slice
-  // of the tile per warp group plus the epilogue's registers.
+  // The producer needs few registers; the consumers hold up to a 64x256 fp32
+  // slice of the tile per warp group plus the epilogue's registers.
   static constexpr uint32_t kProducerRegisters = 40;
   static constexpr uint32_t kConsumerRegisters = 232;
   // Named barrier of the consumer warp groups for the split-tile reduction;
