@@ -169,9 +169,11 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
     SideStream& side = side_stream(device);
     C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
     C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
-    // Consumers first, so that they hold their SMs before the GEMM fills the rest.
-    C10_CUDA_CHECK(launch_tile_all_reduce(rp, mode, consumers, side.stream));
+    // GEMM first: it never waits on anything. A first launch loads its kernel
+    // module (lazy loading), which can synchronize the context; done while spinning
+    // consumers already run, that waits for them while they wait for the GEMM.
     C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
+    C10_CUDA_CHECK(launch_tile_all_reduce(rp, mode, consumers, side.stream));
     C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
   }
