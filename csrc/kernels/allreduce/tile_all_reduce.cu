@@ -65,18 +65,30 @@ struct TileGeometry {
   __device__ __forceinline__ int64_t d_offset(int i, int n) const {
     return (row0 + i / vecs) * n + col0 + int64_t(i % vecs) * kVec;
   }
+  // Column of D where vector i starts (its bias index).
+  __device__ __forceinline__ int64_t bias_col(int i) const { return col0 + int64_t(i % vecs) * kVec; }
   // Offset of vector i in a dense tile_n-wide tile-local slot.
   __device__ __forceinline__ int64_t slot_offset(int i, int tile_n) const {
     return int64_t(i / vecs) * tile_n + int64_t(i % vecs) * kVec;
   }
 };
 
-template <typename T>
-__device__ __forceinline__ void add_bias_vec(float (&acc)[16 / sizeof(T)], const T* bias,
-                                             int64_t col) {
-  const Pack<T, 16> b = to_pack<T>(load_plain(bias + col));
+// Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at source(src),
+// plus bias[col..] when given, rounded once. Every rank computes the same bits.
+template <typename T, int W, typename Source>
+__device__ __forceinline__ uint4 sum_in_rank_order(Source source, const T* bias, int64_t col) {
+  constexpr int kVec = 16 / sizeof(T);
+  float acc[kVec];
 #pragma unroll
-  for (int i = 0; i < 16 / int(sizeof(T)); ++i) acc[i] += to_float(b.elem(i));
+  for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int src = 0; src < W; ++src) accumulate<T, 16>(acc, to_pack<T>(load_cg(source(src))));
+  if (bias) {
+    const Pack<T, 16> b = to_pack<T>(load_plain(bias + col));
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
+  }
+  return from_pack<T>(round_pack<T, 16>(acc));
 }
 
 template <typename T, int W, bool kPush>
@@ -110,18 +122,12 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_kernel(TileAllRe
         if (threadIdx.x < W) wait_reached(ready_flag(c, threadIdx.x, t), epoch, c.timeout_ns, t, threadIdx.x);
         __syncthreads();
         T* slot = reduced_slot<T>(c, rank, mn, tile_elems, i / W);
-        for (int i = threadIdx.x; i < count; i += kTileThreads) {
-          const int64_t off = g.d_offset(i, p.n);
-          float acc[kVec];
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
-#pragma unroll
-          for (int src = 0; src < W; ++src)
-            accumulate<T, 16>(acc, to_pack<T>(load_cg(partial_of<T>(c, src) + off)));
-          if (bias) add_bias_vec<T>(acc, bias, g.col0 + int64_t(i % g.vecs) * kVec);
-          const uint4 r = from_pack<T>(round_pack<T, 16>(acc));
+        for (int v = threadIdx.x; v < count; v += kTileThreads) {
+          const int64_t off = g.d_offset(v, p.n);
+          const uint4 r = sum_in_rank_order<T, W>(
+              [&](int src) { return partial_of<T>(c, src) + off; }, bias, g.bias_col(v));
           store_plain(out + off, r);
-          store_plain(slot + g.slot_offset(i, p.tile_n), r);
+          store_plain(slot + g.slot_offset(v, p.tile_n), r);
         }
         __syncthreads();
         if (threadIdx.x == 0) store_release_sys(reduced_flag(c, rank, t), epoch);
@@ -129,21 +135,21 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_kernel(TileAllRe
         if (threadIdx.x == 0) wait_reached(reduced_flag(c, owner, t), epoch, c.timeout_ns, t, owner);
         __syncthreads();
         const T* slot = reduced_slot<T>(c, owner, mn, tile_elems, i / W);
-        for (int i = threadIdx.x; i < count; i += kTileThreads)
-          store_plain(out + g.d_offset(i, p.n), load_cg(slot + g.slot_offset(i, p.tile_n)));
+        for (int v = threadIdx.x; v < count; v += kTileThreads)
+          store_plain(out + g.d_offset(v, p.n), load_cg(slot + g.slot_offset(v, p.tile_n)));
       }
     } else {
       const int parity = epoch & 1;
       if (threadIdx.x == 0) wait_reached(ready_flag(c, rank, t), epoch, c.timeout_ns, t, rank);
       __syncthreads();
       const T* mine = partial_of<T>(c, rank);
-      for (int i = threadIdx.x; i < count; i += kTileThreads) {
-        const int64_t off = g.d_offset(i, p.n);
-        const uint4 v = load_cg(mine + off);
+      for (int v = threadIdx.x; v < count; v += kTileThreads) {
+        const int64_t off = g.d_offset(v, p.n);
+        const uint4 x = load_cg(mine + off);
 #pragma unroll
         for (int k = 1; k < W; ++k) {
           const int dst = rank + k < W ? rank + k : rank + k - W;
-          store_plain(receive_slot<T>(c, dst, mn, parity, rank) + off, v);
+          store_plain(receive_slot<T>(c, dst, mn, parity, rank) + off, x);
         }
       }
       __syncthreads();  // this block's pushes precede the releases below
@@ -152,18 +158,13 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_kernel(TileAllRe
       if (threadIdx.x < W && threadIdx.x != rank)
         wait_reached(received_flag(c, rank, t, threadIdx.x), epoch, c.timeout_ns, t, threadIdx.x);
       __syncthreads();
-      for (int i = threadIdx.x; i < count; i += kTileThreads) {
-        const int64_t off = g.d_offset(i, p.n);
-        float acc[kVec];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
-#pragma unroll
-        for (int src = 0; src < W; ++src) {
-          const T* from = src == rank ? mine : receive_slot<T>(c, rank, mn, parity, src);
-          accumulate<T, 16>(acc, to_pack<T>(load_cg(from + off)));
-        }
-        if (bias) add_bias_vec<T>(acc, bias, g.col0 + int64_t(i % g.vecs) * kVec);
-        store_plain(out + off, from_pack<T>(round_pack<T, 16>(acc)));
+      for (int v = threadIdx.x; v < count; v += kTileThreads) {
+        const int64_t off = g.d_offset(v, p.n);
+        store_plain(out + off, sum_in_rank_order<T, W>(
+                                   [&](int src) {
+                                     return (src == rank ? mine : receive_slot<T>(c, rank, mn, parity, src)) + off;
+                                   },
+                                   bias, g.bias_col(v)));
       }
     }
     __syncthreads();  // the tile is done (and s_epoch read) before the counter moves
