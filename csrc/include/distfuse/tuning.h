@@ -26,7 +26,7 @@ inline AllReduceAlgo choose_all_reduce(int64_t bytes, int world, int64_t one_sho
 
 // Blocks of the two-shot kernel (each moves 32 KB chunks; more blocks keep more
 // NVLink transfers in flight: 32 -> 64 blocks took 256 MB from 1401 to 1001 us on
-// 2 x H200). At most one wave on a 132-SM GPU.
+// 2 x H200). At most one wave on a 132-SM GPU. Measured at W = 2 only; W > 2 untuned.
 inline int two_shot_blocks(int world, int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
@@ -39,7 +39,8 @@ namespace distfuse {
 
 enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2 };
 
-// Largest M (rows of the GEMM) that takes the decode push path.
+// Largest M (rows of the GEMM) that takes the decode push path. Untuned (no
+// overlapped run measured yet), for every W.
 inline int64_t decode_max_m(int world) {
   (void)world;
   return 128;
@@ -52,7 +53,8 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int world,
   return m <= limit ? MatmulAllReduceAlgo::kDecodePush : MatmulAllReduceAlgo::kFusedTiles;
 }
 
-// Consumer CTAs that run beside the GEMM (the GEMM keeps the other SMs).
+// Consumer CTAs that run beside the GEMM (the GEMM keeps the other SMs). Untuned,
+// for every W.
 inline int consumer_blocks(MatmulAllReduceAlgo algo, int world, int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
