@@ -1,6 +1,8 @@
 #include "ops/control.h"
 
 #include <atomic>
+#include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
 
@@ -15,10 +17,20 @@ namespace {
 
 std::mutex g_mutex;
 std::map<std::string, std::string> g_forced;          // op -> path
-std::map<std::string, std::string> g_last;            // op -> path
 std::map<std::string, int64_t> g_tuning;              // key -> value
 std::atomic<bool> g_any_forced{false};
 std::atomic<bool> g_any_tuning{false};
+
+// The last path of each fused op, recorded on every call: a lock-free slot per op
+// (op and path names are string literals).
+constexpr const char* kRecordedOps[] = {"all_reduce", "matmul_all_reduce"};
+std::atomic<const char*> g_last[std::size(kRecordedOps)] = {};
+
+int recorded_op_index(const char* op) {
+  for (size_t i = 0; i < std::size(kRecordedOps); ++i)
+    if (std::strcmp(kRecordedOps[i], op) == 0) return static_cast<int>(i);
+  return -1;
+}
 
 }  // namespace
 
@@ -37,14 +49,15 @@ std::string forced_path(std::string op) {
 }
 
 void record_path(const char* op, const char* path) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  g_last[op] = path;
+  const int i = recorded_op_index(op);
+  TORCH_INTERNAL_ASSERT(i >= 0, "record_path: unknown op ", op);
+  g_last[i].store(path, std::memory_order_relaxed);
 }
 
 std::string last_path(std::string op) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_last.find(op);
-  return it == g_last.end() ? "" : it->second;
+  const int i = recorded_op_index(op.c_str());
+  const char* path = i >= 0 ? g_last[i].load(std::memory_order_relaxed) : nullptr;
+  return path ? path : "";
 }
 
 void set_tuning(std::string key, int64_t value) {

@@ -13,6 +13,7 @@ namespace distfuse::ops {
 void set_forced_path(std::string op, std::string path);
 // The forced path for `op`, or "" when the dispatcher decides.
 std::string forced_path(std::string op);
+// `op` and `path` must be string literals (they are kept as pointers).
 void record_path(const char* op, const char* path);
 std::string last_path(std::string op);
 
