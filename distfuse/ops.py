@@ -45,6 +45,8 @@ def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None,
     """Σ_r a_r @ b_r (+ bias, added once): a [..., K_r], b [K_r, N] -> [..., N].
 
     ``b`` may be row-major or a transposed view such as ``linear.weight.t()``.
+    ``bias`` is the layer's replicated bias and must hold the same values on every
+    rank (each part of the output adds the copy of whichever rank reduces it).
     This is the row-parallel linear layer: each GEMM tile's all-reduce starts as
     soon as the tile is written.
     """

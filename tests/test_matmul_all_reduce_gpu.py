@@ -51,7 +51,9 @@ def body_paths(rank, world, group_name):
             for with_bias in (False, True):
                 a = torch.randn(m, k, dtype=dtype, device=dev)
                 w = torch.randn(n, k, dtype=dtype, device=dev) / k ** 0.5  # nn.Linear weight [N, K]
-                bias = torch.randn(n, dtype=dtype, device=dev) if with_bias else None
+                # The bias of a row-parallel layer is replicated: identical on every rank.
+                bias_gen = torch.Generator(device="cpu").manual_seed(m * 7919 + n)
+                bias = torch.randn(n, generator=bias_gen).to(dev, dtype) if with_bias else None
                 ref = _reference64(a, w, bias, world)
                 outs = {}
                 for path in ALL_PATHS:

@@ -29,6 +29,7 @@ struct AllReduceParams {
   DType dtype;
   int op;       // OpId, for timeout messages
   int blocks;   // two-shot: most blocks to use (0: the default)
+  int64_t chunk_bytes;  // two-shot: bytes a block moves per peer and step (0: the default)
   CommHandle comm;
 };
 

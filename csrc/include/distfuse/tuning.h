@@ -33,6 +33,14 @@ inline int two_shot_blocks(int world, int override_blocks = 0) {
   return 128;
 }
 
+// Bytes a two-shot block moves per peer and step (one flag round trip each).
+// Untuned (32 KB measured at W = 2 only).
+inline int64_t two_shot_chunk_bytes(int world, int64_t override_bytes = 0) {
+  if (override_bytes > 0) return override_bytes;
+  (void)world;
+  return 32 << 10;
+}
+
 }  // namespace distfuse
 
 namespace distfuse {

@@ -116,12 +116,13 @@ constexpr int kTwoShotUnroll = 4;  // 16-byte vectors in flight per thread
 
 // Data `src` pushes to `dst` in `phase` for block `block`, in slot `slot`: each
 // block double-buffers its steps (slot = step epoch & 1) so that step s+1's
-// pushes overlap step s's last phase.
+// pushes overlap step s's last phase. Blocks own consecutive chunk_bytes pieces.
 __device__ __forceinline__ unsigned char* two_shot_region(const CommHandle& c, int dst, int phase,
-                                                          int slot, int src, int block) {
+                                                          int slot, int src, int block,
+                                                          int64_t chunk_bytes) {
   return c.peer_base[dst] + c.layout.twoshot_offset +
-         ((int64_t((phase * kTwoShotSlots + slot) * c.world + src) * kTwoShotMaxBlocks + block) *
-          kTwoShotChunkBytes);
+         int64_t((phase * kTwoShotSlots + slot) * c.world + src) * kTwoShotRegionBytes +
+         block * chunk_bytes;
 }
 
 __device__ __forceinline__ uint32_t* two_shot_flag(const CommHandle& c, int owner, int phase,
@@ -192,7 +193,7 @@ __device__ __forceinline__ void two_shot_gather(const CommHandle& c, T* out, con
   for (int i = 1; i < W; ++i) {
     const int src = c.rank + i < W ? c.rank + i : c.rank + i - W;
     copy_elems<T, true>(out + int64_t(src) * s.shard + off,
-                        reinterpret_cast<const T*>(two_shot_region(c, c.rank, 1, e & 1, src, blockIdx.x)),
+                        reinterpret_cast<const T*>(two_shot_region(c, c.rank, 1, e & 1, src, blockIdx.x, s.chunk * int64_t(sizeof(T)))),
                         chunk_len(src, s.shard, off, s.chunk, s.n));
   }
 }
@@ -222,6 +223,7 @@ __global__ void __launch_bounds__(kTwoShotThreads)
   s.n = p.numel;
   s.shard = ceil_div<int64_t>(ceil_div<int64_t>(s.n, W), kVec) * kVec;
   s.chunk = chunk;
+  const int64_t chunk_bytes = chunk * int64_t(sizeof(T));
   const int64_t chunks = ceil_div<int64_t>(s.shard, chunk);
 
   __shared__ uint32_t s_epoch;
@@ -240,7 +242,7 @@ __global__ void __launch_bounds__(kTwoShotThreads)
 #pragma unroll 1
     for (int i = 1; i < W; ++i) {
       const int dst = rank + i < W ? rank + i : rank + i - W;
-      copy_elems<T, false>(reinterpret_cast<T*>(two_shot_region(c, dst, 0, slot, rank, blockIdx.x)),
+      copy_elems<T, false>(reinterpret_cast<T*>(two_shot_region(c, dst, 0, slot, rank, blockIdx.x, chunk_bytes)),
                            in + int64_t(dst) * s.shard + off, chunk_len(dst, s.shard, off, chunk, s.n));
     }
     signal_peers<W>(c, 0, epoch);
@@ -259,7 +261,7 @@ __global__ void __launch_bounds__(kTwoShotThreads)
       for (int src = 0; src < W; ++src) {
         const T* from = src == rank ? in + begin
                                     : reinterpret_cast<const T*>(
-                                          two_shot_region(c, rank, 0, slot, src, blockIdx.x));
+                                          two_shot_region(c, rank, 0, slot, src, blockIdx.x, chunk_bytes));
         Vec x;
         if (full) x = to_pack<T>(src == rank ? load_plain(from + e) : load_cg(from + e));
         else x = load_pack_tail<T, 16>(from, e, mine);
@@ -273,7 +275,7 @@ __global__ void __launch_bounds__(kTwoShotThreads)
 #pragma unroll
       for (int i = 1; i < W; ++i) {
         const int dst = rank + i < W ? rank + i : rank + i - W;
-        T* to = reinterpret_cast<T*>(two_shot_region(c, dst, 1, slot, rank, blockIdx.x));
+        T* to = reinterpret_cast<T*>(two_shot_region(c, dst, 1, slot, rank, blockIdx.x, chunk_bytes));
         if (full) store_plain(to + e, from_pack<T>(r));
         else store_pack_tail<T, 16>(to, e, mine, r);
       }
@@ -316,8 +318,12 @@ cudaError_t launch_all_reduce_two_shot(const AllReduceParams& p, cudaStream_t st
   const int world = p.comm.world;
   const int64_t shard = ceil_div<int64_t>(ceil_div<int64_t>(p.numel, world), vec) * vec;
   const int target_blocks = std::clamp(p.blocks > 0 ? p.blocks : 32, 1, kTwoShotMaxBlocks);
-  // Spread small tensors over the target number of blocks; large ones use full chunks.
-  const int64_t max_chunk = int64_t(kTwoShotChunkBytes) / esize;
+  // Spread small tensors over the target number of blocks; large ones use full
+  // chunks, as large as asked while the blocks' chunks fit the region.
+  const int64_t chunk_bytes = std::clamp<int64_t>(p.chunk_bytes > 0 ? p.chunk_bytes : kTwoShotChunkBytes, 16,
+                                                  std::min<int64_t>(kTwoShotMaxChunkBytes,
+                                                                    kTwoShotRegionBytes / target_blocks));
+  const int64_t max_chunk = chunk_bytes / 16 * 16 / esize;
   const int64_t chunk =
       std::min(max_chunk, ceil_div<int64_t>(ceil_div<int64_t>(shard, target_blocks), vec) * vec);
   const int64_t chunks = ceil_div<int64_t>(shard, chunk);

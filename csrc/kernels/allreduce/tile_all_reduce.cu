@@ -73,27 +73,74 @@ struct TileGeometry {
   }
 };
 
-// Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at source(src),
-// plus bias[col..] when given, rounded once. Every rank computes the same bits.
-template <typename T, int W, typename Source>
-__device__ __forceinline__ uint4 sum_in_rank_order(Source source, const T* bias, int64_t col) {
+// Vectors each thread keeps in flight per source: loads over NVLink take
+// microseconds, so a thread issues all loads of a batch before using any.
+template <int W>
+constexpr int kTileUnroll = W <= 2 ? 8 : W <= 4 ? 4 : 2;
+
+// For the vectors v = base + u * kTileThreads (u < U, v < count) of one thread:
+// Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at
+// source(src, v), plus bias at column bias_col(v) when given, rounded once,
+// handed to sink(v, result). Every rank computes the same bits.
+template <typename T, int W, int U, typename Source, typename BiasCol, typename Sink>
+__device__ __forceinline__ void sum_batch_in_rank_order(int base, int count, Source source,
+                                                        const T* bias, BiasCol bias_col, Sink sink) {
   constexpr int kVec = 16 / sizeof(T);
-  float acc[kVec];
+  uint4 x[U][W];
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+  for (int u = 0; u < U; ++u) {
+    const int v = base + u * kTileThreads;
 #pragma unroll
-  for (int src = 0; src < W; ++src) accumulate<T, 16>(acc, to_pack<T>(load_cg(source(src))));
-  if (bias) {
-    const Pack<T, 16> b = to_pack<T>(load_plain(bias + col));
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
+    for (int src = 0; src < W; ++src)
+      if (v < count) x[u][src] = load_cg(source(src, v));
   }
-  return from_pack<T>(round_pack<T, 16>(acc));
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int v = base + u * kTileThreads;
+    if (v >= count) continue;
+    float acc[kVec];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+#pragma unroll
+    for (int src = 0; src < W; ++src) accumulate<T, 16>(acc, to_pack<T>(x[u][src]));
+    if (bias) {
+      const Pack<T, 16> b = to_pack<T>(load_plain(bias + bias_col(v)));
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
+    }
+    sink(v, from_pack<T>(round_pack<T, 16>(acc)));
+  }
 }
 
-template <typename T, int W, bool kPush>
-__global__ void __launch_bounds__(kTileThreads) tile_all_reduce_kernel(TileAllReduceParams p) {
-  constexpr int kVec = 16 / sizeof(T);
+// Copies `count` vectors from(v) -> to(v), U loads in flight per thread.
+template <int U, typename From, typename To>
+__device__ __forceinline__ void copy_batched(int count, From from, To to) {
+  for (int base = threadIdx.x; base < count; base += U * kTileThreads) {
+    uint4 x[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (base + u * kTileThreads < count) x[u] = load_cg(from(base + u * kTileThreads));
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (base + u * kTileThreads < count) to(base + u * kTileThreads, x[u]);
+  }
+}
+
+struct TileIndex {
+  int tm, tn, t;  // tile coordinates and flag / counter index tm * tiles_n + tn
+};
+
+__device__ __forceinline__ TileIndex tile_index(int i, int tiles_m, int tiles_n) {
+  TileIndex x;
+  tile_gemm_tile_coord(i, tiles_m, tiles_n, &x.tm, &x.tn);
+  x.t = x.tm * tiles_n + x.tn;
+  return x;
+}
+
+// Owner mode: see the diagram in tile_all_reduce.h.
+template <typename T, int W>
+__global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(TileAllReduceParams p) {
+  constexpr int U = kTileUnroll<W>;
   const CommHandle& c = p.comm;
   const int rank = c.rank;
   const int tiles_n = int(ceil_div64(p.n, p.tile_n));
@@ -107,68 +154,98 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_kernel(TileAllRe
   __shared__ uint32_t s_epoch;
 
   for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
-    int tm, tn;
-    tile_gemm_tile_coord(i, tiles_m, tiles_n, &tm, &tn);
-    const int t = tm * tiles_n + tn;  // flag and counter index
-    if (threadIdx.x == 0) s_epoch = seen[t] + 1;
+    const TileIndex x = tile_index(i, tiles_m, tiles_n);
+    if (threadIdx.x == 0) s_epoch = seen[x.t] + 1;
     __syncthreads();
     const uint32_t epoch = s_epoch;
-    const TileGeometry<T> g(p, tm, tn);
+    const TileGeometry<T> g(p, x.tm, x.tn);
     const int count = g.rows * g.vecs;
-
-    if constexpr (!kPush) {
-      const int owner = i % W;
-      if (rank == owner) {
-        if (threadIdx.x < W) wait_reached(ready_flag(c, threadIdx.x, t), epoch, c.timeout_ns, t, threadIdx.x);
-        __syncthreads();
-        T* slot = reduced_slot<T>(c, rank, mn, tile_elems, i / W);
-        for (int v = threadIdx.x; v < count; v += kTileThreads) {
-          const int64_t off = g.d_offset(v, p.n);
-          const uint4 r = sum_in_rank_order<T, W>(
-              [&](int src) { return partial_of<T>(c, src) + off; }, bias, g.bias_col(v));
-          store_plain(out + off, r);
-          store_plain(slot + g.slot_offset(v, p.tile_n), r);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) store_release_sys(reduced_flag(c, rank, t), epoch);
-      } else {
-        if (threadIdx.x == 0) wait_reached(reduced_flag(c, owner, t), epoch, c.timeout_ns, t, owner);
-        __syncthreads();
-        const T* slot = reduced_slot<T>(c, owner, mn, tile_elems, i / W);
-        for (int v = threadIdx.x; v < count; v += kTileThreads)
-          store_plain(out + g.d_offset(v, p.n), load_cg(slot + g.slot_offset(v, p.tile_n)));
-      }
+    const int owner = i % W;
+    if (rank == owner) {
+      if (threadIdx.x < W) wait_reached(ready_flag(c, threadIdx.x, x.t), epoch, c.timeout_ns, x.t, threadIdx.x);
+      __syncthreads();
+      T* slot = reduced_slot<T>(c, rank, mn, tile_elems, i / W);
+      for (int base = threadIdx.x; base < count; base += U * kTileThreads)
+        sum_batch_in_rank_order<T, W, U>(
+            base, count, [&](int src, int v) { return partial_of<T>(c, src) + g.d_offset(v, p.n); },
+            bias, [&](int v) { return g.bias_col(v); },
+            [&](int v, uint4 r) {
+              store_plain(out + g.d_offset(v, p.n), r);
+              store_plain(slot + g.slot_offset(v, p.tile_n), r);
+            });
+      __syncthreads();
+      if (threadIdx.x == 0) store_release_sys(reduced_flag(c, rank, x.t), epoch);
     } else {
-      const int parity = epoch & 1;
-      if (threadIdx.x == 0) wait_reached(ready_flag(c, rank, t), epoch, c.timeout_ns, t, rank);
+      if (threadIdx.x == 0) wait_reached(reduced_flag(c, owner, x.t), epoch, c.timeout_ns, x.t, owner);
       __syncthreads();
-      const T* mine = partial_of<T>(c, rank);
-      for (int v = threadIdx.x; v < count; v += kTileThreads) {
-        const int64_t off = g.d_offset(v, p.n);
-        const uint4 x = load_cg(mine + off);
-#pragma unroll
-        for (int k = 1; k < W; ++k) {
-          const int dst = rank + k < W ? rank + k : rank + k - W;
-          store_plain(receive_slot<T>(c, dst, mn, parity, rank) + off, x);
-        }
-      }
-      __syncthreads();  // this block's pushes precede the releases below
-      if (threadIdx.x < W && threadIdx.x != rank)
-        store_release_sys(received_flag(c, threadIdx.x, t, rank), epoch);
-      if (threadIdx.x < W && threadIdx.x != rank)
-        wait_reached(received_flag(c, rank, t, threadIdx.x), epoch, c.timeout_ns, t, threadIdx.x);
-      __syncthreads();
-      for (int v = threadIdx.x; v < count; v += kTileThreads) {
-        const int64_t off = g.d_offset(v, p.n);
-        store_plain(out + off, sum_in_rank_order<T, W>(
-                                   [&](int src) {
-                                     return (src == rank ? mine : receive_slot<T>(c, rank, mn, parity, src)) + off;
-                                   },
-                                   bias, g.bias_col(v)));
-      }
+      const T* slot = reduced_slot<T>(c, owner, mn, tile_elems, i / W);
+      copy_batched<2 * U>(
+          count, [&](int v) { return slot + g.slot_offset(v, p.tile_n); },
+          [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
     }
     __syncthreads();  // the tile is done (and s_epoch read) before the counter moves
-    if (threadIdx.x == 0) seen[t] = epoch;
+    if (threadIdx.x == 0) seen[x.t] = epoch;
+  }
+}
+
+// Push mode, in two passes over this block's tiles so that the transfers of all
+// its tiles are in flight together: (1) as each tile becomes ready here, push it
+// to every peer and raise the peers' flags; (2) wait for each tile's W-1 copies
+// and sum. seen[t] moves only in pass 2, so both passes derive the same epoch.
+template <typename T, int W>
+__global__ void __launch_bounds__(kTileThreads) tile_all_reduce_push_kernel(TileAllReduceParams p) {
+  constexpr int U = kTileUnroll<W>;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
+  const int tiles_n = int(ceil_div64(p.n, p.tile_n));
+  const int tiles_m = int(ceil_div64(p.m, p.tile_m));
+  const int tiles = tiles_m * tiles_n;
+  const int64_t mn = int64_t(p.m) * p.n;
+  T* out = static_cast<T*>(p.output);
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* mine = partial_of<T>(c, rank);
+  uint32_t* seen = c.tile_seen();
+
+  for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
+    const TileIndex x = tile_index(i, tiles_m, tiles_n);
+    const uint32_t epoch = seen[x.t] + 1;  // read by every thread; written in pass 2 only
+    const int parity = epoch & 1;
+    const TileGeometry<T> g(p, x.tm, x.tn);
+    if (threadIdx.x == 0) wait_reached(ready_flag(c, rank, x.t), epoch, c.timeout_ns, x.t, rank);
+    __syncthreads();
+    copy_batched<2 * U>(
+        g.rows * g.vecs, [&](int v) { return mine + g.d_offset(v, p.n); },
+        [&](int v, uint4 r) {
+          const int64_t off = g.d_offset(v, p.n);
+#pragma unroll
+          for (int k = 1; k < W; ++k) {
+            const int dst = rank + k < W ? rank + k : rank + k - W;
+            store_plain(receive_slot<T>(c, dst, mn, parity, rank) + off, r);
+          }
+        });
+    __syncthreads();  // this block's pushes precede the releases below
+    if (threadIdx.x < W && threadIdx.x != rank)
+      store_release_sys(received_flag(c, threadIdx.x, x.t, rank), epoch);
+  }
+  for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
+    const TileIndex x = tile_index(i, tiles_m, tiles_n);
+    const uint32_t epoch = seen[x.t] + 1;
+    const int parity = epoch & 1;
+    const TileGeometry<T> g(p, x.tm, x.tn);
+    const int count = g.rows * g.vecs;
+    if (threadIdx.x < W && threadIdx.x != rank)
+      wait_reached(received_flag(c, rank, x.t, threadIdx.x), epoch, c.timeout_ns, x.t, threadIdx.x);
+    __syncthreads();
+    for (int base = threadIdx.x; base < count; base += U * kTileThreads)
+      sum_batch_in_rank_order<T, W, U>(
+          base, count,
+          [&](int src, int v) {
+            return (src == rank ? mine : receive_slot<T>(c, rank, mn, parity, src)) + g.d_offset(v, p.n);
+          },
+          bias, [&](int v) { return g.bias_col(v); },
+          [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
+    __syncthreads();  // every thread read seen[t] before it moves
+    if (threadIdx.x == 0) seen[x.t] = epoch;
   }
 }
 
@@ -203,9 +280,9 @@ cudaError_t launch_tile_all_reduce(const TileAllReduceParams& p, TileReduceMode 
       return visit_world(p.comm.world, [&](auto w) {
         constexpr int W = decltype(w)::value;
         if (mode == TileReduceMode::kPush)
-          tile_all_reduce_kernel<T, W, true><<<blocks, kTileThreads, 0, stream>>>(p);
+          tile_all_reduce_push_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
         else
-          tile_all_reduce_kernel<T, W, false><<<blocks, kTileThreads, 0, stream>>>(p);
+          tile_all_reduce_owner_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
         return cudaGetLastError();
       });
     }

@@ -53,12 +53,12 @@
 //
 //     tiles_m = 10, tiles_n = 4, group rows = 8       numbers in each cell
 //            tn=0  1   2   3
-//     tm=0  [  0   8  16  24 ]  \
+//     tm=0  [  0   8  16  24 ]  -+
 //     tm=1  [  1   9  17  25 ]   |
 //      ...                       | group 0: 8 rows
-//     tm=7  [  7  15  23  31 ]  /
-//     tm=8  [ 32  34  36  38 ]  \  group 1: the 2 remaining rows
-//     tm=9  [ 33  35  37  39 ]  /
+//     tm=7  [  7  15  23  31 ]  -+
+//     tm=8  [ 32  34  36  38 ]  -+ group 1: the 2 remaining rows
+//     tm=9  [ 33  35  37  39 ]  -+
 //
 // CTA c of a grid of G computes the data-parallel tiles c, c+G, c+2G, ...
 // (whole tiles), so the tiles are published roughly in number order, wave by

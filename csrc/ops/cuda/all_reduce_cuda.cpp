@@ -65,6 +65,7 @@ void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tens
   TORCH_INTERNAL_ASSERT(kernel_dtype(input.scalar_type(), &p.dtype));
   p.op = op;
   p.blocks = two_shot_blocks(ws.world(), static_cast<int>(get_tuning("all_reduce.two_shot_blocks")));
+  p.chunk_bytes = two_shot_chunk_bytes(ws.world(), get_tuning("all_reduce.two_shot_chunk_bytes"));
   p.comm = ws.handle();
   auto stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = path == AllReducePath::kOneShot ? launch_all_reduce_one_shot(p, stream)

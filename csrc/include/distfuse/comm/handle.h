@@ -40,7 +40,8 @@ struct WorkspaceLayout {
   // One-shot LL region: [parity 2][src world][kMaxBlocks * lines_per_block] 16-byte lines.
   uint64_t oneshot_offset;
   uint64_t oneshot_bytes;
-  // Two-shot region: [phase 2][slot 2][src world][blocks][chunk_bytes].
+  // Two-shot region: [phase 2][slot 2][src world][kTwoShotRegionBytes], in which
+  // block b of a launch using chunks of c bytes owns [b * c, (b + 1) * c).
   uint64_t twoshot_offset;
   uint64_t twoshot_bytes;
   // Tile region for fused GEMM ops (size chosen by init_workspace(max_bytes)).
@@ -55,8 +56,11 @@ constexpr int kMaxTiles = 32768;  // output tiles of one fused GEMM call (flags 
 // One-shot: payload capacity of one call; a line carries 8 payload bytes.
 constexpr uint64_t kOneShotCapacityBytes = 1ull << 20;
 constexpr uint64_t kOneShotLinesPerSlot = kOneShotCapacityBytes / 8;
-// Two-shot: bytes one block moves per peer and phase in one step, and the most blocks.
+// Two-shot: per (phase, slot, source) region, split among the blocks of a launch
+// (blocks x chunk bytes <= kTwoShotRegionBytes); default and largest chunk.
+constexpr uint64_t kTwoShotRegionBytes = 8ull << 20;
 constexpr uint64_t kTwoShotChunkBytes = 32ull << 10;
+constexpr uint64_t kTwoShotMaxChunkBytes = 256ull << 10;
 constexpr int kTwoShotMaxBlocks = 128;
 constexpr int kTwoShotSlots = 2;  // steps of one block are double-buffered
 
@@ -73,7 +77,7 @@ inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
   l.oneshot_offset = l.flags_offset + l.flags_bytes;
   l.oneshot_bytes = 2ull * world * kOneShotLinesPerSlot * 16;
   l.twoshot_offset = align_up(l.oneshot_offset + l.oneshot_bytes, kAlign);
-  l.twoshot_bytes = 2ull * kTwoShotSlots * world * kTwoShotMaxBlocks * kTwoShotChunkBytes;
+  l.twoshot_bytes = 2ull * kTwoShotSlots * world * kTwoShotRegionBytes;
   l.tiles_offset = align_up(l.twoshot_offset + l.twoshot_bytes, kAlign);
   l.tiles_bytes = align_up(tile_bytes, kAlign);
   l.total_bytes = l.tiles_offset + l.tiles_bytes;
