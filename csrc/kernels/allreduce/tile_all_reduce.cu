@@ -18,14 +18,12 @@ __device__ __forceinline__ void wait_reached(const uint32_t* flag, uint32_t epoc
   wait_flag_reached(flag, epoch, timeout_ns, kOpMatmulAllReduce, "tile", tile, peer);
 }
 
-// Flag slots inside kChannelTiles: [0, kMaxTiles) ready (GEMM), then reduced (owner).
+// kChannelTiles flags: [0, kMaxTiles) ready counters, bumped by this rank's GEMM.
 __device__ __forceinline__ uint32_t* ready_flag(const CommHandle& c, int rank, int t) {
   return c.flags(rank, kChannelTiles) + t;
 }
-__device__ __forceinline__ uint32_t* reduced_flag(const CommHandle& c, int rank, int t) {
-  return c.flags(rank, kChannelTiles) + kMaxTiles + t;
-}
-// kChannelDecode: one flag per (tile, source rank) on the receiving rank.
+// kChannelDecode flags on rank `rank`: one per (tile, source rank); the source
+// stores the call epoch once its data for the tile has landed here.
 __device__ __forceinline__ uint32_t* received_flag(const CommHandle& c, int rank, int t, int src) {
   return c.flags(rank, kChannelDecode) + int64_t(t) * kMaxWorld + src;
 }
@@ -35,18 +33,33 @@ __device__ __forceinline__ T* partial_of(const CommHandle& c, int rank) {
   return reinterpret_cast<T*>(c.peer_base[rank] + c.layout.tiles_offset);
 }
 
-// Owner mode: reduced slot k (tile t = k * W + owner) of `owner`, tile-local layout.
-template <typename T>
-__device__ __forceinline__ T* reduced_slot(const CommHandle& c, int owner, int64_t mn,
-                                           int64_t tile_elems, int64_t k) {
-  return partial_of<T>(c, owner) + mn + k * tile_elems;
-}
-
-// Push mode: receive slot of `src` on `dst` for one parity, same layout as D.
+// What `src` sent to `dst` in calls of one parity, laid out like D.
 template <typename T>
 __device__ __forceinline__ T* receive_slot(const CommHandle& c, int dst, int64_t mn, int parity,
                                            int src) {
   return partial_of<T>(c, dst) + mn + (int64_t(parity) * c.world + src) * mn;
+}
+
+// The call epoch: one counter per rank, advanced by one in every call of the
+// tile consumers (every rank makes the same calls, so the epochs agree). Block 0..G-1
+// read it first; the last block to finish stores the new value.
+struct CallEpoch {
+  uint32_t* value;
+  uint32_t* done;
+};
+__device__ __forceinline__ CallEpoch call_epoch(const CommHandle& c) {
+  uint32_t* base = c.counters(kChannelTiles);
+  return {base, base + 1};
+}
+__device__ __forceinline__ void finish_call(const CallEpoch& e, uint32_t epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(e.done, 1u) == gridDim.x - 1) {
+      *e.done = 0;
+      *e.value = epoch;
+    }
+  }
 }
 
 template <typename T>
@@ -73,10 +86,11 @@ struct TileGeometry {
   }
 };
 
-// Vectors each thread keeps in flight per source: loads over NVLink take
-// microseconds, so a thread issues all loads of a batch before using any.
+// Vectors each thread keeps in flight per source (sums) and for copies: a
+// thread issues all loads of a batch before it uses any.
 template <int W>
-constexpr int kTileUnroll = W <= 2 ? 8 : W <= 4 ? 4 : 2;
+constexpr int kTileUnroll = W <= 2 ? 4 : W <= 4 ? 2 : 1;
+constexpr int kCopyUnroll = 8;
 
 // For the vectors v = base + u * kTileThreads (u < U, v < count) of one thread:
 // Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at
@@ -137,100 +151,144 @@ __device__ __forceinline__ TileIndex tile_index(int i, int tiles_m, int tiles_n)
   return x;
 }
 
-// Owner mode: see the diagram in tile_all_reduce.h.
+// Waits (thread 0) until this rank's GEMM published tile x in this call, then
+// records that (the GEMM bumps ready[t] once per call that has tile t).
+__device__ __forceinline__ void wait_tile_ready(const CommHandle& c, const TileIndex& x) {
+  if (threadIdx.x == 0) {
+    uint32_t* seen = c.tile_seen() + x.t;
+    const uint32_t expected = *seen + 1;
+    wait_reached(ready_flag(c, c.rank, x.t), expected, c.timeout_ns, x.t, c.rank);
+    *seen = expected;
+  }
+  __syncthreads();
+}
+
+struct TileShape {
+  int tiles_m, tiles_n, tiles;
+  int64_t mn;
+  __device__ explicit TileShape(const TileAllReduceParams& p) {
+    tiles_n = int(ceil_div64(p.n, p.tile_n));
+    tiles_m = int(ceil_div64(p.m, p.tile_m));
+    tiles = tiles_m * tiles_n;
+    mn = int64_t(p.m) * p.n;
+  }
+};
+
+// Owner mode; the schedule is drawn in tile_all_reduce.h.
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(TileAllReduceParams p) {
   constexpr int U = kTileUnroll<W>;
   const CommHandle& c = p.comm;
   const int rank = c.rank;
-  const int tiles_n = int(ceil_div64(p.n, p.tile_n));
-  const int tiles_m = int(ceil_div64(p.m, p.tile_m));
-  const int tiles = tiles_m * tiles_n;
-  const int64_t mn = int64_t(p.m) * p.n;
-  const int64_t tile_elems = int64_t(p.tile_m) * p.tile_n;
+  const TileShape s(p);
   T* out = static_cast<T*>(p.output);
   const T* bias = static_cast<const T*>(p.bias);
-  uint32_t* seen = c.tile_seen();
-  __shared__ uint32_t s_epoch;
+  const T* mine = partial_of<T>(c, rank);
+  const CallEpoch ce = call_epoch(c);
+  const uint32_t epoch = next_epoch(*ce.value);
+  const int parity = epoch & 1;
 
-  for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
-    const TileIndex x = tile_index(i, tiles_m, tiles_n);
-    if (threadIdx.x == 0) s_epoch = seen[x.t] + 1;
+  // Copies the reduced tile `owner` pushed here into the output.
+  auto copy_out = [&](int i) {
+    const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
+    const int owner = i % W;
+    const TileGeometry<T> g(p, x.tm, x.tn);
+    if (threadIdx.x == 0) wait_reached(received_flag(c, rank, x.t, owner), epoch, c.timeout_ns, x.t, owner);
     __syncthreads();
-    const uint32_t epoch = s_epoch;
+    const T* from = receive_slot<T>(c, rank, s.mn, parity, owner);
+    copy_batched<kCopyUnroll>(
+        g.rows * g.vecs, [&](int v) { return from + g.d_offset(v, p.n); },
+        [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
+  };
+
+  int pending = -1;  // a pushed tile whose reduced copy is collected one tile later
+  for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {
+    const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
     const TileGeometry<T> g(p, x.tm, x.tn);
     const int count = g.rows * g.vecs;
     const int owner = i % W;
-    if (rank == owner) {
-      if (threadIdx.x < W) wait_reached(ready_flag(c, threadIdx.x, x.t), epoch, c.timeout_ns, x.t, threadIdx.x);
+    wait_tile_ready(c, x);
+    if (rank != owner) {
+      T* to = receive_slot<T>(c, owner, s.mn, parity, rank);
+      copy_batched<kCopyUnroll>(
+          count, [&](int v) { return mine + g.d_offset(v, p.n); },
+          [&](int v, uint4 r) { store_plain(to + g.d_offset(v, p.n), r); });
+      __syncthreads();  // the block's pushes precede the release
+      if (threadIdx.x == 0) store_release_sys(received_flag(c, owner, x.t, rank), epoch);
+      if (pending >= 0) copy_out(pending);
+      pending = i;
+    } else {
+      if (threadIdx.x < W && threadIdx.x != rank)
+        wait_reached(received_flag(c, rank, x.t, threadIdx.x), epoch, c.timeout_ns, x.t, threadIdx.x);
       __syncthreads();
-      T* slot = reduced_slot<T>(c, rank, mn, tile_elems, i / W);
       for (int base = threadIdx.x; base < count; base += U * kTileThreads)
         sum_batch_in_rank_order<T, W, U>(
-            base, count, [&](int src, int v) { return partial_of<T>(c, src) + g.d_offset(v, p.n); },
+            base, count,
+            [&](int src, int v) {
+              return (src == rank ? mine : receive_slot<T>(c, rank, s.mn, parity, src)) + g.d_offset(v, p.n);
+            },
             bias, [&](int v) { return g.bias_col(v); },
             [&](int v, uint4 r) {
-              store_plain(out + g.d_offset(v, p.n), r);
-              store_plain(slot + g.slot_offset(v, p.tile_n), r);
+              const int64_t off = g.d_offset(v, p.n);
+              store_plain(out + off, r);
+#pragma unroll
+              for (int k = 1; k < W; ++k) {
+                const int dst = rank + k < W ? rank + k : rank + k - W;
+                store_plain(receive_slot<T>(c, dst, s.mn, parity, rank) + off, r);
+              }
             });
-      __syncthreads();
-      if (threadIdx.x == 0) store_release_sys(reduced_flag(c, rank, x.t), epoch);
-    } else {
-      if (threadIdx.x == 0) wait_reached(reduced_flag(c, owner, x.t), epoch, c.timeout_ns, x.t, owner);
-      __syncthreads();
-      const T* slot = reduced_slot<T>(c, owner, mn, tile_elems, i / W);
-      copy_batched<2 * U>(
-          count, [&](int v) { return slot + g.slot_offset(v, p.tile_n); },
-          [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
+      __syncthreads();  // the block's pushes precede the releases
+      if (threadIdx.x < W && threadIdx.x != rank)
+        store_release_sys(received_flag(c, threadIdx.x, x.t, rank), epoch);
     }
-    __syncthreads();  // the tile is done (and s_epoch read) before the counter moves
-    if (threadIdx.x == 0) seen[x.t] = epoch;
   }
+  if (pending >= 0) copy_out(pending);
+  finish_call(ce, epoch);
 }
 
-// Push mode, in two passes over this block's tiles so that the transfers of all
-// its tiles are in flight together: (1) as each tile becomes ready here, push it
-// to every peer and raise the peers' flags; (2) wait for each tile's W-1 copies
-// and sum. seen[t] moves only in pass 2, so both passes derive the same epoch.
+// Push mode (decode: few tiles, latency-bound), in two passes over this block's
+// tiles so that the transfers of all of them are in flight together and one
+// round of releases covers them: (1) as each tile becomes ready here, push it to
+// every peer; then release one flag per (tile, peer); (2) wait for each tile's
+// W-1 copies and sum.
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_push_kernel(TileAllReduceParams p) {
   constexpr int U = kTileUnroll<W>;
   const CommHandle& c = p.comm;
   const int rank = c.rank;
-  const int tiles_n = int(ceil_div64(p.n, p.tile_n));
-  const int tiles_m = int(ceil_div64(p.m, p.tile_m));
-  const int tiles = tiles_m * tiles_n;
-  const int64_t mn = int64_t(p.m) * p.n;
+  const TileShape s(p);
   T* out = static_cast<T*>(p.output);
   const T* bias = static_cast<const T*>(p.bias);
   const T* mine = partial_of<T>(c, rank);
-  uint32_t* seen = c.tile_seen();
+  const CallEpoch ce = call_epoch(c);
+  const uint32_t epoch = next_epoch(*ce.value);
+  const int parity = epoch & 1;
 
-  for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
-    const TileIndex x = tile_index(i, tiles_m, tiles_n);
-    const uint32_t epoch = seen[x.t] + 1;  // read by every thread; written in pass 2 only
-    const int parity = epoch & 1;
+  for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {
+    const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
     const TileGeometry<T> g(p, x.tm, x.tn);
-    if (threadIdx.x == 0) wait_reached(ready_flag(c, rank, x.t), epoch, c.timeout_ns, x.t, rank);
-    __syncthreads();
-    copy_batched<2 * U>(
+    wait_tile_ready(c, x);
+    copy_batched<kCopyUnroll>(
         g.rows * g.vecs, [&](int v) { return mine + g.d_offset(v, p.n); },
         [&](int v, uint4 r) {
           const int64_t off = g.d_offset(v, p.n);
 #pragma unroll
           for (int k = 1; k < W; ++k) {
             const int dst = rank + k < W ? rank + k : rank + k - W;
-            store_plain(receive_slot<T>(c, dst, mn, parity, rank) + off, r);
+            store_plain(receive_slot<T>(c, dst, s.mn, parity, rank) + off, r);
           }
         });
-    __syncthreads();  // this block's pushes precede the releases below
-    if (threadIdx.x < W && threadIdx.x != rank)
-      store_release_sys(received_flag(c, threadIdx.x, x.t, rank), epoch);
   }
-  for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
-    const TileIndex x = tile_index(i, tiles_m, tiles_n);
-    const uint32_t epoch = seen[x.t] + 1;
-    const int parity = epoch & 1;
+  __syncthreads();  // every push of the block precedes the releases below
+  const int my_tiles = s.tiles > int(blockIdx.x) ? (s.tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1 : 0;
+  for (int j = threadIdx.x; j < my_tiles * (W - 1); j += kTileThreads) {
+    const TileIndex x = tile_index(int(blockIdx.x) + (j / (W - 1)) * int(gridDim.x), s.tiles_m, s.tiles_n);
+    const int k = j % (W - 1) + 1;
+    const int dst = rank + k < W ? rank + k : rank + k - W;
+    store_release_sys(received_flag(c, dst, x.t, rank), epoch);
+  }
+  for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {
+    const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
     const TileGeometry<T> g(p, x.tm, x.tn);
     const int count = g.rows * g.vecs;
     if (threadIdx.x < W && threadIdx.x != rank)
@@ -240,25 +298,22 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_push_kernel(Tile
       sum_batch_in_rank_order<T, W, U>(
           base, count,
           [&](int src, int v) {
-            return (src == rank ? mine : receive_slot<T>(c, rank, mn, parity, src)) + g.d_offset(v, p.n);
+            return (src == rank ? mine : receive_slot<T>(c, rank, s.mn, parity, src)) + g.d_offset(v, p.n);
           },
           bias, [&](int v) { return g.bias_col(v); },
           [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
-    __syncthreads();  // every thread read seen[t] before it moves
-    if (threadIdx.x == 0) seen[x.t] = epoch;
   }
+  finish_call(ce, epoch);
 }
 
 }  // namespace
 
-uint64_t tile_region_bytes(TileReduceMode mode, int m, int n, int tile_m, int tile_n, int esize,
-                           int world) {
+uint64_t tile_region_bytes(int m, int n, int esize, int world) {
   const uint64_t mn = uint64_t(m) * n;
-  if (mode == TileReduceMode::kPush) return (mn + 2ull * world * mn) * esize;
-  const uint64_t tiles = uint64_t(ceil_div64(m, tile_m)) * ceil_div64(n, tile_n);
-  const uint64_t slots = (tiles + world - 1) / world;
-  return (mn + slots * uint64_t(tile_m) * tile_n) * esize;
+  return (mn + 2ull * world * mn) * esize;
 }
+
+int tile_all_reduce_max_tiles() { return int(kFlagsPerChannel / kMaxWorld); }
 
 void* tile_partial(const CommHandle& c) { return c.peer_base[c.rank] + c.layout.tiles_offset; }
 
@@ -269,7 +324,8 @@ cudaError_t launch_tile_all_reduce(const TileAllReduceParams& p, TileReduceMode 
   if (p.m <= 0 || p.n <= 0) return cudaSuccess;
   if (p.dtype == DType::kFloat32 || p.n % 8 != 0 || p.tile_n % 8 != 0) return cudaErrorInvalidValue;
   const int64_t tiles = ceil_div64(p.m, p.tile_m) * ceil_div64(p.n, p.tile_n);
-  if (tiles > kMaxTiles || (mode == TileReduceMode::kPush && tiles * kMaxWorld > int64_t(kFlagsPerChannel)))
+  if (tiles > kMaxTiles || tiles > tile_all_reduce_max_tiles() ||
+      (mode == TileReduceMode::kOwner && tiles < p.comm.world))
     return cudaErrorInvalidValue;
   if (blocks <= 0 || blocks > tiles) blocks = int(std::min<int64_t>(tiles, blocks > 0 ? blocks : 16));
   return visit_dtype(p.dtype, [&](auto t) {

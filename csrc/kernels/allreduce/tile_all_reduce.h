@@ -9,33 +9,39 @@
 // i % C on every rank, in increasing i, which is the order in which the persistent
 // GEMM finishes tiles, wave by wave. Flags are indexed tm * tiles_n + tn.
 //
-// Owner mode (prefill: bandwidth-bound, 2(W-1)/W·M·N bytes per rank over NVLink):
+// Every byte crosses NVLink as a store (pushed), and every rank polls only its
+// own flags: remote loads need a round trip each and hold an SM for it, while
+// stores are posted.
 //
-//   GEMM  r0: ─tile0─┬tile1─┬tile2─┬tile3─┬ ...        flag[t] += 1 on each rank
-//   GEMM  r1: ─tile0─┼tile1─┼tile2─┼tile3─┼ ...
-//                    ▼      ▼      ▼
-//   owner o = i % W pulls D_p[t] from every rank p, sums in rank order (+ bias),
-//   writes its output and its reduced slot, raises reduced[t];
-//   every other rank pulls the reduced slot from o straight into its output.
+// Owner mode (prefill: bandwidth-bound, 2(W-1)/W·M·N bytes per rank over NVLink).
+// Tile i is owned by rank o = i % W:
 //
-//     i:      0        1        2        3       (W = 2)
-//     r0:  reduce   copy←r1  reduce   copy←r1
-//     r1:  copy←r0  reduce   copy←r0  reduce
+//   non-owner r:  D_r[t] ready ─push─▶ recv_o[r][t] ─flag(t, r)─▶ o
+//                 ... one tile later: wait flag(t, o) ─ copy recv_r[o][t] ─▶ out
+//   owner o:      D_o[t] ready, wait W-1 flags ─ Σ in rank order (+ bias) ─▶ out,
+//                 ─push─▶ recv_p[o][t] of every p ≠ o ─flag(t, o)─▶ p
 //
-// Push mode (decode: latency-bound, few tiles): each rank pushes its finished
-// tile to every peer's receive slot (double-buffered by the tile's epoch
-// parity), raises a flag there, and sums the W copies it receives.
+//     i:      0         1         2         3        (W = 2, one consumer CTA)
+//     r0:  reduce    push→r1   reduce    push→r1, copy-out 1
+//     r1:  push→r0   reduce    push→r0,  reduce
+//                              copy-out 0
 //
-//   r:  D_r[t] ready ──push──▶ peers' recv[parity][r][t] ──flag──▶
-//       wait W-1 flags ──Σ in rank order (+ bias)──▶ output
+// Push mode (decode: latency-bound, few tiles): each rank pushes every finished
+// tile to every peer, raises one flag per (tile, peer) after the last push, and
+// sums the W copies it holds:
 //
-// Epochs: the consumer keeps per-tile counters seen[t] (calls consumed). In call
-// seen[t]+1 it waits for flag[t] >= seen[t]+1 on each rank (the GEMM increments),
-// and the flags it raises itself carry that epoch. Comparisons are wrap-safe.
-// Why no extra barriers are needed: an owner writes reduced[t] of the next call
-// only after every rank's GEMM produced tile t of that call, i.e. after every rank
-// finished this call; a rank's GEMM overwrites D[t] only after its own consumer
-// finished this call, which needed every reduced tile, whose owners read D[t] first.
+//   r:  D_r[t] ready ──push──▶ recv_p[r][t] of every p ≠ r ... ──flags──▶
+//       wait W-1 flags per tile ──Σ in rank order (+ bias)──▶ out
+//
+// Epochs. The GEMM bumps ready[t] once per call that has tile t; seen[t] (local)
+// counts the calls consumed, so a consumer waits for ready[t] >= seen[t] + 1.
+// Everything else uses the call epoch e (one counter per rank, +1 per consumer
+// call, equal on every rank): flags carry e (wrap-safe "reached") and receive
+// slots are double-buffered by e & 1.
+// Why two slots suffice: a rank writes recv[e & 1] again only in call e + 2, after
+// it finished call e + 1, which needed data that every peer sent in call e + 1,
+// i.e. after that peer finished reading call e (push mode: every tile goes to
+// every peer; owner mode: each rank owns a tile, as there are at least W tiles).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -55,10 +61,10 @@ struct TileAllReduceParams {
   CommHandle comm;
 };
 
-// Bytes of the workspace tile region this call needs (partial D plus the
-// reduced or receive slots of `mode`).
-uint64_t tile_region_bytes(TileReduceMode mode, int m, int n, int tile_m, int tile_n, int esize,
-                           int world);
+// Bytes of the workspace tile region a call needs: D and 2 x W receive slots.
+uint64_t tile_region_bytes(int m, int n, int esize, int world);
+// Most output tiles one call may have (flag slots per (tile, source rank)).
+int tile_all_reduce_max_tiles();
 // Where this rank's GEMM writes D (row-major, ld = N) and bumps its tile flags.
 void* tile_partial(const CommHandle& c);
 uint32_t* tile_ready_flags(const CommHandle& c);

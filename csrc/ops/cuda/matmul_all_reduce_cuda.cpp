@@ -107,17 +107,27 @@ GemmOperands gemm_operands(const at::Tensor& a, const at::Tensor& b) {
   return g;
 }
 
+int64_t output_tiles(int64_t m, int64_t n, int tile_m, int tile_n) {
+  return (m + tile_m - 1) / tile_m * ((n + tile_n - 1) / tile_n);
+}
+
+// Shapes the tile GEMM and the tile consumers take (others run sequentially).
 bool fused_gemm_supported(const at::Tensor& a, const at::Tensor& b) {
   const int64_t k = a.size(-1), n = b.size(1);
   const int64_t m = k ? a.numel() / k : 0;
-  return (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) && k % 8 == 0 &&
-         n % 8 == 0 && k > 0 && m > 0 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX;
+  if (!((a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) && k % 8 == 0 &&
+        n % 8 == 0 && k > 0 && m > 0 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX))
+    return false;
+  TileGemmParams shape{};
+  shape.m = static_cast<int>(m);
+  return output_tiles(m, n, tile_gemm_tile_m(shape), tile_gemm_tile_n(shape)) <=
+         tile_all_reduce_max_tiles();
 }
 
 enum class Overlap { kOverlapped, kSerialized };
 
 at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                 const std::optional<at::Tensor>& bias, TileReduceMode mode, Overlap overlap,
+                 const std::optional<at::Tensor>& bias, TileReduceMode& mode, Overlap overlap,
                  int consumers) {
   GemmOperands g = gemm_operands(a, b);
   const int device = ws.device();
@@ -134,10 +144,10 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   gp.b_transposed = g.b_transposed;
   TORCH_INTERNAL_ASSERT(kernel_dtype(a.scalar_type(), &gp.dtype));
   const int tile_m = tile_gemm_tile_m(gp), tile_n = tile_gemm_tile_n(gp);
-  const int64_t tiles = (g.m + tile_m - 1) / tile_m * ((g.n + tile_n - 1) / tile_n);
-  TORCH_CHECK(tiles <= kMaxTiles, "distfuse.matmul_all_reduce: M = ", g.m, ", N = ", g.n,
-              " makes ", tiles, " output tiles, more than the ", kMaxTiles, " the workspace tracks");
-  ws.ensure_tile_bytes(tile_region_bytes(mode, gp.m, gp.n, tile_m, tile_n, esize, ws.world()), kOp);
+  TORCH_INTERNAL_ASSERT(output_tiles(g.m, g.n, tile_m, tile_n) <= tile_all_reduce_max_tiles());
+  // Owner mode needs a tile per rank; fewer tiles than ranks is decode-sized anyway.
+  if (output_tiles(g.m, g.n, tile_m, tile_n) < ws.world()) mode = TileReduceMode::kPush;
+  ws.ensure_tile_bytes(tile_region_bytes(gp.m, gp.n, esize, ws.world()), kOp);
 
   const CommHandle& handle = ws.handle();
   gp.d = tile_partial(handle);
@@ -216,7 +226,7 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     const int consumers = consumer_blocks(
         algo, ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.consumer_blocks")));
-    const TileReduceMode mode =
+    TileReduceMode mode =
         algo == MatmulAllReduceAlgo::kDecodePush ? TileReduceMode::kPush : TileReduceMode::kOwner;
     const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
     at::Tensor out = fused(ws, a, b, bias, mode, overlap, consumers);
