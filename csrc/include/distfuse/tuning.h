@@ -69,4 +69,12 @@ inline int consumer_blocks(MatmulAllReduceAlgo algo, int world, int override_blo
   return algo == MatmulAllReduceAlgo::kDecodePush ? 8 : 24;
 }
 
+// Owner mode: tiles a consumer CTA pushes between two rounds of flag releases
+// (each round waits until the CTA's pushes landed). Untuned.
+inline int owner_group_tiles(int world, int override_tiles = 0) {
+  if (override_tiles > 0) return override_tiles;
+  (void)world;
+  return 4;
+}
+
 }  // namespace distfuse

@@ -174,7 +174,15 @@ struct TileShape {
   }
 };
 
-// Owner mode; the schedule is drawn in tile_all_reduce.h.
+// Number of tiles block `blockIdx.x` handles (tiles b, b + G, b + 2G, ...).
+__device__ __forceinline__ int tiles_of_block(int tiles) {
+  return tiles > int(blockIdx.x) ? (tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1 : 0;
+}
+__device__ __forceinline__ int block_tile(int j) { return int(blockIdx.x) + j * int(gridDim.x); }
+
+// Owner mode; the schedule is drawn in tile_all_reduce.h. A block walks its tiles
+// in groups of p.group: a release at system scope waits until the block's pushes
+// have landed, so one round of releases per group, not per tile.
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(TileAllReduceParams p) {
   constexpr int U = kTileUnroll<W>;
@@ -187,37 +195,54 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
   const CallEpoch ce = call_epoch(c);
   const uint32_t epoch = next_epoch(*ce.value);
   const int parity = epoch & 1;
+  const int group = max(1, min(p.group, kTileThreads));
+  const int count_j = tiles_of_block(s.tiles);
 
-  // Copies the reduced tile `owner` pushed here into the output.
-  auto copy_out = [&](int i) {
-    const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-    const int owner = i % W;
-    const TileGeometry<T> g(p, x.tm, x.tn);
-    if (threadIdx.x == 0) wait_reached(received_flag(c, rank, x.t, owner), epoch, c.timeout_ns, x.t, owner);
-    __syncthreads();
-    const T* from = receive_slot<T>(c, rank, s.mn, parity, owner);
-    copy_batched<kCopyUnroll>(
-        g.rows * g.vecs, [&](int v) { return from + g.d_offset(v, p.n); },
-        [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
+  // Copies the reduced tiles the owners pushed here, for this block's tiles [ja, jb).
+  auto copy_out = [&](int ja, int jb) {
+    for (int j = ja; j < jb; ++j) {
+      const int i = block_tile(j), owner = i % W;
+      if (owner == rank) continue;
+      const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
+      const TileGeometry<T> g(p, x.tm, x.tn);
+      if (threadIdx.x == 0) wait_reached(received_flag(c, rank, x.t, owner), epoch, c.timeout_ns, x.t, owner);
+      __syncthreads();
+      const T* from = receive_slot<T>(c, rank, s.mn, parity, owner);
+      copy_batched<kCopyUnroll>(
+          g.rows * g.vecs, [&](int v) { return from + g.d_offset(v, p.n); },
+          [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
+    }
   };
 
-  int pending = -1;  // a pushed tile whose reduced copy is collected one tile later
-  for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {
-    const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-    const TileGeometry<T> g(p, x.tm, x.tn);
-    const int count = g.rows * g.vecs;
-    const int owner = i % W;
-    wait_tile_ready(c, x);
-    if (rank != owner) {
+  int prev_a = 0, prev_b = 0;  // the previous group, whose reduced tiles are collected now
+  for (int ja = 0; ja < count_j; ja += group) {
+    const int jb = min(ja + group, count_j);
+    // 1. Push this rank's partial of the group's tiles that others own.
+    for (int j = ja; j < jb; ++j) {
+      const int i = block_tile(j), owner = i % W;
+      if (owner == rank) continue;
+      const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
+      const TileGeometry<T> g(p, x.tm, x.tn);
+      wait_tile_ready(c, x);
       T* to = receive_slot<T>(c, owner, s.mn, parity, rank);
       copy_batched<kCopyUnroll>(
-          count, [&](int v) { return mine + g.d_offset(v, p.n); },
+          g.rows * g.vecs, [&](int v) { return mine + g.d_offset(v, p.n); },
           [&](int v, uint4 r) { store_plain(to + g.d_offset(v, p.n), r); });
-      __syncthreads();  // the block's pushes precede the release
-      if (threadIdx.x == 0) store_release_sys(received_flag(c, owner, x.t, rank), epoch);
-      if (pending >= 0) copy_out(pending);
-      pending = i;
-    } else {
+    }
+    __syncthreads();  // the block's pushes precede the releases
+    if (threadIdx.x < jb - ja) {
+      const int i = block_tile(ja + threadIdx.x), owner = i % W;
+      if (owner != rank)
+        store_release_sys(received_flag(c, owner, tile_index(i, s.tiles_m, s.tiles_n).t, rank), epoch);
+    }
+    // 2. Reduce the group's tiles this rank owns and push the sums to every peer.
+    for (int j = ja; j < jb; ++j) {
+      const int i = block_tile(j);
+      if (i % W != rank) continue;
+      const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
+      const TileGeometry<T> g(p, x.tm, x.tn);
+      const int count = g.rows * g.vecs;
+      wait_tile_ready(c, x);
       if (threadIdx.x < W && threadIdx.x != rank)
         wait_reached(received_flag(c, rank, x.t, threadIdx.x), epoch, c.timeout_ns, x.t, threadIdx.x);
       __syncthreads();
@@ -237,12 +262,21 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
                 store_plain(receive_slot<T>(c, dst, s.mn, parity, rank) + off, r);
               }
             });
-      __syncthreads();  // the block's pushes precede the releases
-      if (threadIdx.x < W && threadIdx.x != rank)
-        store_release_sys(received_flag(c, threadIdx.x, x.t, rank), epoch);
     }
+    __syncthreads();  // the block's pushes precede the releases
+    for (int q = threadIdx.x; q < (jb - ja) * (W - 1); q += kTileThreads) {
+      const int i = block_tile(ja + q / (W - 1));
+      if (i % W != rank) continue;
+      const int k = q % (W - 1) + 1;
+      const int dst = rank + k < W ? rank + k : rank + k - W;
+      store_release_sys(received_flag(c, dst, tile_index(i, s.tiles_m, s.tiles_n).t, rank), epoch);
+    }
+    // 3. Collect the previous group's sums (they had a group's time to arrive).
+    copy_out(prev_a, prev_b);
+    prev_a = ja;
+    prev_b = jb;
   }
-  if (pending >= 0) copy_out(pending);
+  copy_out(prev_a, prev_b);
   finish_call(ce, epoch);
 }
 
@@ -280,9 +314,8 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_push_kernel(Tile
         });
   }
   __syncthreads();  // every push of the block precedes the releases below
-  const int my_tiles = s.tiles > int(blockIdx.x) ? (s.tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1 : 0;
-  for (int j = threadIdx.x; j < my_tiles * (W - 1); j += kTileThreads) {
-    const TileIndex x = tile_index(int(blockIdx.x) + (j / (W - 1)) * int(gridDim.x), s.tiles_m, s.tiles_n);
+  for (int j = threadIdx.x; j < tiles_of_block(s.tiles) * (W - 1); j += kTileThreads) {
+    const TileIndex x = tile_index(block_tile(j / (W - 1)), s.tiles_m, s.tiles_n);
     const int k = j % (W - 1) + 1;
     const int dst = rank + k < W ? rank + k : rank + k - W;
     store_release_sys(received_flag(c, dst, x.t, rank), epoch);

@@ -58,6 +58,7 @@ struct TileAllReduceParams {
   int m, n;            // GEMM output shape (N multiple of 8)
   int tile_m, tile_n;  // the GEMM's tile shape
   DType dtype;         // kBFloat16 or kFloat16
+  int group;           // owner mode: tiles a consumer CTA pushes per round of flag releases
   CommHandle comm;
 };
 

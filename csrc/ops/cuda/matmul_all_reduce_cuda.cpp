@@ -166,6 +166,7 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   rp.tile_m = tile_m;
   rp.tile_n = tile_n;
   rp.dtype = gp.dtype;
+  rp.group = owner_group_tiles(ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.group_tiles")));
   rp.comm = handle;
 
   const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
