@@ -36,13 +36,16 @@ TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
   EXPECT_EQ(two_shot_blocks(4, 16), 16);
 }
 
-TEST(MatmulAllReduceChoice, DecodeUpToTheLimitThenTiles) {
-  EXPECT_EQ(choose_matmul_all_reduce(1, 4), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(decode_max_m(4), 4), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(decode_max_m(4) + 1, 4), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(1000, 2, 2048), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_GT(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4), 0);
-  EXPECT_EQ(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4, 7), 7);
+TEST(MatmulAllReduceChoice, SequentialUnlessLargeMAndModestK) {
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(8192, fused_max_k(2) + 8, 2), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, 512), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_GT(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4, 2048), 0);
+  EXPECT_EQ(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4, 2048, 7), 7);
+  EXPECT_GE(owner_group_tiles(4, 7168), 1);
+  EXPECT_EQ(owner_group_tiles(4, 7168, 3), 3);
 }
 
 TEST(WorkspaceLayout, RegionsAreOrderedAlignedAndDisjoint) {

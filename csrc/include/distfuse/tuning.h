@@ -47,34 +47,47 @@ namespace distfuse {
 
 enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2 };
 
-// Largest M (rows of the GEMM) that takes the decode push path. Untuned (no
-// overlapped run measured yet), for every W.
-inline int64_t decode_max_m(int world) {
+// Measured on 4 x H200 at W = 2 and 4 (Llama-3-70B o_proj and down_proj rows,
+// benchmarks/NOTES.md): for M <= 512 both overlapped schedules are slower than
+// cuBLAS + the distfuse all-reduce (the tile GEMM alone takes 16.5 us at M = 1
+// where cuBLAS takes 7.7 us); at M = 2048 the owner schedule ties or loses; at
+// M = 8192 it wins when K_r <= 8192, and loses for down_proj at W = 2
+// (K_r = 14336: the GEMM is 5.8x the all-reduce, and the SMs the consumers take
+// cost more than the overlap hides). W > 4: untuned, same rule.
+inline int64_t fused_min_m(int world) {
   (void)world;
-  return 128;
+  return 4096;
+}
+inline int64_t fused_max_k(int world) {
+  (void)world;
+  return 8192;
 }
 
-// Which schedule runs matmul_all_reduce when the fused GEMM can run at all.
-inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int world,
-                                                    int64_t override_decode_max_m = 0) {
-  const int64_t limit = override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world);
-  return m <= limit ? MatmulAllReduceAlgo::kDecodePush : MatmulAllReduceAlgo::kFusedTiles;
+// Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank) when
+// the tile GEMM can run at all. `override_min_m` > 0 replaces fused_min_m.
+inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world,
+                                                    int64_t override_min_m = 0) {
+  const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);
+  return m >= min_m && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles
+                                               : MatmulAllReduceAlgo::kSequential;
 }
 
-// Consumer CTAs that run beside the GEMM (the GEMM keeps the other SMs). Untuned,
-// for every W.
-inline int consumer_blocks(MatmulAllReduceAlgo algo, int world, int override_blocks = 0) {
+// Consumer CTAs that run beside the GEMM (the GEMM keeps the other SMs). Best of
+// {8, 16, 32, 48} at W = 2 and 4: the all-reduce-heavy o_proj at W = 4 (K_r = 2048)
+// wants 48, the rest 32; push mode 32 (its best, still slower than sequential).
+inline int consumer_blocks(MatmulAllReduceAlgo algo, int world, int64_t k, int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
-  return algo == MatmulAllReduceAlgo::kDecodePush ? 8 : 24;
+  if (algo == MatmulAllReduceAlgo::kDecodePush) return 32;
+  return k <= 2048 ? 48 : 32;
 }
 
 // Owner mode: tiles a consumer CTA pushes between two rounds of flag releases
-// (each round waits until the CTA's pushes landed). Untuned.
-inline int owner_group_tiles(int world, int override_tiles = 0) {
+// (each round waits until the CTA's pushes landed). Best of {1, 4, 16} at W = 2, 4.
+inline int owner_group_tiles(int world, int64_t k, int override_tiles = 0) {
   if (override_tiles > 0) return override_tiles;
   (void)world;
-  return 4;
+  return k <= 2048 ? 4 : 1;
 }
 
 }  // namespace distfuse

@@ -166,7 +166,7 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   rp.tile_m = tile_m;
   rp.tile_n = tile_n;
   rp.dtype = gp.dtype;
-  rp.group = owner_group_tiles(ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.group_tiles")));
+  rp.group = owner_group_tiles(ws.world(), g.k, static_cast<int>(get_tuning("matmul_all_reduce.group_tiles")));
   rp.comm = handle;
 
   const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
@@ -219,22 +219,28 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
 
 #ifndef DISTFUSE_NO_GEMM
   if (forced != "sequential" && fused_gemm_supported(a, b)) {
-    const int64_t m = a.numel() / a.size(-1);
-    MatmulAllReduceAlgo algo =
-        choose_matmul_all_reduce(m, ws.world(), get_tuning("matmul_all_reduce.decode_max_m"));
-    // "serialized" runs the schedule auto would pick, without the overlap.
+    const int64_t k = a.size(-1), m = a.numel() / k;
+    MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
+        m, k, ws.world(), get_tuning("matmul_all_reduce.fused_min_m"));
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
-    const int consumers = consumer_blocks(
-        algo, ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.consumer_blocks")));
-    TileReduceMode mode =
-        algo == MatmulAllReduceAlgo::kDecodePush ? TileReduceMode::kPush : TileReduceMode::kOwner;
-    const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
-    at::Tensor out = fused(ws, a, b, bias, mode, overlap, consumers);
-    record_path(kOp, forced == "serialized" ? "serialized"
-                     : mode == TileReduceMode::kPush ? "decode_push"
-                                                     : "fused_tiles");
-    return out;
+    // "serialized" runs the schedule auto would pick, without the overlap.
+    if (algo != MatmulAllReduceAlgo::kSequential) {
+      const int consumers = consumer_blocks(
+          algo, ws.world(), k, static_cast<int>(get_tuning("matmul_all_reduce.consumer_blocks")));
+      TileReduceMode mode =
+          algo == MatmulAllReduceAlgo::kDecodePush ? TileReduceMode::kPush : TileReduceMode::kOwner;
+      const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
+      at::Tensor out = fused(ws, a, b, bias, mode, overlap, consumers);
+      record_path(kOp, forced == "serialized"        ? "serialized"
+                       : mode == TileReduceMode::kPush ? "decode_push"
+                                                       : "fused_tiles");
+      return out;
+    }
+    if (forced == "serialized") {
+      record_path(kOp, "serialized");
+      return sequential(ws, a, b, bias);
+    }
   }
 #endif
   record_path(kOp, "sequential");
