@@ -117,7 +117,7 @@ STATUS=0
     echo "device: $(timeout 30 nvidia-smi -L 2>/dev/null | wc -l) x $(timeout 30 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
     echo "tests (rc $TEST_RC): $TEST_LINE"
     echo "benchmarks (rc $BENCH_RC):"
-    grep -E "^(SUMMARY|SKIPPED|ERROR|RESULT|  FAIL)" "$LOGDIR/bench.log" | cut -c1-400 || echo "  no summary (see bench.log)"
+    grep -E "^(SUMMARY|BARS|SKIPPED|ERROR|RESULT|  FAIL)" "$LOGDIR/bench.log" | cut -c1-400 || echo "  no summary (see bench.log)"
     echo "results: $RESULTS_DIR${OUT:+ (archived in \$OUT/results.tgz)}"
     echo "exit: $STATUS"
 } | tee "$LOGDIR/summary.txt"

@@ -63,3 +63,70 @@ def test_cpu_bench(tmp_path, op):
     if op == "matmul_all_reduce":
         layouts = {(r["shape"]["name"], r["shape"]["b_layout"]) for r in doc["rows"]}
         assert ("o_proj", "row_major") in layouts and ("down_proj", "weight_t") in layouts
+
+
+def _ar_row(nbytes, graph, distfuse, peers, busbw=None, wrong=0):
+    nccl, one, two = peers
+    return {"shape": {"bytes": nbytes, "count": nbytes // 2}, "graph": graph, "wrong_total": wrong,
+            "times_us": {"nccl": nccl, "symm_one_shot": one, "symm_two_shot": two, "distfuse": distfuse},
+            "busbw_GBs": {"distfuse": busbw}}
+
+
+def test_bars_all_reduce_verdicts():
+    from distfuse.bench import bars
+    doc = {"op": "all_reduce", "world_size": 4, "cpu_reference": False, "rows": [
+        _ar_row(4 << 10, True, 5.0, (9.0, 5.0, 6.0)),                       # ties the best peer: met
+        _ar_row(1 << 20, True, 13.5, (20.0, 19.0, 13.4)),                   # 1.007x: missed
+        _ar_row(16 << 20, False, 100.0, (120.0, None, 96.0)),               # 1.04x: met (<= 1.05)
+        _ar_row(256 << 20, False, 800.0, (900.0, None, 820.0), busbw=329.9, wrong=1),
+    ]}
+    verdict = {(b.row, b.bar): b.met for b in bars.evaluate(doc)}
+    assert verdict[("4 KB graph", "distfuse / best peer")]
+    assert not verdict[("1 MB graph", "distfuse / best peer")]
+    assert verdict[("16 MB eager", "distfuse / best peer")]
+    assert verdict[("256 MB eager", "distfuse / best peer")]
+    assert not verdict[("256 MB eager", "busbw distfuse (GB/s)")]
+    assert not verdict[("256 MB eager", "#wrong")]
+    line = bars.summary_line(doc)
+    assert line.startswith("BARS all_reduce W=4: 6/9 met") and "1 MB graph" in line
+    assert bars.evaluate(dict(doc, cpu_reference=True)) is None
+
+
+def test_bars_matmul_all_reduce_verdicts():
+    from distfuse.bench import bars
+    times = {"matmul": 10.0, "ideal": 10.0, "matmul+nccl": 30.0, "matmul+distfuse_ar": 20.0}
+    decode = {"shape": {"name": "o_proj", "M": 1, "b_layout": "weight_t"}, "graph": True, "path": "sequential",
+              "times_us": dict(times, distfuse=15.0), "hidden_share": 0.5}
+    prefill = {"shape": {"name": "o_proj", "M": 8192, "b_layout": "row_major"}, "graph": False,
+               "path": "fused_tiles", "hidden_share": 0.40,
+               "times_us": {"matmul": 400.0, "ideal": 600.0, "matmul+nccl": 1000.0, "matmul+distfuse_ar": 950.0,
+                            "distfuse": 650.0}}
+    doc = {"op": "matmul_all_reduce", "world_size": 2, "rows": [decode, prefill]}
+    verdict = {(b.row.split(" (")[0], b.bar): b.met for b in bars.evaluate(doc)}
+    assert verdict[("o_proj M=1 w.t()", "fused (us) <= 1.2 x matmul + 3")]      # 15 <= 15
+    assert verdict[("o_proj M=1 w.t()", "fused / best unfused")]                 # 15 < 20
+    assert verdict[("o_proj M=8192 row", "fused / ideal")]                       # 1.083 <= 1.10
+    assert not verdict[("o_proj M=8192 row", "hidden share")]                    # 0.40 < 0.443
+    decode["times_us"]["distfuse"] = 21.0
+    verdict = {(b.row.split(" (")[0], b.bar): b.met for b in bars.evaluate(doc)}
+    assert not verdict[("o_proj M=1 w.t()", "fused (us) <= 1.2 x matmul + 3")]
+    assert not verdict[("o_proj M=1 w.t()", "fused / best unfused")]
+
+
+def test_bars_of_committed_results_are_recomputable():
+    """Every committed GPU results file has a bars section equal to the one its JSON gives."""
+    from distfuse.bench import bars
+    results = os.path.join(ROOT, "benchmarks", "results")
+    checked = 0
+    for name in sorted(os.listdir(results)):
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(results, name)) as f:
+            doc = json.load(f)
+        text = bars.markdown(doc)
+        if not text:
+            continue
+        with open(os.path.join(results, name[:-5] + ".md")) as f:
+            assert text in f.read(), f"{name}: the .md has no (or a stale) bars section"
+        checked += 1
+    assert checked > 0

@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from . import bars
+
 CPU_LABEL = "CPU reference run (no GPU): not a performance measurement"
 
 
@@ -130,8 +132,9 @@ def header_lines(op: str, doc: Dict[str, Any]) -> List[str]:
 def write_results(op: str, rows: List[Dict[str, Any]], env: Dict[str, Any], world_size: int,
                   table: Table, output_dir: str, extra: Optional[Dict[str, Any]] = None,
                   plot: Optional[Callable[[Any, List[Dict[str, Any]], str], Any]] = None) -> Dict[str, str]:
-    """Write the JSON, markdown and (when matplotlib imports) PNG files; returns their paths
-    and the markdown text under "markdown"."""
+    """Write the JSON, markdown and (when matplotlib imports) PNG files; returns their paths,
+    the markdown text under "markdown" and the one-line verdict on the bars under "bars"
+    (None for a CPU reference run)."""
     os.makedirs(output_dir, exist_ok=True)
     base = os.path.join(output_dir, stem(op, env, world_size))
     doc: Dict[str, Any] = {"op": op, "gpu": env["gpu"], "world_size": world_size, "torch": env["torch"],
@@ -168,10 +171,14 @@ def write_results(op: str, rows: List[Dict[str, Any]], env: Dict[str, Any], worl
     text = "\n".join(header_lines(op, doc)) + "\n" + table.markdown() + "\n"
     if notes:
         text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    bars_text = bars.markdown(doc)
+    if bars_text:
+        text += "\n" + bars_text
     with open(base + ".md", "w") as f:
         f.write(text)
     paths["md"] = base + ".md"
     paths["markdown"] = text
+    paths["bars"] = bars.summary_line(doc)
     return paths
 
 
