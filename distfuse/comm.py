@@ -10,7 +10,7 @@ import torch
 
 from .ops import GroupLike, group_name
 
-DEFAULT_MAX_BYTES = 64 << 20  # largest fused-GEMM output the tile region holds without growing
+DEFAULT_MAX_BYTES = 16 << 20  # largest fused-GEMM output (M·N·element size) held without growing
 
 
 def init_workspace(group: GroupLike = None, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -41,5 +41,5 @@ def workspace_info(group: GroupLike = None) -> Dict[str, int]:
     """Sizes of the workspace of ``group`` (empty when it has none)."""
     values = torch.ops.distfuse._workspace_info(group_name(group))
     keys = ("p2p", "world", "rank", "total_bytes", "one_shot_capacity_bytes", "two_shot_bytes",
-            "tile_bytes", "timeout_ms")
+            "tile_bytes", "timeout_ms", "max_output_bytes")
     return dict(zip(keys, values))

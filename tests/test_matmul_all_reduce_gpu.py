@@ -50,7 +50,7 @@ def body_paths(rank, world, group_name):
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
-    assert distfuse.init_workspace(group_name, max_bytes=256 << 20, timeout_ms=30000)
+    assert distfuse.init_workspace(group_name, max_bytes=32 << 20, timeout_ms=30000)
     torch.manual_seed(100 + rank)
     shapes = [(1, 512, 1024), (3, 1024, 8192), (8, 256, 264), (128, 2048, 8192), (1000, 512, 1024),
               (4097, 1024, 2048)]

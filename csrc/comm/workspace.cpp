@@ -83,8 +83,8 @@ bool exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int
 
 }  // namespace
 
-Workspace::Workspace(std::string group_name, size_t tile_bytes, uint64_t timeout_ms)
-    : group_name_(std::move(group_name)), tile_bytes_(tile_bytes), timeout_ms_(timeout_ms) {}
+Workspace::Workspace(std::string group_name, size_t max_output_bytes, uint64_t timeout_ms)
+    : group_name_(std::move(group_name)), max_output_bytes_(max_output_bytes), timeout_ms_(timeout_ms) {}
 
 size_t Workspace::one_shot_capacity_bytes() const { return kOneShotCapacityBytes; }
 
@@ -108,6 +108,7 @@ void Workspace::allocate(const char* op) {
   p2p_ = world_ > 1 && exchange_p2p_verdict(*pg, prefix, device_);
   if (!p2p_) return;
 
+  tile_bytes_ = std::max<size_t>(tile_bytes_, tile_region_bytes_for_output(max_output_bytes_, world_));
   const WorkspaceLayout layout = make_layout(world_, tile_bytes_);
   buffer_ = c10d::symmetric_memory::empty_strided_p2p(
       {static_cast<int64_t>(layout.total_bytes)}, {1}, at::kByte, at::Device(at::kCUDA, device_),
@@ -143,7 +144,7 @@ void Workspace::release() {
   buffer_ = at::Tensor();
 }
 
-Workspace& Workspace::create(const std::string& group_name, size_t tile_bytes,
+Workspace& Workspace::create(const std::string& group_name, size_t max_output_bytes,
                              uint64_t timeout_ms, const char* op) {
   TORCH_CHECK(!capturing(), "distfuse.init_workspace: cannot create the workspace of group '",
               group_name, "' during CUDA graph capture; call it before capturing");
@@ -155,7 +156,8 @@ Workspace& Workspace::create(const std::string& group_name, size_t tile_bytes,
     it->second->release();
     g_workspaces->erase(it);
   }
-  std::unique_ptr<Workspace> ws(new Workspace(group_name, tile_bytes, timeout_from_env(timeout_ms)));
+  std::unique_ptr<Workspace> ws(
+      new Workspace(group_name, max_output_bytes, timeout_from_env(timeout_ms)));
   ws->allocate(op);
   Workspace& ref = *ws;
   (*g_workspaces)[group_name] = std::move(ws);
@@ -194,7 +196,8 @@ std::vector<int64_t> Workspace::info(const std::string& group_name) {
   return {w.p2p_, w.world_, w.rank_, static_cast<int64_t>(l.total_bytes),
           w.p2p_ ? static_cast<int64_t>(kOneShotCapacityBytes) : 0,
           static_cast<int64_t>(l.twoshot_bytes), static_cast<int64_t>(l.tiles_bytes),
-          static_cast<int64_t>(w.timeout_ms_)};
+          static_cast<int64_t>(w.timeout_ms_),
+          static_cast<int64_t>(l.tiles_bytes / tile_region_bytes_for_output(1, w.world_))};
 }
 
 void* Workspace::gemm_scratch(size_t bytes, const char* op) {
@@ -214,12 +217,14 @@ void* Workspace::gemm_scratch(size_t bytes, const char* op) {
 
 void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
   if (!p2p_ || bytes <= handle_.layout.tiles_bytes) return;
+  const size_t per_output = tile_region_bytes_for_output(1, world_);
   TORCH_CHECK(!capturing(), "distfuse.", op, ": this call needs a tile region of ", bytes,
               " bytes but the workspace of group '", group_name_, "' has ",
               handle_.layout.tiles_bytes,
               "; it cannot grow during CUDA graph capture: call distfuse.init_workspace(group, "
-              "max_bytes=",
-              bytes, ") (or more) on every rank before capturing");
+              "max_bytes=", (bytes + per_output - 1) / per_output,
+              ") (or more: the largest fused output, M x N x element size) on every rank before "
+              "capturing");
   // Round up so that a sweep of growing shapes re-creates rarely; identical on every rank.
   constexpr size_t kGrain = 64ull << 20;
   const size_t grown = (bytes + kGrain - 1) / kGrain * kGrain;

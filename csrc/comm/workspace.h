@@ -28,12 +28,14 @@ class Workspace {
   // when missing. Creation during CUDA-graph capture is an error that says how
   // to pre-size (`op` names the calling op in that message).
   static Workspace& get(const std::string& group_name, const char* op);
-  // (Re-)creates the workspace with a tile region of `tile_bytes`; collective.
-  static Workspace& create(const std::string& group_name, size_t tile_bytes, uint64_t timeout_ms,
-                           const char* op = "init_workspace");
+  // (Re-)creates the workspace with a tile region for fused GEMM outputs of up to
+  // `max_output_bytes` (M·N·element size); collective.
+  static Workspace& create(const std::string& group_name, size_t max_output_bytes,
+                           uint64_t timeout_ms, const char* op = "init_workspace");
   // Frees the workspace after every rank's pending work finished; collective.
   static void destroy(const std::string& group_name);
-  // {p2p, world, rank, total_bytes, one_shot_capacity, two_shot_bytes, tile_bytes, timeout_ms};
+  // {p2p, world, rank, total_bytes, one_shot_capacity, two_shot_bytes, tile_bytes, timeout_ms,
+  //  max_output_bytes (the largest fused GEMM output the tile region holds)};
   // empty when the group has no workspace.
   static std::vector<int64_t> info(const std::string& group_name);
 
@@ -55,12 +57,13 @@ class Workspace {
   size_t one_shot_capacity_bytes() const;
 
  private:
-  Workspace(std::string group_name, size_t tile_bytes, uint64_t timeout_ms);
+  Workspace(std::string group_name, size_t max_output_bytes, uint64_t timeout_ms);
   void allocate(const char* op);
   void release();
 
   std::string group_name_;
-  size_t tile_bytes_;
+  size_t max_output_bytes_;  // as asked by init_workspace
+  size_t tile_bytes_ = 0;    // tile region: for max_output_bytes_, or grown by a call
   uint64_t timeout_ms_;
   bool p2p_ = false;
   int rank_ = 0;

@@ -76,10 +76,10 @@ int64_t get_tuning(std::string key) {
 
 #ifdef DISTFUSE_WITH_CUDA
 bool built_with_cuda() { return true; }
-bool init_workspace(std::string group_name, int64_t tile_bytes, int64_t timeout_ms) {
-  TORCH_CHECK(tile_bytes >= 0, "distfuse.init_workspace: max_bytes must be >= 0, got ", tile_bytes);
+bool init_workspace(std::string group_name, int64_t max_bytes, int64_t timeout_ms) {
+  TORCH_CHECK(max_bytes >= 0, "distfuse.init_workspace: max_bytes must be >= 0, got ", max_bytes);
   TORCH_CHECK(timeout_ms >= 0, "distfuse.init_workspace: timeout_ms must be >= 0, got ", timeout_ms);
-  return comm::Workspace::create(group_name, static_cast<size_t>(tile_bytes),
+  return comm::Workspace::create(group_name, static_cast<size_t>(max_bytes),
                                  static_cast<uint64_t>(timeout_ms))
       .p2p();
 }

@@ -172,7 +172,7 @@ def ensure_workspace(ctx: BenchContext, max_bytes: int) -> bool:
     workspace already holds ``max_bytes`` (every rank decides alike). Returns p2p."""
     import distfuse
     info = distfuse.workspace_info(ctx.group_name) if not ctx.cpu else {}
-    if info and info.get("tile_bytes", 0) >= max_bytes:
+    if info and info.get("max_output_bytes", 0) >= max_bytes:
         return bool(info.get("p2p"))
     return bool(distfuse.init_workspace(ctx.group_name, max_bytes=max_bytes))
 

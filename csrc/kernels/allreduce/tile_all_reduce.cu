@@ -342,8 +342,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_push_kernel(Tile
 }  // namespace
 
 uint64_t tile_region_bytes(int m, int n, int esize, int world) {
-  const uint64_t mn = uint64_t(m) * n;
-  return (mn + 2ull * world * mn) * esize;
+  return tile_region_bytes_for_output(uint64_t(m) * n * esize, world);
 }
 
 int tile_all_reduce_max_tiles() { return int(kFlagsPerChannel / kMaxWorld); }

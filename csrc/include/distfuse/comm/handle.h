@@ -66,6 +66,12 @@ constexpr int kTwoShotSlots = 2;  // steps of one block are double-buffered
 
 inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
+// Tile region a fused GEMM op needs for an output of `output_bytes` (M·N·element
+// size): the partial product plus two parities of one receive slot per rank.
+inline uint64_t tile_region_bytes_for_output(uint64_t output_bytes, int world) {
+  return (1 + 2ull * world) * output_bytes;
+}
+
 // The layout every rank of a `world`-sized group uses.
 inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
   constexpr uint64_t kAlign = 4096;
