@@ -180,21 +180,63 @@ __device__ __forceinline__ int tiles_of_block(int tiles) {
 }
 __device__ __forceinline__ int block_tile(int j) { return int(blockIdx.x) + j * int(gridDim.x); }
 
+// What every consumer CTA of one call knows: shapes, pointers and the call epoch.
+template <typename T, int W>
+struct TileCall {
+  const TileAllReduceParams& p;
+  const CommHandle& c;
+  int rank;
+  TileShape s;
+  T* out;
+  const T* bias;
+  const T* mine;  // this rank's partial D
+  CallEpoch ce;
+  uint32_t epoch;
+  int parity;
+
+  __device__ explicit TileCall(const TileAllReduceParams& params)
+      : p(params), c(params.comm), rank(params.comm.rank), s(params),
+        out(static_cast<T*>(params.output)), bias(static_cast<const T*>(params.bias)),
+        mine(partial_of<T>(params.comm, params.comm.rank)), ce(call_epoch(params.comm)),
+        epoch(next_epoch(*ce.value)), parity(int(epoch & 1)) {}
+
+  // What `src` sent to `dst` in this call.
+  __device__ T* slot(int dst, int src) const { return receive_slot<T>(c, dst, s.mn, parity, src); }
+  // The k-th peer after this rank (1 <= k < W).
+  __device__ int peer(int k) const { return rank + k < W ? rank + k : rank + k - W; }
+
+  // Σ in rank order (+ bias) of this rank's tile and the copies every peer sent
+  // here, once their flags arrived; each result goes to the output and to sink.
+  template <typename Sink>
+  __device__ void sum_received(const TileIndex& x, const TileGeometry<T>& g, Sink sink) const {
+    constexpr int U = kTileUnroll<W>;
+    const int count = g.rows * g.vecs;
+    if (threadIdx.x < W && threadIdx.x != rank)
+      wait_reached(received_flag(c, rank, x.t, threadIdx.x), epoch, c.timeout_ns, x.t, threadIdx.x);
+    __syncthreads();
+    for (int base = threadIdx.x; base < count; base += U * kTileThreads)
+      sum_batch_in_rank_order<T, W, U>(
+          base, count,
+          [&](int src, int v) { return (src == rank ? mine : slot(rank, src)) + g.d_offset(v, p.n); },
+          bias, [&](int v) { return g.bias_col(v); },
+          [&](int v, uint4 r) {
+            const int64_t off = g.d_offset(v, p.n);
+            store_plain(out + off, r);
+            sink(off, r);
+          });
+  }
+};
+
 // Owner mode; the schedule is drawn in tile_all_reduce.h. A block walks its tiles
 // in groups of p.group: a release at system scope waits until the block's pushes
 // have landed, so one round of releases per group, not per tile.
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(TileAllReduceParams p) {
-  constexpr int U = kTileUnroll<W>;
-  const CommHandle& c = p.comm;
-  const int rank = c.rank;
-  const TileShape s(p);
-  T* out = static_cast<T*>(p.output);
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* mine = partial_of<T>(c, rank);
-  const CallEpoch ce = call_epoch(c);
-  const uint32_t epoch = next_epoch(*ce.value);
-  const int parity = epoch & 1;
+  const TileCall<T, W> call(p);
+  const CommHandle& c = call.c;
+  const int rank = call.rank;
+  const TileShape& s = call.s;
+  const uint32_t epoch = call.epoch;
   const int group = max(1, min(p.group, kTileThreads));
   const int count_j = tiles_of_block(s.tiles);
 
@@ -207,10 +249,10 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       const TileGeometry<T> g(p, x.tm, x.tn);
       if (threadIdx.x == 0) wait_reached(received_flag(c, rank, x.t, owner), epoch, c.timeout_ns, x.t, owner);
       __syncthreads();
-      const T* from = receive_slot<T>(c, rank, s.mn, parity, owner);
+      const T* from = call.slot(rank, owner);
       copy_batched<kCopyUnroll>(
           g.rows * g.vecs, [&](int v) { return from + g.d_offset(v, p.n); },
-          [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
+          [&](int v, uint4 r) { store_plain(call.out + g.d_offset(v, p.n), r); });
     }
   };
 
@@ -224,9 +266,9 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
       const TileGeometry<T> g(p, x.tm, x.tn);
       wait_tile_ready(c, x);
-      T* to = receive_slot<T>(c, owner, s.mn, parity, rank);
+      T* to = call.slot(owner, rank);
       copy_batched<kCopyUnroll>(
-          g.rows * g.vecs, [&](int v) { return mine + g.d_offset(v, p.n); },
+          g.rows * g.vecs, [&](int v) { return call.mine + g.d_offset(v, p.n); },
           [&](int v, uint4 r) { store_plain(to + g.d_offset(v, p.n), r); });
     }
     __syncthreads();  // the block's pushes precede the releases
@@ -241,34 +283,17 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       if (i % W != rank) continue;
       const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
       const TileGeometry<T> g(p, x.tm, x.tn);
-      const int count = g.rows * g.vecs;
       wait_tile_ready(c, x);
-      if (threadIdx.x < W && threadIdx.x != rank)
-        wait_reached(received_flag(c, rank, x.t, threadIdx.x), epoch, c.timeout_ns, x.t, threadIdx.x);
-      __syncthreads();
-      for (int base = threadIdx.x; base < count; base += U * kTileThreads)
-        sum_batch_in_rank_order<T, W, U>(
-            base, count,
-            [&](int src, int v) {
-              return (src == rank ? mine : receive_slot<T>(c, rank, s.mn, parity, src)) + g.d_offset(v, p.n);
-            },
-            bias, [&](int v) { return g.bias_col(v); },
-            [&](int v, uint4 r) {
-              const int64_t off = g.d_offset(v, p.n);
-              store_plain(out + off, r);
+      call.sum_received(x, g, [&](int64_t off, uint4 r) {
 #pragma unroll
-              for (int k = 1; k < W; ++k) {
-                const int dst = rank + k < W ? rank + k : rank + k - W;
-                store_plain(receive_slot<T>(c, dst, s.mn, parity, rank) + off, r);
-              }
-            });
+        for (int k = 1; k < W; ++k) store_plain(call.slot(call.peer(k), rank) + off, r);
+      });
     }
     __syncthreads();  // the block's pushes precede the releases
     for (int q = threadIdx.x; q < (jb - ja) * (W - 1); q += kTileThreads) {
       const int i = block_tile(ja + q / (W - 1));
       if (i % W != rank) continue;
-      const int k = q % (W - 1) + 1;
-      const int dst = rank + k < W ? rank + k : rank + k - W;
+      const int dst = call.peer(q % (W - 1) + 1);
       store_release_sys(received_flag(c, dst, tile_index(i, s.tiles_m, s.tiles_n).t, rank), epoch);
     }
     // 3. Collect the previous group's sums (they had a group's time to arrive).
@@ -277,7 +302,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
     prev_b = jb;
   }
   copy_out(prev_a, prev_b);
-  finish_call(ce, epoch);
+  finish_call(call.ce, epoch);
 }
 
 // Push mode (decode: few tiles, latency-bound), in two passes over this block's
@@ -287,56 +312,31 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
 // W-1 copies and sum.
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_push_kernel(TileAllReduceParams p) {
-  constexpr int U = kTileUnroll<W>;
-  const CommHandle& c = p.comm;
-  const int rank = c.rank;
-  const TileShape s(p);
-  T* out = static_cast<T*>(p.output);
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* mine = partial_of<T>(c, rank);
-  const CallEpoch ce = call_epoch(c);
-  const uint32_t epoch = next_epoch(*ce.value);
-  const int parity = epoch & 1;
+  const TileCall<T, W> call(p);
+  const TileShape& s = call.s;
 
   for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {
     const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
     const TileGeometry<T> g(p, x.tm, x.tn);
-    wait_tile_ready(c, x);
+    wait_tile_ready(call.c, x);
     copy_batched<kCopyUnroll>(
-        g.rows * g.vecs, [&](int v) { return mine + g.d_offset(v, p.n); },
+        g.rows * g.vecs, [&](int v) { return call.mine + g.d_offset(v, p.n); },
         [&](int v, uint4 r) {
           const int64_t off = g.d_offset(v, p.n);
 #pragma unroll
-          for (int k = 1; k < W; ++k) {
-            const int dst = rank + k < W ? rank + k : rank + k - W;
-            store_plain(receive_slot<T>(c, dst, s.mn, parity, rank) + off, r);
-          }
+          for (int k = 1; k < W; ++k) store_plain(call.slot(call.peer(k), call.rank) + off, r);
         });
   }
   __syncthreads();  // every push of the block precedes the releases below
   for (int j = threadIdx.x; j < tiles_of_block(s.tiles) * (W - 1); j += kTileThreads) {
     const TileIndex x = tile_index(block_tile(j / (W - 1)), s.tiles_m, s.tiles_n);
-    const int k = j % (W - 1) + 1;
-    const int dst = rank + k < W ? rank + k : rank + k - W;
-    store_release_sys(received_flag(c, dst, x.t, rank), epoch);
+    store_release_sys(received_flag(call.c, call.peer(j % (W - 1) + 1), x.t, call.rank), call.epoch);
   }
   for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {
     const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-    const TileGeometry<T> g(p, x.tm, x.tn);
-    const int count = g.rows * g.vecs;
-    if (threadIdx.x < W && threadIdx.x != rank)
-      wait_reached(received_flag(c, rank, x.t, threadIdx.x), epoch, c.timeout_ns, x.t, threadIdx.x);
-    __syncthreads();
-    for (int base = threadIdx.x; base < count; base += U * kTileThreads)
-      sum_batch_in_rank_order<T, W, U>(
-          base, count,
-          [&](int src, int v) {
-            return (src == rank ? mine : receive_slot<T>(c, rank, s.mn, parity, src)) + g.d_offset(v, p.n);
-          },
-          bias, [&](int v) { return g.bias_col(v); },
-          [&](int v, uint4 r) { store_plain(out + g.d_offset(v, p.n), r); });
+    call.sum_received(x, TileGeometry<T>(p, x.tm, x.tn), [](int64_t, uint4) {});
   }
-  finish_call(ce, epoch);
+  finish_call(call.ce, call.epoch);
 }
 
 }  // namespace
