@@ -7,7 +7,7 @@ reduction; results are bitwise identical on every rank.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,16 @@ PATHS = {
     "all_reduce": ("auto", "reference", "one_shot", "two_shot"),
     "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized"),
 }
+
+# Entries of the dispatch table (csrc/include/distfuse/tuning.h) that can be overridden.
+TUNING_KEYS = (
+    "all_reduce.one_shot_max_bytes",       # largest one-shot all-reduce
+    "all_reduce.two_shot_blocks",          # CTAs of the two-shot kernel
+    "all_reduce.two_shot_chunk_bytes",     # bytes a two-shot CTA moves per peer and step
+    "matmul_all_reduce.fused_min_m",       # smallest M that takes the overlapped schedule
+    "matmul_all_reduce.consumer_blocks",   # consumer CTAs beside the tile GEMM
+    "matmul_all_reduce.group_tiles",       # owner schedule: tiles per round of flag releases
+)
 
 
 def group_name(group: GroupLike) -> str:
@@ -92,6 +102,26 @@ def force_path(op: str, path: str) -> Iterator[None]:
         yield
     finally:
         torch.ops.distfuse._set_forced_path(op, previous or "auto")
+
+
+@contextlib.contextmanager
+def tuning(overrides: Dict[str, int]) -> Iterator[None]:
+    """Override entries of the dispatch table within the block (benchmarks and tuning
+    sweeps), e.g. ``with tuning({"matmul_all_reduce.consumer_blocks": 16}): ...``; a value
+    of 0 means the table's own. Every rank must use the same overrides."""
+    for key, value in overrides.items():
+        if key not in TUNING_KEYS:
+            raise ValueError(f"distfuse.tuning: key must be one of {TUNING_KEYS}, got {key!r}")
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"distfuse.tuning: {key} must be an int >= 0, got {value!r}")
+    previous = {key: int(torch.ops.distfuse._get_tuning(key)) for key in overrides}
+    for key, value in overrides.items():
+        torch.ops.distfuse._set_tuning(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            torch.ops.distfuse._set_tuning(key, value)
 
 
 def last_path(op: str) -> str:

@@ -9,6 +9,7 @@
 # library is built here, which needs the CUTLASS headers (nvidia-cutlass).
 #
 # Environment knobs: PYTHON (default python3), DISTFUSE_SKIP_TESTS=1,
+# DISTFUSE_WORLD_SIZES (e.g. "2 4": a benchmark run per world size; default all GPUs),
 # DISTFUSE_TEST_TIMEOUT / DISTFUSE_BENCH_TIMEOUT (seconds; 900 / 1500),
 # DISTFUSE_TEST_ARGS (extra pytest arguments), DISTFUSE_RESULTS_DIR.
 #
@@ -92,10 +93,20 @@ if [ "${DISTFUSE_SKIP_TESTS:-0}" != "1" ]; then
     [ -n "$TEST_LINE" ] || TEST_LINE="pytest exited with $TEST_RC"
 fi
 
-echo "== benchmarks: python3 -m distfuse.bench $* (timeout ${BENCH_TIMEOUT}s)"
-timeout -k 30 "$BENCH_TIMEOUT" "$PY" -m distfuse.bench --output-dir "$RESULTS_DIR" "$@" 2>&1 | tee "$LOGDIR/bench.log"
-BENCH_RC=$?
-[ $BENCH_RC -eq 124 ] || [ $BENCH_RC -eq 137 ] && echo "benchmarks TIMED OUT after ${BENCH_TIMEOUT}s"
+# DISTFUSE_WORLD_SIZES="2 4": one benchmark run per world size (same machine, so the
+# results of every W compare); default: one run on every visible GPU.
+BENCH_RC=0
+: > "$LOGDIR/bench.log"
+for W in ${DISTFUSE_WORLD_SIZES:-all}; do
+    WORLD_ARGS=()
+    [ "$W" = "all" ] || WORLD_ARGS=(--world-size "$W")
+    echo "== benchmarks: python3 -m distfuse.bench ${WORLD_ARGS[*]} $* (timeout ${BENCH_TIMEOUT}s)"
+    timeout -k 30 "$BENCH_TIMEOUT" "$PY" -m distfuse.bench --output-dir "$RESULTS_DIR" "${WORLD_ARGS[@]}" "$@" \
+        2>&1 | tee -a "$LOGDIR/bench.log"
+    rc=${PIPESTATUS[0]}
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "benchmarks (W=$W) TIMED OUT after ${BENCH_TIMEOUT}s"
+    [ $rc -eq 0 ] || BENCH_RC=$rc
+done
 
 if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/results.tgz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")" 2>/dev/null \

@@ -130,3 +130,23 @@ def test_bars_of_committed_results_are_recomputable():
             assert text in f.read(), f"{name}: the .md has no (or a stale) bars section"
         checked += 1
     assert checked > 0
+
+
+def test_tune_sweep_variants_and_errors():
+    """--tune KEY=V1,V2: one column per combination of the op's keys; bad keys or values fail early."""
+    import types
+
+    from distfuse.bench.timing import BenchContext, tuned_method_name
+    opts = {"tune": {"matmul_all_reduce.consumer_blocks": [16, 32], "matmul_all_reduce.group_tiles": [1, 4],
+                     "all_reduce.two_shot_blocks": [64]}}
+    ctx = types.SimpleNamespace(options=opts, cpu=False)
+    variants = BenchContext.tune_variants(ctx, "matmul_all_reduce")
+    assert len(variants) == 4 and {"matmul_all_reduce.consumer_blocks": 32, "matmul_all_reduce.group_tiles": 4} in variants
+    assert BenchContext.tune_variants(ctx, "all_reduce") == [{"all_reduce.two_shot_blocks": 64}]
+    assert BenchContext.tune_variants(types.SimpleNamespace(options=opts, cpu=True), "all_reduce") == []
+    assert tuned_method_name("fused_tiles", variants[0]) == "distfuse:fused_tiles[consumer_blocks=16,group_tiles=1]"
+    for bad, words in (("bogus=1", "key must be one of"), ("all_reduce.two_shot_blocks=0", ">= 1"),
+                       ("all_reduce.two_shot_blocks=x", "integers")):
+        proc = subprocess.run([sys.executable, "-m", "distfuse.bench", "--cpu", "--tune", bad], cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "--tune" in proc.stderr and words in proc.stderr, proc.stderr[-500:]

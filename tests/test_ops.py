@@ -718,3 +718,24 @@ def test_reference_single_process():
             assert ref.all_reduce(x16, precise=True).dtype == torch.float64
         finally:
             dist.destroy_process_group()
+
+
+def test_tuning_overrides_are_scoped_and_checked():
+    """distfuse.tuning sets dispatch-table overrides for a block and restores the previous ones."""
+    import distfuse
+    get = torch.ops.distfuse._get_tuning
+    key = "matmul_all_reduce.consumer_blocks"
+    assert get(key) == 0
+    with distfuse.tuning({key: 16, "matmul_all_reduce.group_tiles": 4}):
+        assert get(key) == 16 and get("matmul_all_reduce.group_tiles") == 4
+        with distfuse.tuning({key: 32}):
+            assert get(key) == 32
+        assert get(key) == 16
+    assert get(key) == 0 and get("matmul_all_reduce.group_tiles") == 0
+    with pytest.raises(ValueError, match="distfuse.tuning: key must be one of"):
+        with distfuse.tuning({"matmul_all_reduce.consumers": 8}):
+            pass
+    with pytest.raises(ValueError, match="consumer_blocks must be an int >= 0, got -1"):
+        with distfuse.tuning({key: -1}):
+            pass
+    assert get(key) == 0

@@ -25,7 +25,7 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 # NVLink multicast stays off in every process (DESIGN.md, machines).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -47,6 +47,21 @@ def _split(values: Optional[List[str]], conv) -> Optional[List[Any]]:
     for v in values:
         out += [conv(x) for x in str(v).split(",") if x.strip()]
     return out
+
+
+def _tune_item(text: str) -> Tuple[str, List[int]]:
+    """``KEY=V1,V2`` of --tune: a dispatch-table key and the values to sweep."""
+    from ..ops import TUNING_KEYS
+    key, _, values = text.partition("=")
+    if key not in TUNING_KEYS:
+        raise argparse.ArgumentTypeError(f"key must be one of {', '.join(TUNING_KEYS)}, got {key!r}")
+    try:
+        ints = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: values must be integers, e.g. {key}=16,32") from None
+    if not ints or min(ints) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give one or more integers >= 1")
+    return key, ints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout", type=int, default=900, help="process-group timeout in seconds")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of methods that fail")
+    p.add_argument("--tune", action="append", default=[], type=_tune_item, metavar="KEY=V1,V2",
+                   help="tuning sweep: extra columns forcing the op's own kernel path (all_reduce: "
+                        "two_shot, matmul_all_reduce: fused_tiles) for every combination of these "
+                        "dispatch-table values; keys: distfuse.ops.TUNING_KEYS (repeatable)")
     return p
 
 
@@ -104,7 +123,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         "tokens": _split(args.tokens, int), "graph": args.graph, "iters": iters, "warmup": warmup,
         "graph_calls": max(1, args.graph_calls), "flush": not args.no_flush, "max_seconds": max_seconds,
         "output_dir": os.path.abspath(args.output_dir), "quick": quick, "seed": args.seed,
-        "timeout": args.timeout, "verbose": args.verbose,
+        "timeout": args.timeout, "verbose": args.verbose, "tune": dict(args.tune),
     }
 
 
@@ -149,7 +168,7 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
     timer = Timer(group, cfg, device)
     ctx = BenchContext(rank=rank, world=world, group=group, group_name=group.group_name, device=device,
                        dtype=DTYPES[opts["dtype"]], timer=timer, graph_mode=opts["graph"], quick=opts["quick"],
-                       seed=opts["seed"], options={k: opts[k] for k in ("m", "shapes", "sizes", "tokens")})
+                       seed=opts["seed"], options={k: opts[k] for k in ("m", "shapes", "sizes", "tokens", "tune")})
     env = results.environment(device)
     modules = {"all_reduce": all_reduce, "matmul_all_reduce": matmul_all_reduce, "decoder_layer": decoder_layer}
     report: List[Dict[str, Any]] = []

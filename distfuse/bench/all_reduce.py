@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .results import OpResult, Table, fmt, fmt_bytes
-from .timing import BenchContext, Method, Timing, slots_for_bytes
+from .timing import BenchContext, Method, Timing, slots_for_bytes, tuned_method_name
 
 OP = "all_reduce"
 FULL_SIZES = [4 << 10 << (2 * i) for i in range(9)]     # 4 KB, 16 KB, ..., 256 MB (powers of 4)
@@ -99,11 +99,13 @@ def _unavailable(name: str, reason: str) -> Method:
 
 
 def all_reduce_methods(ctx: BenchContext, srcs: List[torch.Tensor], pool: Optional[SymmPool],
-                       prefix: str = "", forced_paths: Sequence[str] = DISTFUSE_PATHS) -> List[Method]:
+                       prefix: str = "", forced_paths: Sequence[str] = DISTFUSE_PATHS,
+                       tune: Sequence[Dict[str, int]] = ()) -> List[Method]:
     """One method per all-reduce implementation, each reducing ``srcs[slot]`` (left intact).
 
     Names: ``<prefix><backend>``, ``<prefix>symm_one_shot``, ``<prefix>symm_two_shot``,
-    ``<prefix>distfuse`` and ``<prefix>distfuse:<path>`` for each forced path.
+    ``<prefix>distfuse``, ``<prefix>distfuse:<path>`` for each forced path and
+    ``<prefix>distfuse:two_shot[...]`` for each set of dispatch-table overrides in ``tune``.
     """
     import distfuse
     group, gname = ctx.group, ctx.group_name
@@ -154,6 +156,12 @@ def all_reduce_methods(ctx: BenchContext, srcs: List[torch.Tensor], pool: Option
                 with distfuse.force_path("all_reduce", path):
                     return distfuse.all_reduce(srcs[slot], gname)
             methods.append(Method(f"{prefix}distfuse:{path}", forced, slots=slots,
+                                  info=lambda: {"path": last_path("all_reduce", ctx)}))
+        for overrides in tune:
+            def tuned(slot, overrides=overrides):
+                with distfuse.force_path("all_reduce", "two_shot"), distfuse.tuning(overrides):
+                    return distfuse.all_reduce(srcs[slot], gname)
+            methods.append(Method(prefix + tuned_method_name("two_shot", overrides), tuned, slots=slots,
                                   info=lambda: {"path": last_path("all_reduce", ctx)}))
     return methods
 
@@ -235,7 +243,7 @@ def run(ctx: BenchContext) -> OpResult:
         for s2, graph, slots in plan:
             if s2 != size:
                 continue
-            methods = all_reduce_methods(ctx, srcs_all[:slots], pool)
+            methods = all_reduce_methods(ctx, srcs_all[:slots], pool, tune=ctx.tune_variants(OP))
             timings = ctx.timer.run_all(methods, graph=graph)
             rows.append(_row(ctx, size, numel, graph, timings, expected, factor, errors_seen))
             ctx.log(_progress(rows[-1], ctx))

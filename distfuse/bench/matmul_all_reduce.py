@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from . import all_reduce as ar
 from .results import OpResult, Table, Unavailable, fmt
-from .timing import BenchContext, Method, Timing, geomean, slots_for_bytes
+from .timing import BenchContext, Method, Timing, geomean, slots_for_bytes, tuned_method_name
 
 OP = "matmul_all_reduce"
 HIDDEN, INTERMEDIATE = 8192, 28672          # Llama-3-70B
@@ -191,6 +191,11 @@ def _case(ctx: BenchContext, name, k_total, k, n, layout, m, graph, ar_alone, er
                 with distfuse.force_path(OP, p):
                     return distfuse.matmul_all_reduce(a_s[slot], b_s[slot], gname)
             methods.append(Method(f"distfuse:{p}", forced, slots=slots, info=path_info))
+        for overrides in ctx.tune_variants(OP):
+            def tuned(slot, overrides=overrides):
+                with distfuse.force_path(OP, "fused_tiles"), distfuse.tuning(overrides):
+                    return distfuse.matmul_all_reduce(a_s[slot], b_s[slot], gname)
+            methods.append(Method(tuned_method_name("fused_tiles", overrides), tuned, slots=slots, info=path_info))
     timings: Dict[str, Timing] = ctx.timer.run_all(methods, graph=graph)
     a_s.clear()  # frees the inputs (the closures above hold the lists)
     b_s.clear()
@@ -266,7 +271,8 @@ def _progress(row) -> str:
 def _table(ctx, rows, errors_seen, notes, tol) -> Table:
     b = ctx.backend
     forced = [f"distfuse:{p}" for p in FORCED_PATHS] if not ctx.cpu else []
-    short = {f"distfuse:{p}": f"df:{p}" for p in FORCED_PATHS}
+    forced += [tuned_method_name("fused_tiles", o) for o in ctx.tune_variants(OP)]
+    short = {f: "df:" + f.split(":", 1)[1] for f in forced}
     heads = ["shape", "M", "K", "N", "b", "mode", "mm us", "AR best us", "AR best", f"mm+{b} us",
              "mm+df AR us"] + [f"{short[f]} us" for f in forced] + \
             ["distfuse us", "path", "ideal us", "hidden", "speedup", "rel_err"]

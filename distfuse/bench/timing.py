@@ -35,6 +35,7 @@ a ``dist.barrier`` before every sample, and no graphs or L2 flush.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import statistics
 import time
@@ -46,6 +47,11 @@ import torch
 import torch.distributed as dist
 
 FLUSH_BYTES = 256 << 20  # larger than the L2 of any GPU this runs on (50-60 MB on H100/H200)
+
+
+def tuned_method_name(path: str, overrides: Dict[str, int]) -> str:
+    """Column name of a ``--tune`` variant, e.g. ``distfuse:fused_tiles[consumer_blocks=16]``."""
+    return f"distfuse:{path}[" + ",".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(overrides.items())) + "]"
 
 
 @dataclass
@@ -399,6 +405,14 @@ class BenchContext:
     @property
     def backend(self) -> str:
         return str(dist.get_backend(self.group))
+
+    def tune_variants(self, op: str) -> List[Dict[str, int]]:
+        """The combinations of ``--tune`` values whose keys belong to ``op`` (none on CPU)."""
+        tune = {k: v for k, v in (self.options.get("tune") or {}).items() if k.startswith(op + ".")}
+        if self.cpu or not tune:
+            return []
+        keys = sorted(tune)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(tune[k] for k in keys))]
 
     def graph_variants(self, small: bool, both_when_small: bool = False) -> List[bool]:
         """Which modes (False: eager, True: graph) to measure a row in. ``small``: the op
