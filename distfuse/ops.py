@@ -20,7 +20,8 @@ OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_m
 # Paths the dispatcher can be forced to take, per op ("auto" lets it decide).
 PATHS = {
     "all_reduce": ("auto", "reference", "one_shot", "two_shot"),
-    "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized"),
+    "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized",
+                          "chunked"),
 }
 
 # Entries of the dispatch table (csrc/include/distfuse/tuning.h) that can be overridden.
@@ -31,6 +32,8 @@ TUNING_KEYS = (
     "matmul_all_reduce.fused_min_m",       # smallest M that takes the overlapped schedule
     "matmul_all_reduce.consumer_blocks",   # consumer CTAs beside the tile GEMM
     "matmul_all_reduce.group_tiles",       # owner schedule: tiles per round of flag releases
+    "matmul_all_reduce.chunks",            # chunked schedule: row chunks
+    "matmul_all_reduce.chunk_ar_blocks",   # chunked schedule: CTAs of each chunk's all-reduce
 )
 
 

@@ -10,7 +10,7 @@ from dist_harness import run_distributed
 pytestmark = pytest.mark.multigpu
 
 FUSED_PATHS = ("fused_tiles", "decode_push")
-ALL_PATHS = ("fused_tiles", "decode_push", "serialized", "sequential", "reference", "auto")
+ALL_PATHS = ("fused_tiles", "decode_push", "serialized", "sequential", "chunked", "reference", "auto")
 
 
 def world_sizes():
@@ -81,7 +81,7 @@ def body_paths(rank, world, group_name):
                         outs[(path, layout)] = out
                 # Same GEMM + same reduction order: the overlap changes no bit.
                 assert torch.equal(outs[("auto", "weight_t")], outs[("serialized", "weight_t")]), (m, k, n)
-                for path in ("fused_tiles", "decode_push", "sequential", "auto"):
+                for path in ("fused_tiles", "decode_push", "sequential", "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
                         assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)
     # Leading batch dims, a shape the fused GEMM cannot take (K % 8 != 0), device mismatch.
@@ -113,7 +113,7 @@ def body_exact_random_m(rank, world, group_name):
     k, n = 128, 1024
     for i in range(1000):
         m = int(torch.randint(1, 700, (1,), generator=g))
-        path = ("auto", "fused_tiles", "decode_push")[i % 3]
+        path = ("auto", "fused_tiles", "decode_push", "chunked")[i % 4]
         gen = torch.Generator(device="cpu").manual_seed(1_000_000 + i)
         a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(dev, torch.float16)
         w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(dev, torch.float16)
@@ -129,7 +129,7 @@ def body_graphs(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     k, n = 256, 2048
-    for path, m in (("decode_push", 4), ("fused_tiles", 512), ("auto", 1), ("auto", 1024)):
+    for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("auto", 1), ("auto", 1024)):
         a = torch.zeros(m, k, dtype=torch.float16, device=dev)
         w = torch.zeros(n, k, dtype=torch.float16, device=dev)
         bias = torch.zeros(n, dtype=torch.float16, device=dev)

@@ -90,4 +90,19 @@ inline int owner_group_tiles(int world, int64_t k, int override_tiles = 0) {
   return k <= 2048 ? 4 : 1;
 }
 
+// Chunked schedule (cuBLAS per row chunk, each chunk's all-reduce beside the next
+// GEMM): rows per chunk, whole 128-row GEMM tiles, about `chunks` chunks. Untuned.
+inline int64_t chunk_rows(int64_t m, int world, int64_t override_chunks = 0) {
+  (void)world;
+  const int64_t chunks = override_chunks > 0 ? override_chunks : 4;
+  const int64_t rows = (m + chunks - 1) / chunks;
+  return (rows + 127) / 128 * 128;
+}
+
+// CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.
+inline int chunk_all_reduce_blocks(int world, int override_blocks = 0) {
+  (void)world;
+  return override_blocks > 0 ? override_blocks : 32;
+}
+
 }  // namespace distfuse

@@ -55,7 +55,7 @@ AllReducePath choose_all_reduce_path(const comm::Workspace& ws, int64_t bytes, D
 }
 
 void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tensor& out,
-                    const at::Tensor* bias, AllReducePath path, int op) {
+                    const at::Tensor* bias, AllReducePath path, int op, int two_shot_blocks_cap) {
   AllReduceParams p{};
   p.input = input.data_ptr();
   p.output = out.data_ptr();
@@ -64,7 +64,9 @@ void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tens
   p.numel = input.numel();
   TORCH_INTERNAL_ASSERT(kernel_dtype(input.scalar_type(), &p.dtype));
   p.op = op;
-  p.blocks = two_shot_blocks(ws.world(), static_cast<int>(get_tuning("all_reduce.two_shot_blocks")));
+  p.blocks = two_shot_blocks_cap > 0
+                 ? two_shot_blocks_cap
+                 : two_shot_blocks(ws.world(), static_cast<int>(get_tuning("all_reduce.two_shot_blocks")));
   p.chunk_bytes = two_shot_chunk_bytes(ws.world(), get_tuning("all_reduce.two_shot_chunk_bytes"));
   p.comm = ws.handle();
   auto stream = at::cuda::getCurrentCUDAStream();

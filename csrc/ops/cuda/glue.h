@@ -23,9 +23,10 @@ enum class AllReducePath { kOneShot, kTwoShot };
 
 // Σ over the group of `input` (+ bias[i % bias.numel()] once) into `out` with the
 // distfuse kernels, on the current stream. input and out: same size, dtype and
-// device, contiguous, 16-byte aligned; out may alias input.
+// device, contiguous, 16-byte aligned; out may alias input. `two_shot_blocks` > 0
+// caps the two-shot kernel's CTAs (else the tuning table decides).
 void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tensor& out,
-                    const at::Tensor* bias, AllReducePath path, int op);
+                    const at::Tensor* bias, AllReducePath path, int op, int two_shot_blocks = 0);
 
 // The path the tuning table (or a forced path) picks for `bytes` per rank;
 // "reference" is reported through *reference.

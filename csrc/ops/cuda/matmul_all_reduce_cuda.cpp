@@ -6,6 +6,8 @@
 //   fused_tiles  tile GEMM on SMs - C SMs, owner-mode tile all-reduce on C SMs, overlapped
 //   decode_push  tile GEMM, push-mode tile all-reduce (small M), overlapped
 //   serialized   the kernels auto would pick, one after the other (tests: same bits, no overlap)
+//   chunked      cuBLAS GEMMs of row chunks, each chunk's distfuse all-reduce overlapping the
+//                next chunk's GEMM (forced only until measured)
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
@@ -47,18 +49,7 @@ at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::
   return partial;
 }
 
-#ifndef DISTFUSE_NO_GEMM
-
-int sm_count(int device) {
-  static std::mutex mutex;
-  static int counts[64] = {0};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (counts[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
-  return counts[device];
-}
-
-// One side stream and a fork/join event pair per device for the consumers.
+// One side stream and a fork/join event pair per device (tile consumers, chunk all-reduces).
 struct SideStream {
   c10::cuda::CUDAStream stream;
   cudaEvent_t fork;
@@ -77,6 +68,63 @@ SideStream& side_stream(int device) {
     streams[device] = std::move(s);
   }
   return *streams[device];
+}
+
+// Chunked overlap, built from cuBLAS and the distfuse all-reduce: the GEMM of
+// row chunk i+1 runs on the main stream while chunk i is all-reduced in place on
+// the side stream by a kernel with few CTAs (the GEMM keeps the rest of the GPU).
+//
+//   main: ──[mm c0]──[mm c1]──[mm c2]──[mm c3]────────────join──▶
+//   side:          └─[AR c0]─└[AR c1]─└[AR c2]─└[AR c3]──┘
+//
+// Chunks are whole rows (the bias is added by the all-reduce epilogue, column =
+// element % N) and start on 16-byte boundaries because N % 8 == 0.
+at::Tensor chunked(const comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                   const std::optional<at::Tensor>& bias) {
+  const int64_t k = a.size(-1), n = b.size(1);
+  const at::Tensor a2 = a.reshape({-1, k});
+  const int64_t m = a2.size(0);
+  const int64_t rows = chunk_rows(m, ws.world(), get_tuning("matmul_all_reduce.chunks"));
+  const int ar_blocks =
+      chunk_all_reduce_blocks(ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.chunk_ar_blocks")));
+  at::Tensor out = at::empty({m, n}, a.options());
+  at::Tensor bias_c;
+  if (bias.has_value()) bias_c = contiguous_aligned(*bias);
+  DType dtype;
+  TORCH_INTERNAL_ASSERT(kernel_dtype(a.scalar_type(), &dtype));
+
+  SideStream& side = side_stream(ws.device());
+  cudaStream_t main = at::cuda::getCurrentCUDAStream(ws.device());
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t len = std::min(rows, m - r0);
+    at::Tensor out_i = out.narrow(0, r0, len);
+    at::mm_out(out_i, a2.narrow(0, r0, len), b);
+    // The wait takes the event as recorded now, so one event serves every chunk.
+    C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
+    c10::cuda::CUDAStreamGuard on_side(side.stream);
+    bool reference = false;
+    const AllReducePath path =
+        choose_all_reduce_path(ws, out_i.numel() * out_i.element_size(), dtype, &reference);
+    run_all_reduce(ws, out_i, out_i, bias.has_value() ? &bias_c : nullptr,
+                   reference ? AllReducePath::kTwoShot : path, kOpMatmulAllReduce, ar_blocks);
+  }
+  C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
+  shape.push_back(n);
+  return out.view(shape);
+}
+
+#ifndef DISTFUSE_NO_GEMM
+
+int sm_count(int device) {
+  static std::mutex mutex;
+  static int counts[64] = {0};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (counts[device] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  return counts[device];
 }
 
 // A as row-major [M, K] and B as row-major [K, N] or its transpose [N, K]
@@ -217,8 +265,12 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
   check_workspace_device(kOp, "b", b, ws);
   if (bias.has_value()) check_workspace_device(kOp, "bias", *bias, ws);
 
+  if (forced == "chunked" && b.size(1) % 8 == 0) {
+    record_path(kOp, "chunked");
+    return chunked(ws, a, b, bias);
+  }
 #ifndef DISTFUSE_NO_GEMM
-  if (forced != "sequential" && fused_gemm_supported(a, b)) {
+  if (forced != "sequential" && forced != "chunked" && fused_gemm_supported(a, b)) {
     const int64_t k = a.size(-1), m = a.numel() / k;
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
         m, k, ws.world(), get_tuning("matmul_all_reduce.fused_min_m"));
