@@ -103,10 +103,11 @@ def body_graphs(rank, world, group_name):
     from distfuse.ops import force_path
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, timeout_ms=20000)
-    for path in ("one_shot", "two_shot"):
-        for numel in (1000, 300001):
-            if path == "one_shot" and numel * 2 > (1 << 20):
-                continue
+    # Also launched as programmatic dependents (PDL) of the kernel before them.
+    cases = [(path, numel, dependent) for dependent in (0, 1) for path in ("one_shot", "two_shot")
+             for numel in (1000, 300001) if not (path == "one_shot" and numel * 2 > (1 << 20))]
+    for path, numel, dependent in cases:
+        with distfuse.tuning({"all_reduce.dependent_launch": dependent}):
             x = torch.zeros(numel, dtype=torch.bfloat16, device=dev)
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -115,15 +116,16 @@ def body_graphs(rank, world, group_name):
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with force_path("all_reduce", path), torch.cuda.graph(graph):
+                x.add_(0)  # a kernel right before the op: the one a dependent launch overlaps
                 y = distfuse.all_reduce(x, group_name)
                 x.fill_(12345.0)  # overwrite the input right after the op, inside the graph
-            for replay in range(50):
-                xs = _int_inputs(numel, torch.bfloat16, world, 1000 + replay, dev)
-                x.copy_(xs[rank])  # inputs changed in place between replays
-                y.fill_(float("nan"))
-                graph.replay()
-                torch.cuda.synchronize()
-                assert torch.equal(y, xs.double().sum(0).to(torch.bfloat16)), (path, numel, replay)
+        for replay in range(50):
+            xs = _int_inputs(numel, torch.bfloat16, world, 1000 + replay, dev)
+            x.copy_(xs[rank])  # inputs changed in place between replays
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, xs.double().sum(0).to(torch.bfloat16)), (path, numel, dependent, replay)
 
 
 def body_back_to_back(rank, world, group_name):
@@ -142,7 +144,7 @@ def body_back_to_back(rank, world, group_name):
         path = PATHS[int(torch.randint(0, 3, (1,), generator=g))]
         group = group_name if i % 2 == 0 else second.group_name
         xs = _int_inputs(numel, torch.float16, world, 5000 + i, dev)
-        with force_path("all_reduce", path):
+        with force_path("all_reduce", path), distfuse.tuning({"all_reduce.dependent_launch": i % 4 // 3}):
             out = distfuse.all_reduce(xs[rank], group)
         pending.append((out, xs))
         if len(pending) == 16:  # check in batches so that calls stay back to back

@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=900, help="process-group timeout in seconds")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of methods that fail")
     p.add_argument("--tune", action="append", default=[], type=_tune_item, metavar="KEY=V1,V2",
-                   help="tuning sweep: extra columns forcing the op's own kernel path (all_reduce: "
-                        "two_shot, matmul_all_reduce: fused_tiles) for every combination of these "
-                        "dispatch-table values; keys: distfuse.ops.TUNING_KEYS (repeatable)")
+                   help="tuning sweep: an extra column for every combination of these dispatch-table "
+                        "values (all_reduce: the dispatcher's choice under them; matmul_all_reduce: "
+                        "forced fused_tiles); keys: distfuse.ops.TUNING_KEYS (repeatable)")
     return p
 
 

@@ -105,7 +105,8 @@ def all_reduce_methods(ctx: BenchContext, srcs: List[torch.Tensor], pool: Option
 
     Names: ``<prefix><backend>``, ``<prefix>symm_one_shot``, ``<prefix>symm_two_shot``,
     ``<prefix>distfuse``, ``<prefix>distfuse:<path>`` for each forced path and
-    ``<prefix>distfuse:two_shot[...]`` for each set of dispatch-table overrides in ``tune``.
+    ``<prefix>distfuse:auto[...]`` (the dispatcher's choice) for each set of dispatch-table
+    overrides in ``tune``.
     """
     import distfuse
     group, gname = ctx.group, ctx.group_name
@@ -159,9 +160,9 @@ def all_reduce_methods(ctx: BenchContext, srcs: List[torch.Tensor], pool: Option
                                   info=lambda: {"path": last_path("all_reduce", ctx)}))
         for overrides in tune:
             def tuned(slot, overrides=overrides):
-                with distfuse.force_path("all_reduce", "two_shot"), distfuse.tuning(overrides):
+                with distfuse.tuning(overrides):
                     return distfuse.all_reduce(srcs[slot], gname)
-            methods.append(Method(prefix + tuned_method_name("two_shot", overrides), tuned, slots=slots,
+            methods.append(Method(prefix + tuned_method_name("auto", overrides), tuned, slots=slots,
                                   info=lambda: {"path": last_path("all_reduce", ctx)}))
     return methods
 

@@ -30,6 +30,7 @@ struct AllReduceParams {
   int op;       // OpId, for timeout messages
   int blocks;   // two-shot: most blocks to use (0: the default)
   int64_t chunk_bytes;  // two-shot: bytes a block moves per peer and step (0: the default)
+  bool dependent_launch;  // launch as a programmatic dependent of the previous kernel (PDL)
   CommHandle comm;
 };
 

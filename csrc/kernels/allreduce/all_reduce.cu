@@ -11,6 +11,31 @@
 namespace distfuse {
 namespace {
 
+// Launched as a programmatic dependent (PDL), a kernel may start while the
+// previous kernel in the stream is still running; it waits here, before touching
+// memory, until that kernel finished and its writes are visible. Without PDL
+// this returns at once.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+// <<<grid, block, 0, stream>>>, optionally as a programmatic dependent launch.
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), int grid, int block, cudaStream_t stream,
+                   bool dependent, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 template <typename I>
 __host__ __device__ __forceinline__ I ceil_div(I a, I b) {
   return (a + b - 1) / b;
@@ -47,6 +72,7 @@ __device__ __forceinline__ LLLine* one_shot_slot(const CommHandle& c, int dst, i
 template <typename T, int W>
 __global__ void __launch_bounds__(kOneShotThreads)
     all_reduce_one_shot_kernel(AllReduceParams p) {
+  wait_for_previous_kernel();
   using Line = Pack<T, 8>;
   constexpr int kElems = Line::kElems;
   const CommHandle& c = p.comm;
@@ -213,6 +239,7 @@ __device__ __forceinline__ void two_shot_gather(const CommHandle& c, T* out, con
 template <typename T, int W>
 __global__ void __launch_bounds__(kTwoShotThreads)
     all_reduce_two_shot_kernel(AllReduceParams p, int64_t chunk) {
+  wait_for_previous_kernel();
   constexpr int kVec = 16 / sizeof(T);
   using Vec = Pack<T, 16>;
   const CommHandle& c = p.comm;
@@ -305,8 +332,8 @@ cudaError_t launch_all_reduce_one_shot(const AllReduceParams& p, cudaStream_t st
   return visit_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     return visit_world(p.comm.world, [&](auto w) {
-      all_reduce_one_shot_kernel<T, decltype(w)::value><<<blocks, kOneShotThreads, 0, stream>>>(p);
-      return cudaGetLastError();
+      return launch(all_reduce_one_shot_kernel<T, decltype(w)::value>, blocks, kOneShotThreads, stream,
+                    p.dependent_launch, p);
     });
   });
 }
@@ -331,9 +358,8 @@ cudaError_t launch_all_reduce_two_shot(const AllReduceParams& p, cudaStream_t st
   return visit_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     return visit_world(world, [&](auto w) {
-      all_reduce_two_shot_kernel<T, decltype(w)::value>
-          <<<blocks, kTwoShotThreads, 0, stream>>>(p, chunk);
-      return cudaGetLastError();
+      return launch(all_reduce_two_shot_kernel<T, decltype(w)::value>, blocks, kTwoShotThreads, stream,
+                    p.dependent_launch, p, chunk);
     });
   });
 }
