@@ -131,7 +131,7 @@ def _gpu_body(rank, world, group_name):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_ops_vs_oracle_cuda(world):
     if _n_gpus() < world:
         pytest.skip(f"needs {world} GPUs, found {_n_gpus()}")
