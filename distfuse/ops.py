@@ -30,6 +30,7 @@ TUNING_KEYS = (
     "all_reduce.two_shot_blocks",          # CTAs of the two-shot kernel
     "all_reduce.two_shot_chunk_bytes",     # bytes a two-shot CTA moves per peer and step
     "all_reduce.dependent_launch",         # 1: launch as a programmatic dependent (PDL)
+    "all_reduce.one_shot_lines_per_thread",  # one-shot CTA geometry: 1 or 2
     "matmul_all_reduce.fused_min_m",       # smallest M that takes the overlapped schedule
     "matmul_all_reduce.consumer_blocks",   # consumer CTAs beside the tile GEMM
     "matmul_all_reduce.group_tiles",       # owner schedule: tiles per round of flag releases

@@ -43,15 +43,17 @@ def body_exact_and_bitwise(rank, world, group_name):
     assert distfuse.init_workspace(group_name, timeout_ms=20000), "P2P workspace expected"
     sizes = [1, 7, 8, 1000, 4097, 65536 + 3, 1000003, 4 << 20]
     seed = 0
+    # The one-shot also in its second CTA geometry (one LL line per thread).
+    variants = [(path, {}) for path in PATHS] + [("one_shot", {"all_reduce.one_shot_lines_per_thread": 1})]
     for dtype in DTYPES:
-        for path in PATHS:
+        for path, overrides in variants:
             for numel in sizes:
                 seed += 1
                 xs = _int_inputs(numel, dtype, world, seed, dev)
                 x = xs[rank].clone()
                 expected = xs.to(torch.float64).sum(0).to(dtype)
                 out = torch.full_like(x, float("nan"))  # poison: catches unwritten elements
-                with force_path("all_reduce", path):
+                with force_path("all_reduce", path), distfuse.tuning(overrides):
                     out = distfuse.all_reduce(x, group_name)
                     taken = last_path("all_reduce")
                 # A forced one-shot beyond the one-shot capacity (1 MB) runs two-shot.
@@ -69,10 +71,11 @@ def body_exact_and_bitwise(rank, world, group_name):
             ref64 = x.double().clone()
             dist.all_reduce(ref64)
             results = {}
-            for path in ("one_shot", "two_shot"):
-                if path == "one_shot" and numel * x.element_size() > (1 << 20):
+            for path, lines in (("one_shot", 2), ("one_shot_fine", 1), ("two_shot", 2)):
+                if path.startswith("one_shot") and numel * x.element_size() > (1 << 20):
                     continue
-                with force_path("all_reduce", path):
+                with force_path("all_reduce", path.replace("_fine", "")), \
+                        distfuse.tuning({"all_reduce.one_shot_lines_per_thread": lines}):
                     results[path] = distfuse.all_reduce(x, group_name)
             for path, out in results.items():
                 rel = (out.double() - ref64).norm() / ref64.norm()
@@ -144,7 +147,9 @@ def body_back_to_back(rank, world, group_name):
         path = PATHS[int(torch.randint(0, 3, (1,), generator=g))]
         group = group_name if i % 2 == 0 else second.group_name
         xs = _int_inputs(numel, torch.float16, world, 5000 + i, dev)
-        with force_path("all_reduce", path), distfuse.tuning({"all_reduce.dependent_launch": i % 4 // 3}):
+        # Both one-shot geometries interleaved (separate epochs and slots) and PDL launches.
+        overrides = {"all_reduce.dependent_launch": i % 4 // 3, "all_reduce.one_shot_lines_per_thread": 1 + i % 3 // 2}
+        with force_path("all_reduce", path), distfuse.tuning(overrides):
             out = distfuse.all_reduce(xs[rank], group)
         pending.append((out, xs))
         if len(pending) == 16:  # check in batches so that calls stay back to back

@@ -28,6 +28,16 @@ TEST(AllReduceChoice, OverrideIsClampedToTheOneShotCapacity) {
   EXPECT_EQ(choose_all_reduce(8192, 4, kOneShotCapacityBytes, 4096), AllReduceAlgo::kTwoShot);
 }
 
+TEST(AllReduceChoice, UnmeasuredVariantsAreOffByDefault) {
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    EXPECT_EQ(one_shot_lines_per_thread(world), 2);
+    EXPECT_FALSE(dependent_launch(world));
+  }
+  EXPECT_EQ(one_shot_lines_per_thread(4, 1), 1);
+  EXPECT_EQ(one_shot_lines_per_thread(4, 7), 2);
+  EXPECT_TRUE(dependent_launch(4, 1));
+}
+
 TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
   for (int world = 2; world <= kMaxWorld; ++world) {
     EXPECT_GE(two_shot_blocks(world), 1);
@@ -65,8 +75,8 @@ TEST(WorkspaceLayout, RegionsAreOrderedAlignedAndDisjoint) {
     // Counters hold every channel's blocks and the per-tile counters.
     EXPECT_GE(l.counters_bytes, (uint64_t(kNumChannels) * kMaxBlocks + kMaxTiles) * 4);
     EXPECT_GE(l.flags_bytes, uint64_t(kNumChannels) * kFlagsPerChannel * 4);
-    // One-shot: two parities of `world` slots of LL lines (16 bytes carry 8).
-    EXPECT_EQ(l.oneshot_bytes, 2ull * world * kOneShotCapacityBytes * 2);
+    // One-shot: two CTA geometries x two parities of `world` slots of LL lines (16 bytes carry 8).
+    EXPECT_EQ(l.oneshot_bytes, 2ull * 2ull * world * kOneShotCapacityBytes * 2);
   }
 }
 

@@ -31,6 +31,7 @@ struct AllReduceParams {
   int blocks;   // two-shot: most blocks to use (0: the default)
   int64_t chunk_bytes;  // two-shot: bytes a block moves per peer and step (0: the default)
   bool dependent_launch;  // launch as a programmatic dependent of the previous kernel (PDL)
+  int one_shot_lines_per_thread;  // one-shot CTA geometry: 1 or 2 (0: 2)
   CommHandle comm;
 };
 

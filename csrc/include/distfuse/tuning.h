@@ -41,6 +41,13 @@ inline int64_t two_shot_chunk_bytes(int world, int64_t override_bytes = 0) {
   return 32 << 10;
 }
 
+// One-shot CTA geometry: LL lines (8 payload bytes each) per thread. 2 is what the
+// runs of record used; 1 puts twice the CTAs (SMs) on every size. Untuned.
+inline int one_shot_lines_per_thread(int world, int override_value = 0) {
+  (void)world;
+  return override_value == 1 ? 1 : 2;
+}
+
 // Launch the all-reduce kernels as programmatic dependents of the previous kernel
 // (PDL: the launch overlaps that kernel's tail). Off until measured.
 inline bool dependent_launch(int world, int64_t override_value = 0) {

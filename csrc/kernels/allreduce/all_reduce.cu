@@ -56,23 +56,34 @@ __device__ __forceinline__ void add_bias(float (&acc)[kElems], const T* bias, in
 // ---------------------------------------------------------------- one-shot
 
 constexpr int kOneShotThreads = 512;
-constexpr int kOneShotLinesPerThread = 2;
-constexpr int64_t kOneShotLinesPerBlock = int64_t(kOneShotThreads) * kOneShotLinesPerThread;
 
-// Slot of lines that `src` pushes to `dst` for epochs of this parity. Block b always
-// owns lines [b * kOneShotLinesPerBlock, (b + 1) * kOneShotLinesPerBlock): with the
-// block's own epoch counter this is what makes the parity argument hold (a peer can
-// be at most one epoch ahead of this block, so it never writes the parity we read).
+// The two CTA geometries: LPT lines per thread, each with its own channel (epoch
+// counters) and its own part of the LL region.
+template <int LPT>
+struct OneShotGeometry {
+  static constexpr int64_t kLinesPerBlock = int64_t(kOneShotThreads) * LPT;
+  static constexpr int kChannel = LPT == 2 ? kChannelOneShot : kChannelOneShotFine;
+  static constexpr int kRegion = LPT == 2 ? 0 : 1;
+};
+
+// Slot of lines that `src` pushes to `dst` for epochs of this parity. Within a
+// geometry, block b always owns lines [b * kLinesPerBlock, (b + 1) * kLinesPerBlock):
+// with the block's own epoch counter this is what makes the parity argument hold (a
+// peer can be at most one epoch ahead of this block, so it never writes the parity
+// we read).
+template <int LPT>
 __device__ __forceinline__ LLLine* one_shot_slot(const CommHandle& c, int dst, int parity,
                                                  int src) {
   return reinterpret_cast<LLLine*>(c.peer_base[dst] + c.layout.oneshot_offset) +
-         (int64_t(parity) * c.world + src) * int64_t(kOneShotLinesPerSlot);
+         ((int64_t(OneShotGeometry<LPT>::kRegion) * 2 + parity) * c.world + src) *
+             int64_t(kOneShotLinesPerSlot);
 }
 
-template <typename T, int W>
+template <typename T, int W, int LPT>
 __global__ void __launch_bounds__(kOneShotThreads)
     all_reduce_one_shot_kernel(AllReduceParams p) {
   wait_for_previous_kernel();
+  using Geometry = OneShotGeometry<LPT>;
   using Line = Pack<T, 8>;
   constexpr int kElems = Line::kElems;
   const CommHandle& c = p.comm;
@@ -83,17 +94,17 @@ __global__ void __launch_bounds__(kOneShotThreads)
   const int64_t lines = ceil_div<int64_t>(n, kElems);
 
   __shared__ uint32_t s_epoch;
-  uint32_t* counter = c.counters(kChannelOneShot) + blockIdx.x;
+  uint32_t* counter = c.counters(Geometry::kChannel) + blockIdx.x;
   if (threadIdx.x == 0) s_epoch = next_epoch(*counter);
   __syncthreads();
   const uint32_t epoch = s_epoch;
   const int parity = epoch & 1;
 
-  Line mine[kOneShotLinesPerThread];
-  int64_t line[kOneShotLinesPerThread];
+  Line mine[LPT];
+  int64_t line[LPT];
 #pragma unroll
-  for (int k = 0; k < kOneShotLinesPerThread; ++k) {
-    line[k] = blockIdx.x * kOneShotLinesPerBlock + k * kOneShotThreads + threadIdx.x;
+  for (int k = 0; k < LPT; ++k) {
+    line[k] = blockIdx.x * Geometry::kLinesPerBlock + k * kOneShotThreads + threadIdx.x;
     if (line[k] >= lines) continue;
     const int64_t idx = line[k] * kElems;
     mine[k] = idx + kElems <= n ? *reinterpret_cast<const Line*>(in + idx)
@@ -101,12 +112,12 @@ __global__ void __launch_bounds__(kOneShotThreads)
 #pragma unroll
     for (int i = 1; i < W; ++i) {
       const int dst = rank + i < W ? rank + i : rank + i - W;
-      ll_store(one_shot_slot(c, dst, parity, rank) + line[k], mine[k].w[0], mine[k].w[1], epoch);
+      ll_store(one_shot_slot<LPT>(c, dst, parity, rank) + line[k], mine[k].w[0], mine[k].w[1], epoch);
     }
   }
 
 #pragma unroll
-  for (int k = 0; k < kOneShotLinesPerThread; ++k) {
+  for (int k = 0; k < LPT; ++k) {
     if (line[k] >= lines) continue;
     float acc[kElems];
 #pragma unroll
@@ -117,7 +128,7 @@ __global__ void __launch_bounds__(kOneShotThreads)
       if (src == rank) {
         v = mine[k];
       } else {
-        const uint2 d = ll_load(one_shot_slot(c, rank, parity, src) + line[k], epoch,
+        const uint2 d = ll_load(one_shot_slot<LPT>(c, rank, parity, src) + line[k], epoch,
                                 c.timeout_ns, p.op, blockIdx.x, src);
         v.w[0] = d.x;
         v.w[1] = d.y;
@@ -328,12 +339,18 @@ cudaError_t launch_all_reduce_one_shot(const AllReduceParams& p, cudaStream_t st
   const int esize = dtype_size(p.dtype);
   const int64_t lines = ceil_div<int64_t>(p.numel * esize, 8);
   if (lines > int64_t(kOneShotLinesPerSlot)) return cudaErrorInvalidValue;
-  const int blocks = static_cast<int>(ceil_div<int64_t>(lines, kOneShotLinesPerBlock));
+  const bool fine = p.one_shot_lines_per_thread == 1;
+  const int64_t per_block = fine ? OneShotGeometry<1>::kLinesPerBlock : OneShotGeometry<2>::kLinesPerBlock;
+  const int blocks = static_cast<int>(ceil_div<int64_t>(lines, per_block));
+  if (blocks > kMaxBlocks) return cudaErrorInvalidValue;
   return visit_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     return visit_world(p.comm.world, [&](auto w) {
-      return launch(all_reduce_one_shot_kernel<T, decltype(w)::value>, blocks, kOneShotThreads, stream,
-                    p.dependent_launch, p);
+      constexpr int W = decltype(w)::value;
+      return fine ? launch(all_reduce_one_shot_kernel<T, W, 1>, blocks, kOneShotThreads, stream,
+                           p.dependent_launch, p)
+                  : launch(all_reduce_one_shot_kernel<T, W, 2>, blocks, kOneShotThreads, stream,
+                           p.dependent_launch, p);
     });
   });
 }

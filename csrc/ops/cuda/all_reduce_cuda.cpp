@@ -69,6 +69,8 @@ void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tens
                  : two_shot_blocks(ws.world(), static_cast<int>(get_tuning("all_reduce.two_shot_blocks")));
   p.chunk_bytes = two_shot_chunk_bytes(ws.world(), get_tuning("all_reduce.two_shot_chunk_bytes"));
   p.dependent_launch = dependent_launch(ws.world(), get_tuning("all_reduce.dependent_launch"));
+  p.one_shot_lines_per_thread =
+      one_shot_lines_per_thread(ws.world(), static_cast<int>(get_tuning("all_reduce.one_shot_lines_per_thread")));
   p.comm = ws.handle();
   auto stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = path == AllReducePath::kOneShot ? launch_all_reduce_one_shot(p, stream)

@@ -23,11 +23,12 @@ constexpr int kMaxWorld = 8;
 constexpr int kMaxBlocks = 1024;  // per channel: epoch counters and flag slots
 
 enum Channel : int {
-  kChannelOneShot = 0,
+  kChannelOneShot = 0,  // one-shot, 2 lines per thread
   kChannelTwoShot = 1,
   kChannelTiles = 2,
   kChannelDecode = 3,
-  kNumChannels = 4,
+  kChannelOneShotFine = 4,  // one-shot, 1 line per thread (twice the CTAs)
+  kNumChannels = 5,
 };
 
 struct WorkspaceLayout {
@@ -37,7 +38,8 @@ struct WorkspaceLayout {
   // Per channel: kFlagsPerChannel uint32 slots written by peers.
   uint64_t flags_offset;
   uint64_t flags_bytes;
-  // One-shot LL region: [parity 2][src world][kMaxBlocks * lines_per_block] 16-byte lines.
+  // One-shot LL region: [geometry 2][parity 2][src world][kOneShotLinesPerSlot] 16-byte
+  // lines, one part per CTA geometry (each has its own channel, so its own epochs).
   uint64_t oneshot_offset;
   uint64_t oneshot_bytes;
   // Two-shot region: [phase 2][slot 2][src world][kTwoShotRegionBytes], in which
@@ -81,7 +83,7 @@ inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
   l.flags_offset = l.counters_offset + l.counters_bytes;
   l.flags_bytes = align_up(uint64_t(kNumChannels) * kFlagsPerChannel * 4, kAlign);
   l.oneshot_offset = l.flags_offset + l.flags_bytes;
-  l.oneshot_bytes = 2ull * world * kOneShotLinesPerSlot * 16;
+  l.oneshot_bytes = 2ull * 2ull * world * kOneShotLinesPerSlot * 16;
   l.twoshot_offset = align_up(l.oneshot_offset + l.oneshot_bytes, kAlign);
   l.twoshot_bytes = 2ull * kTwoShotSlots * world * kTwoShotRegionBytes;
   l.tiles_offset = align_up(l.twoshot_offset + l.twoshot_bytes, kAlign);
