@@ -17,6 +17,11 @@
 //
 // Both sum in fp32 in the fixed order rank 0, 1, ..., W-1 and round once, so
 // every rank gets the same bits, whichever algorithm ran.
+//
+// Options in AllReduceParams: the one-shot's CTA geometry (2 or 1 lines per
+// thread; each geometry has its own epochs and LL slots), the two-shot's CTAs and
+// chunk, and a programmatic dependent launch (the kernel starts during the
+// previous kernel's tail and waits for it before touching memory).
 #pragma once
 
 #include <cuda_runtime.h>
