@@ -92,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print tracebacks of methods that fail")
     p.add_argument("--tune", action="append", default=[], type=_tune_item, metavar="KEY=V1,V2",
                    help="tuning sweep: an extra column for every combination of these dispatch-table "
-                        "values (all_reduce: the dispatcher's choice under them; matmul_all_reduce: "
-                        "forced fused_tiles); keys: distfuse.ops.TUNING_KEYS (repeatable)")
+                        "values, run on --tune-path; keys: distfuse.ops.TUNING_KEYS (repeatable)")
+    from ..ops import PATHS
+    p.add_argument("--tune-path", default=None, choices=sorted({x for paths in PATHS.values() for x in paths}),
+                   help="path the --tune columns force (default: all_reduce auto, matmul_all_reduce "
+                        "fused_tiles; e.g. chunked with matmul_all_reduce.chunks)")
     return p
 
 
@@ -123,7 +126,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         "tokens": _split(args.tokens, int), "graph": args.graph, "iters": iters, "warmup": warmup,
         "graph_calls": max(1, args.graph_calls), "flush": not args.no_flush, "max_seconds": max_seconds,
         "output_dir": os.path.abspath(args.output_dir), "quick": quick, "seed": args.seed,
-        "timeout": args.timeout, "verbose": args.verbose, "tune": dict(args.tune),
+        "timeout": args.timeout, "verbose": args.verbose, "tune": dict(args.tune), "tune_path": args.tune_path,
     }
 
 
@@ -168,7 +171,7 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
     timer = Timer(group, cfg, device)
     ctx = BenchContext(rank=rank, world=world, group=group, group_name=group.group_name, device=device,
                        dtype=DTYPES[opts["dtype"]], timer=timer, graph_mode=opts["graph"], quick=opts["quick"],
-                       seed=opts["seed"], options={k: opts[k] for k in ("m", "shapes", "sizes", "tokens", "tune")})
+                       seed=opts["seed"], options={k: opts[k] for k in ("m", "shapes", "sizes", "tokens", "tune", "tune_path")})
     env = results.environment(device)
     modules = {"all_reduce": all_reduce, "matmul_all_reduce": matmul_all_reduce, "decoder_layer": decoder_layer}
     report: List[Dict[str, Any]] = []

@@ -105,8 +105,8 @@ def all_reduce_methods(ctx: BenchContext, srcs: List[torch.Tensor], pool: Option
 
     Names: ``<prefix><backend>``, ``<prefix>symm_one_shot``, ``<prefix>symm_two_shot``,
     ``<prefix>distfuse``, ``<prefix>distfuse:<path>`` for each forced path and
-    ``<prefix>distfuse:auto[...]`` (the dispatcher's choice) for each set of dispatch-table
-    overrides in ``tune``.
+    ``<prefix>distfuse:<--tune-path>[...]`` for each set of dispatch-table overrides in
+    ``tune``.
     """
     import distfuse
     group, gname = ctx.group, ctx.group_name
@@ -158,11 +158,12 @@ def all_reduce_methods(ctx: BenchContext, srcs: List[torch.Tensor], pool: Option
                     return distfuse.all_reduce(srcs[slot], gname)
             methods.append(Method(f"{prefix}distfuse:{path}", forced, slots=slots,
                                   info=lambda: {"path": last_path("all_reduce", ctx)}))
+        tune_path = ctx.tune_path("auto")
         for overrides in tune:
             def tuned(slot, overrides=overrides):
-                with distfuse.tuning(overrides):
+                with distfuse.force_path("all_reduce", tune_path), distfuse.tuning(overrides):
                     return distfuse.all_reduce(srcs[slot], gname)
-            methods.append(Method(prefix + tuned_method_name("auto", overrides), tuned, slots=slots,
+            methods.append(Method(prefix + tuned_method_name(tune_path, overrides), tuned, slots=slots,
                                   info=lambda: {"path": last_path("all_reduce", ctx)}))
     return methods
 

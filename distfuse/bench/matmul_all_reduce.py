@@ -191,11 +191,12 @@ def _case(ctx: BenchContext, name, k_total, k, n, layout, m, graph, ar_alone, er
                 with distfuse.force_path(OP, p):
                     return distfuse.matmul_all_reduce(a_s[slot], b_s[slot], gname)
             methods.append(Method(f"distfuse:{p}", forced, slots=slots, info=path_info))
+        tune_path = ctx.tune_path("fused_tiles")
         for overrides in ctx.tune_variants(OP):
             def tuned(slot, overrides=overrides):
-                with distfuse.force_path(OP, "fused_tiles"), distfuse.tuning(overrides):
+                with distfuse.force_path(OP, tune_path), distfuse.tuning(overrides):
                     return distfuse.matmul_all_reduce(a_s[slot], b_s[slot], gname)
-            methods.append(Method(tuned_method_name("fused_tiles", overrides), tuned, slots=slots, info=path_info))
+            methods.append(Method(tuned_method_name(tune_path, overrides), tuned, slots=slots, info=path_info))
     timings: Dict[str, Timing] = ctx.timer.run_all(methods, graph=graph)
     a_s.clear()  # frees the inputs (the closures above hold the lists)
     b_s.clear()
@@ -271,7 +272,7 @@ def _progress(row) -> str:
 def _table(ctx, rows, errors_seen, notes, tol) -> Table:
     b = ctx.backend
     forced = [f"distfuse:{p}" for p in FORCED_PATHS] if not ctx.cpu else []
-    forced += [tuned_method_name("fused_tiles", o) for o in ctx.tune_variants(OP)]
+    forced += [tuned_method_name(ctx.tune_path("fused_tiles"), o) for o in ctx.tune_variants(OP)]
     short = {f: "df:" + f.split(":", 1)[1] for f in forced}
     heads = ["shape", "M", "K", "N", "b", "mode", "mm us", "AR best us", "AR best", f"mm+{b} us",
              "mm+df AR us"] + [f"{short[f]} us" for f in forced] + \

@@ -406,6 +406,10 @@ class BenchContext:
     def backend(self) -> str:
         return str(dist.get_backend(self.group))
 
+    def tune_path(self, default: str) -> str:
+        """The path the ``--tune`` columns force (``--tune-path``, else ``default``)."""
+        return self.options.get("tune_path") or default
+
     def tune_variants(self, op: str) -> List[Dict[str, int]]:
         """The combinations of ``--tune`` values whose keys belong to ``op`` (none on CPU)."""
         tune = {k: v for k, v in (self.options.get("tune") or {}).items() if k.startswith(op + ".")}
