@@ -10,6 +10,7 @@
 #
 # Environment knobs: PYTHON (default python3), DISTFUSE_SKIP_TESTS=1,
 # DISTFUSE_WORLD_SIZES (e.g. "2 4": a benchmark run per world size; default all GPUs),
+# DISTFUSE_PROBE=1 (the NVLink probe first; DISTFUSE_PROBE_BIN: a prebuilt binary),
 # DISTFUSE_TEST_TIMEOUT / DISTFUSE_BENCH_TIMEOUT (seconds; 900 / 1500),
 # DISTFUSE_TEST_ARGS (extra pytest arguments), DISTFUSE_RESULTS_DIR.
 #
@@ -91,6 +92,21 @@ if [ "${DISTFUSE_SKIP_TESTS:-0}" != "1" ]; then
             TEST_LINE="TIMED OUT after ${TEST_TIMEOUT}s; so far $(printf %s "$PROGRESS" | tr -cd . | wc -c) passed, $(printf %s "$PROGRESS" | tr -cd FE | wc -c) failed, $(printf %s "$PROGRESS" | tr -cd s | wc -c) skipped" ;;
     esac
     [ -n "$TEST_LINE" ] || TEST_LINE="pytest exited with $TEST_RC"
+fi
+
+# DISTFUSE_PROBE=1: the NVLink probe first (benchmarks/micro/nvlink_probe.cu; a
+# prebuilt binary at $DISTFUSE_PROBE_BIN, else built here with nvcc).
+if [ "${DISTFUSE_PROBE:-0}" = "1" ]; then
+    PROBE=${DISTFUSE_PROBE_BIN:-/tmp/nvlink_probe}
+    if [ ! -x "$PROBE" ] && command -v nvcc >/dev/null 2>&1; then
+        nvcc -O3 -arch=sm_90a -o "$PROBE" benchmarks/micro/nvlink_probe.cu || echo "nvlink_probe: build failed"
+    fi
+    if [ -x "$PROBE" ]; then
+        echo "== NVLink probe"
+        timeout 300 "$PROBE" 2>&1 | tee "$LOGDIR/probe.log" | tail -n 5
+    else
+        echo "nvlink_probe: no binary and no nvcc here"
+    fi
 fi
 
 # DISTFUSE_WORLD_SIZES="2 4": one benchmark run per world size (same machine, so the
