@@ -201,27 +201,17 @@ def check_random_vs_oracle(rank, world, group_name, device, dtypes, oracle_group
             assert_same_on_all_ranks(what, out, pg)
             n_checks += 1
 
-        # matmul_reduce_scatter
-        for a_shape, n, bt in matmul_rs_cases(world):
-            seed += 1
-            inp = Inputs(seed, rank, device)
-            a = inp.randn(*a_shape, dtype=dtype)
-            b = _b_operand(inp, a_shape[-1], n, dtype, bt)
-            out = distfuse.matmul_reduce_scatter(a, b, group_name)
-            assert_close(f"matmul_reduce_scatter a{a_shape} N={n} bT={bt} {tag}", out,
-                         ref.matmul_reduce_scatter(a, b, oracle_group, precise=True), dtype)
-            n_checks += 1
-
-        # all_gather_matmul
-        for a_shape, n, bt in matmul_ag_cases(world):
-            seed += 1
-            inp = Inputs(seed, rank, device)
-            a = inp.randn(*a_shape, dtype=dtype)
-            b = _b_operand(inp, a_shape[-1], n, dtype, bt)
-            out = distfuse.all_gather_matmul(a, b, group_name)
-            assert_close(f"all_gather_matmul a{a_shape} N={n} bT={bt} {tag}", out,
-                         ref.all_gather_matmul(a, b, oracle_group, precise=True), dtype)
-            n_checks += 1
+        # matmul_reduce_scatter, all_gather_matmul
+        for name, cases in (("matmul_reduce_scatter", matmul_rs_cases), ("all_gather_matmul", matmul_ag_cases)):
+            for a_shape, n, bt in cases(world):
+                seed += 1
+                inp = Inputs(seed, rank, device)
+                a = inp.randn(*a_shape, dtype=dtype)
+                b = _b_operand(inp, a_shape[-1], n, dtype, bt)
+                out = getattr(distfuse, name)(a, b, group_name)
+                assert_close(f"{name} a{a_shape} N={n} bT={bt} {tag}", out,
+                             getattr(ref, name)(a, b, oracle_group, precise=True), dtype)
+                n_checks += 1
 
         # attention_all_gather
         for bsz, hq, hkv, s, d, causal, scale in attention_cases(world):

@@ -54,7 +54,20 @@ def _check_same_shape(layer: nn.Module, linear: nn.Linear) -> None:
                          f"{theirs} into a {type(layer).__name__} with {ours}")
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardedLinear(nn.Module):
+    """What both tensor-parallel linear layers share: building one from a full layer."""
+
+    @classmethod
+    def from_unsharded(cls, linear: nn.Linear, group: GroupLike = None, **kwargs):
+        """This rank's shard of a full ``nn.Linear`` (same dtype and device unless given in kwargs)."""
+        kwargs.setdefault("dtype", linear.weight.dtype)
+        kwargs.setdefault("device", linear.weight.device)
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
+                    **kwargs)
+        return layer.load_unsharded(linear)
+
+
+class ColumnParallelLinear(_ShardedLinear):
     """y = x @ Wᵀ + b with the output features split across ranks.
 
     Rank r holds rows [r·out/W, (r+1)·out/W) of the weight ([out/W, in]) and the
@@ -88,15 +101,6 @@ class ColumnParallelLinear(nn.Module):
             y = g.unflatten(0, (self.world_size, -1)).movedim(0, -2).flatten(-2)
         return y
 
-    @classmethod
-    def from_unsharded(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "ColumnParallelLinear":
-        """This rank's shard of a full ``nn.Linear`` (same dtype and device unless given in kwargs)."""
-        kwargs.setdefault("dtype", linear.weight.dtype)
-        kwargs.setdefault("device", linear.weight.device)
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
-                    **kwargs)
-        return layer.load_unsharded(linear)
-
     @torch.no_grad()
     def load_unsharded(self, linear: nn.Linear) -> "ColumnParallelLinear":
         """Copy this rank's rows of a full ``nn.Linear`` of the same shape into this layer."""
@@ -113,7 +117,7 @@ class ColumnParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, gather_output={self.gather_output}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """y = x @ Wᵀ + b with the input features split across ranks.
 
     Rank r holds columns [r·in/W, (r+1)·in/W) of the weight ([out, in/W]) and the
@@ -161,15 +165,6 @@ class RowParallelLinear(nn.Module):
             return y
         # weight.t() is a transposed view; the op takes it without a copy.
         return ops.matmul_all_reduce(x, self.weight.t(), self._group_name, bias=self.bias)
-
-    @classmethod
-    def from_unsharded(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "RowParallelLinear":
-        """This rank's shard of a full ``nn.Linear`` (same dtype and device unless given in kwargs)."""
-        kwargs.setdefault("dtype", linear.weight.dtype)
-        kwargs.setdefault("device", linear.weight.device)
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
-                    **kwargs)
-        return layer.load_unsharded(linear)
 
     @torch.no_grad()
     def load_unsharded(self, linear: nn.Linear) -> "RowParallelLinear":

@@ -192,9 +192,10 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   gp.b_transposed = g.b_transposed;
   TORCH_INTERNAL_ASSERT(kernel_dtype(a.scalar_type(), &gp.dtype));
   const int tile_m = tile_gemm_tile_m(gp), tile_n = tile_gemm_tile_n(gp);
-  TORCH_INTERNAL_ASSERT(output_tiles(g.m, g.n, tile_m, tile_n) <= tile_all_reduce_max_tiles());
+  const int64_t tiles = output_tiles(g.m, g.n, tile_m, tile_n);
+  TORCH_INTERNAL_ASSERT(tiles <= tile_all_reduce_max_tiles());
   // Owner mode needs a tile per rank; fewer tiles than ranks is decode-sized anyway.
-  if (output_tiles(g.m, g.n, tile_m, tile_n) < ws.world()) mode = TileReduceMode::kPush;
+  if (tiles < ws.world()) mode = TileReduceMode::kPush;
   ws.ensure_tile_bytes(tile_region_bytes(gp.m, gp.n, esize, ws.world()), kOp);
 
   const CommHandle& handle = ws.handle();
