@@ -19,9 +19,9 @@ OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_m
 
 # Paths the dispatcher can be forced to take, per op ("auto" lets it decide).
 PATHS = {
-    "all_reduce": ("auto", "reference", "one_shot", "two_shot"),
+    "all_reduce": ("auto", "reference", "one_shot", "two_shot", "two_shot_ll"),
     "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized",
-                          "chunked"),
+                          "chunked", "copy_engine"),
 }
 
 # Entries of the dispatch table (csrc/include/distfuse/tuning.h) that can be overridden.
@@ -31,11 +31,14 @@ TUNING_KEYS = (
     "all_reduce.two_shot_chunk_bytes",     # bytes a two-shot CTA moves per peer and step
     "all_reduce.dependent_launch",         # 1: launch as a programmatic dependent (PDL)
     "all_reduce.one_shot_lines_per_thread",  # one-shot CTA geometry: 1 or 2
+    "all_reduce.two_shot_ll_max_bytes",    # largest all-reduce on the LL two-shot (0: none)
     "matmul_all_reduce.fused_min_m",       # smallest M that takes the overlapped schedule
     "matmul_all_reduce.consumer_blocks",   # consumer CTAs beside the tile GEMM
     "matmul_all_reduce.group_tiles",       # owner schedule: tiles per round of flag releases
     "matmul_all_reduce.chunks",            # chunked schedule: row chunks
     "matmul_all_reduce.chunk_ar_blocks",   # chunked schedule: CTAs of each chunk's all-reduce
+    "matmul_all_reduce.bands",             # copy-engine schedule: bands per call (about)
+    "matmul_all_reduce.band_reduce_blocks",  # copy-engine schedule: CTAs of each band's sum
 )
 
 

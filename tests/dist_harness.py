@@ -49,6 +49,18 @@ def _worker(rank, world, backend, init_file, body, args, queue, env):
             pass
 
 
+def gpu_world_sizes() -> list:
+    """World sizes the multi-GPU tests run at: 2, 4 and 8 where that many GPUs
+    exist ([2] without GPUs, so that the parametrized ids stay stable), narrowed by
+    DISTFUSE_TEST_WORLD_SIZES (e.g. "4") to split a test run across GPU subsets."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    sizes = [w for w in (2, 4, 8) if w <= n] or [2]
+    wanted = os.environ.get("DISTFUSE_TEST_WORLD_SIZES")
+    if wanted:
+        sizes = [w for w in sizes if str(w) in wanted.split()] or sizes[:1]
+    return sizes
+
+
 def run_distributed(body, world: int, args: tuple = (), backend: str = "gloo", timeout: float = 300,
                     env: dict | None = None) -> None:
     """Run body on `world` ranks; raise AssertionError naming every failed rank."""

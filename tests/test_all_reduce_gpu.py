@@ -8,17 +8,12 @@ import os
 import pytest
 import torch
 
-from dist_harness import run_distributed
+from dist_harness import gpu_world_sizes, run_distributed
 
 pytestmark = pytest.mark.multigpu
 
-PATHS = ("one_shot", "two_shot", "auto")
+PATHS = ("one_shot", "two_shot", "two_shot_ll", "auto")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def world_sizes():
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [w for w in (2, 4, 8) if w <= n] or [2]  # 8: the TP=8 node, where lent
 
 
 def _int_inputs(numel, dtype, world, seed, device):
@@ -26,6 +21,11 @@ def _int_inputs(numel, dtype, world, seed, device):
     g = torch.Generator(device="cpu").manual_seed(seed)
     xs = torch.randint(-8, 9, (world, numel), generator=g).to(dtype)
     return xs.to(device)
+
+
+def _capacity(path, world):
+    """Bytes a forced path carries before it falls back to the two-shot."""
+    return {"one_shot": 1 << 20, "two_shot_ll": world << 20}.get(path, 1 << 62)
 
 
 def _gather(t, world):
@@ -56,8 +56,9 @@ def body_exact_and_bitwise(rank, world, group_name):
                 with force_path("all_reduce", path), distfuse.tuning(overrides):
                     out = distfuse.all_reduce(x, group_name)
                     taken = last_path("all_reduce")
-                # A forced one-shot beyond the one-shot capacity (1 MB) runs two-shot.
-                want = "two_shot" if path == "one_shot" and numel * x.element_size() > (1 << 20) else path
+                # A forced one-shot beyond its capacity (1 MB), or LL two-shot beyond
+                # its own (W MB), runs the two-shot.
+                want = "two_shot" if numel * x.element_size() > _capacity(path, world) else path
                 assert path == "auto" or taken == want, (path, taken)
                 assert torch.equal(out, expected), (dtype, path, numel, (out.double() - expected.double()).abs().max())
                 assert torch.equal(x, xs[rank]), "input modified"
@@ -71,8 +72,8 @@ def body_exact_and_bitwise(rank, world, group_name):
             ref64 = x.double().clone()
             dist.all_reduce(ref64)
             results = {}
-            for path, lines in (("one_shot", 2), ("one_shot_fine", 1), ("two_shot", 2)):
-                if path.startswith("one_shot") and numel * x.element_size() > (1 << 20):
+            for path, lines in (("one_shot", 2), ("one_shot_fine", 1), ("two_shot", 2), ("two_shot_ll", 2)):
+                if numel * x.element_size() > _capacity(path.replace("_fine", ""), world):
                     continue
                 with force_path("all_reduce", path.replace("_fine", "")), \
                         distfuse.tuning({"all_reduce.one_shot_lines_per_thread": lines}):
@@ -82,7 +83,7 @@ def body_exact_and_bitwise(rank, world, group_name):
                 assert rel < 5e-3, (dtype, numel, path, rel.item())
             vals = list(results.values())
             for other in vals[1:]:
-                assert torch.equal(vals[0], other), "one-shot and two-shot differ"
+                assert torch.equal(vals[0], other), "paths differ"
             for other in _gather(vals[0], world):
                 assert torch.equal(other, vals[0]), "ranks disagree"
     # Odd layouts: non-contiguous and misaligned inputs, 2-D shapes, in-place semantics.
@@ -107,7 +108,7 @@ def body_graphs(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, timeout_ms=20000)
     # Also launched as programmatic dependents (PDL) of the kernel before them.
-    cases = [(path, numel, dependent) for dependent in (0, 1) for path in ("one_shot", "two_shot")
+    cases = [(path, numel, dependent) for dependent in (0, 1) for path in ("one_shot", "two_shot", "two_shot_ll")
              for numel in (1000, 300001) if not (path == "one_shot" and numel * 2 > (1 << 20))]
     for path, numel, dependent in cases:
         with distfuse.tuning({"all_reduce.dependent_launch": dependent}):
@@ -144,7 +145,7 @@ def body_back_to_back(rank, world, group_name):
     pending = []
     for i in range(1000):
         numel = int(torch.randint(1, 1 << int(torch.randint(1, 19, (1,), generator=g)), (1,), generator=g))
-        path = PATHS[int(torch.randint(0, 3, (1,), generator=g))]
+        path = PATHS[int(torch.randint(0, len(PATHS), (1,), generator=g))]
         group = group_name if i % 2 == 0 else second.group_name
         xs = _int_inputs(numel, torch.float16, world, 5000 + i, dev)
         # Both one-shot geometries interleaved (separate epochs and slots) and PDL launches.
@@ -227,18 +228,18 @@ def body_missing_peer(rank, world, group_name, log_dir):
     # result before tearing down.
 
 
-@pytest.mark.parametrize("world", world_sizes())
+@pytest.mark.parametrize("world", gpu_world_sizes())
 def test_exact_bitwise_and_nccl(world):
     run_distributed(body_exact_and_bitwise, world, backend="nccl", timeout=600)
 
 
-@pytest.mark.parametrize("world", world_sizes())
+@pytest.mark.parametrize("world", gpu_world_sizes())
 def test_graph_capture_replays(world):
     run_distributed(body_graphs, world, backend="nccl", timeout=300)
 
 
 def test_back_to_back_random_sizes_two_groups():
-    run_distributed(body_back_to_back, world_sizes()[-1], backend="nccl", timeout=600)
+    run_distributed(body_back_to_back, gpu_world_sizes()[-1], backend="nccl", timeout=600)
 
 
 def test_init_destroy_reinit_streams():

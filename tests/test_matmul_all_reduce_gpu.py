@@ -5,17 +5,13 @@ bitwise identical across ranks, CUDA graphs and many calls of random M.
 import pytest
 import torch
 
-from dist_harness import run_distributed
+from dist_harness import gpu_world_sizes, run_distributed
 
 pytestmark = pytest.mark.multigpu
 
 FUSED_PATHS = ("fused_tiles", "decode_push")
-ALL_PATHS = ("fused_tiles", "decode_push", "serialized", "sequential", "chunked", "reference", "auto")
-
-
-def world_sizes():
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [w for w in (2, 4, 8) if w <= n] or [2]  # 8: the TP=8 node, where lent
+ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "serialized", "sequential", "chunked", "reference",
+             "auto")
 
 
 def _gather(t, world):
@@ -66,7 +62,7 @@ def body_paths(rank, world, group_name):
                 outs = {}
                 for path in ALL_PATHS:
                     for layout in ("weight_t", "row_major"):
-                        if layout == "row_major" and path not in ("fused_tiles", "decode_push"):
+                        if layout == "row_major" and path not in ("fused_tiles", "decode_push", "copy_engine"):
                             continue
                         b = w.t() if layout == "weight_t" else w.t().contiguous()
                         _poison_allocator(m * n, dtype, dev)
@@ -81,7 +77,7 @@ def body_paths(rank, world, group_name):
                         outs[(path, layout)] = out
                 # Same GEMM + same reduction order: the overlap changes no bit.
                 assert torch.equal(outs[("auto", "weight_t")], outs[("serialized", "weight_t")]), (m, k, n)
-                for path in ("fused_tiles", "decode_push", "sequential", "chunked", "auto"):
+                for path in ("fused_tiles", "decode_push", "copy_engine", "sequential", "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
                         assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)
     # Leading batch dims, a shape the fused GEMM cannot take (K % 8 != 0), device mismatch.
@@ -113,7 +109,7 @@ def body_exact_random_m(rank, world, group_name):
     k, n = 128, 1024
     for i in range(1000):
         m = int(torch.randint(1, 700, (1,), generator=g))
-        path = ("auto", "fused_tiles", "decode_push", "chunked")[i % 4]
+        path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine")[i % 5]
         gen = torch.Generator(device="cpu").manual_seed(1_000_000 + i)
         a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(dev, torch.float16)
         w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(dev, torch.float16)
@@ -129,7 +125,8 @@ def body_graphs(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     k, n = 256, 2048
-    for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("auto", 1), ("auto", 1024)):
+    for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("copy_engine", 1500),
+                    ("copy_engine", 3), ("auto", 1), ("auto", 1024)):
         a = torch.zeros(m, k, dtype=torch.float16, device=dev)
         w = torch.zeros(n, k, dtype=torch.float16, device=dev)
         bias = torch.zeros(n, dtype=torch.float16, device=dev)
@@ -157,15 +154,15 @@ def body_graphs(rank, world, group_name):
             assert torch.equal(y.cpu(), expected), (path, m, replay)
 
 
-@pytest.mark.parametrize("world", world_sizes())
+@pytest.mark.parametrize("world", gpu_world_sizes())
 def test_paths_against_reference_and_bitwise(world):
     run_distributed(body_paths, world, backend="nccl", timeout=600)
 
 
 def test_thousand_calls_random_m_exact():
-    run_distributed(body_exact_random_m, world_sizes()[-1], backend="nccl", timeout=600)
+    run_distributed(body_exact_random_m, gpu_world_sizes()[-1], backend="nccl", timeout=600)
 
 
-@pytest.mark.parametrize("world", world_sizes())
+@pytest.mark.parametrize("world", gpu_world_sizes())
 def test_graph_capture_replays(world):
     run_distributed(body_graphs, world, backend="nccl", timeout=300)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_distributed
+from dist_harness import gpu_world_sizes, run_distributed
 from test_ops import (Inputs, assert_close, assert_same_on_all_ranks, check_errors, check_global_semantics,
                       check_integer_exact, check_random_vs_oracle, expect_error)
 
@@ -135,4 +135,6 @@ def _gpu_body(rank, world, group_name):
 def test_ops_vs_oracle_cuda(world):
     if _n_gpus() < world:
         pytest.skip(f"needs {world} GPUs, found {_n_gpus()}")
+    if world not in gpu_world_sizes():
+        pytest.skip(f"W = {world} not in DISTFUSE_TEST_WORLD_SIZES")
     run_distributed(_gpu_body, world, backend="nccl", timeout=540)

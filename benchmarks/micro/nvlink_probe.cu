@@ -155,17 +155,36 @@ int main(int argc, char** argv) {
       }
     }
   }
-  // The copy engine: no SM involved.
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  CHECK(cudaMemcpyPeerAsync(buf1, 1, buf0, 0, bytes, s));
-  CHECK(cudaEventRecord(a, s));
-  for (int r = 0; r < 5; ++r) CHECK(cudaMemcpyPeerAsync(buf1, 1, buf0, 0, bytes, s));
-  CHECK(cudaEventRecord(b, s));
-  CHECK(cudaEventSynchronize(b));
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
-  std::printf("copy engine (cudaMemcpyPeerAsync 0 -> 1): %.1f GB/s\n", bytes / (ms / 5 * 1e-3) / 1e9);
+  // The copy engine: no SM involved. Push (GPU 0 copies into GPU 1) and pull (GPU 1
+  // copies from GPU 0), by copy size: the band schedule moves a few MB per copy.
+  cudaStream_t s1;
+  CHECK(cudaSetDevice(1));
+  CHECK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
+  CHECK(cudaSetDevice(0));
+  for (int pull = 0; pull < 2; ++pull) {
+    cudaStream_t cs = pull ? s1 : s;
+    CHECK(cudaSetDevice(pull ? 1 : 0));
+    for (size_t piece : {size_t(1) << 20, size_t(4) << 20, size_t(16) << 20, bytes}) {
+      if (piece > bytes) continue;
+      cudaEvent_t a, b;
+      CHECK(cudaEventCreate(&a));
+      CHECK(cudaEventCreate(&b));
+      CHECK(cudaMemcpyPeerAsync(buf1, 1, buf0, 0, piece, cs));
+      CHECK(cudaEventRecord(a, cs));
+      const int reps = int(bytes / piece) * 2;
+      for (int r = 0; r < reps; ++r)
+        CHECK(cudaMemcpyPeerAsync(static_cast<char*>(buf1) + (r * piece) % bytes, 1,
+                                  static_cast<char*>(buf0) + (r * piece) % bytes, 0, piece, cs));
+      CHECK(cudaEventRecord(b, cs));
+      CHECK(cudaEventSynchronize(b));
+      float ms = 0;
+      CHECK(cudaEventElapsedTime(&ms, a, b));
+      std::printf("copy engine %s 0 -> 1, %6zu KB copies: %.1f GB/s, %.1f us per copy\n",
+                  pull ? "pull (GPU 1 issues)" : "push (GPU 0 issues)", piece >> 10,
+                  double(piece) * reps / (ms * 1e-3) / 1e9, ms * 1e3 / reps);
+      CHECK(cudaEventDestroy(a));
+      CHECK(cudaEventDestroy(b));
+    }
+  }
   return 0;
 }

@@ -127,7 +127,7 @@ void Workspace::allocate(const char* op) {
   handle_.timeout_ns = timeout_ms_ * 1000000ull;
   handle_.layout = layout;
 
-  // Counters, flags and one-shot lines start at zero (epoch 0 never appears).
+  // Counters, flags and LL lines start at zero (epoch 0 never appears).
   // The barrier keeps peers from writing into this buffer before it is cleared.
   auto stream = at::cuda::getCurrentCUDAStream(device_);
   C10_CUDA_CHECK(cudaMemsetAsync(handle_.peer_base[rank_], 0, layout.twoshot_offset, stream));

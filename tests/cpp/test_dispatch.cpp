@@ -62,14 +62,16 @@ TEST(WorkspaceLayout, RegionsAreOrderedAlignedAndDisjoint) {
   for (int world = 2; world <= kMaxWorld; ++world) {
     const uint64_t tile_bytes = 3 << 20;
     const WorkspaceLayout l = make_layout(world, tile_bytes + 5);
-    const uint64_t offsets[] = {l.counters_offset, l.flags_offset, l.oneshot_offset,
+    const uint64_t offsets[] = {l.counters_offset, l.flags_offset, l.oneshot_offset, l.twoshot_ll_offset,
                                 l.twoshot_offset, l.tiles_offset};
-    const uint64_t sizes[] = {l.counters_bytes, l.flags_bytes, l.oneshot_bytes, l.twoshot_bytes,
-                              l.tiles_bytes};
-    for (int i = 0; i < 5; ++i) {
+    const uint64_t sizes[] = {l.counters_bytes, l.flags_bytes, l.oneshot_bytes, l.twoshot_ll_bytes,
+                              l.twoshot_bytes, l.tiles_bytes};
+    for (int i = 0; i < 6; ++i) {
       EXPECT_EQ(offsets[i] % 16, 0u) << "region " << i;
-      if (i + 1 < 5) EXPECT_LE(offsets[i] + sizes[i], offsets[i + 1]) << "region " << i;
+      if (i + 1 < 6) EXPECT_LE(offsets[i] + sizes[i], offsets[i + 1]) << "region " << i;
     }
+    // The LL regions are zeroed at creation: everything before the two-shot chunks.
+    EXPECT_LE(l.twoshot_ll_offset + l.twoshot_ll_bytes, l.twoshot_offset);
     EXPECT_GE(l.tiles_bytes, tile_bytes + 5);
     EXPECT_EQ(l.total_bytes, l.tiles_offset + l.tiles_bytes);
     // Counters hold every channel's blocks and the per-tile counters.

@@ -58,6 +58,7 @@ struct TileGemmParams {
   DType dtype;            // kBFloat16 or kFloat16
   uint32_t* tile_flags;   // may be null: no flags are published
   int sm_count;           // CTAs of the persistent grid (the SMs this GEMM may occupy)
+  int group_rows;         // tile rows per group of the tile order (0: kTileGemmGroupRows)
 };
 
 }  // namespace distfuse

@@ -7,7 +7,7 @@
 
 namespace distfuse {
 
-enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1 };
+enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1, kTwoShotLL = 2 };
 
 // Largest all-reduce (bytes per rank) taken by the one-shot algorithm.
 inline int64_t one_shot_threshold_bytes(int world) {
@@ -16,12 +16,25 @@ inline int64_t one_shot_threshold_bytes(int world) {
   return 128 << 10;  // untuned (W > 4)
 }
 
-// `override_threshold` > 0 replaces the table (benchmarks sweep it).
+// Largest all-reduce taken by the LL two-shot (above the one-shot's range); 0: none.
+// Off until measured.
+inline int64_t two_shot_ll_max_bytes(int world, int64_t override_bytes = 0) {
+  if (override_bytes > 0) return override_bytes;
+  (void)world;
+  return 0;
+}
+
+// `override_threshold` / `override_ll_max` > 0 replace the table (benchmarks sweep
+// them); capacities are what the workspace regions hold.
 inline AllReduceAlgo choose_all_reduce(int64_t bytes, int world, int64_t one_shot_capacity_bytes,
-                                       int64_t override_threshold = 0) {
+                                       int64_t override_threshold = 0, int64_t two_shot_ll_capacity_bytes = 0,
+                                       int64_t override_ll_max = 0) {
   int64_t threshold = override_threshold > 0 ? override_threshold : one_shot_threshold_bytes(world);
   if (threshold > one_shot_capacity_bytes) threshold = one_shot_capacity_bytes;
-  return bytes <= threshold ? AllReduceAlgo::kOneShot : AllReduceAlgo::kTwoShot;
+  if (bytes <= threshold) return AllReduceAlgo::kOneShot;
+  int64_t ll_max = two_shot_ll_max_bytes(world, override_ll_max);
+  if (ll_max > two_shot_ll_capacity_bytes) ll_max = two_shot_ll_capacity_bytes;
+  return bytes <= ll_max ? AllReduceAlgo::kTwoShotLL : AllReduceAlgo::kTwoShot;
 }
 
 // Blocks of the two-shot kernel (each moves 32 KB chunks; more blocks keep more
@@ -59,7 +72,7 @@ inline bool dependent_launch(int world, int64_t override_value = 0) {
 
 namespace distfuse {
 
-enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2 };
+enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3 };
 
 // Measured on 4 x H200 at W = 2 and 4 (Llama-3-70B o_proj and down_proj rows,
 // benchmarks/NOTES.md): for M <= 512 both overlapped schedules are slower than
@@ -111,6 +124,22 @@ inline int64_t chunk_rows(int64_t m, int world, int64_t override_chunks = 0) {
   const int64_t chunks = override_chunks > 0 ? override_chunks : 4;
   const int64_t rows = (m + chunks - 1) / chunks;
   return (rows + 127) / 128 * 128;
+}
+
+// Copy-engine band schedule: tile rows per band (and per group of the GEMM's tile
+// order, so that bands complete in order), about `bands` bands per call. Untuned.
+inline int band_tile_rows(int64_t tiles_m, int world, int64_t override_bands = 0) {
+  (void)world;
+  const int64_t bands = override_bands > 0 ? override_bands : 8;
+  const int64_t rows = (tiles_m + bands - 1) / bands;
+  return int(rows < 1 ? 1 : rows > 8 ? 8 : rows);
+}
+
+// Copy-engine band schedule: CTAs of each band's reduction (the GEMM keeps the
+// other SMs but one). Untuned.
+inline int band_reduce_blocks(int world, int override_blocks = 0) {
+  (void)world;
+  return override_blocks > 0 ? override_blocks : 16;
 }
 
 // CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.

@@ -146,6 +146,113 @@ __global__ void __launch_bounds__(kOneShotThreads)
   if (threadIdx.x == 0) *counter = epoch;
 }
 
+// ---------------------------------------------------------------- two-shot on LL lines
+
+constexpr int kTwoShotLLThreads = 512;
+
+// Lines `src` sends to `dst` in `phase` (0: a shard to its owner, 1: the owner's sum)
+// for epochs of this parity. Thread t of block b always handles line j = b * threads
+// + t of every shard, and each block keeps its own epoch counter: the parity
+// argument of the one-shot holds for each phase (a peer reaches epoch e + 2 in
+// block b only after it received this block's data of epoch e + 1, which this
+// block sends after it finished reading epoch e).
+__device__ __forceinline__ LLLine* two_shot_ll_slot(const CommHandle& c, int dst, int phase, int parity,
+                                                    int src) {
+  return reinterpret_cast<LLLine*>(c.peer_base[dst] + c.layout.twoshot_ll_offset) +
+         ((int64_t(phase) * 2 + parity) * c.world + src) * int64_t(kTwoShotLLLinesPerSlot);
+}
+
+// Reduce-scatter then all-gather, every byte in LL lines (flag in the data, no
+// fence and no barrier): the two-shot's traffic with the one-shot's latency.
+//
+//   thread (line j):  load line j of every shard ──LL──▶ its owner        (phase 0)
+//   owner:            wait W-1 lines ─ Σ in rank order (+ bias) ─▶ out
+//                     ──LL──▶ every peer                                   (phase 1)
+//   every rank:       wait each owner's line j ─▶ out
+//
+// A thread reads every input position it later writes, so out may alias input.
+template <typename T, int W>
+__global__ void __launch_bounds__(kTwoShotLLThreads) all_reduce_two_shot_ll_kernel(AllReduceParams p) {
+  wait_for_previous_kernel();
+  using Line = Pack<T, 8>;
+  constexpr int kElems = Line::kElems;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
+  const T* in = static_cast<const T*>(p.input);
+  T* out = static_cast<T*>(p.output);
+  const int64_t n = p.numel;
+  const int64_t lines = ceil_div<int64_t>(n, kElems);
+  const int64_t shard = ceil_div<int64_t>(lines, W);  // lines per shard
+
+  __shared__ uint32_t s_epoch;
+  uint32_t* counter = c.counters(kChannelTwoShotLL) + blockIdx.x;
+  if (threadIdx.x == 0) s_epoch = next_epoch(*counter);
+  __syncthreads();
+  const uint32_t epoch = s_epoch;
+  const int parity = epoch & 1;
+  const int64_t j = int64_t(blockIdx.x) * kTwoShotLLThreads + threadIdx.x;
+
+  if (j < shard) {
+    auto exists = [&](int owner) { return int64_t(owner) * shard + j < lines; };
+    auto store_out = [&](int owner, const Line& r) {
+      const int64_t idx = (int64_t(owner) * shard + j) * kElems;
+      if (idx + kElems <= n) *reinterpret_cast<Line*>(out + idx) = r;
+      else store_pack_tail<T, 8>(out, idx, n, r);
+    };
+    Line x[W];  // line j of every shard, all loads issued first
+#pragma unroll
+    for (int s = 0; s < W; ++s) {
+      if (!exists(s)) continue;
+      const int64_t idx = (int64_t(s) * shard + j) * kElems;
+      x[s] = idx + kElems <= n ? *reinterpret_cast<const Line*>(in + idx) : load_pack_tail<T, 8>(in, idx, n);
+    }
+#pragma unroll
+    for (int i = 1; i < W; ++i) {
+      const int dst = rank + i < W ? rank + i : rank + i - W;
+      if (exists(dst)) ll_store(two_shot_ll_slot(c, dst, 0, parity, rank) + j, x[dst].w[0], x[dst].w[1], epoch);
+    }
+    if (exists(rank)) {
+      float acc[kElems];
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
+#pragma unroll
+      for (int src = 0; src < W; ++src) {
+        Line v = x[rank];
+        if (src != rank) {
+          const uint2 d = ll_load(two_shot_ll_slot(c, rank, 0, parity, src) + j, epoch, c.timeout_ns, p.op,
+                                  blockIdx.x, src);
+          v.w[0] = d.x;
+          v.w[1] = d.y;
+        }
+        accumulate<T, 8>(acc, v);
+      }
+      const int64_t idx = (int64_t(rank) * shard + j) * kElems;
+      if (p.bias) add_bias<T, kElems>(acc, static_cast<const T*>(p.bias), p.bias_period, idx, n);
+      const Line r = round_pack<T, 8>(acc);
+#pragma unroll
+      for (int i = 1; i < W; ++i) {
+        const int dst = rank + i < W ? rank + i : rank + i - W;
+        ll_store(two_shot_ll_slot(c, dst, 1, parity, rank) + j, r.w[0], r.w[1], epoch);
+      }
+      store_out(rank, r);
+    }
+#pragma unroll
+    for (int i = 1; i < W; ++i) {
+      const int src = rank + i < W ? rank + i : rank + i - W;
+      if (!exists(src)) continue;
+      const uint2 d =
+          ll_load(two_shot_ll_slot(c, rank, 1, parity, src) + j, epoch, c.timeout_ns, p.op, blockIdx.x, src);
+      Line v;
+      v.w[0] = d.x;
+      v.w[1] = d.y;
+      store_out(src, v);
+    }
+  }
+
+  __syncthreads();  // every thread has read s_epoch before the counter moves on
+  if (threadIdx.x == 0) *counter = epoch;
+}
+
 // ---------------------------------------------------------------- two-shot
 
 constexpr int kTwoShotThreads = 512;
@@ -351,6 +458,27 @@ cudaError_t launch_all_reduce_one_shot(const AllReduceParams& p, cudaStream_t st
                            p.dependent_launch, p)
                   : launch(all_reduce_one_shot_kernel<T, W, 2>, blocks, kOneShotThreads, stream,
                            p.dependent_launch, p);
+    });
+  });
+}
+
+int64_t all_reduce_two_shot_ll_max_numel(DType dtype, int world) {
+  return int64_t(kTwoShotLLShardBytes) * world / dtype_size(dtype);
+}
+
+cudaError_t launch_all_reduce_two_shot_ll(const AllReduceParams& p, cudaStream_t stream) {
+  if (p.numel <= 0) return cudaSuccess;
+  const int world = p.comm.world;
+  const int64_t lines = ceil_div<int64_t>(p.numel * dtype_size(p.dtype), 8);
+  const int64_t shard = ceil_div<int64_t>(lines, world);
+  if (shard > int64_t(kTwoShotLLLinesPerSlot)) return cudaErrorInvalidValue;
+  const int blocks = static_cast<int>(ceil_div<int64_t>(shard, kTwoShotLLThreads));
+  if (blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  return visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return visit_world(world, [&](auto w) {
+      return launch(all_reduce_two_shot_ll_kernel<T, decltype(w)::value>, blocks, kTwoShotLLThreads, stream,
+                    p.dependent_launch, p);
     });
   });
 }

@@ -15,7 +15,16 @@
 //     reduce   rank r sums chunk j of its own shard in rank order (+ bias)
 //     phase 1  rank r pushes the sum to every peer ─flag─▶ peers; peers copy it out
 //
-// Both sum in fp32 in the fixed order rank 0, 1, ..., W-1 and round once, so
+// two-shot LL (mid sizes at W >= 3): the two-shot's reduce-scatter and all-gather
+//   with every byte in LL lines, so no fence and no barrier: twice the bytes of
+//   the two-shot, a third of the one-shot's at W = 4.
+//
+//     thread (line j of every shard):
+//     phase 0  rank r sends line j of shard p to p ──LL──▶ p
+//     reduce   owner p waits for W-1 lines, sums in rank order (+ bias) ─▶ output
+//     phase 1  owner p sends the sum ──LL──▶ every peer; peers wait for it ─▶ output
+//
+// All three sum in fp32 in the fixed order rank 0, 1, ..., W-1 and round once, so
 // every rank gets the same bits, whichever algorithm ran.
 //
 // Options in AllReduceParams: the one-shot's CTA geometry (2 or 1 lines per
@@ -34,5 +43,8 @@ namespace distfuse {
 int64_t all_reduce_one_shot_max_numel(DType dtype);
 cudaError_t launch_all_reduce_one_shot(const AllReduceParams& p, cudaStream_t stream);
 cudaError_t launch_all_reduce_two_shot(const AllReduceParams& p, cudaStream_t stream);
+// Largest all-reduce the LL two-shot takes (its line region holds one shard per rank).
+int64_t all_reduce_two_shot_ll_max_numel(DType dtype, int world);
+cudaError_t launch_all_reduce_two_shot_ll(const AllReduceParams& p, cudaStream_t stream);
 
 }  // namespace distfuse

@@ -3,6 +3,7 @@
 
 #include "distfuse/comm/handle.h"
 #include "distfuse/comm/signal.cuh"
+#include "kernels/allreduce/rank_order_sum.cuh"
 #include "kernels/common/vec.cuh"
 #include "kernels/gemm/tile_gemm.h"  // the GEMM's tile order (header only)
 
@@ -91,40 +92,6 @@ struct TileGeometry {
 template <int W>
 constexpr int kTileUnroll = W <= 2 ? 4 : W <= 4 ? 2 : 1;
 constexpr int kCopyUnroll = 8;
-
-// For the vectors v = base + u * kTileThreads (u < U, v < count) of one thread:
-// Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at
-// source(src, v), plus bias at column bias_col(v) when given, rounded once,
-// handed to sink(v, result). Every rank computes the same bits.
-template <typename T, int W, int U, typename Source, typename BiasCol, typename Sink>
-__device__ __forceinline__ void sum_batch_in_rank_order(int base, int count, Source source,
-                                                        const T* bias, BiasCol bias_col, Sink sink) {
-  constexpr int kVec = 16 / sizeof(T);
-  uint4 x[U][W];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int v = base + u * kTileThreads;
-#pragma unroll
-    for (int src = 0; src < W; ++src)
-      if (v < count) x[u][src] = load_cg(source(src, v));
-  }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int v = base + u * kTileThreads;
-    if (v >= count) continue;
-    float acc[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
-#pragma unroll
-    for (int src = 0; src < W; ++src) accumulate<T, 16>(acc, to_pack<T>(x[u][src]));
-    if (bias) {
-      const Pack<T, 16> b = to_pack<T>(load_plain(bias + bias_col(v)));
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
-    }
-    sink(v, from_pack<T>(round_pack<T, 16>(acc)));
-  }
-}
 
 // Copies `count` vectors from(v) -> to(v), U loads in flight per thread.
 template <int U, typename From, typename To>
@@ -215,7 +182,7 @@ struct TileCall {
       wait_reached(received_flag(c, rank, x.t, threadIdx.x), epoch, c.timeout_ns, x.t, threadIdx.x);
     __syncthreads();
     for (int base = threadIdx.x; base < count; base += U * kTileThreads)
-      sum_batch_in_rank_order<T, W, U>(
+      sum_batch_in_rank_order<T, W, U, kTileThreads>(
           base, count,
           [&](int src, int v) { return (src == rank ? mine : slot(rank, src)) + g.d_offset(v, p.n); },
           bias, [&](int v) { return g.bias_col(v); },

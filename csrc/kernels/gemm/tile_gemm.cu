@@ -121,6 +121,7 @@ Plan make_plan(const TileGemmParams& p) {
   TileSchedule& s = plan.schedule;
   s.tiles_m = int(ceil_div(p.m, plan.tile_m));
   s.tiles_n = int(ceil_div(p.n, plan.tile_n));
+  s.group_rows = p.group_rows > 0 ? p.group_rows : kTileGemmGroupRows;
   s.k_tiles = int(ceil_div(p.k, kTileK));
   const int tiles = s.tiles_m * s.tiles_n;
   const int ctas = p.sm_count;
@@ -150,7 +151,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 cudaError_t check_params(const TileGemmParams& p) {
   if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
-      p.sm_count < 1 || p.sm_count > kMaxCtas || p.lda < p.k || p.ldd < p.n ||
+      p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.lda < p.k || p.ldd < p.n ||
       p.ldb < (p.b_transposed ? p.k : p.n)) {
     return cudaErrorInvalidValue;
   }

@@ -89,7 +89,7 @@
 
 namespace distfuse {
 
-// Rows of tiles in one group of the tile order.
+// Rows of tiles in one group of the tile order, unless TileGemmParams::group_rows says.
 constexpr int kTileGemmGroupRows = 8;
 
 // Tile shape the launch for these parameters uses (depends on p.m only).
@@ -113,12 +113,11 @@ cudaError_t launch_tile_gemm(const TileGemmParams& p, cudaStream_t stream,
 
 // (tm, tn) of tile number `index` in the tile order described above.
 DF_TILE_GEMM_HD inline void tile_gemm_tile_coord(int index, int tiles_m, int tiles_n, int* tm,
-                                                 int* tn) {
-  const int tiles_per_group = kTileGemmGroupRows * tiles_n;
+                                                 int* tn, int group_rows = kTileGemmGroupRows) {
+  const int tiles_per_group = group_rows * tiles_n;
   const int group = index / tiles_per_group;
-  const int first_row = group * kTileGemmGroupRows;
-  const int rows_in_group =
-      tiles_m - first_row < kTileGemmGroupRows ? tiles_m - first_row : kTileGemmGroupRows;
+  const int first_row = group * group_rows;
+  const int rows_in_group = tiles_m - first_row < group_rows ? tiles_m - first_row : group_rows;
   const int index_in_group = index - group * tiles_per_group;
   *tm = first_row + index_in_group % rows_in_group;
   *tn = index_in_group / rows_in_group;

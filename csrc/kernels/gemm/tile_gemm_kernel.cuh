@@ -29,6 +29,7 @@ namespace tile_gemm_detail {
 struct TileSchedule {
   int tiles_m;
   int tiles_n;
+  int group_rows;  // tile rows per group of the tile order
   int k_tiles;  // K blocks per tile
   int num_ctas;
   int dp_tiles;
@@ -215,7 +216,8 @@ struct TileGemmKernel {
       auto write_state = cutlass::make_producer_start_state<MainloopPipeline>();
       while (work.next(unit)) {
         int tm, tn;
-        tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn);
+        tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
+                             params.schedule.group_rows);
         auto k_tile_iter = make_coord_iterator(idx2crd(unit.k_begin, k_tile_shape), k_tile_shape);
         mainloop.load(params.mainloop, mainloop_pipeline, write_state, load_inputs,
                       make_coord(tm, tn, _, 0), k_tile_iter, unit.k_count,
@@ -248,7 +250,8 @@ struct TileGemmKernel {
       }
 
       int tm, tn;
-      tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn);
+      tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
+                             params.schedule.group_rows);
       auto [load_state_next, store_state_next] = epilogue.store(
           epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
           epilogue_store_state, params.problem, TileShape{}, make_coord(tm, tn, _, 0), accum,

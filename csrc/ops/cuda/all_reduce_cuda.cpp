@@ -35,7 +35,11 @@ void check_workspace_device(const char* op, const char* name, const at::Tensor& 
 }
 
 const char* path_name(AllReducePath p) {
-  return p == AllReducePath::kOneShot ? "one_shot" : "two_shot";
+  switch (p) {
+    case AllReducePath::kOneShot: return "one_shot";
+    case AllReducePath::kTwoShotLL: return "two_shot_ll";
+    default: return "two_shot";
+  }
 }
 
 AllReducePath choose_all_reduce_path(const comm::Workspace& ws, int64_t bytes, DType dtype,
@@ -48,10 +52,17 @@ AllReducePath choose_all_reduce_path(const comm::Workspace& ws, int64_t bytes, D
   }
   if (forced == "one_shot" && bytes <= int64_t(ws.one_shot_capacity_bytes()))
     return AllReducePath::kOneShot;
+  const int64_t ll_capacity = all_reduce_two_shot_ll_max_numel(dtype, ws.world()) * dtype_size(dtype);
+  if (forced == "two_shot_ll")  // beyond the LL region's capacity: the two-shot
+    return bytes <= ll_capacity ? AllReducePath::kTwoShotLL : AllReducePath::kTwoShot;
   if (forced == "two_shot") return AllReducePath::kTwoShot;
-  const AllReduceAlgo algo = choose_all_reduce(bytes, ws.world(), ws.one_shot_capacity_bytes(),
-                                               get_tuning("all_reduce.one_shot_max_bytes"));
-  return algo == AllReduceAlgo::kOneShot ? AllReducePath::kOneShot : AllReducePath::kTwoShot;
+  switch (choose_all_reduce(bytes, ws.world(), ws.one_shot_capacity_bytes(),
+                            get_tuning("all_reduce.one_shot_max_bytes"), ll_capacity,
+                            get_tuning("all_reduce.two_shot_ll_max_bytes"))) {
+    case AllReduceAlgo::kOneShot: return AllReducePath::kOneShot;
+    case AllReduceAlgo::kTwoShotLL: return AllReducePath::kTwoShotLL;
+    default: return AllReducePath::kTwoShot;
+  }
 }
 
 void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tensor& out,
@@ -73,8 +84,9 @@ void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tens
       one_shot_lines_per_thread(ws.world(), static_cast<int>(get_tuning("all_reduce.one_shot_lines_per_thread")));
   p.comm = ws.handle();
   auto stream = at::cuda::getCurrentCUDAStream();
-  const cudaError_t err = path == AllReducePath::kOneShot ? launch_all_reduce_one_shot(p, stream)
-                                                          : launch_all_reduce_two_shot(p, stream);
+  const cudaError_t err = path == AllReducePath::kOneShot     ? launch_all_reduce_one_shot(p, stream)
+                          : path == AllReducePath::kTwoShotLL ? launch_all_reduce_two_shot_ll(p, stream)
+                                                              : launch_all_reduce_two_shot(p, stream);
   TORCH_CHECK(err == cudaSuccess, "distfuse: ", path_name(path), " all-reduce launch failed: ",
               cudaGetErrorString(err));
 }

@@ -8,6 +8,9 @@
 //   serialized   the kernels auto would pick, one after the other (tests: same bits, no overlap)
 //   chunked      cuBLAS GEMMs of row chunks, each chunk's distfuse all-reduce overlapping the
 //                next chunk's GEMM (forced only until measured)
+//   copy_engine  tile GEMM on all SMs but a few; each band of finished tile rows is
+//                reduce-scattered and all-gathered by the copy engines, summed by a few CTAs
+//                (kernels/allreduce/band_all_reduce.h draws the schedule)
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
@@ -18,6 +21,7 @@
 #include <mutex>
 
 #include "distfuse/tuning.h"
+#include "kernels/allreduce/band_all_reduce.h"
 #include "kernels/allreduce/tile_all_reduce.h"
 #include "ops/control.h"
 #include "ops/cuda/glue.h"
@@ -49,25 +53,29 @@ at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::
   return partial;
 }
 
-// One side stream and a fork/join event pair per device (tile consumers, chunk all-reduces).
+// Side streams with a fork/join event pair each, per device: index 0 for the tile
+// consumers and chunk all-reduces, 0 and 1 for the copy-engine schedule.
 struct SideStream {
   c10::cuda::CUDAStream stream;
   cudaEvent_t fork;
   cudaEvent_t join;
 };
 
-SideStream& side_stream(int device) {
+SideStream& side_stream(int device, int index = 0) {
+  constexpr int kPerDevice = 2;
   static std::mutex mutex;
-  static std::vector<std::unique_ptr<SideStream>> streams(64);
+  static std::vector<std::unique_ptr<SideStream>> streams(64 * kPerDevice);
+  TORCH_INTERNAL_ASSERT(device >= 0 && device < 64 && index >= 0 && index < kPerDevice);
   std::lock_guard<std::mutex> lock(mutex);
-  if (!streams[device]) {
+  auto& slot = streams[device * kPerDevice + index];
+  if (!slot) {
     auto s = std::make_unique<SideStream>(
         SideStream{c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device), nullptr, nullptr});
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&s->fork, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&s->join, cudaEventDisableTiming));
-    streams[device] = std::move(s);
+    slot = std::move(s);
   }
-  return *streams[device];
+  return *slot;
 }
 
 // Chunked overlap, built from cuBLAS and the distfuse all-reduce: the GEMM of
@@ -172,14 +180,10 @@ bool fused_gemm_supported(const at::Tensor& a, const at::Tensor& b) {
          tile_all_reduce_max_tiles();
 }
 
-enum class Overlap { kOverlapped, kSerialized };
-
-at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                 const std::optional<at::Tensor>& bias, TileReduceMode& mode, Overlap overlap,
-                 int consumers) {
-  GemmOperands g = gemm_operands(a, b);
-  const int device = ws.device();
-  const int esize = static_cast<int>(a.element_size());
+// The tile GEMM of A @ B into this rank's tile region of the workspace (grown
+// when needed), publishing its tile flags; sm_count is left to the caller.
+TileGemmParams tile_gemm_into_workspace(comm::Workspace& ws, const GemmOperands& g, at::ScalarType dtype,
+                                        int esize) {
   TileGemmParams gp{};
   gp.a = g.a.data_ptr();
   gp.b = g.b.data_ptr();
@@ -190,17 +194,91 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   gp.n = static_cast<int>(g.n);
   gp.k = static_cast<int>(g.k);
   gp.b_transposed = g.b_transposed;
-  TORCH_INTERNAL_ASSERT(kernel_dtype(a.scalar_type(), &gp.dtype));
-  const int tile_m = tile_gemm_tile_m(gp), tile_n = tile_gemm_tile_n(gp);
-  const int64_t tiles = output_tiles(g.m, g.n, tile_m, tile_n);
-  TORCH_INTERNAL_ASSERT(tiles <= tile_all_reduce_max_tiles());
-  // Owner mode needs a tile per rank; fewer tiles than ranks is decode-sized anyway.
-  if (tiles < ws.world()) mode = TileReduceMode::kPush;
+  TORCH_INTERNAL_ASSERT(kernel_dtype(dtype, &gp.dtype));
+  TORCH_INTERNAL_ASSERT(output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp)) <=
+                        tile_all_reduce_max_tiles());
   ws.ensure_tile_bytes(tile_region_bytes(gp.m, gp.n, esize, ws.world()), kOp);
+  gp.d = tile_partial(ws.handle());
+  gp.tile_flags = tile_ready_flags(ws.handle());
+  return gp;
+}
 
+// Copy-engine band schedule (kernels/allreduce/band_all_reduce.h):
+//
+//   main: ─fork─[ tile GEMM on SMs - R - 1 ................................ ]─join─▶
+//   A:          [wait b0][CE push b0][sig][wait b1][CE push b1][sig] ...     ┘
+//   B:                 ▲ b0 ready        [Σ b0 (R CTAs)][wait][CE pull b0] ... ┘
+at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                       const std::optional<at::Tensor>& bias) {
+  GemmOperands g = gemm_operands(a, b);
+  const int device = ws.device();
+  TileGemmParams gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
+  const int tile_m = tile_gemm_tile_m(gp);
+  const int64_t tiles_m = (g.m + tile_m - 1) / tile_m;
+  gp.group_rows = band_tile_rows(tiles_m, ws.world(), get_tuning("matmul_all_reduce.bands"));
+  const int reducers = std::max(
+      1, std::min(band_reduce_blocks(ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"))),
+                  sm_count(device) / 2));
+  gp.sm_count = sm_count(device) - reducers - 1;  // one SM for the waits and signals
+
+  at::Tensor out = at::empty({g.m, g.n}, a.options());
+  at::Tensor bias_c;
+  if (bias.has_value()) bias_c = contiguous_aligned(*bias);
+  BandAllReduceParams bp{};
+  bp.output = out.data_ptr();
+  bp.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
+  bp.m = g.m;
+  bp.n = g.n;
+  bp.tile_m = tile_m;
+  bp.tile_n = tile_gemm_tile_n(gp);
+  bp.band_rows = int64_t(gp.group_rows) * tile_m;
+  while (band_count(bp) > kMaxBands) bp.band_rows *= 2;  // keeps whole groups per band
+  bp.dtype = gp.dtype;
+  bp.comm = ws.handle();
+
+  const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
+  void* scratch = scratch_bytes ? ws.gemm_scratch(scratch_bytes, kOp) : nullptr;
+  cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
+  SideStream& rs = side_stream(device, 0);  // reduce-scatter pushes
+  SideStream& ag = side_stream(device, 1);  // sums and all-gather pulls
+  C10_CUDA_CHECK(cudaEventRecord(rs.fork, main));
+  // GEMM first: it never waits on anything (see fused()).
+  C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(rs.stream, rs.fork, 0));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(ag.stream, rs.fork, 0));
+  const int bands = static_cast<int>(band_count(bp));
+  for (int band = 0; band < bands; ++band) {
+    C10_CUDA_CHECK(launch_band_wait_ready(bp, band, rs.stream));
+    // The sum of the band reads this rank's D: the wait above is its dependency.
+    C10_CUDA_CHECK(cudaEventRecord(ag.fork, rs.stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(ag.stream, ag.fork, 0));
+    C10_CUDA_CHECK(band_push_partials(bp, band, rs.stream));
+    C10_CUDA_CHECK(launch_band_signal_landed(bp, band, rs.stream));
+    C10_CUDA_CHECK(launch_band_reduce(bp, band, reducers, ag.stream));
+    C10_CUDA_CHECK(launch_band_wait_reduced(bp, band, ag.stream));
+    C10_CUDA_CHECK(band_pull_sums(bp, band, ag.stream));
+  }
+  C10_CUDA_CHECK(cudaEventRecord(rs.join, rs.stream));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(main, rs.join, 0));
+  C10_CUDA_CHECK(cudaEventRecord(ag.join, ag.stream));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(main, ag.join, 0));
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
+  shape.push_back(g.n);
+  return out.view(shape);
+}
+
+enum class Overlap { kOverlapped, kSerialized };
+
+at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                 const std::optional<at::Tensor>& bias, TileReduceMode& mode, Overlap overlap,
+                 int consumers) {
+  GemmOperands g = gemm_operands(a, b);
+  const int device = ws.device();
+  TileGemmParams gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
+  const int tile_m = tile_gemm_tile_m(gp), tile_n = tile_gemm_tile_n(gp);
+  // Owner mode needs a tile per rank; fewer tiles than ranks is decode-sized anyway.
+  if (output_tiles(g.m, g.n, tile_m, tile_n) < ws.world()) mode = TileReduceMode::kPush;
   const CommHandle& handle = ws.handle();
-  gp.d = tile_partial(handle);
-  gp.tile_flags = tile_ready_flags(handle);
   consumers = std::max(1, std::min<int>(consumers, sm_count(device) / 2));
   gp.sm_count = sm_count(device) - consumers;
 
@@ -271,6 +349,10 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     return chunked(ws, a, b, bias);
   }
 #ifndef DISTFUSE_NO_GEMM
+  if (forced == "copy_engine" && fused_gemm_supported(a, b)) {
+    record_path(kOp, "copy_engine");
+    return copy_engine(ws, a, b, bias);
+  }
   if (forced != "sequential" && forced != "chunked" && fused_gemm_supported(a, b)) {
     const int64_t k = a.size(-1), m = a.numel() / k;
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(

@@ -6,10 +6,11 @@
 // kernel addresses "region X of rank p" as peer_base[p] + offset_of_X.
 //
 //   symmetric buffer (per rank)
-//   +-----------+---------------+-------------------+--------------------+-----------------+
-//   | counters  | flags         | one-shot LL lines | two-shot chunks    | tile region     |
-//   | (local)   | (peers write) | (peers write)     | (peers write)      | (GEMM tiles)    |
-//   +-----------+---------------+-------------------+--------------------+-----------------+
+//   +----------+---------------+-------------------+-------------------+-----------------+--------------+
+//   | counters | flags         | one-shot LL lines | two-shot LL lines | two-shot chunks | tile region  |
+//   | (local)  | (peers write) | (peers write)     | (peers write)     | (peers write)   | (GEMM tiles) |
+//   +----------+---------------+-------------------+-------------------+-----------------+--------------+
+//   └──────────── zeroed at creation (epoch 0 never appears) ─────────┘
 //
 // Each algorithm ("channel") owns its counters, flags and data region, so two
 // algorithms used back to back never touch each other's memory.
@@ -28,7 +29,9 @@ enum Channel : int {
   kChannelTiles = 2,
   kChannelDecode = 3,
   kChannelOneShotFine = 4,  // one-shot, 1 line per thread (twice the CTAs)
-  kNumChannels = 5,
+  kChannelBands = 5,        // band all-reduce of GEMM outputs by the copy engines
+  kChannelTwoShotLL = 6,    // two-shot on LL lines (mid sizes)
+  kNumChannels = 7,
 };
 
 struct WorkspaceLayout {
@@ -42,6 +45,9 @@ struct WorkspaceLayout {
   // lines, one part per CTA geometry (each has its own channel, so its own epochs).
   uint64_t oneshot_offset;
   uint64_t oneshot_bytes;
+  // Two-shot LL region: [phase 2][parity 2][src world][kTwoShotLLLinesPerSlot] lines.
+  uint64_t twoshot_ll_offset;
+  uint64_t twoshot_ll_bytes;
   // Two-shot region: [phase 2][slot 2][src world][kTwoShotRegionBytes], in which
   // block b of a launch using chunks of c bytes owns [b * c, (b + 1) * c).
   uint64_t twoshot_offset;
@@ -58,6 +64,10 @@ constexpr int kMaxTiles = 32768;  // output tiles of one fused GEMM call (flags 
 // One-shot: payload capacity of one call; a line carries 8 payload bytes.
 constexpr uint64_t kOneShotCapacityBytes = 1ull << 20;
 constexpr uint64_t kOneShotLinesPerSlot = kOneShotCapacityBytes / 8;
+// Two-shot on LL lines: lines of one shard (the shard's payload / 8), so a call
+// carries at most world x kTwoShotLLShardBytes.
+constexpr uint64_t kTwoShotLLShardBytes = 1ull << 20;
+constexpr uint64_t kTwoShotLLLinesPerSlot = kTwoShotLLShardBytes / 8;
 // Two-shot: per (phase, slot, source) region, split among the blocks of a launch
 // (blocks x chunk bytes <= kTwoShotRegionBytes); default and largest chunk.
 constexpr uint64_t kTwoShotRegionBytes = 8ull << 20;
@@ -84,7 +94,9 @@ inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
   l.flags_bytes = align_up(uint64_t(kNumChannels) * kFlagsPerChannel * 4, kAlign);
   l.oneshot_offset = l.flags_offset + l.flags_bytes;
   l.oneshot_bytes = 2ull * 2ull * world * kOneShotLinesPerSlot * 16;
-  l.twoshot_offset = align_up(l.oneshot_offset + l.oneshot_bytes, kAlign);
+  l.twoshot_ll_offset = align_up(l.oneshot_offset + l.oneshot_bytes, kAlign);
+  l.twoshot_ll_bytes = 2ull * 2ull * world * kTwoShotLLLinesPerSlot * 16;
+  l.twoshot_offset = align_up(l.twoshot_ll_offset + l.twoshot_ll_bytes, kAlign);
   l.twoshot_bytes = 2ull * kTwoShotSlots * world * kTwoShotRegionBytes;
   l.tiles_offset = align_up(l.twoshot_offset + l.twoshot_bytes, kAlign);
   l.tiles_bytes = align_up(tile_bytes, kAlign);

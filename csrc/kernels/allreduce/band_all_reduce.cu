@@ -1,0 +1,205 @@
+// Band all-reduce of GEMM outputs; the schedule is drawn in band_all_reduce.h.
+#include "kernels/allreduce/band_all_reduce.h"
+
+#include "distfuse/comm/signal.cuh"
+#include "kernels/allreduce/rank_order_sum.cuh"
+#include "kernels/common/vec.cuh"
+
+namespace distfuse {
+namespace {
+
+constexpr int kReduceThreads = 512;
+constexpr int kSignalThreads = 32;  // one per peer (W <= kMaxWorld)
+constexpr int kWaitThreads = 512;   // one tile per thread and round
+
+template <int W>
+constexpr int kReduceUnroll = W <= 2 ? 4 : W <= 4 ? 2 : 1;
+
+// counters(kChannelBands): [0] the last finished call's epoch, [1 + band] CTAs of
+// band's reduce that finished (the last one resets it).
+__device__ __forceinline__ uint32_t* epoch_counter(const CommHandle& c) { return c.counters(kChannelBands); }
+__device__ __forceinline__ uint32_t* reduce_done_counter(const CommHandle& c, int band) {
+  return c.counters(kChannelBands) + 1 + band;
+}
+__device__ __forceinline__ uint32_t call_epoch(const CommHandle& c) { return next_epoch(*epoch_counter(c)); }
+
+// Flags on rank `dst` written by rank `src`: its partial of band landed in recv_dst[src];
+// its sum of its shard of band is in red_src.
+__device__ __forceinline__ uint32_t* landed_flag(const CommHandle& c, int dst, int band, int src) {
+  return c.flags(dst, kChannelBands) + int64_t(band) * kMaxWorld + src;
+}
+__device__ __forceinline__ uint32_t* reduced_flag(const CommHandle& c, int dst, int band, int src) {
+  return c.flags(dst, kChannelBands) + int64_t(kMaxBands + band) * kMaxWorld + src;
+}
+
+// Waits until this rank's GEMM published every tile that overlaps the band in
+// this call (the GEMM bumps ready[t] once per call; seen[t] counts the calls
+// consumed, shared with the tile consumers).
+__global__ void __launch_bounds__(kWaitThreads) band_wait_ready_kernel(BandAllReduceParams p, int band) {
+  const CommHandle& c = p.comm;
+  const RowRange b = band_rows_of(p, band);
+  const int tiles_n = int((p.n + p.tile_n - 1) / p.tile_n);
+  const int tm0 = int(b.row0 / p.tile_m);
+  const int tm1 = int((b.row0 + b.rows + p.tile_m - 1) / p.tile_m);
+  const int count = (tm1 - tm0) * tiles_n;
+  const uint32_t* ready = c.flags(c.rank, kChannelTiles);
+  uint32_t* seen = c.tile_seen();
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const int t = (tm0 + i / tiles_n) * tiles_n + i % tiles_n;
+    const uint32_t expected = seen[t] + 1;
+    wait_flag_reached(ready + t, expected, c.timeout_ns, kOpMatmulAllReduce, "tile", t, c.rank);
+    seen[t] = expected;
+  }
+}
+
+// After this rank's copies of the band (earlier on the stream) completed: tell
+// every owner that its shard landed.
+__global__ void __launch_bounds__(kSignalThreads) band_signal_landed_kernel(BandAllReduceParams p, int band) {
+  const CommHandle& c = p.comm;
+  const int k = int(threadIdx.x) + 1;
+  if (k >= c.world) return;
+  __threadfence_system();  // the copies are complete; order them before the flag for every observer
+  store_release_sys(landed_flag(c, (c.rank + k) % c.world, band, c.rank), call_epoch(c));
+}
+
+// Σ in rank order (+ bias) of this rank's shard of the band, once every peer's
+// partial landed: to the output and to red (which the peers pull); the last CTA
+// to finish tells every peer.
+template <typename T, int W>
+__global__ void __launch_bounds__(kReduceThreads) band_reduce_kernel(BandAllReduceParams p, int band) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int U = kReduceUnroll<W>;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
+  const uint32_t epoch = call_epoch(c);
+  if (threadIdx.x < W && int(threadIdx.x) != rank)
+    wait_flag_reached(landed_flag(c, rank, band, threadIdx.x), epoch, c.timeout_ns, kOpMatmulAllReduce,
+                      "band", band, threadIdx.x);
+  __syncthreads();
+
+  const RowRange shard = band_shard(p, band, rank);
+  const int64_t off0 = shard.row0 * p.n;
+  const int64_t count = shard.rows * p.n / kVec;
+  const T* base = static_cast<const T*>(band_region(p, rank, 0));
+  T* red = static_cast<T*>(band_region(p, rank, band_slot_offset(p, rank)));
+  T* out = static_cast<T*>(p.output);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int64_t stride = int64_t(gridDim.x) * U * kReduceThreads;
+  for (int64_t v0 = int64_t(blockIdx.x) * U * kReduceThreads + threadIdx.x; v0 < count; v0 += stride)
+    sum_batch_in_rank_order<T, W, U, kReduceThreads>(
+        v0, count,
+        [&](int src, int64_t v) {
+          return base + (src == rank ? 0 : band_slot_offset(p, src)) + off0 + v * kVec;
+        },
+        bias, [&](int64_t v) { return (off0 + v * kVec) % p.n; },
+        [&](int64_t v, uint4 r) {
+          store_plain(out + off0 + v * kVec, r);
+          store_plain(red + off0 + v * kVec, r);
+        });
+
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this CTA's sums precede its arrival
+    uint32_t* done = reduce_done_counter(c, band);
+    if (atomicAdd(done, 1u) == gridDim.x - 1) {
+      *done = 0;
+      __threadfence_system();  // every CTA's sums (seen through the counter) precede the flags
+      for (int k = 1; k < W; ++k) store_release_sys(reduced_flag(c, (rank + k) % W, band, rank), epoch);
+    }
+  }
+}
+
+// Waits for every peer's sum of its shard of the band; the last band's wait is
+// the call's last reader of the epoch and stores it.
+__global__ void __launch_bounds__(kSignalThreads)
+    band_wait_reduced_kernel(BandAllReduceParams p, int band, bool last) {
+  const CommHandle& c = p.comm;
+  const uint32_t epoch = call_epoch(c);
+  const int k = int(threadIdx.x) + 1;
+  if (k < c.world) {
+    const int src = (c.rank + k) % c.world;
+    wait_flag_reached(reduced_flag(c, c.rank, band, src), epoch, c.timeout_ns, kOpMatmulAllReduce, "band",
+                      band, src);
+  }
+  if (last) {
+    __syncthreads();
+    if (threadIdx.x == 0) *epoch_counter(c) = epoch;
+  }
+}
+
+size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+bool valid(const BandAllReduceParams& p, int band) {
+  return p.dtype != DType::kFloat32 && p.n % 8 == 0 && p.band_rows > 0 && p.band_rows % p.tile_m == 0 &&
+         band >= 0 && band < band_count(p) && band_count(p) <= kMaxBands;
+}
+
+}  // namespace
+
+cudaError_t launch_band_wait_ready(const BandAllReduceParams& p, int band, cudaStream_t stream) {
+  if (!valid(p, band)) return cudaErrorInvalidValue;
+  band_wait_ready_kernel<<<1, kWaitThreads, 0, stream>>>(p, band);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_band_signal_landed(const BandAllReduceParams& p, int band, cudaStream_t stream) {
+  if (!valid(p, band)) return cudaErrorInvalidValue;
+  band_signal_landed_kernel<<<1, kSignalThreads, 0, stream>>>(p, band);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream) {
+  if (!valid(p, band) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  return visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      return visit_world(p.comm.world, [&](auto w) {
+        band_reduce_kernel<T, decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, band);
+        return cudaGetLastError();
+      });
+    }
+  });
+}
+
+cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cudaStream_t stream) {
+  if (!valid(p, band)) return cudaErrorInvalidValue;
+  band_wait_reduced_kernel<<<1, kSignalThreads, 0, stream>>>(p, band, band == band_count(p) - 1);
+  return cudaGetLastError();
+}
+
+cudaError_t band_push_partials(const BandAllReduceParams& p, int band, cudaStream_t stream) {
+  if (!valid(p, band)) return cudaErrorInvalidValue;
+  const int rank = p.comm.rank, world = p.comm.world;
+  for (int k = 1; k < world; ++k) {
+    const int dst = (rank + k) % world;
+    const RowRange s = band_shard(p, band, dst);
+    if (s.rows == 0) continue;
+    const int64_t off = s.row0 * p.n;
+    const cudaError_t e =
+        cudaMemcpyAsync(band_region(p, dst, band_slot_offset(p, rank) + off), band_region(p, rank, off),
+                        s.rows * p.n * element_size(p.dtype), cudaMemcpyDefault, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t band_pull_sums(const BandAllReduceParams& p, int band, cudaStream_t stream) {
+  if (!valid(p, band)) return cudaErrorInvalidValue;
+  const int rank = p.comm.rank, world = p.comm.world;
+  const size_t esize = element_size(p.dtype);
+  for (int k = 1; k < world; ++k) {
+    const int src = (rank + k) % world;
+    const RowRange s = band_shard(p, band, src);
+    if (s.rows == 0) continue;
+    const int64_t off = s.row0 * p.n;
+    const cudaError_t e = cudaMemcpyAsync(static_cast<unsigned char*>(p.output) + off * esize,
+                                          band_region(p, src, band_slot_offset(p, src) + off),
+                                          s.rows * p.n * esize, cudaMemcpyDefault, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace distfuse

@@ -1,0 +1,113 @@
+// All-reduce of a GEMM output band by band, the bytes moved by the copy engines
+// (torch-free).
+//
+// The tile GEMM runs on all SMs but a few and publishes every tile of D_r [M, N]
+// (tile region of the workspace, see tile_all_reduce.h). A band is a run of whole
+// tile rows; the persistent GEMM finishes its tiles group of tile rows by group,
+// so bands (one or more groups) complete in order. Each band is split by rows into
+// W shards, shard p owned by rank p. NVLink carries every byte by copy engine
+// (cudaMemcpyAsync between symmetric buffers), so the SMs stay with the GEMM; the
+// few kernels of the schedule only wait, signal and sum. Per band c, on two side
+// streams of rank r:
+//
+//   stream A (reduce-scatter):
+//     wait_ready(c) ─▶ CE push D_r[c, shard p] ─▶ recv_p[r] for every p ≠ r ─▶ signal_landed(c)
+//   stream B (reduce, then all-gather):
+//     reduce(c): wait W-1 landed(c) ─ Σ in rank order (+ bias) of shard r
+//                ─▶ out[c, shard r] and red_r[c, shard r] ─ signal reduced(c, r) to every p
+//     wait_reduced(c) ─▶ CE pull red_p[c, shard p] ─▶ out[c, shard p] for every p ≠ r
+//
+//   main: ─fork─[ tile GEMM on SMs - R - 1 ...................................... ]─join─▶
+//   A:         [wait b0][CE push b0][sig][wait b1][CE push b1][sig] ...           ┘
+//   B:                                   [Σ b0][wait][CE pull b0][Σ b1][wait][CE pull b1]...┘
+//
+// Memory, inside the tile region of every rank (mn = M·N elements):
+//   D_r at 0, recv_r[src] at (1 + src)·mn for src ≠ r, red_r at (1 + r)·mn
+// (the slot a rank never receives into), each laid out like D.
+//
+// Epochs: counters(kChannelBands)[0] holds the last finished call's epoch e; every
+// kernel of a call uses e' = next(e), and the last band's wait_reduced stores e'
+// (it is the last kernel of the call to read it: it waits for every peer's sum of
+// the last band, which needed this rank's last landed signal). Flags carry e'.
+//
+// Why single slots suffice: rank r pushes into recv_p[r] in call e+1 only after
+// finishing call e, which pulled p's sum of the last band of call e; p computed it
+// after all its sums of call e, so p no longer reads recv_p. red_r of call e+1 is
+// written only after every peer pushed its call e+1 partial, i.e. after every peer
+// finished call e (and its pulls of red_r).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "distfuse/comm/handle.h"
+#include "distfuse/params.h"
+
+namespace distfuse {
+
+constexpr int kMaxBands = 1000;  // bands of one call (flag and counter slots per band)
+
+struct BandAllReduceParams {
+  void* output;        // [M, N] row-major, this rank's result
+  const void* bias;    // [N] or null, added once
+  int64_t m, n;        // GEMM output shape (N multiple of 8)
+  int tile_m, tile_n;  // the GEMM's tile shape
+  int64_t band_rows;   // rows per band, a multiple of tile_m
+  DType dtype;         // kBFloat16 or kFloat16
+  CommHandle comm;
+};
+
+// Rows [row0, row0 + rows) of D.
+struct RowRange {
+  int64_t row0, rows;
+};
+
+#if defined(__CUDACC__)
+#define DF_BAND_HD __host__ __device__
+#else
+#define DF_BAND_HD
+#endif
+
+DF_BAND_HD inline int64_t band_count(const BandAllReduceParams& p) {
+  return (p.m + p.band_rows - 1) / p.band_rows;
+}
+DF_BAND_HD inline RowRange band_rows_of(const BandAllReduceParams& p, int64_t band) {
+  const int64_t row0 = band * p.band_rows;
+  const int64_t end = row0 + p.band_rows < p.m ? row0 + p.band_rows : p.m;
+  return {row0, end - row0};
+}
+// Shard `owner` of `band`: ceil(rows / W) rows each, the last ones shorter or empty.
+DF_BAND_HD inline RowRange band_shard(const BandAllReduceParams& p, int64_t band, int owner) {
+  const RowRange b = band_rows_of(p, band);
+  const int64_t per = (b.rows + p.comm.world - 1) / p.comm.world;
+  const int64_t first = per * owner < b.rows ? per * owner : b.rows;
+  const int64_t last = per * (owner + 1) < b.rows ? per * (owner + 1) : b.rows;
+  return {b.row0 + first, last - first};
+}
+
+// Element offset of recv[src], or of red when src is the region's own rank, in a
+// rank's tile region (D is at 0).
+DF_BAND_HD inline int64_t band_slot_offset(const BandAllReduceParams& p, int src) {
+  return (1 + src) * p.m * p.n;
+}
+// Address of element `offset` of rank `rank`'s tile region (mapped here).
+DF_BAND_HD inline void* band_region(const BandAllReduceParams& p, int rank, int64_t offset) {
+  return p.comm.peer_base[rank] + p.comm.layout.tiles_offset +
+         offset * (p.dtype == DType::kFloat32 ? 4 : 2);
+}
+
+#undef DF_BAND_HD
+
+// The kernels of the schedule above; each returns the launch error.
+cudaError_t launch_band_wait_ready(const BandAllReduceParams& p, int band, cudaStream_t stream);
+cudaError_t launch_band_signal_landed(const BandAllReduceParams& p, int band, cudaStream_t stream);
+cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream);
+cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cudaStream_t stream);
+
+// The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
+// shard p of `band` to every peer p, or pull every peer's sum into the output.
+cudaError_t band_push_partials(const BandAllReduceParams& p, int band, cudaStream_t stream);
+cudaError_t band_pull_sums(const BandAllReduceParams& p, int band, cudaStream_t stream);
+
+}  // namespace distfuse
