@@ -29,14 +29,16 @@ TUNING_KEYS = (
     "all_reduce.one_shot_max_bytes",       # largest one-shot all-reduce
     "all_reduce.two_shot_blocks",          # CTAs of the two-shot kernel
     "all_reduce.two_shot_chunk_bytes",     # bytes a two-shot CTA moves per peer and step
-    "all_reduce.dependent_launch",         # 1: launch as a programmatic dependent (PDL)
-    "all_reduce.one_shot_lines_per_thread",  # one-shot CTA geometry: 1 or 2
+    "all_reduce.dependent_launch",         # programmatic dependent launch (PDL): 1 on, 2 off
+    "all_reduce.one_shot_lines_per_thread",  # one-shot CTA geometry: 1 or 2 LL lines per thread
     "all_reduce.two_shot_ll_max_bytes",    # largest all-reduce on the LL two-shot (0: none)
     "matmul_all_reduce.fused_min_m",       # smallest M that takes the overlapped schedule
     "matmul_all_reduce.consumer_blocks",   # consumer CTAs beside the tile GEMM
     "matmul_all_reduce.group_tiles",       # owner schedule: tiles per round of flag releases
     "matmul_all_reduce.chunks",            # chunked schedule: row chunks
     "matmul_all_reduce.chunk_ar_blocks",   # chunked schedule: CTAs of each chunk's all-reduce
+    "matmul_all_reduce.copy_engine_min_m",  # smallest M that takes the copy-engine schedule
+    "matmul_all_reduce.copy_engine_min_k",  # ... with at least this K per rank
     "matmul_all_reduce.bands",             # copy-engine schedule: bands per call (about)
     "matmul_all_reduce.band_reduce_blocks",  # copy-engine schedule: CTAs of each band's sum
 )

@@ -43,8 +43,8 @@ def body_exact_and_bitwise(rank, world, group_name):
     assert distfuse.init_workspace(group_name, timeout_ms=20000), "P2P workspace expected"
     sizes = [1, 7, 8, 1000, 4097, 65536 + 3, 1000003, 4 << 20]
     seed = 0
-    # The one-shot also in its second CTA geometry (one LL line per thread).
-    variants = [(path, {}) for path in PATHS] + [("one_shot", {"all_reduce.one_shot_lines_per_thread": 1})]
+    # The one-shot also in its second CTA geometry (two LL lines per thread).
+    variants = [(path, {}) for path in PATHS] + [("one_shot", {"all_reduce.one_shot_lines_per_thread": 2})]
     for dtype in DTYPES:
         for path, overrides in variants:
             for numel in sizes:
@@ -107,8 +107,8 @@ def body_graphs(rank, world, group_name):
     from distfuse.ops import force_path
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, timeout_ms=20000)
-    # Also launched as programmatic dependents (PDL) of the kernel before them.
-    cases = [(path, numel, dependent) for dependent in (0, 1) for path in ("one_shot", "two_shot", "two_shot_ll")
+    # Launched as programmatic dependents (PDL, 1) of the kernel before them, and not (2).
+    cases = [(path, numel, dependent) for dependent in (2, 1) for path in ("one_shot", "two_shot", "two_shot_ll")
              for numel in (1000, 300001) if not (path == "one_shot" and numel * 2 > (1 << 20))]
     for path, numel, dependent in cases:
         with distfuse.tuning({"all_reduce.dependent_launch": dependent}):
@@ -149,7 +149,7 @@ def body_back_to_back(rank, world, group_name):
         group = group_name if i % 2 == 0 else second.group_name
         xs = _int_inputs(numel, torch.float16, world, 5000 + i, dev)
         # Both one-shot geometries interleaved (separate epochs and slots) and PDL launches.
-        overrides = {"all_reduce.dependent_launch": i % 4 // 3, "all_reduce.one_shot_lines_per_thread": 1 + i % 3 // 2}
+        overrides = {"all_reduce.dependent_launch": 1 + i % 4 // 3, "all_reduce.one_shot_lines_per_thread": 1 + i % 3 // 2}
         with force_path("all_reduce", path), distfuse.tuning(overrides):
             out = distfuse.all_reduce(xs[rank], group)
         pending.append((out, xs))

@@ -28,14 +28,29 @@ TEST(AllReduceChoice, OverrideIsClampedToTheOneShotCapacity) {
   EXPECT_EQ(choose_all_reduce(8192, 4, kOneShotCapacityBytes, 4096), AllReduceAlgo::kTwoShot);
 }
 
-TEST(AllReduceChoice, UnmeasuredVariantsAreOffByDefault) {
+TEST(AllReduceChoice, LaunchOptionsAndTheirOverrides) {
   for (int world = 2; world <= kMaxWorld; ++world) {
-    EXPECT_EQ(one_shot_lines_per_thread(world), 2);
-    EXPECT_FALSE(dependent_launch(world));
+    EXPECT_EQ(one_shot_lines_per_thread(world), 1);
+    EXPECT_TRUE(dependent_launch(world));
   }
-  EXPECT_EQ(one_shot_lines_per_thread(4, 1), 1);
-  EXPECT_EQ(one_shot_lines_per_thread(4, 7), 2);
+  EXPECT_EQ(one_shot_lines_per_thread(4, 2), 2);
+  EXPECT_EQ(one_shot_lines_per_thread(4, 7), 1);
   EXPECT_TRUE(dependent_launch(4, 1));
+  EXPECT_FALSE(dependent_launch(4, 2));
+}
+
+TEST(AllReduceChoice, LLTwoShotBetweenOneShotAndTwoShotFromThreeRanks) {
+  const int64_t ll_capacity = 4 << 20;
+  EXPECT_EQ(choose_all_reduce(one_shot_threshold_bytes(4) + 16, 4, kOneShotCapacityBytes, 0, ll_capacity),
+            AllReduceAlgo::kTwoShotLL);
+  EXPECT_EQ(choose_all_reduce(two_shot_ll_max_bytes(4), 4, kOneShotCapacityBytes, 0, ll_capacity),
+            AllReduceAlgo::kTwoShotLL);
+  EXPECT_EQ(choose_all_reduce(two_shot_ll_max_bytes(4) + 16, 4, kOneShotCapacityBytes, 0, ll_capacity),
+            AllReduceAlgo::kTwoShot);
+  EXPECT_EQ(two_shot_ll_max_bytes(2), 0);  // W = 2: the one-shot covers the mid sizes
+  // Clamped to what the LL region holds, and an override wins.
+  EXPECT_EQ(choose_all_reduce(3 << 20, 4, kOneShotCapacityBytes, 0, 2 << 20, 8 << 20), AllReduceAlgo::kTwoShot);
+  EXPECT_EQ(choose_all_reduce(3 << 20, 4, kOneShotCapacityBytes, 0, 4 << 20, 8 << 20), AllReduceAlgo::kTwoShotLL);
 }
 
 TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
@@ -46,11 +61,29 @@ TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
   EXPECT_EQ(two_shot_blocks(4, 16), 16);
 }
 
+TEST(MatmulAllReduceChoice, CopyEngineWhereTheGemmDominates) {
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    EXPECT_EQ(choose_matmul_all_reduce(copy_engine_min_m(world), copy_engine_min_k(world), world),
+              MatmulAllReduceAlgo::kCopyEngine);
+    EXPECT_NE(choose_matmul_all_reduce(copy_engine_min_m(world) - 1, copy_engine_min_k(world), world),
+              MatmulAllReduceAlgo::kCopyEngine);
+    EXPECT_NE(choose_matmul_all_reduce(copy_engine_min_m(world), copy_engine_min_k(world) - 8, world),
+              MatmulAllReduceAlgo::kCopyEngine);
+  }
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, 0, 100, 64), MatmulAllReduceAlgo::kCopyEngine);
+  EXPECT_GE(band_reduce_blocks(4), 1);
+  EXPECT_EQ(band_reduce_blocks(4, 3), 3);
+  for (int64_t tiles_m : {1, 7, 64, 1000}) {
+    EXPECT_GE(band_tile_rows(tiles_m, 4), 1);
+    EXPECT_LE(band_tile_rows(tiles_m, 4), 8);
+  }
+}
+
 TEST(MatmulAllReduceChoice, SequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(8192, fused_max_k(2) + 8, 2), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, 512), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_GT(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4, 2048), 0);
   EXPECT_EQ(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4, 2048, 7), 7);

@@ -17,11 +17,12 @@ inline int64_t one_shot_threshold_bytes(int world) {
 }
 
 // Largest all-reduce taken by the LL two-shot (above the one-shot's range); 0: none.
-// Off until measured.
+// 4 x H100, W = 4, graph: 512 KB 12.1 us (two-shot 14.2, torch's two-shot 12.1); 1 MB
+// 16.7 (two-shot 15.2): twice the bytes cost more than the fences it saves. W = 2:
+// the one-shot covers up to 1 MB. W > 4: untuned, same as W = 4.
 inline int64_t two_shot_ll_max_bytes(int world, int64_t override_bytes = 0) {
   if (override_bytes > 0) return override_bytes;
-  (void)world;
-  return 0;
+  return world >= 3 ? int64_t(512) << 10 : 0;
 }
 
 // `override_threshold` / `override_ll_max` > 0 replace the table (benchmarks sweep
@@ -54,18 +55,21 @@ inline int64_t two_shot_chunk_bytes(int world, int64_t override_bytes = 0) {
   return 32 << 10;
 }
 
-// One-shot CTA geometry: LL lines (8 payload bytes each) per thread. 2 is what the
-// runs of record used; 1 puts twice the CTAs (SMs) on every size. Untuned.
+// One-shot CTA geometry: LL lines (8 payload bytes each) per thread; 1 puts twice
+// the CTAs (SMs) on every size. 4 x H100: 1 is faster at every size (W = 4: 64 KB
+// 6.3 -> 5.7 us, 256 KB 10.0 -> 9.1; W = 2: 256 KB 5.0 -> 4.7, 1 MB 9.5 -> 9.1, with
+// PDL). Override: 1 or 2.
 inline int one_shot_lines_per_thread(int world, int override_value = 0) {
   (void)world;
-  return override_value == 1 ? 1 : 2;
+  return override_value == 2 ? 2 : 1;
 }
 
 // Launch the all-reduce kernels as programmatic dependents of the previous kernel
-// (PDL: the launch overlaps that kernel's tail). Off until measured.
+// (PDL: the launch overlaps that kernel's tail). 4 x H100: 0.2-0.9 us off every
+// graph-captured size at W = 2 and 4. Override: 1 on, 2 off.
 inline bool dependent_launch(int world, int64_t override_value = 0) {
   (void)world;
-  return override_value > 0;
+  return override_value != 2;
 }
 
 }  // namespace distfuse
@@ -90,10 +94,30 @@ inline int64_t fused_max_k(int world) {
   return 8192;
 }
 
+// The copy-engine band schedule where the GEMM dominates (K_r >= 7168, M >= 8192).
+// Forced sweep on 4 x H100 (benchmarks/NOTES.md): down_proj W = 4 M = 8192 1577 us
+// vs fused_tiles 1604, M = 16384 3059 vs 3231; W = 2 (K_r = 14336) M = 8192 2779 vs
+// sequential 2880, M = 16384 5754 vs 5761. It loses where the all-reduce dominates
+// (o_proj W = 4 M = 8192: 1259 vs 867): each band pays ~30 us of stream hand-offs
+// and small copies. W > 4: untuned, same rule.
+inline int64_t copy_engine_min_m(int world) {
+  (void)world;
+  return 8192;
+}
+inline int64_t copy_engine_min_k(int world) {
+  (void)world;
+  return 7168;
+}
+
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank) when
-// the tile GEMM can run at all. `override_min_m` > 0 replaces fused_min_m.
+// the tile GEMM can run at all. Overrides > 0 replace fused_min_m, copy_engine_min_m
+// and copy_engine_min_k.
 inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world,
-                                                    int64_t override_min_m = 0) {
+                                                    int64_t override_min_m = 0, int64_t override_ce_min_m = 0,
+                                                    int64_t override_ce_min_k = 0) {
+  const int64_t ce_min_m = override_ce_min_m > 0 ? override_ce_min_m : copy_engine_min_m(world);
+  const int64_t ce_min_k = override_ce_min_k > 0 ? override_ce_min_k : copy_engine_min_k(world);
+  if (m >= ce_min_m && k >= ce_min_k) return MatmulAllReduceAlgo::kCopyEngine;
   const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);
   return m >= min_m && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles
                                                : MatmulAllReduceAlgo::kSequential;

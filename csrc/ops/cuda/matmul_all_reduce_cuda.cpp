@@ -208,8 +208,10 @@ TileGemmParams tile_gemm_into_workspace(comm::Workspace& ws, const GemmOperands&
 //   main: ─fork─[ tile GEMM on SMs - R - 1 ................................ ]─join─▶
 //   A:          [wait b0][CE push b0][sig][wait b1][CE push b1][sig] ...     ┘
 //   B:                 ▲ b0 ready        [Σ b0 (R CTAs)][wait][CE pull b0] ... ┘
+enum class Overlap { kOverlapped, kSerialized };
+
 at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias, Overlap overlap) {
   GemmOperands g = gemm_operands(a, b);
   const int device = ws.device();
   TileGemmParams gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
@@ -241,33 +243,41 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& rs = side_stream(device, 0);  // reduce-scatter pushes
   SideStream& ag = side_stream(device, 1);  // sums and all-gather pulls
+  // Serialized: every step on the main stream after the whole GEMM (same kernels,
+  // same bits, no overlap).
+  const bool overlapped = overlap == Overlap::kOverlapped;
+  cudaStream_t rs_stream = overlapped ? rs.stream.stream() : main;
+  cudaStream_t ag_stream = overlapped ? ag.stream.stream() : main;
   C10_CUDA_CHECK(cudaEventRecord(rs.fork, main));
   // GEMM first: it never waits on anything (see fused()).
   C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(rs.stream, rs.fork, 0));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(ag.stream, rs.fork, 0));
+  if (overlapped) {
+    C10_CUDA_CHECK(cudaStreamWaitEvent(rs_stream, rs.fork, 0));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(ag_stream, rs.fork, 0));
+  }
   const int bands = static_cast<int>(band_count(bp));
   for (int band = 0; band < bands; ++band) {
-    C10_CUDA_CHECK(launch_band_wait_ready(bp, band, rs.stream));
-    // The sum of the band reads this rank's D: the wait above is its dependency.
-    C10_CUDA_CHECK(cudaEventRecord(ag.fork, rs.stream));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(ag.stream, ag.fork, 0));
-    C10_CUDA_CHECK(band_push_partials(bp, band, rs.stream));
-    C10_CUDA_CHECK(launch_band_signal_landed(bp, band, rs.stream));
-    C10_CUDA_CHECK(launch_band_reduce(bp, band, reducers, ag.stream));
-    C10_CUDA_CHECK(launch_band_wait_reduced(bp, band, ag.stream));
-    C10_CUDA_CHECK(band_pull_sums(bp, band, ag.stream));
+    C10_CUDA_CHECK(launch_band_wait_ready(bp, band, rs_stream));
+    if (overlapped) {  // the sum of the band reads this rank's D: the wait above is its dependency
+      C10_CUDA_CHECK(cudaEventRecord(ag.fork, rs_stream));
+      C10_CUDA_CHECK(cudaStreamWaitEvent(ag_stream, ag.fork, 0));
+    }
+    C10_CUDA_CHECK(band_push_partials(bp, band, rs_stream));
+    C10_CUDA_CHECK(launch_band_signal_landed(bp, band, rs_stream));
+    C10_CUDA_CHECK(launch_band_reduce(bp, band, reducers, ag_stream));
+    C10_CUDA_CHECK(launch_band_wait_reduced(bp, band, ag_stream));
+    C10_CUDA_CHECK(band_pull_sums(bp, band, ag_stream));
   }
-  C10_CUDA_CHECK(cudaEventRecord(rs.join, rs.stream));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(main, rs.join, 0));
-  C10_CUDA_CHECK(cudaEventRecord(ag.join, ag.stream));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(main, ag.join, 0));
+  if (overlapped) {
+    C10_CUDA_CHECK(cudaEventRecord(rs.join, rs_stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(main, rs.join, 0));
+    C10_CUDA_CHECK(cudaEventRecord(ag.join, ag_stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(main, ag.join, 0));
+  }
   std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
   shape.push_back(g.n);
   return out.view(shape);
 }
-
-enum class Overlap { kOverlapped, kSerialized };
 
 at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                  const std::optional<at::Tensor>& bias, TileReduceMode& mode, Overlap overlap,
@@ -349,16 +359,20 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     return chunked(ws, a, b, bias);
   }
 #ifndef DISTFUSE_NO_GEMM
-  if (forced == "copy_engine" && fused_gemm_supported(a, b)) {
-    record_path(kOp, "copy_engine");
-    return copy_engine(ws, a, b, bias);
-  }
   if (forced != "sequential" && forced != "chunked" && fused_gemm_supported(a, b)) {
     const int64_t k = a.size(-1), m = a.numel() / k;
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
-        m, k, ws.world(), get_tuning("matmul_all_reduce.fused_min_m"));
+        m, k, ws.world(), get_tuning("matmul_all_reduce.fused_min_m"),
+        get_tuning("matmul_all_reduce.copy_engine_min_m"), get_tuning("matmul_all_reduce.copy_engine_min_k"));
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
+    if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
+    if (algo == MatmulAllReduceAlgo::kCopyEngine) {
+      const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
+      at::Tensor out = copy_engine(ws, a, b, bias, overlap);
+      record_path(kOp, forced == "serialized" ? "serialized" : "copy_engine");
+      return out;
+    }
     // "serialized" runs the schedule auto would pick, without the overlap.
     if (algo != MatmulAllReduceAlgo::kSequential) {
       const int consumers = consumer_blocks(
