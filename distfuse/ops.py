@@ -41,7 +41,6 @@ TUNING_KEYS = (
     "matmul_all_reduce.copy_engine_min_k",  # ... with at least this K per rank
     "matmul_all_reduce.bands",             # copy-engine schedule: bands per call (about)
     "matmul_all_reduce.band_reduce_blocks",  # copy-engine schedule: CTAs of each band's sum
-    "matmul_all_reduce.copy_streams",      # copy-engine schedule: 2 = a stream per peer for the copies
 )
 
 

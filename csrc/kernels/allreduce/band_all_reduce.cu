@@ -169,26 +169,37 @@ cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cud
   return cudaGetLastError();
 }
 
-cudaError_t band_push_partial(const BandAllReduceParams& p, int band, int k, cudaStream_t stream) {
-  if (!valid(p, band) || k < 1 || k >= p.comm.world) return cudaErrorInvalidValue;
-  const int rank = p.comm.rank, dst = (rank + k) % p.comm.world;
-  const RowRange s = band_shard(p, band, dst);
-  if (s.rows == 0) return cudaSuccess;
-  const int64_t off = s.row0 * p.n;
-  return cudaMemcpyAsync(band_region(p, dst, band_slot_offset(p, rank) + off), band_region(p, rank, off),
-                         s.rows * p.n * element_size(p.dtype), cudaMemcpyDefault, stream);
+cudaError_t band_push_partials(const BandAllReduceParams& p, int band, cudaStream_t stream) {
+  if (!valid(p, band)) return cudaErrorInvalidValue;
+  const int rank = p.comm.rank, world = p.comm.world;
+  for (int k = 1; k < world; ++k) {
+    const int dst = (rank + k) % world;
+    const RowRange s = band_shard(p, band, dst);
+    if (s.rows == 0) continue;
+    const int64_t off = s.row0 * p.n;
+    const cudaError_t e =
+        cudaMemcpyAsync(band_region(p, dst, band_slot_offset(p, rank) + off), band_region(p, rank, off),
+                        s.rows * p.n * element_size(p.dtype), cudaMemcpyDefault, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
-cudaError_t band_pull_sum(const BandAllReduceParams& p, int band, int k, cudaStream_t stream) {
-  if (!valid(p, band) || k < 1 || k >= p.comm.world) return cudaErrorInvalidValue;
-  const int src = (p.comm.rank + k) % p.comm.world;
-  const RowRange s = band_shard(p, band, src);
-  if (s.rows == 0) return cudaSuccess;
+cudaError_t band_pull_sums(const BandAllReduceParams& p, int band, cudaStream_t stream) {
+  if (!valid(p, band)) return cudaErrorInvalidValue;
+  const int rank = p.comm.rank, world = p.comm.world;
   const size_t esize = element_size(p.dtype);
-  const int64_t off = s.row0 * p.n;
-  return cudaMemcpyAsync(static_cast<unsigned char*>(p.output) + off * esize,
-                         band_region(p, src, band_slot_offset(p, src) + off), s.rows * p.n * esize,
-                         cudaMemcpyDefault, stream);
+  for (int k = 1; k < world; ++k) {
+    const int src = (rank + k) % world;
+    const RowRange s = band_shard(p, band, src);
+    if (s.rows == 0) continue;
+    const int64_t off = s.row0 * p.n;
+    const cudaError_t e = cudaMemcpyAsync(static_cast<unsigned char*>(p.output) + off * esize,
+                                          band_region(p, src, band_slot_offset(p, src) + off),
+                                          s.rows * p.n * esize, cudaMemcpyDefault, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace distfuse

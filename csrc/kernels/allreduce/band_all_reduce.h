@@ -105,11 +105,9 @@ cudaError_t launch_band_signal_landed(const BandAllReduceParams& p, int band, cu
 cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream);
 cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cudaStream_t stream);
 
-// The copies of the schedule (cudaMemcpyAsync on `stream`) for the k-th peer after
-// this rank, p = (rank + k) % W, 1 <= k < W: push this rank's shard p of `band` to
-// p, or pull p's sum of its shard into the output. Copies to different peers may
-// run on different streams (several copy engines at once).
-cudaError_t band_push_partial(const BandAllReduceParams& p, int band, int k, cudaStream_t stream);
-cudaError_t band_pull_sum(const BandAllReduceParams& p, int band, int k, cudaStream_t stream);
+// The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
+// shard p of `band` to every peer p, or pull every peer's sum into the output.
+cudaError_t band_push_partials(const BandAllReduceParams& p, int band, cudaStream_t stream);
+cudaError_t band_pull_sums(const BandAllReduceParams& p, int band, cudaStream_t stream);
 
 }  // namespace distfuse

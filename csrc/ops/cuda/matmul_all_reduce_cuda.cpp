@@ -54,8 +54,7 @@ at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::
 }
 
 // Side streams with a fork/join event pair each, per device: index 0 for the tile
-// consumers and chunk all-reduces, 0 and 1 for the copy-engine schedule, 2.. for its
-// per-peer copies.
+// consumers and chunk all-reduces, 0 and 1 for the copy-engine schedule.
 struct SideStream {
   c10::cuda::CUDAStream stream;
   cudaEvent_t fork;
@@ -63,7 +62,7 @@ struct SideStream {
 };
 
 SideStream& side_stream(int device, int index = 0) {
-  constexpr int kPerDevice = 2 + 2 * (kMaxWorld - 1);
+  constexpr int kPerDevice = 2;
   static std::mutex mutex;
   static std::vector<std::unique_ptr<SideStream>> streams(64 * kPerDevice);
   TORCH_INTERNAL_ASSERT(device >= 0 && device < 64 && index >= 0 && index < kPerDevice);
@@ -209,11 +208,6 @@ TileGemmParams tile_gemm_into_workspace(comm::Workspace& ws, const GemmOperands&
 //   main: ─fork─[ tile GEMM on SMs - R - 1 ................................ ]─join─▶
 //   A:          [wait b0][CE push b0][sig][wait b1][CE push b1][sig] ...     ┘
 //   B:                 ▲ b0 ready        [Σ b0 (R CTAs)][wait][CE pull b0] ... ┘
-//
-// With per-peer copy streams (matmul_all_reduce.copy_streams > 1) the W-1 pushes
-// of a band run at once on their own streams (A waits for them before its signal),
-// and so do the W-1 pulls (joined at the end only: they write rows no later step
-// touches).
 enum class Overlap { kOverlapped, kSerialized };
 
 at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
@@ -261,10 +255,6 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
     C10_CUDA_CHECK(cudaStreamWaitEvent(rs_stream, rs.fork, 0));
     C10_CUDA_CHECK(cudaStreamWaitEvent(ag_stream, rs.fork, 0));
   }
-  const int world = ws.world();
-  const bool per_peer = overlapped && get_tuning("matmul_all_reduce.copy_streams") > 1;
-  auto push_side = [&](int k) -> SideStream& { return side_stream(device, 1 + k); };
-  auto pull_side = [&](int k) -> SideStream& { return side_stream(device, world + k); };
   const int bands = static_cast<int>(band_count(bp));
   for (int band = 0; band < bands; ++band) {
     C10_CUDA_CHECK(launch_band_wait_ready(bp, band, rs_stream));
@@ -272,41 +262,17 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
       C10_CUDA_CHECK(cudaEventRecord(ag.fork, rs_stream));
       C10_CUDA_CHECK(cudaStreamWaitEvent(ag_stream, ag.fork, 0));
     }
-    for (int k = 1; k < world; ++k) {
-      if (!per_peer) {
-        C10_CUDA_CHECK(band_push_partial(bp, band, k, rs_stream));
-        continue;
-      }
-      SideStream& s = push_side(k);
-      C10_CUDA_CHECK(cudaStreamWaitEvent(s.stream, ag.fork, 0));
-      C10_CUDA_CHECK(band_push_partial(bp, band, k, s.stream));
-      C10_CUDA_CHECK(cudaEventRecord(s.join, s.stream));
-      C10_CUDA_CHECK(cudaStreamWaitEvent(rs_stream, s.join, 0));
-    }
+    C10_CUDA_CHECK(band_push_partials(bp, band, rs_stream));
     C10_CUDA_CHECK(launch_band_signal_landed(bp, band, rs_stream));
     C10_CUDA_CHECK(launch_band_reduce(bp, band, reducers, ag_stream));
     C10_CUDA_CHECK(launch_band_wait_reduced(bp, band, ag_stream));
-    if (per_peer) C10_CUDA_CHECK(cudaEventRecord(rs.fork, ag_stream));  // the sums are ready
-    for (int k = 1; k < world; ++k) {
-      if (!per_peer) {
-        C10_CUDA_CHECK(band_pull_sum(bp, band, k, ag_stream));
-        continue;
-      }
-      SideStream& s = pull_side(k);
-      C10_CUDA_CHECK(cudaStreamWaitEvent(s.stream, rs.fork, 0));
-      C10_CUDA_CHECK(band_pull_sum(bp, band, k, s.stream));
-    }
+    C10_CUDA_CHECK(band_pull_sums(bp, band, ag_stream));
   }
   if (overlapped) {
     C10_CUDA_CHECK(cudaEventRecord(rs.join, rs_stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, rs.join, 0));
     C10_CUDA_CHECK(cudaEventRecord(ag.join, ag_stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, ag.join, 0));
-    for (int k = 1; per_peer && k < world; ++k) {
-      SideStream& s = pull_side(k);
-      C10_CUDA_CHECK(cudaEventRecord(s.join, s.stream));
-      C10_CUDA_CHECK(cudaStreamWaitEvent(main, s.join, 0));
-    }
   }
   std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
   shape.push_back(g.n);
