@@ -150,16 +150,9 @@ cudaError_t launch_band_signal_landed(const BandAllReduceParams& p, int band, cu
 
 cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream) {
   if (!valid(p, band) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
-  return visit_dtype(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      return visit_world(p.comm.world, [&](auto w) {
-        band_reduce_kernel<T, decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, band);
-        return cudaGetLastError();
-      });
-    }
+  return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
+    band_reduce_kernel<decltype(t), decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, band);
+    return cudaGetLastError();
   });
 }
 

@@ -327,20 +327,14 @@ cudaError_t launch_tile_all_reduce(const TileAllReduceParams& p, TileReduceMode 
       (mode == TileReduceMode::kOwner && tiles < p.comm.world))
     return cudaErrorInvalidValue;
   if (blocks <= 0 || blocks > tiles) blocks = int(std::min<int64_t>(tiles, blocks > 0 ? blocks : 16));
-  return visit_dtype(p.dtype, [&](auto t) {
+  return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
     using T = decltype(t);
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      return visit_world(p.comm.world, [&](auto w) {
-        constexpr int W = decltype(w)::value;
-        if (mode == TileReduceMode::kPush)
-          tile_all_reduce_push_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
-        else
-          tile_all_reduce_owner_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
-        return cudaGetLastError();
-      });
-    }
+    constexpr int W = decltype(w)::value;
+    if (mode == TileReduceMode::kPush)
+      tile_all_reduce_push_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
+    else
+      tile_all_reduce_owner_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
+    return cudaGetLastError();
   });
 }
 

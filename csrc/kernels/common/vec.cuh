@@ -137,4 +137,18 @@ inline auto visit_world(int world, F&& f) {
   }
 }
 
+// f(T{}, std::integral_constant<int, W>{}) for the 16-bit dtypes (bf16, fp16), the
+// ones the fused GEMM ops take; cudaErrorInvalidValue for fp32.
+template <typename F>
+inline cudaError_t visit_half_dtype_and_world(DType dtype, int world, F&& f) {
+  return visit_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      return visit_world(world, [&](auto w) { return f(T{}, w); });
+    }
+  });
+}
+
 }  // namespace distfuse

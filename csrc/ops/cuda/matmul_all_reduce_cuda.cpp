@@ -53,6 +53,13 @@ at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::
   return partial;
 }
 
+// out [M, N] viewed with a's leading dimensions: [..., N].
+at::Tensor with_leading_dims(const at::Tensor& out, const at::Tensor& a) {
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
+  shape.push_back(out.size(1));
+  return out.view(shape);
+}
+
 // Side streams with a fork/join event pair each, per device: index 0 for the tile
 // consumers and chunk all-reduces, 0 and 1 for the copy-engine schedule.
 struct SideStream {
@@ -119,9 +126,7 @@ at::Tensor chunked(const comm::Workspace& ws, const at::Tensor& a, const at::Ten
   }
   C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
   C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
-  shape.push_back(n);
-  return out.view(shape);
+  return with_leading_dims(out, a);
 }
 
 #ifndef DISTFUSE_NO_GEMM
@@ -203,6 +208,17 @@ TileGemmParams tile_gemm_into_workspace(comm::Workspace& ws, const GemmOperands&
   return gp;
 }
 
+// The output of a fused op and its bias, contiguous and 16-byte aligned (null when absent).
+struct OutputAndBias {
+  at::Tensor out, bias;
+  const void* bias_ptr() const { return bias.defined() ? bias.data_ptr() : nullptr; }
+};
+OutputAndBias output_and_bias(const GemmOperands& g, const at::Tensor& a, const std::optional<at::Tensor>& bias) {
+  OutputAndBias r{at::empty({g.m, g.n}, a.options()), at::Tensor()};
+  if (bias.has_value()) r.bias = contiguous_aligned(*bias);
+  return r;
+}
+
 // Copy-engine band schedule (kernels/allreduce/band_all_reduce.h):
 //
 //   main: ─fork─[ tile GEMM on SMs - R - 1 ................................ ]─join─▶
@@ -223,12 +239,10 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
                   sm_count(device) / 2));
   gp.sm_count = sm_count(device) - reducers - 1;  // one SM for the waits and signals
 
-  at::Tensor out = at::empty({g.m, g.n}, a.options());
-  at::Tensor bias_c;
-  if (bias.has_value()) bias_c = contiguous_aligned(*bias);
+  const OutputAndBias ob = output_and_bias(g, a, bias);
   BandAllReduceParams bp{};
-  bp.output = out.data_ptr();
-  bp.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
+  bp.output = ob.out.data_ptr();
+  bp.bias = ob.bias_ptr();
   bp.m = g.m;
   bp.n = g.n;
   bp.tile_m = tile_m;
@@ -274,9 +288,7 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
     C10_CUDA_CHECK(cudaEventRecord(ag.join, ag_stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, ag.join, 0));
   }
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
-  shape.push_back(g.n);
-  return out.view(shape);
+  return with_leading_dims(ob.out, a);
 }
 
 at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
@@ -292,12 +304,10 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   consumers = std::max(1, std::min<int>(consumers, sm_count(device) / 2));
   gp.sm_count = sm_count(device) - consumers;
 
-  at::Tensor out = at::empty({g.m, g.n}, a.options());
-  at::Tensor bias_c;
-  if (bias.has_value()) bias_c = contiguous_aligned(*bias);
+  const OutputAndBias ob = output_and_bias(g, a, bias);
   TileAllReduceParams rp{};
-  rp.output = out.data_ptr();
-  rp.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
+  rp.output = ob.out.data_ptr();
+  rp.bias = ob.bias_ptr();
   rp.m = gp.m;
   rp.n = gp.n;
   rp.tile_m = tile_m;
@@ -325,9 +335,7 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
     C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
   }
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
-  shape.push_back(g.n);
-  return out.view(shape);
+  return with_leading_dims(ob.out, a);
 }
 
 #endif  // DISTFUSE_NO_GEMM
