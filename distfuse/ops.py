@@ -21,7 +21,7 @@ OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_m
 PATHS = {
     "all_reduce": ("auto", "reference", "one_shot", "two_shot", "two_shot_ll"),
     "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized",
-                          "chunked", "copy_engine"),
+                          "chunked", "copy_engine", "band_pull"),
 }
 
 # Entries of the dispatch table (csrc/include/distfuse/tuning.h) that can be overridden.

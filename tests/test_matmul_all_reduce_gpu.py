@@ -9,9 +9,9 @@ from dist_harness import gpu_world_sizes, run_distributed
 
 pytestmark = pytest.mark.multigpu
 
-FUSED_PATHS = ("fused_tiles", "decode_push")
-ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "serialized", "sequential", "chunked", "reference",
-             "auto")
+TILE_GEMM_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull")  # also row-major B
+ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "serialized", "sequential", "chunked",
+             "reference", "auto")
 
 
 def _gather(t, world):
@@ -62,7 +62,7 @@ def body_paths(rank, world, group_name):
                 outs = {}
                 for path in ALL_PATHS:
                     for layout in ("weight_t", "row_major"):
-                        if layout == "row_major" and path not in ("fused_tiles", "decode_push", "copy_engine"):
+                        if layout == "row_major" and path not in TILE_GEMM_PATHS:
                             continue
                         b = w.t() if layout == "weight_t" else w.t().contiguous()
                         _poison_allocator(m * n, dtype, dev)
@@ -86,7 +86,7 @@ def body_paths(rank, world, group_name):
                         ce_serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
                 assert torch.equal(ce_auto, ce_serialized), (m, k, n)
                 assert torch.equal(ce_auto, outs[("copy_engine", "weight_t")]), (m, k, n)
-                for path in ("fused_tiles", "decode_push", "copy_engine", "sequential", "chunked", "auto"):
+                for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "sequential", "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
                         assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)
     # Leading batch dims, a shape the fused GEMM cannot take (K % 8 != 0), device mismatch.
@@ -118,7 +118,7 @@ def body_exact_random_m(rank, world, group_name):
     k, n = 128, 1024
     for i in range(1000):
         m = int(torch.randint(1, 700, (1,), generator=g))
-        path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine")[i % 5]
+        path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull")[i % 6]
         gen = torch.Generator(device="cpu").manual_seed(1_000_000 + i)
         a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(dev, torch.float16)
         w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(dev, torch.float16)
@@ -135,7 +135,7 @@ def body_graphs(rank, world, group_name):
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     k, n = 256, 2048
     for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("copy_engine", 1500),
-                    ("copy_engine", 3), ("auto", 1), ("auto", 1024)):
+                    ("copy_engine", 3), ("band_pull", 1500), ("band_pull", 3), ("auto", 1), ("auto", 1024)):
         a = torch.zeros(m, k, dtype=torch.float16, device=dev)
         w = torch.zeros(n, k, dtype=torch.float16, device=dev)
         bias = torch.zeros(n, dtype=torch.float16, device=dev)

@@ -77,7 +77,8 @@ inline bool dependent_launch(int world, int64_t override_value = 0) {
 
 namespace distfuse {
 
-enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3 };
+// kBandPull: forced only until measured.
+enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4 };
 
 // Measured on 4 x H200 at W = 2 and 4 (Llama-3-70B o_proj and down_proj rows,
 // benchmarks/NOTES.md): for M <= 512 both overlapped schedules are slower than

@@ -35,7 +35,7 @@ __device__ __forceinline__ uint32_t* reduced_flag(const CommHandle& c, int dst, 
 // Waits until this rank's GEMM published every tile that overlaps the band in
 // this call (the GEMM bumps ready[t] once per call; seen[t] counts the calls
 // consumed, shared with the tile consumers).
-__global__ void __launch_bounds__(kWaitThreads) band_wait_ready_kernel(BandAllReduceParams p, int band) {
+__device__ void wait_band_tiles(const BandAllReduceParams& p, int band) {
   const CommHandle& c = p.comm;
   const RowRange b = band_rows_of(p, band);
   const int tiles_n = int((p.n + p.tile_n - 1) / p.tile_n);
@@ -50,6 +50,10 @@ __global__ void __launch_bounds__(kWaitThreads) band_wait_ready_kernel(BandAllRe
     wait_flag_reached(ready + t, expected, c.timeout_ns, kOpMatmulAllReduce, "tile", t, c.rank);
     seen[t] = expected;
   }
+}
+
+__global__ void __launch_bounds__(kWaitThreads) band_wait_ready_kernel(BandAllReduceParams p, int band) {
+  wait_band_tiles(p, band);
 }
 
 // After this rank's copies of the band (earlier on the stream) completed: tell
@@ -127,6 +131,111 @@ __global__ void __launch_bounds__(kSignalThreads)
   }
 }
 
+// ------------------------------------------------------------ SM-pull schedule
+
+// counters(kChannelBandPull): [0] the last finished call's epoch, [1] CTAs of the
+// running band kernel done summing, [2] CTAs of the last band's kernel done.
+__device__ __forceinline__ uint32_t* pull_counter(const CommHandle& c, int i) {
+  return c.counters(kChannelBandPull) + i;
+}
+// Flags on rank `dst` written by rank `src`: src's D rows of the band are complete;
+// src's sums of its shard of the band are in dst's gather slot.
+__device__ __forceinline__ uint32_t* pull_ready_flag(const CommHandle& c, int dst, int band, int src) {
+  return c.flags(dst, kChannelBandPull) + int64_t(band) * kMaxWorld + src;
+}
+__device__ __forceinline__ uint32_t* pull_summed_flag(const CommHandle& c, int dst, int band, int src) {
+  return c.flags(dst, kChannelBandPull) + int64_t(kMaxBands + band) * kMaxWorld + src;
+}
+
+// One band, start to end, on R CTAs (see band_all_reduce.h, SM-pull schedule).
+template <typename T, int W>
+__global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduceParams p, int band, bool last) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int U = kReduceUnroll<W>;
+  constexpr int kCopyUnroll = 8;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
+  __shared__ uint32_t s_epoch;
+  if (threadIdx.x == 0) s_epoch = next_epoch(*pull_counter(c, 0));
+  __syncthreads();
+  const uint32_t epoch = s_epoch;
+  auto peer = [&](int k) { return rank + k < W ? rank + k : rank + k - W; };
+
+  // 1. CTA 0 waits for this rank's tiles of the band and tells every rank (itself
+  //    too); every CTA then waits until all W ranks' rows of the band are complete.
+  if (blockIdx.x == 0) {
+    wait_band_tiles(p, band);
+    __syncthreads();
+    if (threadIdx.x < W) store_release_sys(pull_ready_flag(c, threadIdx.x, band, rank), epoch);
+  }
+  if (threadIdx.x < W)
+    wait_flag_reached(pull_ready_flag(c, rank, band, threadIdx.x), epoch, c.timeout_ns, kOpMatmulAllReduce,
+                      "band", band, threadIdx.x);
+  __syncthreads();
+
+  // 2. Σ in rank order (+ bias) of this rank's shard, every rank's rows loaded from
+  //    its D (peers' over NVLink): to the output and stored into every peer's gather
+  //    slot for this rank.
+  const RowRange shard = band_shard(p, band, rank);
+  const int64_t off0 = shard.row0 * p.n;
+  const int64_t count = shard.rows * p.n / kVec;
+  T* out = static_cast<T*>(p.output);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int64_t stride = int64_t(gridDim.x) * U * kReduceThreads;
+  for (int64_t v0 = int64_t(blockIdx.x) * U * kReduceThreads + threadIdx.x; v0 < count; v0 += stride)
+    sum_batch_in_rank_order<T, W, U, kReduceThreads>(
+        v0, count, [&](int src, int64_t v) { return static_cast<const T*>(band_region(p, src, off0 + v * kVec)); },
+        bias, [&](int64_t v) { return (off0 + v * kVec) % p.n; },
+        [&](int64_t v, uint4 r) {
+          store_plain(out + off0 + v * kVec, r);
+#pragma unroll
+          for (int k = 1; k < W; ++k)
+            store_plain(static_cast<T*>(band_region(p, peer(k), band_slot_offset(p, rank) + off0 + v * kVec)), r);
+        });
+
+  // 3. The last CTA to finish its sums tells every peer (the sums of all CTAs, seen
+  //    through the counter, precede the flags).
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    if (atomicAdd(pull_counter(c, 1), 1u) == gridDim.x - 1) {
+      *pull_counter(c, 1) = 0;
+      __threadfence_system();
+      for (int k = 1; k < W; ++k) store_release_sys(pull_summed_flag(c, peer(k), band, rank), epoch);
+    }
+  }
+
+  // 4. Every peer's sums of its shard, from this rank's gather slots to the output.
+  if (threadIdx.x < W && int(threadIdx.x) != rank)
+    wait_flag_reached(pull_summed_flag(c, rank, band, threadIdx.x), epoch, c.timeout_ns, kOpMatmulAllReduce,
+                      "band", band, threadIdx.x);
+  __syncthreads();
+  for (int k = 1; k < W; ++k) {
+    const RowRange s = band_shard(p, band, peer(k));
+    const int64_t off = s.row0 * p.n, vectors = s.rows * p.n / kVec;
+    const T* from = static_cast<const T*>(band_region(p, rank, band_slot_offset(p, peer(k)) + off));
+    for (int64_t v0 = int64_t(blockIdx.x) * kCopyUnroll * kReduceThreads + threadIdx.x; v0 < vectors;
+         v0 += int64_t(gridDim.x) * kCopyUnroll * kReduceThreads) {
+      uint4 x[kCopyUnroll];
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u)
+        if (v0 + u * kReduceThreads < vectors) x[u] = load_cg(from + (v0 + u * kReduceThreads) * kVec);
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u)
+        if (v0 + u * kReduceThreads < vectors) store_plain(out + off + (v0 + u * kReduceThreads) * kVec, x[u]);
+    }
+  }
+
+  // 5. The call's last kernel: its last CTA to leave stores the epoch (every CTA has read it).
+  if (last) {
+    __syncthreads();
+    if (threadIdx.x == 0 && atomicAdd(pull_counter(c, 2), 1u) == gridDim.x - 1) {
+      *pull_counter(c, 2) = 0;
+      *pull_counter(c, 0) = epoch;
+    }
+  }
+}
+
 size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 bool valid(const BandAllReduceParams& p, int band) {
@@ -152,6 +261,15 @@ cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int block
   if (!valid(p, band) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
   return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
     band_reduce_kernel<decltype(t), decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, band);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_band_pull(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream) {
+  if (!valid(p, band) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  const bool last = band == band_count(p) - 1;
+  return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
+    band_pull_kernel<decltype(t), decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, band, last);
     return cudaGetLastError();
   });
 }

@@ -1,5 +1,5 @@
-// All-reduce of a GEMM output band by band, the bytes moved by the copy engines
-// (torch-free).
+// All-reduce of a GEMM output band by band (torch-free), in two schedules: the
+// bytes moved by the copy engines, or pulled and pushed by a few SMs.
 //
 // The tile GEMM runs on all SMs but a few and publishes every tile of D_r [M, N]
 // (tile region of the workspace, see tile_all_reduce.h). A band is a run of whole
@@ -29,6 +29,28 @@
 // kernel of a call uses e' = next(e), and the last band's wait_reduced stores e'
 // (it is the last kernel of the call to read it: it waits for every peer's sum of
 // the last band, which needed this rank's last landed signal). Flags carry e'.
+//
+// SM-pull schedule (one kernel of R CTAs per band, on one side stream; flags and
+// epochs of its own channel, same memory, gather_r[src] = recv_r[src]):
+//
+//   band c on rank r:
+//     CTA 0: wait this rank's tiles of band c ─ flag ready(c, r) to every rank
+//     all:   wait ready(c, *) ─ Σ in rank order (+ bias) of shard r, loading every
+//            rank's rows from its D (peers' over NVLink) ─▶ out[c, shard r] and
+//            stored into gather_p[r] of every peer p
+//     last CTA done: flag summed(c, r) to every peer
+//     all:   wait summed(c, p) of every peer ─ copy gather_r[p] ─▶ out[c, shard p]
+//
+//   main: ─fork─[ tile GEMM on SMs - R ......................................... ]─join─▶
+//   side:      [band 0: wait, pull Σ push, copy out][band 1 ...] ...    [band B-1]─┘
+//
+// Why it cannot deadlock: a band kernel waits only for this rank's GEMM (which
+// waits for nothing) and for peers' kernels of the same band, each of which
+// waits only for the same. Why the slots and D can be reused by the next call:
+// rank r pushes sums of band c of call e+1 only after every peer flagged ready(c)
+// in call e+1, i.e. after the peer finished call e (and its copies out of its
+// gather slots); r's GEMM rewrites D in call e+1 only after r's call e ended, which
+// waited for every peer's summed(c) of every band, i.e. after their loads of r's D.
 //
 // Why single slots suffice: rank r pushes into recv_p[r] in call e+1 only after
 // finishing call e, which pulled p's sum of the last band of call e; p computed it
@@ -104,6 +126,9 @@ cudaError_t launch_band_wait_ready(const BandAllReduceParams& p, int band, cudaS
 cudaError_t launch_band_signal_landed(const BandAllReduceParams& p, int band, cudaStream_t stream);
 cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream);
 cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cudaStream_t stream);
+// The SM-pull schedule's kernel for one band, on `blocks` CTAs (they need not be
+// resident together).
+cudaError_t launch_band_pull(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream);
 
 // The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
 // shard p of `band` to every peer p, or pull every peer's sum into the output.

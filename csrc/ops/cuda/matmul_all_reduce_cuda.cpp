@@ -11,6 +11,9 @@
 //   copy_engine  tile GEMM on all SMs but a few; each band of finished tile rows is
 //                reduce-scattered and all-gathered by the copy engines, summed by a few CTAs
 //                (kernels/allreduce/band_all_reduce.h draws the schedule)
+//   band_pull    tile GEMM on all SMs but R; each band's shard pulled from every rank,
+//                summed and pushed to the peers by R CTAs, one kernel per band (forced
+//                only until measured)
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
@@ -226,23 +229,36 @@ OutputAndBias output_and_bias(const GemmOperands& g, const at::Tensor& a, const 
 //   B:                 ▲ b0 ready        [Σ b0 (R CTAs)][wait][CE pull b0] ... ┘
 enum class Overlap { kOverlapped, kSerialized };
 
-at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                       const std::optional<at::Tensor>& bias, Overlap overlap) {
+// What both band schedules set up: the tile GEMM into the workspace in bands of
+// whole tile-row groups, on all SMs but `reducers` + `spare_sms`, and the band
+// all-reduce parameters.
+struct BandCall {
+  TileGemmParams gemm;
+  BandAllReduceParams bands;
+  OutputAndBias ob;
+  void* scratch;
+  int reducers;
+};
+
+BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                   const std::optional<at::Tensor>& bias, int spare_sms) {
+  BandCall bc{};
   GemmOperands g = gemm_operands(a, b);
   const int device = ws.device();
-  TileGemmParams gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
+  TileGemmParams& gp = bc.gemm;
+  gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   const int tile_m = tile_gemm_tile_m(gp);
   const int64_t tiles_m = (g.m + tile_m - 1) / tile_m;
   gp.group_rows = band_tile_rows(tiles_m, ws.world(), get_tuning("matmul_all_reduce.bands"));
-  const int reducers = std::max(
+  bc.reducers = std::max(
       1, std::min(band_reduce_blocks(ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"))),
                   sm_count(device) / 2));
-  gp.sm_count = sm_count(device) - reducers - 1;  // one SM for the waits and signals
+  gp.sm_count = sm_count(device) - bc.reducers - spare_sms;
 
-  const OutputAndBias ob = output_and_bias(g, a, bias);
-  BandAllReduceParams bp{};
-  bp.output = ob.out.data_ptr();
-  bp.bias = ob.bias_ptr();
+  bc.ob = output_and_bias(g, a, bias);
+  BandAllReduceParams& bp = bc.bands;
+  bp.output = bc.ob.out.data_ptr();
+  bp.bias = bc.ob.bias_ptr();
   bp.m = g.m;
   bp.n = g.n;
   bp.tile_m = tile_m;
@@ -253,7 +269,44 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
   bp.comm = ws.handle();
 
   const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
-  void* scratch = scratch_bytes ? ws.gemm_scratch(scratch_bytes, kOp) : nullptr;
+  bc.scratch = scratch_bytes ? ws.gemm_scratch(scratch_bytes, kOp) : nullptr;
+  return bc;
+}
+
+// SM-pull band schedule (kernels/allreduce/band_all_reduce.h): one kernel of R CTAs
+// per band on a side stream, beside the tile GEMM on the other SMs.
+//
+//   main: ─fork─[ tile GEMM on SMs - R ................................ ]─join─▶
+//   side:       [b0: wait, Σ pull/push, copy out][b1 ...] ... [b(B-1)]──┘
+at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                     const std::optional<at::Tensor>& bias, Overlap overlap) {
+  const BandCall bc = band_call(ws, a, b, bias, /*spare_sms=*/0);
+  const int device = ws.device();
+  cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
+  SideStream& side = side_stream(device, 0);
+  const bool overlapped = overlap == Overlap::kOverlapped;
+  C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
+  // GEMM first: it never waits on anything (see fused()).
+  C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
+  cudaStream_t stream = overlapped ? side.stream.stream() : main;
+  if (overlapped) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, side.fork, 0));
+  const int bands = static_cast<int>(band_count(bc.bands));
+  for (int band = 0; band < bands; ++band) C10_CUDA_CHECK(launch_band_pull(bc.bands, band, bc.reducers, stream));
+  if (overlapped) {
+    C10_CUDA_CHECK(cudaEventRecord(side.join, stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
+  }
+  return with_leading_dims(bc.ob.out, a);
+}
+
+at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                       const std::optional<at::Tensor>& bias, Overlap overlap) {
+  const BandCall bc = band_call(ws, a, b, bias, /*spare_sms=*/1);  // one SM for the waits and signals
+  const TileGemmParams& gp = bc.gemm;
+  const BandAllReduceParams& bp = bc.bands;
+  const int reducers = bc.reducers;
+  void* scratch = bc.scratch;
+  const int device = ws.device();
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& rs = side_stream(device, 0);  // reduce-scatter pushes
   SideStream& ag = side_stream(device, 1);  // sums and all-gather pulls
@@ -288,7 +341,7 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
     C10_CUDA_CHECK(cudaEventRecord(ag.join, ag_stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, ag.join, 0));
   }
-  return with_leading_dims(ob.out, a);
+  return with_leading_dims(bc.ob.out, a);
 }
 
 at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
@@ -375,6 +428,13 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
+    if (forced == "band_pull") algo = MatmulAllReduceAlgo::kBandPull;
+    if (algo == MatmulAllReduceAlgo::kBandPull) {
+      const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
+      at::Tensor out = band_pull(ws, a, b, bias, overlap);
+      record_path(kOp, forced == "serialized" ? "serialized" : "band_pull");
+      return out;
+    }
     if (algo == MatmulAllReduceAlgo::kCopyEngine) {
       const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
       at::Tensor out = copy_engine(ws, a, b, bias, overlap);

@@ -31,7 +31,8 @@ enum Channel : int {
   kChannelOneShotFine = 4,  // one-shot, 1 line per thread (twice the CTAs)
   kChannelBands = 5,        // band all-reduce of GEMM outputs by the copy engines
   kChannelTwoShotLL = 6,    // two-shot on LL lines (mid sizes)
-  kNumChannels = 7,
+  kChannelBandPull = 7,     // band all-reduce of GEMM outputs by SM pulls
+  kNumChannels = 8,
 };
 
 struct WorkspaceLayout {
