@@ -32,6 +32,17 @@ __device__ __forceinline__ uint32_t* reduced_flag(const CommHandle& c, int dst, 
   return c.flags(dst, kChannelBands) + int64_t(kMaxBands + band) * kMaxWorld + src;
 }
 
+// Threads 0..W-1 but `skip` wait until flag(src) reached the epoch; then the CTA
+// moves on together (the acquires make the flagged data visible to the CTA).
+template <typename Flag>
+__device__ __forceinline__ void wait_band_flags(const CommHandle& c, int band, uint32_t epoch, int skip,
+                                                Flag flag) {
+  if (int(threadIdx.x) < c.world && int(threadIdx.x) != skip)
+    wait_flag_reached(flag(int(threadIdx.x)), epoch, c.timeout_ns, kOpMatmulAllReduce, "band", band,
+                      threadIdx.x);
+  __syncthreads();
+}
+
 // Waits until this rank's GEMM published every tile that overlaps the band in
 // this call (the GEMM bumps ready[t] once per call; seen[t] counts the calls
 // consumed, shared with the tile consumers).
@@ -76,10 +87,7 @@ __global__ void __launch_bounds__(kReduceThreads) band_reduce_kernel(BandAllRedu
   const CommHandle& c = p.comm;
   const int rank = c.rank;
   const uint32_t epoch = call_epoch(c);
-  if (threadIdx.x < W && int(threadIdx.x) != rank)
-    wait_flag_reached(landed_flag(c, rank, band, threadIdx.x), epoch, c.timeout_ns, kOpMatmulAllReduce,
-                      "band", band, threadIdx.x);
-  __syncthreads();
+  wait_band_flags(c, band, epoch, rank, [&](int src) { return landed_flag(c, rank, band, src); });
 
   const RowRange shard = band_shard(p, band, rank);
   const int64_t off0 = shard.row0 * p.n;
@@ -168,10 +176,7 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
     __syncthreads();
     if (threadIdx.x < W) store_release_sys(pull_ready_flag(c, threadIdx.x, band, rank), epoch);
   }
-  if (threadIdx.x < W)
-    wait_flag_reached(pull_ready_flag(c, rank, band, threadIdx.x), epoch, c.timeout_ns, kOpMatmulAllReduce,
-                      "band", band, threadIdx.x);
-  __syncthreads();
+  wait_band_flags(c, band, epoch, /*skip=*/-1, [&](int src) { return pull_ready_flag(c, rank, band, src); });
 
   // 2. Σ in rank order (+ bias) of this rank's shard, every rank's rows loaded from
   //    its D (peers' over NVLink): to the output and stored into every peer's gather
@@ -206,10 +211,7 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
   }
 
   // 4. Every peer's sums of its shard, from this rank's gather slots to the output.
-  if (threadIdx.x < W && int(threadIdx.x) != rank)
-    wait_flag_reached(pull_summed_flag(c, rank, band, threadIdx.x), epoch, c.timeout_ns, kOpMatmulAllReduce,
-                      "band", band, threadIdx.x);
-  __syncthreads();
+  wait_band_flags(c, band, epoch, rank, [&](int src) { return pull_summed_flag(c, rank, band, src); });
   for (int k = 1; k < W; ++k) {
     const RowRange s = band_shard(p, band, peer(k));
     const int64_t off = s.row0 * p.n, vectors = s.rows * p.n / kVec;
