@@ -22,6 +22,9 @@ __device__ __forceinline__ uint32_t* reduce_done_counter(const CommHandle& c, in
   return c.counters(kChannelBands) + 1 + band;
 }
 __device__ __forceinline__ uint32_t call_epoch(const CommHandle& c) { return next_epoch(*epoch_counter(c)); }
+// kChannelBands flags [kEntrySlot, + W): the copy-engine schedule's entry handshake.
+constexpr int64_t kEntrySlot = 2ll * kMaxBands * kMaxWorld;
+static_assert(kEntrySlot + kMaxWorld <= int64_t(kFlagsPerChannel), "band flags overflow the channel");
 
 // Flags on rank `dst` written by rank `src`: its partial of band landed in recv_dst[src];
 // its sum of its shard of band is in red_src.
@@ -63,7 +66,10 @@ __device__ void wait_band_tiles(const BandAllReduceParams& p, int band) {
   }
 }
 
+// Band 0 also makes the call's entry handshake (band_all_reduce.h): the copies
+// that follow on this stream write into peers' workspace.
 __global__ void __launch_bounds__(kWaitThreads) band_wait_ready_kernel(BandAllReduceParams p, int band) {
+  if (band == 0) enter_call(p.comm, kChannelBands, kEntrySlot, call_epoch(p.comm), kOpMatmulAllReduce);
   wait_band_tiles(p, band);
 }
 

@@ -52,6 +52,11 @@
 // gather slots); r's GEMM rewrites D in call e+1 only after r's call e ended, which
 // waited for every peer's summed(c) of every band, i.e. after their loads of r's D.
 //
+// Entry (copy-engine schedule): band 0's wait on stream A starts with a handshake
+// (enter_call): no copy goes to a peer before it entered the same call, so a peer
+// still reading the previous call's data (of another shape or schedule over the
+// same region) is never overwritten. The SM-pull schedule needs none: it writes
+// into a peer only after that peer's ready flag of the current call.
 // Why single slots suffice: rank r pushes into recv_p[r] in call e+1 only after
 // finishing call e, which pulled p's sum of the last band of call e; p computed it
 // after all its sums of call e, so p no longer reads recv_p. red_r of call e+1 is

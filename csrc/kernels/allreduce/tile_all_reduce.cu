@@ -11,6 +11,8 @@ namespace distfuse {
 namespace {
 
 constexpr int kTileThreads = 512;
+// kChannelTiles flags: ready counters [0, kMaxTiles), entry handshake [kMaxTiles, + W).
+static_assert(uint64_t(kMaxTiles) + kMaxWorld <= kFlagsPerChannel, "tile flags overflow the channel");
 
 __host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -167,6 +169,8 @@ struct TileCall {
         mine(partial_of<T>(params.comm, params.comm.rank)), ce(call_epoch(params.comm)),
         epoch(next_epoch(*ce.value)), parity(int(epoch & 1)) {}
 
+  // No byte goes to a peer before it entered this call (tile_all_reduce.h, entry).
+  __device__ void enter() const { enter_call(c, kChannelTiles, kMaxTiles, epoch, kOpMatmulAllReduce); }
   // What `src` sent to `dst` in this call.
   __device__ T* slot(int dst, int src) const { return receive_slot<T>(c, dst, s.mn, parity, src); }
   // The k-th peer after this rank (1 <= k < W).
@@ -200,6 +204,7 @@ struct TileCall {
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(TileAllReduceParams p) {
   const TileCall<T, W> call(p);
+  call.enter();
   const CommHandle& c = call.c;
   const int rank = call.rank;
   const TileShape& s = call.s;
@@ -280,6 +285,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_push_kernel(TileAllReduceParams p) {
   const TileCall<T, W> call(p);
+  call.enter();
   const TileShape& s = call.s;
 
   for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {

@@ -38,6 +38,11 @@
 // Everything else uses the call epoch e (one counter per rank, +1 per consumer
 // call, equal on every rank): flags carry e (wrap-safe "reached") and receive
 // slots are double-buffered by e & 1.
+// Entry: every consumer CTA starts with a handshake (enter_call, kChannelTiles flags
+// kMaxTiles + src): it pushes nothing before every peer has entered the same call,
+// so a peer still copying out the previous call's sums, of another shape or
+// another schedule over the same region, is never overwritten. The handshake runs
+// while the GEMM computes its first tiles.
 // Why two slots suffice: a rank writes recv[e & 1] again only in call e + 2, after
 // it finished call e + 1, which needed data that every peer sent in call e + 1,
 // i.e. after that peer finished reading call e (push mode: every tile goes to

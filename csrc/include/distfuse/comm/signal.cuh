@@ -13,11 +13,16 @@
 //  - ll_store / ll_load: 16-byte "low latency" lines {d0, flag, d1, flag}. A line
 //    is written by one vector store and is valid when both flags equal the
 //    epoch, so data and flag arrive together and no fence is needed.
+//  - enter_call(...): a handshake at the start of a kernel that writes into peers'
+//    workspace: no thread of the block goes on before every peer has entered the
+//    same call, i.e. finished every access of its previous calls (its streams of
+//    that call were joined before this one was launched).
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 
+#include "distfuse/comm/handle.h"
 #include "distfuse/params.h"
 
 namespace distfuse {
@@ -118,6 +123,19 @@ __device__ __forceinline__ uint2 ll_load(const LLLine* p, uint32_t flag, uint64_
     else if ((spins & 63u) == 0 && global_timer_ns() - start > bound)
       timeout_trap(op, "block", block, peer, flag, f0 != flag ? f0 : f1);
   }
+}
+
+// Block 0 posts `epoch` to every peer's flags(channel)[slot + rank]; every block
+// waits for flags(channel)[slot + src] of every peer src to reach it.
+__device__ __forceinline__ void enter_call(const CommHandle& c, int channel, int64_t slot, uint32_t epoch,
+                                           int op) {
+  const int src = int(threadIdx.x);
+  if (src < c.world && src != c.rank) {
+    if (blockIdx.x == 0) store_release_sys(c.flags(src, channel) + slot + c.rank, epoch);
+    wait_flag_reached(c.flags(c.rank, channel) + slot + src, epoch, c.timeout_ns, op, "call entry",
+                      int(blockIdx.x), src);
+  }
+  __syncthreads();
 }
 
 }  // namespace distfuse
