@@ -6,6 +6,7 @@
 #include "distfuse/comm/handle.h"
 #include "distfuse/params.h"
 #include "distfuse/tuning.h"
+#include "kernels/allreduce/band_geometry.h"
 
 namespace distfuse {
 namespace {
@@ -129,6 +130,58 @@ TEST(CommHandle, PointsIntoTheRightRegions) {
             buffers[0] + h.layout.flags_offset + 4ull * kFlagsPerChannel * kChannelTiles);
   EXPECT_EQ(reinterpret_cast<unsigned char*>(h.tile_seen()),
             buffers[1] + h.layout.counters_offset + 4ull * kNumChannels * kMaxBlocks);
+}
+
+TEST(BandGeometry, BandsAndShardsCoverEveryRowOnce) {
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    for (int tile_m : {64, 128}) {
+      for (int64_t m : {1, 3, 64, 127, 128, 1000, 4097, 8192}) {
+        const int64_t tiles_m = (m + tile_m - 1) / tile_m;
+        BandAllReduceParams p{};
+        p.m = m;
+        p.n = 264;
+        p.tile_m = tile_m;
+        p.band_rows = int64_t(band_tile_rows(tiles_m, world)) * tile_m;
+        p.comm.world = world;
+        ASSERT_LE(band_count(p), kMaxBands);
+        int64_t next_row = 0;
+        for (int64_t band = 0; band < band_count(p); ++band) {
+          const RowRange b = band_rows_of(p, band);
+          EXPECT_EQ(b.row0, next_row) << "m " << m << " band " << band;
+          EXPECT_GT(b.rows, 0);
+          EXPECT_EQ(b.row0 % tile_m, 0);  // bands start on tile rows
+          int64_t shard_row = b.row0;
+          for (int owner = 0; owner < world; ++owner) {
+            const RowRange s = band_shard(p, band, owner);
+            EXPECT_EQ(s.row0, shard_row) << "m " << m << " band " << band << " owner " << owner;
+            EXPECT_GE(s.rows, 0);
+            shard_row += s.rows;
+          }
+          EXPECT_EQ(shard_row, b.row0 + b.rows);
+          next_row = b.row0 + b.rows;
+        }
+        EXPECT_EQ(next_row, m);
+      }
+    }
+  }
+}
+
+TEST(BandGeometry, SlotsFitTheTileRegion) {
+  static unsigned char buffer[64];
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    BandAllReduceParams p{};
+    p.m = 1000;
+    p.n = 264;
+    p.dtype = DType::kBFloat16;
+    p.comm.world = world;
+    p.comm.peer_base[world - 1] = buffer;
+    p.comm.layout.tiles_offset = 16;
+    const uint64_t region = tile_region_bytes_for_output(uint64_t(p.m) * p.n * 2, world);
+    // D at 0, then one slot per rank: recv[src] for src != rank, red for src == rank.
+    EXPECT_EQ(band_slot_offset(p, 0), p.m * p.n);
+    EXPECT_LE(uint64_t(band_slot_offset(p, world - 1) + p.m * p.n) * 2, region);
+    EXPECT_EQ(static_cast<unsigned char*>(band_region(p, world - 1, 5)), buffer + 16 + 10);
+  }
 }
 
 TEST(Check, ThrowsWithFileLineAndValues) {

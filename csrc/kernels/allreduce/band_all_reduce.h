@@ -66,65 +66,9 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdint>
-
-#include "distfuse/comm/handle.h"
-#include "distfuse/params.h"
+#include "kernels/allreduce/band_geometry.h"
 
 namespace distfuse {
-
-constexpr int kMaxBands = 1000;  // bands of one call (flag and counter slots per band)
-
-struct BandAllReduceParams {
-  void* output;        // [M, N] row-major, this rank's result
-  const void* bias;    // [N] or null, added once
-  int64_t m, n;        // GEMM output shape (N multiple of 8)
-  int tile_m, tile_n;  // the GEMM's tile shape
-  int64_t band_rows;   // rows per band, a multiple of tile_m
-  DType dtype;         // kBFloat16 or kFloat16
-  CommHandle comm;
-};
-
-// Rows [row0, row0 + rows) of D.
-struct RowRange {
-  int64_t row0, rows;
-};
-
-#if defined(__CUDACC__)
-#define DF_BAND_HD __host__ __device__
-#else
-#define DF_BAND_HD
-#endif
-
-DF_BAND_HD inline int64_t band_count(const BandAllReduceParams& p) {
-  return (p.m + p.band_rows - 1) / p.band_rows;
-}
-DF_BAND_HD inline RowRange band_rows_of(const BandAllReduceParams& p, int64_t band) {
-  const int64_t row0 = band * p.band_rows;
-  const int64_t end = row0 + p.band_rows < p.m ? row0 + p.band_rows : p.m;
-  return {row0, end - row0};
-}
-// Shard `owner` of `band`: ceil(rows / W) rows each, the last ones shorter or empty.
-DF_BAND_HD inline RowRange band_shard(const BandAllReduceParams& p, int64_t band, int owner) {
-  const RowRange b = band_rows_of(p, band);
-  const int64_t per = (b.rows + p.comm.world - 1) / p.comm.world;
-  const int64_t first = per * owner < b.rows ? per * owner : b.rows;
-  const int64_t last = per * (owner + 1) < b.rows ? per * (owner + 1) : b.rows;
-  return {b.row0 + first, last - first};
-}
-
-// Element offset of recv[src], or of red when src is the region's own rank, in a
-// rank's tile region (D is at 0).
-DF_BAND_HD inline int64_t band_slot_offset(const BandAllReduceParams& p, int src) {
-  return (1 + src) * p.m * p.n;
-}
-// Address of element `offset` of rank `rank`'s tile region (mapped here).
-DF_BAND_HD inline void* band_region(const BandAllReduceParams& p, int rank, int64_t offset) {
-  return p.comm.peer_base[rank] + p.comm.layout.tiles_offset +
-         offset * (p.dtype == DType::kFloat32 ? 4 : 2);
-}
-
-#undef DF_BAND_HD
 
 // The kernels of the schedule above; each returns the launch error.
 cudaError_t launch_band_wait_ready(const BandAllReduceParams& p, int band, cudaStream_t stream);
