@@ -150,3 +150,28 @@ def test_tune_sweep_variants_and_errors():
         proc = subprocess.run([sys.executable, "-m", "distfuse.bench", "--cpu", "--tune", bad], cwd=ROOT,
                               env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "--tune" in proc.stderr and words in proc.stderr, proc.stderr[-500:]
+
+
+def test_timeline_lists_the_last_call_by_start_and_sums_each_stream():
+    from distfuse.bench.timeline import timeline_lines
+    events = [{"ts": 0.0, "dur": 100.0, "tid": 7, "name": "tile_gemm_kernel (call 1)"},
+              {"ts": 150.0, "dur": 10.0, "tid": 9, "name": "band_pull_kernel (call 1)"},
+              {"ts": 1100.0, "dur": 5.0, "tid": 9, "name": "Memcpy PtoP"},
+              {"ts": 1000.0, "dur": 400.0, "tid": 7, "name": "tile_gemm_kernel (call 2)"},
+              {"ts": 1010.0, "dur": 50.0, "tid": 9, "name": "band_pull_kernel (call 2)"}]
+    lines = timeline_lines(events, "t")
+    assert lines[0] == "== t: 3 device events, 400.0 us"
+    assert [line.split()[0] for line in lines[2:5]] == ["0.0", "10.0", "100.0"]
+    assert "band_pull_kernel (call 2)" in lines[3]
+    assert lines[-1] == "busy per stream (us): 7: 400.0, 9: 55.0"
+
+
+def test_timeline_without_gpus_says_so():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("GPUs present")
+    env = dict(os.environ, **SAFE_ENV)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "distfuse.bench.timeline", "--path", "band_pull"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs CUDA GPUs" in proc.stderr, proc.stdout + proc.stderr
