@@ -12,6 +12,8 @@
 # DISTFUSE_WORLD_SIZES (e.g. "2 4": a benchmark run per world size; default all GPUs),
 # DISTFUSE_PROBE=1 (the NVLink probe first; DISTFUSE_PROBE_BIN: a prebuilt binary),
 # DISTFUSE_TEST_TIMEOUT / DISTFUSE_BENCH_TIMEOUT (seconds; 900 / 1500),
+# DISTFUSE_TEST_WORLD_SIZES (e.g. "4": the multi-GPU tests at those W only; with
+# CUDA_VISIBLE_DEVICES two GPU pairs can run the W = 2 tests at once),
 # DISTFUSE_TEST_ARGS (extra pytest arguments), DISTFUSE_RESULTS_DIR.
 #
 # Writes to $OUT (or /tmp/distfuse-gpu-run): tests.log, bench.log, results.tgz
