@@ -20,18 +20,18 @@ import sys
 import tempfile
 from typing import Dict, List
 
-from .__main__ import SAFE_ENV
+from .__main__ import SAFE_ENV, _tune_item
 from .matmul_all_reduce import HIDDEN, INTERMEDIATE
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def _tune_pair(text: str):
-    from ..ops import TUNING_KEYS
-    key, _, value = text.partition("=")
-    if key not in TUNING_KEYS or not value.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected KEY=N with KEY one of {', '.join(TUNING_KEYS)}, got {text!r}")
-    return key, int(value)
+    """KEY=N: --tune of distfuse-bench with a single value."""
+    key, values = _tune_item(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"{text}: one value per key here, e.g. {key}={values[0]}")
+    return key, values[0]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,20 @@ __device__ __forceinline__ void add_bias(float (&acc)[kElems], const T* bias, in
   }
 }
 
+// Line `line` (8 bytes of elements) of a tensor of n elements, the last one partial.
+template <typename T>
+__device__ __forceinline__ Pack<T, 8> load_line(const T* base, int64_t line, int64_t n) {
+  const int64_t idx = line * Pack<T, 8>::kElems;
+  return idx + Pack<T, 8>::kElems <= n ? *reinterpret_cast<const Pack<T, 8>*>(base + idx)
+                                       : load_pack_tail<T, 8>(base, idx, n);
+}
+template <typename T>
+__device__ __forceinline__ void store_line(T* base, int64_t line, int64_t n, const Pack<T, 8>& r) {
+  const int64_t idx = line * Pack<T, 8>::kElems;
+  if (idx + Pack<T, 8>::kElems <= n) *reinterpret_cast<Pack<T, 8>*>(base + idx) = r;
+  else store_pack_tail<T, 8>(base, idx, n, r);
+}
+
 // ---------------------------------------------------------------- one-shot
 
 constexpr int kOneShotThreads = 512;
@@ -106,9 +120,7 @@ __global__ void __launch_bounds__(kOneShotThreads)
   for (int k = 0; k < LPT; ++k) {
     line[k] = blockIdx.x * Geometry::kLinesPerBlock + k * kOneShotThreads + threadIdx.x;
     if (line[k] >= lines) continue;
-    const int64_t idx = line[k] * kElems;
-    mine[k] = idx + kElems <= n ? *reinterpret_cast<const Line*>(in + idx)
-                                : load_pack_tail<T, 8>(in, idx, n);
+    mine[k] = load_line(in, line[k], n);
 #pragma unroll
     for (int i = 1; i < W; ++i) {
       const int dst = rank + i < W ? rank + i : rank + i - W;
@@ -137,9 +149,7 @@ __global__ void __launch_bounds__(kOneShotThreads)
     }
     const int64_t idx = line[k] * kElems;
     if (p.bias) add_bias<T, kElems>(acc, static_cast<const T*>(p.bias), p.bias_period, idx, n);
-    const Line r = round_pack<T, 8>(acc);
-    if (idx + kElems <= n) *reinterpret_cast<Line*>(out + idx) = r;
-    else store_pack_tail<T, 8>(out, idx, n, r);
+    store_line(out, line[k], n, round_pack<T, 8>(acc));
   }
 
   __syncthreads();  // every thread has read s_epoch before the counter moves on
@@ -194,18 +204,11 @@ __global__ void __launch_bounds__(kTwoShotLLThreads) all_reduce_two_shot_ll_kern
 
   if (j < shard) {
     auto exists = [&](int owner) { return int64_t(owner) * shard + j < lines; };
-    auto store_out = [&](int owner, const Line& r) {
-      const int64_t idx = (int64_t(owner) * shard + j) * kElems;
-      if (idx + kElems <= n) *reinterpret_cast<Line*>(out + idx) = r;
-      else store_pack_tail<T, 8>(out, idx, n, r);
-    };
+    auto store_out = [&](int owner, const Line& r) { store_line(out, int64_t(owner) * shard + j, n, r); };
     Line x[W];  // line j of every shard, all loads issued first
 #pragma unroll
-    for (int s = 0; s < W; ++s) {
-      if (!exists(s)) continue;
-      const int64_t idx = (int64_t(s) * shard + j) * kElems;
-      x[s] = idx + kElems <= n ? *reinterpret_cast<const Line*>(in + idx) : load_pack_tail<T, 8>(in, idx, n);
-    }
+    for (int s = 0; s < W; ++s)
+      if (exists(s)) x[s] = load_line(in, int64_t(s) * shard + j, n);
 #pragma unroll
     for (int i = 1; i < W; ++i) {
       const int dst = rank + i < W ? rank + i : rank + i - W;

@@ -192,16 +192,22 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
   const int64_t count = shard.rows * p.n / kVec;
   T* out = static_cast<T*>(p.output);
   const T* bias = static_cast<const T*>(p.bias);
+  const T* rows_of[W];  // every rank's D at this shard
+  T* gather_at[W];      // this rank's gather slot in the k-th peer, at this shard
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    rows_of[k] = static_cast<const T*>(band_region(p, k, off0));
+    gather_at[k] = static_cast<T*>(band_region(p, peer(k), band_slot_offset(p, rank) + off0));
+  }
   const int64_t stride = int64_t(gridDim.x) * U * kReduceThreads;
   for (int64_t v0 = int64_t(blockIdx.x) * U * kReduceThreads + threadIdx.x; v0 < count; v0 += stride)
     sum_batch_in_rank_order<T, W, U, kReduceThreads>(
-        v0, count, [&](int src, int64_t v) { return static_cast<const T*>(band_region(p, src, off0 + v * kVec)); },
-        bias, [&](int64_t v) { return (off0 + v * kVec) % p.n; },
+        v0, count, [&](int src, int64_t v) { return rows_of[src] + v * kVec; }, bias,
+        [&](int64_t v) { return (off0 + v * kVec) % p.n; },
         [&](int64_t v, uint4 r) {
           store_plain(out + off0 + v * kVec, r);
 #pragma unroll
-          for (int k = 1; k < W; ++k)
-            store_plain(static_cast<T*>(band_region(p, peer(k), band_slot_offset(p, rank) + off0 + v * kVec)), r);
+          for (int k = 1; k < W; ++k) store_plain(gather_at[k] + v * kVec, r);
         });
 
   // 3. The last CTA to finish its sums tells every peer (the sums of all CTAs, seen
@@ -243,8 +249,6 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
     }
   }
 }
-
-size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 bool valid(const BandAllReduceParams& p, int band) {
   return p.dtype != DType::kFloat32 && p.n % 8 == 0 && p.band_rows > 0 && p.band_rows % p.tile_m == 0 &&
@@ -298,7 +302,7 @@ cudaError_t band_push_partials(const BandAllReduceParams& p, int band, cudaStrea
     const int64_t off = s.row0 * p.n;
     const cudaError_t e =
         cudaMemcpyAsync(band_region(p, dst, band_slot_offset(p, rank) + off), band_region(p, rank, off),
-                        s.rows * p.n * element_size(p.dtype), cudaMemcpyDefault, stream);
+                        s.rows * p.n * dtype_size(p.dtype), cudaMemcpyDefault, stream);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
@@ -307,7 +311,7 @@ cudaError_t band_push_partials(const BandAllReduceParams& p, int band, cudaStrea
 cudaError_t band_pull_sums(const BandAllReduceParams& p, int band, cudaStream_t stream) {
   if (!valid(p, band)) return cudaErrorInvalidValue;
   const int rank = p.comm.rank, world = p.comm.world;
-  const size_t esize = element_size(p.dtype);
+  const size_t esize = dtype_size(p.dtype);
   for (int k = 1; k < world; ++k) {
     const int src = (rank + k) % world;
     const RowRange s = band_shard(p, band, src);

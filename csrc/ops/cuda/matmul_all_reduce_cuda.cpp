@@ -222,11 +222,8 @@ OutputAndBias output_and_bias(const GemmOperands& g, const at::Tensor& a, const 
   return r;
 }
 
-// Copy-engine band schedule (kernels/allreduce/band_all_reduce.h):
-//
-//   main: ─fork─[ tile GEMM on SMs - R - 1 ................................ ]─join─▶
-//   A:          [wait b0][CE push b0][sig][wait b1][CE push b1][sig] ...     ┘
-//   B:                 ▲ b0 ready        [Σ b0 (R CTAs)][wait][CE pull b0] ... ┘
+// kSerialized: every step on the main stream after the whole GEMM (same kernels,
+// same bits, no overlap).
 enum class Overlap { kOverlapped, kSerialized };
 
 // What both band schedules set up: the tile GEMM into the workspace in bands of
@@ -285,7 +282,7 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& side = side_stream(device, 0);
   const bool overlapped = overlap == Overlap::kOverlapped;
-  C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
+  if (overlapped) C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
   // GEMM first: it never waits on anything (see fused()).
   C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
   cudaStream_t stream = overlapped ? side.stream.stream() : main;
@@ -299,25 +296,25 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   return with_leading_dims(bc.ob.out, a);
 }
 
+// Copy-engine band schedule (kernels/allreduce/band_all_reduce.h):
+//
+//   main: ─fork─[ tile GEMM on SMs - R - 1 ................................ ]─join─▶
+//   A:          [wait b0][CE push b0][sig][wait b1][CE push b1][sig] ...     ┘
+//   B:                 ▲ b0 ready        [Σ b0 (R CTAs)][wait][CE pull b0] ... ┘
 at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                        const std::optional<at::Tensor>& bias, Overlap overlap) {
   const BandCall bc = band_call(ws, a, b, bias, /*spare_sms=*/1);  // one SM for the waits and signals
-  const TileGemmParams& gp = bc.gemm;
   const BandAllReduceParams& bp = bc.bands;
-  const int reducers = bc.reducers;
-  void* scratch = bc.scratch;
   const int device = ws.device();
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& rs = side_stream(device, 0);  // reduce-scatter pushes
   SideStream& ag = side_stream(device, 1);  // sums and all-gather pulls
-  // Serialized: every step on the main stream after the whole GEMM (same kernels,
-  // same bits, no overlap).
   const bool overlapped = overlap == Overlap::kOverlapped;
   cudaStream_t rs_stream = overlapped ? rs.stream.stream() : main;
   cudaStream_t ag_stream = overlapped ? ag.stream.stream() : main;
-  C10_CUDA_CHECK(cudaEventRecord(rs.fork, main));
+  if (overlapped) C10_CUDA_CHECK(cudaEventRecord(rs.fork, main));
   // GEMM first: it never waits on anything (see fused()).
-  C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
+  C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
   if (overlapped) {
     C10_CUDA_CHECK(cudaStreamWaitEvent(rs_stream, rs.fork, 0));
     C10_CUDA_CHECK(cudaStreamWaitEvent(ag_stream, rs.fork, 0));
@@ -331,7 +328,7 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
     }
     C10_CUDA_CHECK(band_push_partials(bp, band, rs_stream));
     C10_CUDA_CHECK(launch_band_signal_landed(bp, band, rs_stream));
-    C10_CUDA_CHECK(launch_band_reduce(bp, band, reducers, ag_stream));
+    C10_CUDA_CHECK(launch_band_reduce(bp, band, bc.reducers, ag_stream));
     C10_CUDA_CHECK(launch_band_wait_reduced(bp, band, ag_stream));
     C10_CUDA_CHECK(band_pull_sums(bp, band, ag_stream));
   }
