@@ -37,10 +37,10 @@ TUNING_KEYS = (
     "matmul_all_reduce.group_tiles",       # owner schedule: tiles per round of flag releases
     "matmul_all_reduce.chunks",            # chunked schedule: row chunks
     "matmul_all_reduce.chunk_ar_blocks",   # chunked schedule: CTAs of each chunk's all-reduce
-    "matmul_all_reduce.copy_engine_min_m",  # smallest M that takes the copy-engine schedule
-    "matmul_all_reduce.copy_engine_min_k",  # ... with at least this K per rank
-    "matmul_all_reduce.bands",             # copy-engine schedule: bands per call (about)
-    "matmul_all_reduce.band_reduce_blocks",  # copy-engine schedule: CTAs of each band's sum
+    "matmul_all_reduce.band_pull_min_m",   # smallest M that takes the SM-pull band schedule
+    "matmul_all_reduce.band_pull_min_k",   # ... with at least this K per rank
+    "matmul_all_reduce.bands",             # band schedules: bands per call (about)
+    "matmul_all_reduce.band_reduce_blocks",  # band schedules: CTAs of each band's sum
 )
 
 

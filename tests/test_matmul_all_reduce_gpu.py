@@ -77,15 +77,15 @@ def body_paths(rank, world, group_name):
                         outs[(path, layout)] = out
                 # Same GEMM + same reduction order: the overlap changes no bit.
                 assert torch.equal(outs[("auto", "weight_t")], outs[("serialized", "weight_t")]), (m, k, n)
-                # Also for the copy-engine schedule, picked by auto with its thresholds lowered.
-                lowered = {"matmul_all_reduce.copy_engine_min_m": 1, "matmul_all_reduce.copy_engine_min_k": 8}
+                # Also for the SM-pull band schedule, picked by auto with its thresholds lowered.
+                lowered = {"matmul_all_reduce.band_pull_min_m": 1, "matmul_all_reduce.band_pull_min_k": 8}
                 with distfuse.tuning(lowered):
-                    ce_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
-                    assert last_path("matmul_all_reduce") == "copy_engine"
+                    bp_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+                    assert last_path("matmul_all_reduce") == "band_pull"
                     with force_path("matmul_all_reduce", "serialized"):
-                        ce_serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
-                assert torch.equal(ce_auto, ce_serialized), (m, k, n)
-                assert torch.equal(ce_auto, outs[("copy_engine", "weight_t")]), (m, k, n)
+                        bp_serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+                assert torch.equal(bp_auto, bp_serialized), (m, k, n)
+                assert torch.equal(bp_auto, outs[("band_pull", "weight_t")]), (m, k, n)
                 for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "sequential", "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
                         assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)

@@ -62,18 +62,22 @@ TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
   EXPECT_EQ(two_shot_blocks(4, 16), 16);
 }
 
-TEST(MatmulAllReduceChoice, CopyEngineWhereTheGemmDominates) {
+TEST(MatmulAllReduceChoice, BandPullWhereTheGemmIsLong) {
   for (int world = 2; world <= kMaxWorld; ++world) {
-    EXPECT_EQ(choose_matmul_all_reduce(copy_engine_min_m(world), copy_engine_min_k(world), world),
-              MatmulAllReduceAlgo::kCopyEngine);
-    EXPECT_NE(choose_matmul_all_reduce(copy_engine_min_m(world) - 1, copy_engine_min_k(world), world),
-              MatmulAllReduceAlgo::kCopyEngine);
-    EXPECT_NE(choose_matmul_all_reduce(copy_engine_min_m(world), copy_engine_min_k(world) - 8, world),
-              MatmulAllReduceAlgo::kCopyEngine);
+    EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world), band_pull_min_k(world), world),
+              MatmulAllReduceAlgo::kBandPull);
+    EXPECT_NE(choose_matmul_all_reduce(band_pull_min_m(world) - 1, band_pull_min_k(world), world),
+              MatmulAllReduceAlgo::kBandPull);
+    EXPECT_NE(choose_matmul_all_reduce(band_pull_min_m(world), band_pull_min_k(world) - 8, world),
+              MatmulAllReduceAlgo::kBandPull);
   }
-  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, 0, 100, 64), MatmulAllReduceAlgo::kCopyEngine);
-  EXPECT_GE(band_reduce_blocks(4), 1);
-  EXPECT_EQ(band_reduce_blocks(4, 3), 3);
+  // Llama-3-70B at M = 8192: o_proj at W = 4 (K_r = 2048) keeps the owner schedule.
+  EXPECT_EQ(choose_matmul_all_reduce(8192, 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(8192, 7168, 4), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
+  for (auto algo : {MatmulAllReduceAlgo::kBandPull, MatmulAllReduceAlgo::kCopyEngine})
+    for (int64_t k : {2048, 7168}) EXPECT_GE(band_reduce_blocks(algo, 4, k), 1);
+  EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 7168, 3), 3);
   for (int64_t tiles_m : {1, 7, 64, 1000}) {
     EXPECT_GE(band_tile_rows(tiles_m, 4), 1);
     EXPECT_LE(band_tile_rows(tiles_m, 4), 8);

@@ -77,7 +77,6 @@ inline bool dependent_launch(int world, int64_t override_value = 0) {
 
 namespace distfuse {
 
-// kBandPull: forced only until measured.
 enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4 };
 
 // Measured on 4 x H200 at W = 2 and 4 (Llama-3-70B o_proj and down_proj rows,
@@ -96,30 +95,31 @@ inline int64_t fused_max_k(int world) {
   return 8192;
 }
 
-// The copy-engine band schedule where the GEMM dominates (K_r >= 7168, M >= 8192).
-// Forced sweep on 4 x H100 (benchmarks/NOTES.md): down_proj W = 4 M = 8192 1577 us
-// vs fused_tiles 1604, M = 16384 3059 vs 3231; W = 2 (K_r = 14336) M = 8192 2779 vs
-// sequential 2880, M = 16384 5754 vs 5761. It loses where the all-reduce dominates
-// (o_proj W = 4 M = 8192: 1259 vs 867): each band pays ~30 us of stream hand-offs
-// and small copies. W > 4: untuned, same rule.
-inline int64_t copy_engine_min_m(int world) {
+// The SM-pull band schedule where the GEMM is at least as long as the all-reduce
+// (K_r >= 4096, M >= 8192). Forced sweep on 4 x H100 (benchmarks/NOTES.md, v8):
+// W = 4 down_proj M = 8192 / 16384 1442 / 2828 us vs copy_engine 1595 / 3032 and
+// fused_tiles 1590 / 3125; W = 2 down_proj 2700 / 5396 vs copy_engine 2816 / 5611;
+// W = 2 o_proj (K_r = 4096) 882 / 1700 vs fused_tiles 934 / 1856. It loses where
+// the all-reduce dominates (W = 4 o_proj, K_r = 2048: 879 vs fused_tiles 819) and
+// at M = 2048 (W = 4 down_proj 536 vs sequential 462). W > 4: untuned, same rule.
+inline int64_t band_pull_min_m(int world) {
   (void)world;
   return 8192;
 }
-inline int64_t copy_engine_min_k(int world) {
+inline int64_t band_pull_min_k(int world) {
   (void)world;
-  return 7168;
+  return 4096;
 }
 
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank) when
-// the tile GEMM can run at all. Overrides > 0 replace fused_min_m, copy_engine_min_m
-// and copy_engine_min_k.
+// the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m
+// and band_pull_min_k.
 inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world,
-                                                    int64_t override_min_m = 0, int64_t override_ce_min_m = 0,
-                                                    int64_t override_ce_min_k = 0) {
-  const int64_t ce_min_m = override_ce_min_m > 0 ? override_ce_min_m : copy_engine_min_m(world);
-  const int64_t ce_min_k = override_ce_min_k > 0 ? override_ce_min_k : copy_engine_min_k(world);
-  if (m >= ce_min_m && k >= ce_min_k) return MatmulAllReduceAlgo::kCopyEngine;
+                                                    int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
+                                                    int64_t override_bp_min_k = 0) {
+  const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world);
+  const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
+  if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
   const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);
   return m >= min_m && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles
                                                : MatmulAllReduceAlgo::kSequential;
@@ -161,11 +161,14 @@ inline int band_tile_rows(int64_t tiles_m, int world, int64_t override_bands = 0
   return int(rows < 1 ? 1 : rows > 8 ? 8 : rows);
 }
 
-// Copy-engine band schedule: CTAs of each band's reduction (the GEMM keeps the
-// other SMs but one). Untuned.
-inline int band_reduce_blocks(int world, int override_blocks = 0) {
+// Band schedules: CTAs of each band's sum (the GEMM keeps the other SMs). SM-pull,
+// 4 x H100, best of {8, 16, 32, 48}: 8 where the GEMM dominates (K_r >= 7168:
+// down_proj W = 4 M = 8192 1442 us vs 1509 at 16), 16 for o_proj at W = 2 (882 vs
+// 1072 at 8, 970 at 32). The copy-engine schedule: 16. W > 4: untuned.
+inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t k, int override_blocks = 0) {
+  if (override_blocks > 0) return override_blocks;
   (void)world;
-  return override_blocks > 0 ? override_blocks : 16;
+  return algo == MatmulAllReduceAlgo::kBandPull && k >= 7168 ? 8 : 16;
 }
 
 // CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.

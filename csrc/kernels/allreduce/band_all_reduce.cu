@@ -148,12 +148,12 @@ __global__ void __launch_bounds__(kSignalThreads)
 // ------------------------------------------------------------ SM-pull schedule
 
 // counters(kChannelBandPull): [0] the last finished call's epoch, [1] CTAs of the
-// running band kernel done summing, [2] CTAs of the last band's kernel done.
+// running band kernel done summing, [2] CTAs of the call's last kernel done.
 __device__ __forceinline__ uint32_t* pull_counter(const CommHandle& c, int i) {
   return c.counters(kChannelBandPull) + i;
 }
 // Flags on rank `dst` written by rank `src`: src's D rows of the band are complete;
-// src's sums of its shard of the band are in dst's gather slot.
+// src's sums of its shard of the band are in its own slot (red_src).
 __device__ __forceinline__ uint32_t* pull_ready_flag(const CommHandle& c, int dst, int band, int src) {
   return c.flags(dst, kChannelBandPull) + int64_t(band) * kMaxWorld + src;
 }
@@ -161,22 +161,42 @@ __device__ __forceinline__ uint32_t* pull_summed_flag(const CommHandle& c, int d
   return c.flags(dst, kChannelBandPull) + int64_t(kMaxBands + band) * kMaxWorld + src;
 }
 
-// One band, start to end, on R CTAs (see band_all_reduce.h, SM-pull schedule).
+// Every peer's sums of its shard of `band`, pulled from its red slot into the output.
 template <typename T, int W>
-__global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduceParams p, int band, bool last) {
+__device__ void gather_peer_sums(const BandAllReduceParams& p, int band, uint32_t epoch) {
   constexpr int kVec = 16 / sizeof(T);
-  constexpr int U = kReduceUnroll<W>;
-  constexpr int kCopyUnroll = 8;
+  constexpr int kUnroll = 8;  // 16-byte loads in flight per thread: NVLink needs ~1 MB per GPU
   const CommHandle& c = p.comm;
   const int rank = c.rank;
-  __shared__ uint32_t s_epoch;
-  if (threadIdx.x == 0) s_epoch = next_epoch(*pull_counter(c, 0));
-  __syncthreads();
-  const uint32_t epoch = s_epoch;
-  auto peer = [&](int k) { return rank + k < W ? rank + k : rank + k - W; };
+  wait_band_flags(c, band, epoch, rank, [&](int src) { return pull_summed_flag(c, rank, band, src); });
+  T* out = static_cast<T*>(p.output);
+  for (int k = 1; k < W; ++k) {
+    const int src = rank + k < W ? rank + k : rank + k - W;
+    const RowRange s = band_shard(p, band, src);
+    const int64_t off = s.row0 * p.n, vectors = s.rows * p.n / kVec;
+    const T* from = static_cast<const T*>(band_region(p, src, band_slot_offset(p, src) + off));
+    for (int64_t v0 = int64_t(blockIdx.x) * kUnroll * kReduceThreads + threadIdx.x; v0 < vectors;
+         v0 += int64_t(gridDim.x) * kUnroll * kReduceThreads) {
+      uint4 x[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (v0 + u * kReduceThreads < vectors) x[u] = load_cg(from + (v0 + u * kReduceThreads) * kVec);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (v0 + u * kReduceThreads < vectors) store_plain(out + off + (v0 + u * kReduceThreads) * kVec, x[u]);
+    }
+  }
+}
 
-  // 1. CTA 0 waits for this rank's tiles of the band and tells every rank (itself
-  //    too); every CTA then waits until all W ranks' rows of the band are complete.
+// This rank's shard of `band`: once every rank's rows are complete, Σ in rank order
+// (+ bias) of every rank's rows (peers' over NVLink) to the output and to red_r; the
+// last CTA done tells every peer.
+template <typename T, int W>
+__device__ void sum_own_shard(const BandAllReduceParams& p, int band, uint32_t epoch) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int U = kReduceUnroll<W>;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
   if (blockIdx.x == 0) {
     wait_band_tiles(p, band);
     __syncthreads();
@@ -184,64 +204,50 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
   }
   wait_band_flags(c, band, epoch, /*skip=*/-1, [&](int src) { return pull_ready_flag(c, rank, band, src); });
 
-  // 2. Σ in rank order (+ bias) of this rank's shard, every rank's rows loaded from
-  //    its D (peers' over NVLink): to the output and stored into every peer's gather
-  //    slot for this rank.
   const RowRange shard = band_shard(p, band, rank);
   const int64_t off0 = shard.row0 * p.n;
   const int64_t count = shard.rows * p.n / kVec;
-  T* out = static_cast<T*>(p.output);
+  T* out = static_cast<T*>(p.output) + off0;
+  T* red = static_cast<T*>(band_region(p, rank, band_slot_offset(p, rank) + off0));
   const T* bias = static_cast<const T*>(p.bias);
   const T* rows_of[W];  // every rank's D at this shard
-  T* gather_at[W];      // this rank's gather slot in the k-th peer, at this shard
 #pragma unroll
-  for (int k = 0; k < W; ++k) {
-    rows_of[k] = static_cast<const T*>(band_region(p, k, off0));
-    gather_at[k] = static_cast<T*>(band_region(p, peer(k), band_slot_offset(p, rank) + off0));
-  }
+  for (int k = 0; k < W; ++k) rows_of[k] = static_cast<const T*>(band_region(p, k, off0));
   const int64_t stride = int64_t(gridDim.x) * U * kReduceThreads;
   for (int64_t v0 = int64_t(blockIdx.x) * U * kReduceThreads + threadIdx.x; v0 < count; v0 += stride)
     sum_batch_in_rank_order<T, W, U, kReduceThreads>(
         v0, count, [&](int src, int64_t v) { return rows_of[src] + v * kVec; }, bias,
         [&](int64_t v) { return (off0 + v * kVec) % p.n; },
         [&](int64_t v, uint4 r) {
-          store_plain(out + off0 + v * kVec, r);
-#pragma unroll
-          for (int k = 1; k < W; ++k) store_plain(gather_at[k] + v * kVec, r);
+          store_plain(out + v * kVec, r);
+          store_plain(red + v * kVec, r);
         });
 
-  // 3. The last CTA to finish its sums tells every peer (the sums of all CTAs, seen
-  //    through the counter, precede the flags).
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    __threadfence_system();  // this CTA's sums precede its arrival
     if (atomicAdd(pull_counter(c, 1), 1u) == gridDim.x - 1) {
       *pull_counter(c, 1) = 0;
-      __threadfence_system();
-      for (int k = 1; k < W; ++k) store_release_sys(pull_summed_flag(c, peer(k), band, rank), epoch);
+      __threadfence_system();  // every CTA's sums (seen through the counter) precede the flags
+      for (int k = 1; k < W; ++k) store_release_sys(pull_summed_flag(c, (rank + k) % W, band, rank), epoch);
     }
   }
+}
 
-  // 4. Every peer's sums of its shard, from this rank's gather slots to the output.
-  wait_band_flags(c, band, epoch, rank, [&](int src) { return pull_summed_flag(c, rank, band, src); });
-  for (int k = 1; k < W; ++k) {
-    const RowRange s = band_shard(p, band, peer(k));
-    const int64_t off = s.row0 * p.n, vectors = s.rows * p.n / kVec;
-    const T* from = static_cast<const T*>(band_region(p, rank, band_slot_offset(p, peer(k)) + off));
-    for (int64_t v0 = int64_t(blockIdx.x) * kCopyUnroll * kReduceThreads + threadIdx.x; v0 < vectors;
-         v0 += int64_t(gridDim.x) * kCopyUnroll * kReduceThreads) {
-      uint4 x[kCopyUnroll];
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u)
-        if (v0 + u * kReduceThreads < vectors) x[u] = load_cg(from + (v0 + u * kReduceThreads) * kVec);
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u)
-        if (v0 + u * kReduceThreads < vectors) store_plain(out + off + (v0 + u * kReduceThreads) * kVec, x[u]);
-    }
-  }
+// Kernel `step` of the SM-pull schedule (steps 0..B): gathers band step - 1, then
+// sums band step (see band_all_reduce.h).
+template <typename T, int W>
+__global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduceParams p, int step, int bands) {
+  const CommHandle& c = p.comm;
+  __shared__ uint32_t s_epoch;
+  if (threadIdx.x == 0) s_epoch = next_epoch(*pull_counter(c, 0));
+  __syncthreads();
+  const uint32_t epoch = s_epoch;
+  if (step > 0) gather_peer_sums<T, W>(p, step - 1, epoch);
+  if (step < bands) sum_own_shard<T, W>(p, step, epoch);
 
-  // 5. The call's last kernel: its last CTA to leave stores the epoch (every CTA has read it).
-  if (last) {
+  // The call's last kernel: its last CTA to leave stores the epoch (every CTA has read it).
+  if (step == bands) {
     __syncthreads();
     if (threadIdx.x == 0 && atomicAdd(pull_counter(c, 2), 1u) == gridDim.x - 1) {
       *pull_counter(c, 2) = 0;
@@ -277,11 +283,11 @@ cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int block
   });
 }
 
-cudaError_t launch_band_pull(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream) {
-  if (!valid(p, band) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
-  const bool last = band == band_count(p) - 1;
+cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks, cudaStream_t stream) {
+  const int bands = static_cast<int>(band_count(p));
+  if (!valid(p, step == bands ? 0 : step) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
   return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
-    band_pull_kernel<decltype(t), decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, band, last);
+    band_pull_kernel<decltype(t), decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, step, bands);
     return cudaGetLastError();
   });
 }

@@ -30,33 +30,36 @@
 // (it is the last kernel of the call to read it: it waits for every peer's sum of
 // the last band, which needed this rank's last landed signal). Flags carry e'.
 //
-// SM-pull schedule (one kernel of R CTAs per band, on one side stream; flags and
-// epochs of its own channel, same memory, gather_r[src] = recv_r[src]):
+// SM-pull schedule (B + 1 kernels of R CTAs, on one side stream; flags and epochs
+// of its own channel, same memory). Kernel s gathers band s - 1 and sums band s,
+// so that the gather of a band needs no wait (its sums were flagged while this
+// rank summed it too) and both halves of each kernel are NVLink pulls:
 //
-//   band c on rank r:
-//     CTA 0: wait this rank's tiles of band c ─ flag ready(c, r) to every rank
-//     all:   wait ready(c, *) ─ Σ in rank order (+ bias) of shard r, loading every
-//            rank's rows from its D (peers' over NVLink) ─▶ out[c, shard r] and
-//            stored into gather_p[r] of every peer p
-//     last CTA done: flag summed(c, r) to every peer
-//     all:   wait summed(c, p) of every peer ─ copy gather_r[p] ─▶ out[c, shard p]
+//   kernel s on rank r:
+//     gather(s - 1): wait summed(s - 1, p) of every peer ─ pull red_p[s - 1, shard p]
+//                    ─▶ out[s - 1, shard p] for every p ≠ r
+//     sum(s):        CTA 0: wait this rank's tiles of band s ─ flag ready(s, r) to every
+//                    rank; all: wait ready(s, *) ─ Σ in rank order (+ bias) of shard r,
+//                    loading every rank's rows from its D (peers' over NVLink)
+//                    ─▶ out[s, shard r] and red_r[s, shard r]; last CTA done: flag
+//                    summed(s, r) to every peer
 //
 //   main: ─fork─[ tile GEMM on SMs - R ......................................... ]─join─▶
-//   side:      [band 0: wait, pull Σ push, copy out][band 1 ...] ...    [band B-1]─┘
+//   side:      [sum 0][gather 0, sum 1][gather 1, sum 2] ... [gather B-1]──────────┘
 //
-// Why it cannot deadlock: a band kernel waits only for this rank's GEMM (which
-// waits for nothing) and for peers' kernels of the same band, each of which
-// waits only for the same. Why the slots and D can be reused by the next call:
-// rank r pushes sums of band c of call e+1 only after every peer flagged ready(c)
-// in call e+1, i.e. after the peer finished call e (and its copies out of its
-// gather slots); r's GEMM rewrites D in call e+1 only after r's call e ended, which
-// waited for every peer's summed(c) of every band, i.e. after their loads of r's D.
+// Why it cannot deadlock: a kernel waits only for this rank's GEMM (which waits
+// for nothing) and for peers' kernels of the same or the previous step, each of
+// which waits only for the same. Reuse by the next call: rank r writes red_r of
+// band s in call e+1 only after every peer flagged ready(s) in call e+1, i.e. after
+// the peer finished call e (and its pulls of red_r); r's GEMM rewrites D in call
+// e+1 only after r's call e ended, which waited for every peer's summed(s) of every
+// band, i.e. after their loads of r's D.
 //
 // Entry (copy-engine schedule): band 0's wait on stream A starts with a handshake
 // (enter_call): no copy goes to a peer before it entered the same call, so a peer
 // still reading the previous call's data (of another shape or schedule over the
 // same region) is never overwritten. The SM-pull schedule needs none: it writes
-// into a peer only after that peer's ready flag of the current call.
+// only into its own workspace, each band after every peer's ready flag of the call.
 // Why single slots suffice: rank r pushes into recv_p[r] in call e+1 only after
 // finishing call e, which pulled p's sum of the last band of call e; p computed it
 // after all its sums of call e, so p no longer reads recv_p. red_r of call e+1 is
@@ -75,9 +78,9 @@ cudaError_t launch_band_wait_ready(const BandAllReduceParams& p, int band, cudaS
 cudaError_t launch_band_signal_landed(const BandAllReduceParams& p, int band, cudaStream_t stream);
 cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream);
 cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cudaStream_t stream);
-// The SM-pull schedule's kernel for one band, on `blocks` CTAs (they need not be
-// resident together).
-cudaError_t launch_band_pull(const BandAllReduceParams& p, int band, int blocks, cudaStream_t stream);
+// Kernel `step` (0..band_count) of the SM-pull schedule, on `blocks` CTAs (they
+// need not be resident together).
+cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks, cudaStream_t stream);
 
 // The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
 // shard p of `band` to every peer p, or pull every peer's sum into the output.

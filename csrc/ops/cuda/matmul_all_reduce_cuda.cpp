@@ -11,9 +11,9 @@
 //   copy_engine  tile GEMM on all SMs but a few; each band of finished tile rows is
 //                reduce-scattered and all-gathered by the copy engines, summed by a few CTAs
 //                (kernels/allreduce/band_all_reduce.h draws the schedule)
-//   band_pull    tile GEMM on all SMs but R; each band's shard pulled from every rank,
-//                summed and pushed to the peers by R CTAs, one kernel per band (forced
-//                only until measured)
+//   band_pull    tile GEMM on all SMs but R; each band's shard pulled from every rank and
+//                summed by R CTAs, the peers' sums pulled back while the next band is
+//                summed (forced only until measured)
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
@@ -238,7 +238,7 @@ struct BandCall {
 };
 
 BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                   const std::optional<at::Tensor>& bias, int spare_sms) {
+                   const std::optional<at::Tensor>& bias, MatmulAllReduceAlgo algo, int spare_sms) {
   BandCall bc{};
   GemmOperands g = gemm_operands(a, b);
   const int device = ws.device();
@@ -247,9 +247,9 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   const int tile_m = tile_gemm_tile_m(gp);
   const int64_t tiles_m = (g.m + tile_m - 1) / tile_m;
   gp.group_rows = band_tile_rows(tiles_m, ws.world(), get_tuning("matmul_all_reduce.bands"));
-  bc.reducers = std::max(
-      1, std::min(band_reduce_blocks(ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"))),
-                  sm_count(device) / 2));
+  bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.k,
+                                                       static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"))),
+                                    sm_count(device) / 2));
   gp.sm_count = sm_count(device) - bc.reducers - spare_sms;
 
   bc.ob = output_and_bias(g, a, bias);
@@ -274,10 +274,10 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
 // per band on a side stream, beside the tile GEMM on the other SMs.
 //
 //   main: ─fork─[ tile GEMM on SMs - R ................................ ]─join─▶
-//   side:       [b0: wait, Σ pull/push, copy out][b1 ...] ... [b(B-1)]──┘
+//   side:       [Σ b0][gather b0, Σ b1][gather b1, Σ b2] ... [gather b(B-1)]─┘
 at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias, Overlap overlap) {
-  const BandCall bc = band_call(ws, a, b, bias, /*spare_sms=*/0);
+  const BandCall bc = band_call(ws, a, b, bias, MatmulAllReduceAlgo::kBandPull, /*spare_sms=*/0);
   const int device = ws.device();
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& side = side_stream(device, 0);
@@ -288,7 +288,7 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   cudaStream_t stream = overlapped ? side.stream.stream() : main;
   if (overlapped) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, side.fork, 0));
   const int bands = static_cast<int>(band_count(bc.bands));
-  for (int band = 0; band < bands; ++band) C10_CUDA_CHECK(launch_band_pull(bc.bands, band, bc.reducers, stream));
+  for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
   if (overlapped) {
     C10_CUDA_CHECK(cudaEventRecord(side.join, stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
@@ -303,7 +303,7 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
 //   B:                 ▲ b0 ready        [Σ b0 (R CTAs)][wait][CE pull b0] ... ┘
 at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                        const std::optional<at::Tensor>& bias, Overlap overlap) {
-  const BandCall bc = band_call(ws, a, b, bias, /*spare_sms=*/1);  // one SM for the waits and signals
+  const BandCall bc = band_call(ws, a, b, bias, MatmulAllReduceAlgo::kCopyEngine, /*spare_sms=*/1);  // one SM for the waits and signals
   const BandAllReduceParams& bp = bc.bands;
   const int device = ws.device();
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
@@ -421,7 +421,7 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     const int64_t k = a.size(-1), m = a.numel() / k;
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
         m, k, ws.world(), get_tuning("matmul_all_reduce.fused_min_m"),
-        get_tuning("matmul_all_reduce.copy_engine_min_m"), get_tuning("matmul_all_reduce.copy_engine_min_k"));
+        get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"));
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
