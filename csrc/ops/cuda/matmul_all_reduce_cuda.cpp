@@ -7,13 +7,13 @@
 //   decode_push  tile GEMM, push-mode tile all-reduce (small M), overlapped
 //   serialized   the kernels auto would pick, one after the other (tests: same bits, no overlap)
 //   chunked      cuBLAS GEMMs of row chunks, each chunk's distfuse all-reduce overlapping the
-//                next chunk's GEMM (forced only until measured)
+//                next chunk's GEMM (forced only: never the best measured)
 //   copy_engine  tile GEMM on all SMs but a few; each band of finished tile rows is
 //                reduce-scattered and all-gathered by the copy engines, summed by a few CTAs
-//                (kernels/allreduce/band_all_reduce.h draws the schedule)
+//                (forced only: band_pull beat it wherever it was the default)
 //   band_pull    tile GEMM on all SMs but R; each band's shard pulled from every rank and
 //                summed by R CTAs, the peers' sums pulled back while the next band is
-//                summed (forced only until measured)
+//                summed (kernels/allreduce/band_all_reduce.h draws both band schedules)
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
