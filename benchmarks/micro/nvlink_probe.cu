@@ -7,14 +7,19 @@
 // CTAs x threads, `unroll` 16-byte vectors in flight per thread, and optionally a
 // system-scope fence + flag store every `fence_kb` kilobytes per CTA (the release
 // a consumer makes before raising a flag). Also: the copy engine
-// (cudaMemcpyPeerAsync), which uses no SM at all.
+// (cudaMemcpyPeerAsync), which uses no SM at all; and all-to-all traffic on every
+// visible GPU at once (each GPU sends a piece to every other GPU and receives one
+// from each, by stores or by loads), the pattern of a band all-reduce, where every
+// link carries data both ways.
 //
 //   nvcc -O3 -arch=sm_90a -o /tmp/nvlink_probe benchmarks/micro/nvlink_probe.cu
-//   /tmp/nvlink_probe [MB]        # prints one table, a line per configuration
+//   /tmp/nvlink_probe [MB]        # prints the tables, a line per configuration
+//   /tmp/nvlink_probe [MB] a2a    # the all-to-all table only
 #include <cuda_runtime.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #define CHECK(call)                                                                      \
@@ -94,14 +99,133 @@ float time_kernel_u(int unroll, const Probe& p, int ctas, int threads, cudaStrea
   }
 }
 
+constexpr int kMaxGpus = 8;
+
+// Per GPU: pieces[k] moves `vectors` 16-byte vectors from src[k] to dst[k], one
+// piece per peer; either src (pull) or dst (push) is in the peer's memory.
+struct AllToAll {
+  const uint4* src[kMaxGpus - 1];
+  uint4* dst[kMaxGpus - 1];
+  int pieces;
+  long long vectors;
+};
+
+// The pieces laid end to end; each thread keeps U vectors in flight.
+template <int U>
+__global__ void all_to_all_kernel(AllToAll p) {
+  const long long total = p.vectors * p.pieces;
+  const long long stride = (long long)gridDim.x * blockDim.x * U;
+  for (long long base = (long long)blockIdx.x * blockDim.x * U + threadIdx.x; base < total; base += stride) {
+    uint4 x[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long i = base + (long long)u * blockDim.x;
+      if (i < total) x[u] = __ldcg(p.src[i / p.vectors] + i % p.vectors);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long i = base + (long long)u * blockDim.x;
+      if (i < total) p.dst[i / p.vectors][i % p.vectors] = x[u];
+    }
+  }
+}
+
+// Every visible GPU (all pairs with peer access) at once: GPU g sends `piece` bytes
+// to each peer and receives `piece` from each. GB/s per GPU per direction, timed on
+// every GPU, the slowest counted.
+void all_to_all(int gpus, size_t piece) {
+  std::vector<void*> send(gpus), recv(gpus);
+  std::vector<cudaStream_t> streams(gpus);
+  std::vector<cudaEvent_t> start(gpus), stop(gpus);
+  for (int g = 0; g < gpus; ++g) {
+    CHECK(cudaSetDevice(g));
+    for (int h = 0; h < gpus; ++h) {
+      if (h == g) continue;
+      const cudaError_t e = cudaDeviceEnablePeerAccess(h, 0);
+      if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) CHECK(e);
+      (void)cudaGetLastError();
+    }
+    CHECK(cudaMalloc(&send[g], piece * (gpus - 1)));
+    CHECK(cudaMemset(send[g], g + 1, piece * (gpus - 1)));
+    CHECK(cudaMalloc(&recv[g], piece * (gpus - 1)));
+    CHECK(cudaStreamCreateWithFlags(&streams[g], cudaStreamNonBlocking));
+    CHECK(cudaEventCreate(&start[g]));
+    CHECK(cudaEventCreate(&stop[g]));
+  }
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("\nall-to-all on %d GPUs, %zu MB to and from each peer per GPU (GB/s per GPU, one direction)\n",
+              gpus, piece >> 20);
+  std::printf("%-5s %5s %7s %6s %10s\n", "mode", "CTAs", "threads", "unroll", "GB/s");
+  // Slot of GPU g's piece for peer h (k-th peer after g): send[g] + k, recv[h] + the
+  // slot of g among h's peers.
+  auto slot = [&](int from, int to) { return (to - from + gpus) % gpus - 1; };
+  const long long vectors = (long long)(piece / 16);
+  for (int pull = 0; pull < 2; ++pull) {
+    for (int unroll : {4, 8}) {
+      for (int ctas : {8, 16, 32, 64, 132}) {
+        if (ctas > prop.multiProcessorCount) continue;
+        const int threads = 512, reps = 5;
+        for (int rep = -1; rep < reps; ++rep) {  // rep -1: warm-up, untimed
+          for (int g = 0; g < gpus; ++g) {
+            AllToAll p{};
+            p.pieces = gpus - 1;
+            p.vectors = vectors;
+            for (int k = 0; k < gpus - 1; ++k) {
+              const int h = (g + 1 + k) % gpus;
+              // push: GPU g stores its piece for h into h's memory; pull: GPU g loads
+              // h's piece for g out of h's memory.
+              const int owner_of_src = pull ? h : g, src_to = pull ? g : h;
+              const int owner_of_dst = pull ? g : h, dst_from = pull ? h : g;
+              p.src[k] = static_cast<const uint4*>(send[owner_of_src]) + slot(owner_of_src, src_to) * vectors;
+              p.dst[k] = static_cast<uint4*>(recv[owner_of_dst]) + slot(owner_of_dst, dst_from) * vectors;
+            }
+            CHECK(cudaSetDevice(g));
+            if (rep == 0) CHECK(cudaEventRecord(start[g], streams[g]));
+            if (unroll == 4) all_to_all_kernel<4><<<ctas, threads, 0, streams[g]>>>(p);
+            else all_to_all_kernel<8><<<ctas, threads, 0, streams[g]>>>(p);
+            CHECK(cudaGetLastError());
+            if (rep == reps - 1) CHECK(cudaEventRecord(stop[g], streams[g]));
+          }
+          if (rep == -1)
+            for (int g = 0; g < gpus; ++g) CHECK(cudaStreamSynchronize(streams[g]));
+        }
+        float worst = 0;
+        for (int g = 0; g < gpus; ++g) {
+          CHECK(cudaEventSynchronize(stop[g]));
+          float ms = 0;
+          CHECK(cudaEventElapsedTime(&ms, start[g], stop[g]));
+          worst = ms > worst ? ms : worst;
+        }
+        const double gbs = double(piece) * (gpus - 1) * reps / (worst * 1e-3) / 1e9;
+        std::printf("%-5s %5d %7d %6d %10.1f\n", pull ? "pull" : "push", ctas, threads, unroll, gbs);
+      }
+    }
+  }
+  for (int g = 0; g < gpus; ++g) {
+    CHECK(cudaSetDevice(g));
+    CHECK(cudaFree(send[g]));
+    CHECK(cudaFree(recv[g]));
+    CHECK(cudaStreamDestroy(streams[g]));
+    CHECK(cudaEventDestroy(start[g]));
+    CHECK(cudaEventDestroy(stop[g]));
+  }
+  CHECK(cudaSetDevice(0));
+}
+
 int main(int argc, char** argv) {
   const size_t mb = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 128;
   const size_t bytes = mb << 20;
+  const bool a2a_only = argc > 2 && std::string(argv[2]) == "a2a";
   int n = 0;
   CHECK(cudaGetDeviceCount(&n));
   if (n < 2) {
     std::printf("needs 2 GPUs, found %d\n", n);
     return 1;
+  }
+  if (a2a_only) {
+    all_to_all(n < kMaxGpus ? n : kMaxGpus, bytes / 4);
+    return 0;
   }
   int can01 = 0, can10 = 0;
   CHECK(cudaDeviceCanAccessPeer(&can01, 0, 1));
@@ -186,5 +310,7 @@ int main(int argc, char** argv) {
       CHECK(cudaEventDestroy(b));
     }
   }
+  CHECK(cudaSetDevice(0));
+  all_to_all(n < kMaxGpus ? n : kMaxGpus, bytes / 4);
   return 0;
 }
