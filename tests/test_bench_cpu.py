@@ -175,3 +175,35 @@ def test_timeline_without_gpus_says_so():
     proc = subprocess.run([sys.executable, "-m", "distfuse.bench.timeline", "--path", "band_pull"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs CUDA GPUs" in proc.stderr, proc.stdout + proc.stderr
+
+
+def _order_of_calls(interleave):
+    """The calls Timer.run_all makes to two methods (one process, gloo)."""
+    import torch
+    import torch.distributed as dist
+    from distfuse.bench.timing import Method, Timer, TimingConfig
+
+    calls = []
+
+    def method(name):
+        def fn(slot):
+            calls.append(name)
+            return torch.ones(2)
+        return Method(name, fn)
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        cfg = TimingConfig(iters=3, warmup=1, min_iters=1, max_seconds=60.0, interleave=interleave)
+        timings = Timer(dist.group.WORLD, cfg, torch.device("cpu")).run_all([method("a"), method("b")])
+    finally:
+        dist.destroy_process_group()
+    assert [t.samples for t in timings.values()] == [3, 3]
+    assert all(t.us is not None and t.us > 0 and t.output is not None for t in timings.values())
+    return calls
+
+
+def test_timer_takes_the_samples_round_the_methods():
+    # set-up call, warm-up, 3 samples, correctness run
+    assert _order_of_calls(interleave=True) == ["a", "b", "a", "b"] + ["a", "b"] * 3 + ["a", "b"]
+    assert _order_of_calls(interleave=False) == ["a"] * 6 + ["b"] * 6

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed samples first (GPU 10, CPU 2)")
     p.add_argument("--graph-calls", type=int, default=10, help="calls captured back to back in one graph")
     p.add_argument("--no-flush", action="store_true", help="do not flush the L2 before every sample")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="take each column's samples in one stretch instead of going round the columns")
     p.add_argument("--max-seconds", type=float, default=None, help="per method: bound on timed samples")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT)
     p.add_argument("--quick", action="store_true", help="few sizes and samples (smoke test)")
@@ -124,7 +126,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         "gpu": gpu, "world": world, "ops": ops, "explicit_op": args.op != "all", "dtype": args.dtype,
         "m": _split(args.m, int), "shapes": args.shapes, "sizes": _split(args.sizes, _parse_size),
         "tokens": _split(args.tokens, int), "graph": args.graph, "iters": iters, "warmup": warmup,
-        "graph_calls": max(1, args.graph_calls), "flush": not args.no_flush, "max_seconds": max_seconds,
+        "graph_calls": max(1, args.graph_calls), "flush": not args.no_flush, "interleave": not args.no_interleave, "max_seconds": max_seconds,
         "output_dir": os.path.abspath(args.output_dir), "quick": quick, "seed": args.seed,
         "timeout": args.timeout, "verbose": args.verbose, "tune": dict(args.tune), "tune_path": args.tune_path,
     }
@@ -165,7 +167,7 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
 
     set_verbose(opts["verbose"])
     cfg = TimingConfig(iters=opts["iters"], warmup=opts["warmup"], calls_per_graph=opts["graph_calls"],
-                       flush_l2=opts["flush"], max_seconds=opts["max_seconds"],
+                       flush_l2=opts["flush"], interleave=opts["interleave"], max_seconds=opts["max_seconds"],
                        min_iters=min(10, opts["iters"]))
     group = dist.group.WORLD
     timer = Timer(group, cfg, device)
@@ -198,7 +200,8 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
         if rank == 0:
             extra = dict(res.extra)
             extra["config"] = {"iters": cfg.iters, "warmup": cfg.warmup, "calls_per_graph": cfg.calls_per_graph,
-                               "flush_l2": cfg.flush_l2 and timer.cuda, "graph": opts["graph"], "quick": opts["quick"]}
+                               "flush_l2": cfg.flush_l2 and timer.cuda, "interleave": cfg.interleave,
+                               "graph": opts["graph"], "quick": opts["quick"]}
             extra["notes"] = res.table.notes
             paths = results.write_results(op, res.rows, env, world, res.table, opts["output_dir"],
                                           extra=extra, plot=res.plot)

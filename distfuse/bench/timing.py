@@ -28,6 +28,9 @@ times are device times, not host launch times.
 
 Each rank keeps the median of its samples; the reported time is the maximum
 over ranks of these medians (a collective finishes when its slowest rank does).
+``Timer.run_all`` takes the samples of a table row round the methods (sample i
+of every column, then sample i + 1), so that a drift of the machine during the
+row (clocks, temperature, power) weighs on every column alike.
 
 On CPU (gloo, the reference run) the same loop uses ``time.perf_counter`` with
 a ``dist.barrier`` before every sample, and no graphs or L2 flush.
@@ -65,6 +68,7 @@ class TimingConfig:
     max_host_lead_us: float = 20000.0
     max_seconds: float = 3.0    # per method: cap on iters * sample time
     min_iters: int = 10         # never fewer timed samples than this
+    interleave: bool = True     # run_all: samples go round the methods (see Timer.run_all)
 
 
 @dataclass
@@ -94,6 +98,30 @@ class Timing:
     samples: int = 0
     host_us: Optional[float] = None        # median host time to enqueue one sample (eager: launch cost)
     info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """A method being timed: its graph (if any), the agreed sample count and host lead,
+    and the samples so far."""
+    method: Method
+    result: Timing
+    k: int = 1                                # calls per timed region (graph replays: calls_per_graph)
+    all_slots: List[int] = field(default_factory=list)
+    graph: Any = None
+    outs: List[Any] = field(default_factory=list)
+    iters: int = 0
+    lead_us: float = 0.0
+    samples: List[float] = field(default_factory=list)
+    host: List[float] = field(default_factory=list)
+    start_ev: Any = None
+    end_ev: Any = None
+
+    def call(self, i: int) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.method.fn(i % len(self.all_slots))
 
 
 def _short_error(exc: BaseException) -> str:
@@ -200,118 +228,148 @@ class Timer:
     def run(self, method: Method, graph: bool = False, check: bool = True) -> Timing:
         """Time ``method`` (eager, or replays of a CUDA graph when ``graph``); with ``check``
         also return the slot-0 output of one run on freshly prepared inputs."""
-        cfg = self.config
-        graph = graph and self.cuda
-        result = Timing(method.name)
-        k = max(1, min(cfg.calls_per_graph, method.slots)) if graph else 1
-        all_slots = list(range(max(1, method.slots)))
+        return self.run_all([method], graph=graph, check=check)[method.name]
 
-        # 1. One eager call (and the capture) under try, then agree: a method that cannot
-        #    run on some rank is skipped by every rank, so no rank waits in a collective alone.
+    def run_all(self, methods: Sequence[Method], graph: bool = False, check: bool = True) -> Dict[str, Timing]:
+        """Time every method. With ``config.interleave`` the timed samples go round the
+        methods (sample i of every method, then sample i + 1), so that a slow drift of
+        the machine (clocks, temperature, power) during the row weighs on every column
+        alike; set-up, warm-up and the correctness run stay per method."""
+        out: Dict[str, Timing] = {}
+        if not self.config.interleave:
+            for m in methods:
+                run = self._set_up(m, graph)
+                if run.result.error is None:
+                    self._warm_up(run)
+                    for i in range(run.iters):
+                        self._sample(run, i)
+                out[m.name] = self._finish(run, check)
+            _free()
+            return out
+        runs = [self._set_up(m, graph) for m in methods]
+        live = [r for r in runs if r.result.error is None]  # the same on every rank (agreed)
+        for r in live:
+            self._warm_up(r)
+        for i in range(max((r.iters for r in live), default=0)):
+            for r in live:
+                if i < r.iters:
+                    self._sample(r, i)
+        for r in runs:
+            out[r.method.name] = self._finish(r, check)
+        _free()
+        return out
+
+    def _set_up(self, method: Method, graph: bool) -> "_Run":
+        """One eager call (and the capture) under try, then agree: a method that cannot
+        run on some rank is skipped by every rank, so no rank waits in a collective alone."""
+        graph = graph and self.cuda
+        run = _Run(method, Timing(method.name))
+        run.k = max(1, min(self.config.calls_per_graph, method.slots)) if graph else 1
+        run.all_slots = list(range(max(1, method.slots)))
         error = None
-        g = None
-        outs: List[Any] = []
         try:
             if method.prepare is not None:
-                method.prepare(all_slots)
+                method.prepare(run.all_slots)
             method.fn(0)
             self._sync()
         except Exception as exc:  # noqa: BLE001  (recorded in the results)
             error = f"call failed: {_short_error(exc)}"
             _log_trace(method.name, exc)
         if not self.all_ok(error is None):
-            result.error = error or "failed on another rank"
-            return result
+            run.result.error = error or "failed on another rank"
+            return run
         if graph:
             try:
-                g, outs = self._capture(method, k)
+                run.graph, run.outs = self._capture(method, run.k)
             except Exception as exc:  # noqa: BLE001
                 error = f"graph capture failed: {_short_error(exc)}"
                 _log_trace(method.name, exc)
-                g, outs = None, []
+                run.graph, run.outs = None, []
             if not self.all_ok(error is None):
-                result.error = error or "graph capture failed on another rank"
-                g, outs = None, []
+                run.result.error = error or "graph capture failed on another rank"
+                run.graph, run.outs = None, []
                 _free()
-                return result
+        return run
 
-        def run_once(i: int):
-            if g is not None:
-                g.replay()
-            else:
-                method.fn(i % len(all_slots))
-
-        def slots_for(i: int):
-            return all_slots[:k] if g is not None else [i % len(all_slots)]
-
-        # 2. Warm-up, then timed samples. The device sleep before each sample starts at
-        #    host_lead_us and, after the warm-up, covers twice the typical host enqueue
-        #    time (the same value on every rank).
-        samples: List[float] = []
-        host: List[float] = []
+    def _warm_up(self, run: "_Run") -> None:
+        """Untimed samples; then the number of timed samples (bounded in time, the same on
+        every rank) and the device sleep before each (starts at host_lead_us and covers
+        twice the typical host enqueue time seen here, the same value on every rank)."""
+        cfg = self.config
+        run.lead_us = cfg.host_lead_us if self._cycles_per_us else 0.0
+        run.iters = cfg.iters
+        if not cfg.warmup:
+            return
         host_warm: List[float] = []
-        lead_us = cfg.host_lead_us if self._cycles_per_us else 0.0
-        start_ev = end_ev = None
-        if self.cuda:
-            start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        iters = cfg.iters
         t_begin = time.perf_counter()
-        for i in range(cfg.warmup + iters):
-            if i == cfg.warmup and cfg.warmup:
-                # Bound the time per method: fewer samples for slow ops, same count on every rank.
-                per = (time.perf_counter() - t_begin) / cfg.warmup
-                want = max(cfg.min_iters, min(cfg.iters, int(cfg.max_seconds / max(per, 1e-9))))
-                typical = statistics.median(host_warm) if host_warm else 0.0
-                lead_want = min(cfg.max_host_lead_us, max(cfg.host_lead_us, 2.0 * typical + 20.0)) \
-                    if self._cycles_per_us else 0.0
-                want, lead_us = self.max_over_ranks([want, lead_want])
-                iters = int(want)
-            if i >= cfg.warmup + iters:
-                break
-            self._before_sample(method.prepare, slots_for(i), lead_us)
-            if self.cuda:
-                h0 = time.perf_counter()
-                self._align()
-                start_ev.record()
-                run_once(i)
-                end_ev.record()
-                h_us = (time.perf_counter() - h0) * 1e6
-                end_ev.synchronize()
-                us = start_ev.elapsed_time(end_ev) * 1e3
-            else:
-                self._align()
-                t0 = time.perf_counter()
-                run_once(i)
-                us = h_us = (time.perf_counter() - t0) * 1e6
-            if 0 < i < cfg.warmup:  # the first call may include one-time set-up
+        for i in range(cfg.warmup):
+            _, h_us = self._timed_call(run, i)
+            if i > 0:  # the first call may include one-time set-up
                 host_warm.append(h_us)
-            if i >= cfg.warmup:
-                samples.append(us / k)
-                host.append(h_us / k)
+        per = (time.perf_counter() - t_begin) / cfg.warmup
+        want = max(cfg.min_iters, min(cfg.iters, int(cfg.max_seconds / max(per, 1e-9))))
+        typical = statistics.median(host_warm) if host_warm else 0.0
+        lead_want = min(cfg.max_host_lead_us, max(cfg.host_lead_us, 2.0 * typical + 20.0)) \
+            if self._cycles_per_us else 0.0
+        want, run.lead_us = self.max_over_ranks([want, lead_want])
+        run.iters = int(want)
 
-        median = statistics.median(samples) if samples else float("nan")
+    def _sample(self, run: "_Run", i: int) -> None:
+        us, h_us = self._timed_call(run, i)
+        run.samples.append(us / run.k)
+        run.host.append(h_us / run.k)
+
+    def _timed_call(self, run: "_Run", i: int):
+        """One sample (see the module docstring): device µs of the timed region and host
+        µs to enqueue it."""
+        slots = run.all_slots[:run.k] if run.graph is not None else [i % len(run.all_slots)]
+        self._before_sample(run.method.prepare, slots, run.lead_us)
+        if self.cuda:
+            if run.start_ev is None:
+                run.start_ev = torch.cuda.Event(enable_timing=True)
+                run.end_ev = torch.cuda.Event(enable_timing=True)
+            h0 = time.perf_counter()
+            self._align()
+            run.start_ev.record()
+            run.call(i)
+            run.end_ev.record()
+            h_us = (time.perf_counter() - h0) * 1e6
+            run.end_ev.synchronize()
+            return run.start_ev.elapsed_time(run.end_ev) * 1e3, h_us
+        self._align()
+        t0 = time.perf_counter()
+        run.call(i)
+        us = (time.perf_counter() - t0) * 1e6
+        return us, us
+
+    def _finish(self, run: "_Run", check: bool) -> Timing:
+        """Median and host cost over the ranks, then the correctness run on freshly
+        prepared inputs (same code path as timed)."""
+        result, method = run.result, run.method
+        if result.error is not None:
+            return result
+        median = statistics.median(run.samples) if run.samples else float("nan")
         result.us = self.max_over_ranks([median])[0]
-        result.samples = len(samples)
-        result.host_us = statistics.median(host) if host else None
+        result.samples = len(run.samples)
+        result.host_us = statistics.median(run.host) if run.host else None
         if _VERBOSE and dist.get_rank(self.group) == 0:
-            print(f"    {method.name}: {result.us:.2f} us ({'graph x%d' % k if g is not None else 'eager'}, "
-                  f"{len(samples)} samples, host {result.host_us or 0:.1f} us, lead {lead_us:.0f} us)", flush=True)
-
-        # 3. Correctness run on freshly prepared inputs (same code path as timed).
+            mode = "graph x%d" % run.k if run.graph is not None else "eager"
+            print(f"    {method.name}: {result.us:.2f} us ({mode}, {len(run.samples)} samples, "
+                  f"host {result.host_us or 0:.1f} us, lead {run.lead_us:.0f} us)", flush=True)
         if check:
             self._sync()
             if method.prepare is not None:
-                method.prepare(all_slots[:k] if g is not None else [0])
-            if g is not None:
-                g.replay()
-                out = outs[0]
+                method.prepare(run.all_slots[:run.k] if run.graph is not None else [0])
+            if run.graph is not None:
+                run.graph.replay()
+                out = run.outs[0]
             else:
                 out = method.fn(0)
             self._sync()
             result.output = out.detach().clone() if isinstance(out, torch.Tensor) else None
         if method.info is not None:
             result.info = method.info() or {}
-        g, outs = None, []  # frees the graph and its memory pool
+        run.graph, run.outs = None, []  # frees the graph and its memory pool
         self._sync()
         return result
 
@@ -330,13 +388,6 @@ class Timer:
             outs = [method.fn(j) for j in range(k)]
         torch.cuda.synchronize()
         return g, outs
-
-    def run_all(self, methods: Sequence[Method], graph: bool = False, check: bool = True) -> Dict[str, Timing]:
-        out = {}
-        for m in methods:
-            out[m.name] = self.run(m, graph=graph, check=check)
-        _free()
-        return out
 
 
 def _free() -> None:
