@@ -368,6 +368,9 @@ class Timer:
             self._sync()
             result.output = out.detach().clone() if isinstance(out, torch.Tensor) else None
         if method.info is not None:
+            if not check:  # info describes the method's last call, which must be its own
+                method.fn(0)
+                self._sync()
             result.info = method.info() or {}
         run.graph, run.outs = None, []  # frees the graph and its memory pool
         self._sync()
