@@ -126,7 +126,8 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         "gpu": gpu, "world": world, "ops": ops, "explicit_op": args.op != "all", "dtype": args.dtype,
         "m": _split(args.m, int), "shapes": args.shapes, "sizes": _split(args.sizes, _parse_size),
         "tokens": _split(args.tokens, int), "graph": args.graph, "iters": iters, "warmup": warmup,
-        "graph_calls": max(1, args.graph_calls), "flush": not args.no_flush, "interleave": not args.no_interleave, "max_seconds": max_seconds,
+        "graph_calls": max(1, args.graph_calls), "flush": not args.no_flush, "interleave": not args.no_interleave,
+        "max_seconds": max_seconds,
         "output_dir": os.path.abspath(args.output_dir), "quick": quick, "seed": args.seed,
         "timeout": args.timeout, "verbose": args.verbose, "tune": dict(args.tune), "tune_path": args.tune_path,
     }

@@ -114,8 +114,6 @@ class _Run:
     lead_us: float = 0.0
     samples: List[float] = field(default_factory=list)
     host: List[float] = field(default_factory=list)
-    start_ev: Any = None
-    end_ev: Any = None
 
     def call(self, i: int) -> None:
         if self.graph is not None:
@@ -147,6 +145,8 @@ class Timer:
         self._flush_out = None
         self._cycles_per_us = None
         if self.cuda:
+            self._start_ev = torch.cuda.Event(enable_timing=True)  # around every timed region
+            self._end_ev = torch.cuda.Event(enable_timing=True)
             if self.config.flush_l2:
                 self._flush = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
                 self._flush_out = torch.empty((), dtype=torch.float32, device=device)
@@ -236,26 +236,18 @@ class Timer:
         the machine (clocks, temperature, power) during the row weighs on every column
         alike; set-up, warm-up and the correctness run stay per method."""
         out: Dict[str, Timing] = {}
-        if not self.config.interleave:
-            for m in methods:
-                run = self._set_up(m, graph)
-                if run.result.error is None:
-                    self._warm_up(run)
-                    for i in range(run.iters):
-                        self._sample(run, i)
-                out[m.name] = self._finish(run, check)
-            _free()
-            return out
-        runs = [self._set_up(m, graph) for m in methods]
-        live = [r for r in runs if r.result.error is None]  # the same on every rank (agreed)
-        for r in live:
-            self._warm_up(r)
-        for i in range(max((r.iters for r in live), default=0)):
+        rounds = [list(methods)] if self.config.interleave else [[m] for m in methods]
+        for together in rounds:
+            runs = [self._set_up(m, graph) for m in together]
+            live = [r for r in runs if r.result.error is None]  # the same on every rank (agreed)
             for r in live:
-                if i < r.iters:
-                    self._sample(r, i)
-        for r in runs:
-            out[r.method.name] = self._finish(r, check)
+                self._warm_up(r)
+            for i in range(max((r.iters for r in live), default=0)):
+                for r in live:
+                    if i < r.iters:
+                        self._sample(r, i)
+            for r in runs:
+                out[r.method.name] = self._finish(r, check)
         _free()
         return out
 
@@ -325,17 +317,14 @@ class Timer:
         slots = run.all_slots[:run.k] if run.graph is not None else [i % len(run.all_slots)]
         self._before_sample(run.method.prepare, slots, run.lead_us)
         if self.cuda:
-            if run.start_ev is None:
-                run.start_ev = torch.cuda.Event(enable_timing=True)
-                run.end_ev = torch.cuda.Event(enable_timing=True)
             h0 = time.perf_counter()
             self._align()
-            run.start_ev.record()
+            self._start_ev.record()
             run.call(i)
-            run.end_ev.record()
+            self._end_ev.record()
             h_us = (time.perf_counter() - h0) * 1e6
-            run.end_ev.synchronize()
-            return run.start_ev.elapsed_time(run.end_ev) * 1e3, h_us
+            self._end_ev.synchronize()
+            return self._start_ev.elapsed_time(self._end_ev) * 1e3, h_us
         self._align()
         t0 = time.perf_counter()
         run.call(i)
