@@ -189,7 +189,8 @@ def _order_of_calls(interleave):
         def fn(slot):
             calls.append(name)
             return torch.ones(2)
-        return Method(name, fn)
+        # Like the paths the ops record: what the last call of any method did.
+        return Method(name, fn, info=lambda: {"last_call": calls[-1]})
 
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -200,6 +201,8 @@ def _order_of_calls(interleave):
         dist.destroy_process_group()
     assert [t.samples for t in timings.values()] == [3, 3]
     assert all(t.us is not None and t.us > 0 and t.output is not None for t in timings.values())
+    # Each method's info describes its own call, though the other method ran after it.
+    assert {name: t.info for name, t in timings.items()} == {"a": {"last_call": "a"}, "b": {"last_call": "b"}}
     return calls
 
 

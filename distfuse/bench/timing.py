@@ -281,6 +281,11 @@ class Timer:
                 run.result.error = error or "graph capture failed on another rank"
                 run.graph, run.outs = None, []
                 _free()
+        if method.info is not None and run.result.error is None:
+            # Now, while the method's own call (or capture) is the last one: with
+            # interleaved samples other methods run before this one finishes, and a
+            # graph replay records nothing.
+            run.result.info = method.info() or {}
         return run
 
     def _warm_up(self, run: "_Run") -> None:
@@ -356,11 +361,6 @@ class Timer:
                 out = method.fn(0)
             self._sync()
             result.output = out.detach().clone() if isinstance(out, torch.Tensor) else None
-        if method.info is not None:
-            if not check:  # info describes the method's last call, which must be its own
-                method.fn(0)
-                self._sync()
-            result.info = method.info() or {}
         run.graph, run.outs = None, []  # frees the graph and its memory pool
         self._sync()
         return result
