@@ -74,10 +74,16 @@ TEST(MatmulAllReduceChoice, BandPullWhereTheGemmIsLong) {
   // Llama-3-70B at M = 8192: o_proj at W = 4 (K_r = 2048) keeps the owner schedule.
   EXPECT_EQ(choose_matmul_all_reduce(8192, 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(8192, 7168, 4), MatmulAllReduceAlgo::kBandPull);
+  // M = 4096: down_proj at W = 4 (K_r = 7168) takes it, at W = 2 (K_r = 14336) not.
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 7168, 4), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
   for (auto algo : {MatmulAllReduceAlgo::kBandPull, MatmulAllReduceAlgo::kCopyEngine})
-    for (int64_t k : {2048, 7168}) EXPECT_GE(band_reduce_blocks(algo, 4, k), 1);
-  EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 7168, 3), 3);
+    for (int64_t k : {2048, 7168}) EXPECT_GE(band_reduce_blocks(algo, 4, 8192, k), 1);
+  EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168, 3), 3);
+  // Fewer band CTAs only where the GEMM is long: K_r >= 7168 and M >= 8192.
+  EXPECT_LT(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168),
+            band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 4096, 7168));
   for (int64_t tiles_m : {1, 7, 64, 1000}) {
     EXPECT_GE(band_tile_rows(tiles_m, 4), 1);
     EXPECT_LE(band_tile_rows(tiles_m, 4), 8);

@@ -96,15 +96,16 @@ inline int64_t fused_max_k(int world) {
 }
 
 // The SM-pull band schedule where the GEMM is at least as long as the all-reduce
-// (K_r >= 4096, M >= 8192). Forced sweep on 4 x H100 (benchmarks/NOTES.md, v8):
+// (K_r >= 4096; M >= 8192, at W >= 4 M >= 4096). Forced sweep on 4 x H100 (benchmarks/NOTES.md, v8):
 // W = 4 down_proj M = 8192 / 16384 1442 / 2828 us vs copy_engine 1595 / 3032 and
 // fused_tiles 1590 / 3125; W = 2 down_proj 2700 / 5396 vs copy_engine 2816 / 5611;
 // W = 2 o_proj (K_r = 4096) 882 / 1700 vs fused_tiles 934 / 1856. It loses where
 // the all-reduce dominates (W = 4 o_proj, K_r = 2048: 879 vs fused_tiles 819) and
-// at M = 2048 (W = 4 down_proj 536 vs sequential 462). W > 4: untuned, same rule.
+// at M = 2048 (W = 4 down_proj 536 vs sequential 462). At M = 4096 it wins for W = 4
+// down_proj (760 us at 16 CTAs vs fused_tiles 823; 4 x H100) and not at W = 2
+// (down_proj 1416 vs sequential 1404). W > 4: untuned, same rule as W = 4.
 inline int64_t band_pull_min_m(int world) {
-  (void)world;
-  return 8192;
+  return world >= 4 ? 4096 : 8192;
 }
 inline int64_t band_pull_min_k(int world) {
   (void)world;
@@ -164,13 +165,16 @@ inline int band_tile_rows(int64_t tiles_m, int world, int64_t override_bands = 0
 }
 
 // Band schedules: CTAs of each band's sum (the GEMM keeps the other SMs). SM-pull,
-// 4 x H100, best of {8, 16, 32, 48}: 8 where the GEMM dominates (K_r >= 7168:
-// down_proj W = 4 M = 8192 1442 us vs 1509 at 16), 16 for o_proj at W = 2 (882 vs
-// 1072 at 8, 970 at 32). The copy-engine schedule: 16. W > 4: untuned.
-inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t k, int override_blocks = 0) {
+// 4 x H100, best of {4, 6, 8, 12, 16, 24, 32, 48}: 8 where the GEMM dominates (K_r >=
+// 7168 and M >= 8192: down_proj W = 4 M = 8192 1438 us vs 1490 at 12, 1579 at 6,
+// 1930 at 4), 16 at M = 4096 (W = 4 down_proj 760 vs 768 at 12, 815 at 8) and for
+// o_proj (W = 2: 882 vs 1072 at 8, 908 at 24; W = 4: 884 at 16 and 24, 890 at 32).
+// The copy-engine schedule: 16. W > 4: untuned.
+inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, int64_t k,
+                              int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
-  return algo == MatmulAllReduceAlgo::kBandPull && k >= 7168 ? 8 : 16;
+  return algo == MatmulAllReduceAlgo::kBandPull && k >= 7168 && m >= 8192 ? 8 : 16;
 }
 
 // CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.

@@ -297,7 +297,13 @@ __device__ __forceinline__ void copy_elems(T* dst, const T* src, int64_t len) {
       if (i < full) store_plain(dst + i * kVec, v[u]);
     }
   }
-  for (int64_t i = full * kVec + threadIdx.x; i < len; i += kTwoShotThreads) dst[i] = src[i];
+  // The partial vector at the end: a peer-written source is read as one whole vector
+  // from L2 (the regions are padded to 16 bytes), a local one element by element.
+  if (threadIdx.x == 0 && full * kVec < len) {
+    if (kSourceFromPeer) store_pack_tail<T, 16>(dst, full * kVec, len, to_pack<T>(load_cg(src + full * kVec)));
+    else
+      for (int64_t i = full * kVec; i < len; ++i) dst[i] = src[i];
+  }
 }
 
 // Elements of shard `s` (of `shard` elements) that chunk offset `off` covers.
@@ -329,6 +335,33 @@ __device__ __forceinline__ void wait_peers(const CommHandle& c, int phase, uint3
 struct TwoShotShape {
   int64_t n, shard, chunk;
 };
+
+// Vector e (elements [e, e + kVec) of the `mine` elements at `begin`) of the rank-order
+// sum (+ bias): this rank's own part comes from `own`, rank src's from
+// `peer_chunk(src)`, memory a peer wrote (the regions are padded to 16 bytes, so a
+// whole vector is read, from L2: L1 is not coherent with NVLink writes, and a plain
+// load of the tail could hit a line cached in an earlier step). Every source's load
+// is issued before the sum.
+template <typename T, int W, typename PeerChunk>
+__device__ __forceinline__ Pack<T, 16> sum_chunk_vector(const AllReduceParams& p, const T* own, int64_t e,
+                                                        int64_t mine, int64_t begin, PeerChunk peer_chunk) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int rank = p.comm.rank;
+  const bool full = e + kVec <= mine;
+  Pack<T, 16> x[W];
+#pragma unroll
+  for (int src = 0; src < W; ++src) {
+    if (src != rank) x[src] = to_pack<T>(load_cg(peer_chunk(src) + e));
+    else x[src] = full ? to_pack<T>(load_plain(own + e)) : load_pack_tail<T, 16>(own, e, mine);
+  }
+  float acc[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
+#pragma unroll
+  for (int src = 0; src < W; ++src) accumulate<T, 16>(acc, x[src]);
+  if (p.bias) add_bias<T, kVec>(acc, static_cast<const T*>(p.bias), p.bias_period, begin + e, begin + mine);
+  return round_pack<T, 16>(acc);
+}
 
 // Phase 1 of the step with epoch `e` at chunk offset `off`: every peer's sum of its
 // shard's chunk lands in this rank's output.
@@ -402,22 +435,9 @@ __global__ void __launch_bounds__(kTwoShotThreads)
     for (int64_t v = threadIdx.x; v * kVec < mine; v += kTwoShotThreads) {
       const int64_t e = v * kVec;
       const bool full = e + kVec <= mine;
-      float acc[kVec];
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
-#pragma unroll
-      for (int src = 0; src < W; ++src) {
-        const T* from = src == rank ? in + begin
-                                    : reinterpret_cast<const T*>(
-                                          two_shot_region(c, rank, 0, slot, src, blockIdx.x, chunk_bytes));
-        Vec x;
-        if (full) x = to_pack<T>(src == rank ? load_plain(from + e) : load_cg(from + e));
-        else x = load_pack_tail<T, 16>(from, e, mine);
-        accumulate<T, 16>(acc, x);
-      }
-      if (p.bias)
-        add_bias<T, kVec>(acc, static_cast<const T*>(p.bias), p.bias_period, begin + e, begin + mine);
-      const Vec r = round_pack<T, 16>(acc);
+      const Vec r = sum_chunk_vector<T, W>(p, in + begin, e, mine, begin, [&](int src) {
+        return reinterpret_cast<const T*>(two_shot_region(c, rank, 0, slot, src, blockIdx.x, chunk_bytes));
+      });
       if (full) store_plain(out + begin + e, from_pack<T>(r));
       else store_pack_tail<T, 16>(out + begin, e, mine, r);
 #pragma unroll

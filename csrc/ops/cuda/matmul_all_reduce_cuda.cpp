@@ -247,7 +247,7 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   const int tile_m = tile_gemm_tile_m(gp);
   const int64_t tiles_m = (g.m + tile_m - 1) / tile_m;
   gp.group_rows = band_tile_rows(tiles_m, ws.world(), get_tuning("matmul_all_reduce.bands"));
-  bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.k,
+  bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.m, g.k,
                                                        static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"))),
                                     sm_count(device) / 2));
   gp.sm_count = sm_count(device) - bc.reducers - spare_sms;
