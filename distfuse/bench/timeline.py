@@ -24,6 +24,7 @@ from .__main__ import SAFE_ENV, _tune_item
 from .matmul_all_reduce import HIDDEN, INTERMEDIATE
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LEAD_CYCLES = 40_000_000  # about 20 ms at H100/H200 clocks: longer than the host's enqueue
 
 
 def _tune_pair(text: str):
@@ -95,6 +96,10 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace) -> 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.calls):
             dist.barrier()
+            # The GPU sleeps while the host enqueues the call, so that the call starts
+            # when the barrier ends on every rank, not when a rank's host (slowed by
+            # the profiler) gets there.
+            torch.cuda._sleep(LEAD_CYCLES)
             call()
         torch.cuda.synchronize()
     taken = distfuse.last_path("matmul_all_reduce")

@@ -81,7 +81,9 @@ TEST(MatmulAllReduceChoice, BandPullWhereTheGemmIsLong) {
   for (auto algo : {MatmulAllReduceAlgo::kBandPull, MatmulAllReduceAlgo::kCopyEngine})
     for (int64_t k : {2048, 7168}) EXPECT_GE(band_reduce_blocks(algo, 4, 8192, k), 1);
   EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168, 3), 3);
-  // Fewer band CTAs only where the GEMM is long: K_r >= 7168 and M >= 8192.
+  // Fewer band CTAs where the GEMM per band is longer.
+  EXPECT_LT(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 2, 8192, 14336),
+            band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168));
   EXPECT_LT(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168),
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 4096, 7168));
   for (int64_t tiles_m : {1, 7, 64, 1000}) {

@@ -165,16 +165,22 @@ inline int band_tile_rows(int64_t tiles_m, int world, int64_t override_bands = 0
 }
 
 // Band schedules: CTAs of each band's sum (the GEMM keeps the other SMs). SM-pull,
-// 4 x H100, best of {4, 6, 8, 12, 16, 24, 32, 48}: 8 where the GEMM dominates (K_r >=
-// 7168 and M >= 8192: down_proj W = 4 M = 8192 1438 us vs 1490 at 12, 1579 at 6,
-// 1930 at 4), 16 at M = 4096 (W = 4 down_proj 760 vs 768 at 12, 815 at 8) and for
-// o_proj (W = 2: 882 vs 1072 at 8, 908 at 24; W = 4: 884 at 16 and 24, 890 at 32).
+// best of {4, 6, 8, 12, 16, 24, 32, 48}, 4 x H100 unless noted: the longer the GEMM
+// per band, the fewer:
+//   4   K_r >= 14336 (down_proj W = 2; 4 x H200: M = 8192 / 16384 2656 / 5275 us vs
+//       2752 / 5394 at 6 and 2703 / 5579 at 8)
+//   8   K_r >= 7168 and M >= 8192 (down_proj W = 4 M = 8192: 1438 vs 1490 at 12, 1579
+//       at 6, 1930 at 4)
+//   16  elsewhere: M = 4096 (down_proj W = 4: 760 vs 768 at 12, 815 at 8) and o_proj
+//       (W = 2: 882 vs 1072 at 8, 908 at 24; W = 4: 884 at 16 and 24, 890 at 32).
 // The copy-engine schedule: 16. W > 4: untuned.
 inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, int64_t k,
                               int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
-  return algo == MatmulAllReduceAlgo::kBandPull && k >= 7168 && m >= 8192 ? 8 : 16;
+  if (algo != MatmulAllReduceAlgo::kBandPull) return 16;
+  if (k >= 14336) return 4;
+  return k >= 7168 && m >= 8192 ? 8 : 16;
 }
 
 // CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.
