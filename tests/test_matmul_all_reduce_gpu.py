@@ -128,39 +128,76 @@ def body_exact_random_m(rank, world, group_name):
         assert torch.equal(out, expected), (i, m, path)
 
 
-def body_graphs(rank, world, group_name):
+def _captured_call(group_name, path, m, k, n, dev):
+    """A CUDA graph of one fp16 matmul_all_reduce (with bias) on `path`, captured after
+    a warm-up call on a side stream; returns the graph and its tensors."""
     import distfuse
     from distfuse.ops import force_path
+    a = torch.zeros(m, k, dtype=torch.float16, device=dev)
+    w = torch.zeros(n, k, dtype=torch.float16, device=dev)
+    bias = torch.zeros(n, dtype=torch.float16, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), force_path("matmul_all_reduce", path):
+        distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with force_path("matmul_all_reduce", path), torch.cuda.graph(graph):
+        y = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+        a.fill_(3.0)  # the input is overwritten right after the op, inside the graph
+    return graph, (a, w, bias, y)
+
+
+def _replays_are_exact(graph, tensors, rank, world, replays, tag):
+    """Replays with fresh integer-valued inputs changed in place; exact every time."""
+    a, w, bias, y = tensors
+    (m, k), n = a.shape, w.shape[0]
+    for replay in range(replays):
+        gen = torch.Generator(device="cpu").manual_seed(77 + replay)
+        a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(torch.float16)
+        w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(torch.float16)
+        b_vals = torch.randint(-3, 4, (n,), generator=gen).to(torch.float16)
+        a.copy_(a_all[rank])
+        w.copy_(w_all[rank])
+        bias.copy_(b_vals)
+        y.fill_(float("nan"))
+        graph.replay()
+        expected = (sum(a_all[r].double() @ w_all[r].double().t() for r in range(world))
+                    + b_vals.double()).to(torch.float16)
+        assert torch.equal(y.cpu(), expected), (tag, replay)
+
+
+def body_graphs(rank, world, group_name):
+    import distfuse
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     k, n = 256, 2048
     for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("copy_engine", 1500),
                     ("copy_engine", 3), ("band_pull", 1500), ("band_pull", 3), ("auto", 1), ("auto", 1024)):
-        a = torch.zeros(m, k, dtype=torch.float16, device=dev)
-        w = torch.zeros(n, k, dtype=torch.float16, device=dev)
-        bias = torch.zeros(n, dtype=torch.float16, device=dev)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), force_path("matmul_all_reduce", path):
-            distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with force_path("matmul_all_reduce", path), torch.cuda.graph(graph):
-            y = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
-            a.fill_(3.0)  # the input is overwritten right after the op, inside the graph
-        for replay in range(20):
-            gen = torch.Generator(device="cpu").manual_seed(77 + replay)
-            a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(torch.float16)
-            w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(torch.float16)
-            b_vals = torch.randint(-3, 4, (n,), generator=gen).to(torch.float16)
-            a.copy_(a_all[rank])
-            w.copy_(w_all[rank])
-            bias.copy_(b_vals)
-            y.fill_(float("nan"))
-            graph.replay()
-            expected = (sum(a_all[r].double() @ w_all[r].double().t() for r in range(world))
-                        + b_vals.double()).to(torch.float16)
-            assert torch.equal(y.cpu(), expected), (path, m, replay)
+        graph, tensors = _captured_call(group_name, path, m, k, n, dev)
+        _replays_are_exact(graph, tensors, rank, world, 20, (path, m))
+
+
+def body_graphs_survive_growth(rank, world, group_name):
+    """Graphs captured on a small workspace still replay correctly after later eager
+    calls grew its tile region and the GEMM's split-K scratch (the old buffers must
+    stay alive), and after the allocator's cache was emptied."""
+    import distfuse
+    from distfuse.ops import force_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
+    captured = [(path, m, _captured_call(group_name, path, m, 256, 1024, dev))
+                for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("sequential", 8), ("auto", 4))]
+    for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000)):
+        a = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
+        w = torch.randn(4096, 1024, dtype=torch.bfloat16, device=dev)
+        with force_path("matmul_all_reduce", path):
+            distfuse.matmul_all_reduce(a, w.t(), group_name)
+    assert distfuse.workspace_info(group_name)["max_output_bytes"] >= 4097 * 4096 * 2  # it grew
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    for path, m, (graph, tensors) in captured:
+        _replays_are_exact(graph, tensors, rank, world, 5, (path, m, "after growth"))
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())
@@ -175,3 +212,7 @@ def test_thousand_calls_random_m_exact():
 @pytest.mark.parametrize("world", gpu_world_sizes())
 def test_graph_capture_replays(world):
     run_distributed(body_graphs, world, backend="nccl", timeout=300)
+
+
+def test_graphs_survive_workspace_growth():
+    run_distributed(body_graphs_survive_growth, gpu_world_sizes()[-1], backend="nccl", timeout=300)

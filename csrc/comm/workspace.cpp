@@ -142,6 +142,8 @@ void Workspace::release() {
   C10_CUDA_CHECK(cudaDeviceSynchronize());
   symm_.reset();
   buffer_ = at::Tensor();
+  retired_symm_.clear();
+  retired_buffers_.clear();
 }
 
 Workspace& Workspace::create(const std::string& group_name, size_t max_output_bytes,
@@ -208,8 +210,9 @@ void* Workspace::gemm_scratch(size_t bytes, const char* op) {
               "with these shapes before capturing");
   constexpr size_t kGrain = 4ull << 20;
   const size_t grown = (bytes + kGrain - 1) / kGrain * kGrain;
-  // The previous buffer may still be in use by queued kernels: the caching
-  // allocator reuses it only after the current stream reaches this point.
+  // CUDA graphs captured earlier keep the old buffer's address: it is retired, not
+  // freed, until the workspace is released.
+  if (gemm_scratch_.defined()) retired_buffers_.push_back(gemm_scratch_);
   gemm_scratch_ = at::zeros({static_cast<int64_t>(grown)},
                             at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device_));
   return gemm_scratch_.data_ptr();
@@ -229,7 +232,10 @@ void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
   constexpr size_t kGrain = 64ull << 20;
   const size_t grown = (bytes + kGrain - 1) / kGrain * kGrain;
   std::lock_guard<std::mutex> lock(g_mutex);
-  release();
+  // CUDA graphs captured earlier keep using the old buffer (its own flags and
+  // epochs, identical on every rank): it is retired, not freed, until release().
+  retired_buffers_.push_back(buffer_);
+  retired_symm_.push_back(symm_);
   tile_bytes_ = grown;
   allocate(op);
 }

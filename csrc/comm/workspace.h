@@ -72,6 +72,10 @@ class Workspace {
   at::Tensor buffer_;
   at::Tensor gemm_scratch_;
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> symm_;
+  // Buffers replaced by a growth: CUDA graphs captured before it still use them, so
+  // they live as long as the workspace (released with it).
+  std::vector<at::Tensor> retired_buffers_;
+  std::vector<c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory>> retired_symm_;
   CommHandle handle_{};
 };
 
