@@ -23,12 +23,12 @@ def run_bench(tmp_path, *args):
     return out
 
 
-def load_checked(path, op):
+def load_checked(path, op, world=2):
     with open(path) as f:
         doc = json.load(f)  # strict JSON: NaN would not parse back as a number here
     validate(doc)
     assert doc["op"] == op
-    assert doc["gpu"] == "cpu" and doc["world_size"] == 2 and doc["cpu_reference"] is True
+    assert doc["gpu"] == "cpu" and doc["world_size"] == world and doc["cpu_reference"] is True
     assert doc["torch"] and doc["date"]
     return doc
 
@@ -63,6 +63,20 @@ def test_cpu_bench(tmp_path, op):
     if op == "matmul_all_reduce":
         layouts = {(r["shape"]["name"], r["shape"]["b_layout"]) for r in doc["rows"]}
         assert ("o_proj", "row_major") in layouts and ("down_proj", "weight_t") in layouts
+
+
+def test_cpu_bench_at_world_size_8(tmp_path):
+    """The TP=8 setting: every benchmark runs its W = 8 code paths over gloo with 8
+    processes (shapes, shards, decoder heads), exact all-reduces, results files valid."""
+    out = run_bench(tmp_path, "--op", "all", "--world-size", "8")
+    assert "RESULT ok" in out and "SKIPPED" not in out, out[-3000:]
+    for op in ("all_reduce", "matmul_all_reduce", "decoder_layer"):
+        doc = load_checked(tmp_path / f"{op}_cpu_w8.json", op, world=8)
+        assert doc["rows"], op
+        if op == "all_reduce":
+            assert all(row["wrong_total"] == 0 for row in doc["rows"])
+        if op == "matmul_all_reduce":
+            assert all(row["shape"]["K"] * 8 == row["shape"]["K_total"] for row in doc["rows"])
 
 
 def _ar_row(nbytes, graph, distfuse, peers, busbw=None, wrong=0):
