@@ -42,6 +42,7 @@ class Workspace {
   // Grows the tile region to at least `bytes` (collective: every rank calls it
   // with the same size because shapes are identical). Inside CUDA-graph capture
   // growth is impossible and raises an error naming the size to pre-allocate.
+  // The old buffer is kept (graphs captured before use it) until release().
   void ensure_tile_bytes(size_t bytes, const char* op);
 
   // A zero-filled local device buffer of at least `bytes` for the GEMM's split-K
