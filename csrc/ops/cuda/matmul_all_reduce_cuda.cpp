@@ -426,32 +426,27 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
     if (forced == "band_pull") algo = MatmulAllReduceAlgo::kBandPull;
-    if (algo == MatmulAllReduceAlgo::kBandPull) {
-      const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
-      at::Tensor out = band_pull(ws, a, b, bias, overlap);
-      record_path(kOp, forced == "serialized" ? "serialized" : "band_pull");
-      return out;
-    }
-    if (algo == MatmulAllReduceAlgo::kCopyEngine) {
-      const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
-      at::Tensor out = copy_engine(ws, a, b, bias, overlap);
-      record_path(kOp, forced == "serialized" ? "serialized" : "copy_engine");
-      return out;
-    }
     // "serialized" runs the schedule auto would pick, without the overlap.
+    const bool serialized = forced == "serialized";
+    const Overlap overlap = serialized ? Overlap::kSerialized : Overlap::kOverlapped;
+    if (algo == MatmulAllReduceAlgo::kBandPull || algo == MatmulAllReduceAlgo::kCopyEngine) {
+      const bool pull = algo == MatmulAllReduceAlgo::kBandPull;
+      at::Tensor out = pull ? band_pull(ws, a, b, bias, overlap) : copy_engine(ws, a, b, bias, overlap);
+      record_path(kOp, serialized ? "serialized" : pull ? "band_pull" : "copy_engine");
+      return out;
+    }
     if (algo != MatmulAllReduceAlgo::kSequential) {
       const int consumers = consumer_blocks(
           algo, ws.world(), k, static_cast<int>(get_tuning("matmul_all_reduce.consumer_blocks")));
       TileReduceMode mode =
           algo == MatmulAllReduceAlgo::kDecodePush ? TileReduceMode::kPush : TileReduceMode::kOwner;
-      const Overlap overlap = forced == "serialized" ? Overlap::kSerialized : Overlap::kOverlapped;
       at::Tensor out = fused(ws, a, b, bias, mode, overlap, consumers);
-      record_path(kOp, forced == "serialized"        ? "serialized"
+      record_path(kOp, serialized                    ? "serialized"
                        : mode == TileReduceMode::kPush ? "decode_push"
                                                        : "fused_tiles");
       return out;
     }
-    if (forced == "serialized") {
+    if (serialized) {
       record_path(kOp, "serialized");
       return sequential(ws, a, b, bias);
     }
