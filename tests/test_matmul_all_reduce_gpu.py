@@ -28,7 +28,7 @@ def _poison_allocator(numel, dtype, dev):
 
 def _expected_path(path, m, n, world):
     """The owner schedule needs an output tile per rank; with fewer tiles (decode
-    tiles are 64 x 128 for M <= 128) a forced fused_tiles runs the push schedule."""
+    tiles are 64 x 128 for M <= 128) a forced fused_tiles runs the decode schedule."""
     if path == "fused_tiles" and m <= 128 and -(-m // 64) * -(-n // 128) < world:
         return "decode_push"
     return path
@@ -187,7 +187,8 @@ def body_graphs_survive_growth(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
     captured = [(path, m, _captured_call(group_name, path, m, 256, 1024, dev))
-                for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("sequential", 8), ("auto", 4))]
+                for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("sequential", 8), ("auto", 4),
+                                ("decode_push", 4), ("decode_push", 40))]
     for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000)):
         a = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
         w = torch.randn(4096, 1024, dtype=torch.bfloat16, device=dev)
@@ -198,6 +199,56 @@ def body_graphs_survive_growth(rank, world, group_name):
     torch.cuda.empty_cache()
     for path, m, (graph, tensors) in captured:
         _replays_are_exact(graph, tensors, rank, world, 5, (path, m, "after growth"))
+
+
+def body_decode_variants(rank, world, group_name):
+    """The decode schedule with and without LL lines, with one or several column blocks
+    per CTA, back to back in mixed order: exact on integer inputs, the same bits as the
+    unfused order, identical across ranks."""
+    import distfuse
+    from distfuse.ops import force_path, last_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=16 << 20, timeout_ms=30000)
+    g = torch.Generator(device="cpu").manual_seed(5)  # same sequence on every rank
+    for i in range(60):
+        m = (1, 2, 7, 16, 17, 64, 128, 129, 300)[i % 9]
+        k = (8, 64, 520, 2048)[i % 4]
+        n = (8, 264, 1024, 8192)[(i // 4) % 4]
+        ll = (1, 2)[i % 2] if m * n * 2 <= 256 << 10 else 2
+        ctas = (0, 1, 7, 40)[(i // 2) % 4]
+        row_major = i % 3 == 0
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        gen = torch.Generator(device="cpu").manual_seed(9000 + i)
+        a_all = torch.randint(-2, 3, (world, m, k), generator=gen).to(dev, dtype)
+        w_all = torch.randint(-2, 3, (world, n, k), generator=gen).to(dev, dtype)
+        bias = torch.randint(-3, 4, (n,), generator=gen).to(dev, dtype) if i % 4 == 1 else None
+        b = w_all[rank].t().contiguous() if row_major else w_all[rank].t()
+        partials = torch.einsum("rmk,rnk->rmn", a_all.double(), w_all.double())
+        exact = partials.sum(0)
+        if bias is not None:
+            exact = exact + bias.double()
+        knobs = {"matmul_all_reduce.decode_ll": ll, "matmul_all_reduce.decode_ctas": ctas}
+        with distfuse.tuning(knobs):
+            _poison_allocator(m * n, dtype, dev)
+            with force_path("matmul_all_reduce", "decode_push"):
+                out = distfuse.matmul_all_reduce(a_all[rank], b, group_name, bias=bias)
+                assert last_path("matmul_all_reduce") == "decode_push"
+            with distfuse.tuning({"matmul_all_reduce.decode_max_m": 4096}), \
+                    force_path("matmul_all_reduce", "serialized"):
+                unfused = distfuse.matmul_all_reduce(a_all[rank], b, group_name, bias=bias)
+        # Integers are exact in fp16 / bf16 up to 2048 / 256: check where every partial
+        # and the sum stay below (small K); the bitwise checks below hold everywhere.
+        limit = 2048 if dtype == torch.float16 else 256
+        if max(partials.abs().max(), exact.abs().max()) <= limit:
+            assert torch.equal(out.double(), exact), (i, m, k, n, ll, ctas)
+        assert torch.equal(out, unfused), ("overlap changed bits", i, m, k, n, ll, ctas)
+        for other in _gather(out, world):
+            assert torch.equal(other, out), ("ranks differ", i)
+
+
+@pytest.mark.parametrize("world", gpu_world_sizes())
+def test_decode_variants_exact_and_bitwise(world):
+    run_distributed(body_decode_variants, world, backend="nccl", timeout=300)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())

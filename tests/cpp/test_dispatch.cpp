@@ -92,8 +92,23 @@ TEST(MatmulAllReduceChoice, BandPullWhereTheGemmIsLong) {
   }
 }
 
-TEST(MatmulAllReduceChoice, SequentialUnlessLargeMAndModestK) {
-  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4), MatmulAllReduceAlgo::kSequential);
+TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
+  for (int world : {2, 4, 8}) {
+    EXPECT_EQ(choose_matmul_all_reduce(1, 2048, world), decode_max_m(world) >= 1 ? MatmulAllReduceAlgo::kDecodePush
+                                                                                : MatmulAllReduceAlgo::kSequential);
+    EXPECT_EQ(choose_matmul_all_reduce(decode_max_m(world) + 1, 7168, world), MatmulAllReduceAlgo::kSequential);
+  }
+  EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, 0, 0, 0, 512), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, 0, 0, 0, 512), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(decode_max_m(2), 0);
+  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 2), MatmulAllReduceAlgo::kSequential);
+  EXPECT_TRUE(decode_ll(4, 1, 8192 * 2, kDecodeLLCapacityBytes));
+  EXPECT_FALSE(decode_ll(4, 8, 8 * 8192 * 2, kDecodeLLCapacityBytes));
+  EXPECT_TRUE(decode_ll(2, 8, 8 * 8192 * 2, kDecodeLLCapacityBytes));
+  EXPECT_FALSE(decode_ll(2, 8, 8 * 8192 * 2, kDecodeLLCapacityBytes, 2));
+  EXPECT_FALSE(decode_ll(4, 8, kDecodeLLCapacityBytes + 16, kDecodeLLCapacityBytes, 1));
+  EXPECT_FALSE(decode_ll(4, 64, 64 * 1024 * 2, kDecodeLLCapacityBytes));
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2), MatmulAllReduceAlgo::kSequential);
@@ -108,16 +123,17 @@ TEST(WorkspaceLayout, RegionsAreOrderedAlignedAndDisjoint) {
   for (int world = 2; world <= kMaxWorld; ++world) {
     const uint64_t tile_bytes = 3 << 20;
     const WorkspaceLayout l = make_layout(world, tile_bytes + 5);
-    const uint64_t offsets[] = {l.counters_offset, l.flags_offset, l.oneshot_offset, l.twoshot_ll_offset,
-                                l.twoshot_offset, l.tiles_offset};
-    const uint64_t sizes[] = {l.counters_bytes, l.flags_bytes, l.oneshot_bytes, l.twoshot_ll_bytes,
-                              l.twoshot_bytes, l.tiles_bytes};
-    for (int i = 0; i < 6; ++i) {
+    const uint64_t offsets[] = {l.counters_offset, l.flags_offset,     l.oneshot_offset, l.twoshot_ll_offset,
+                                l.decode_ll_offset, l.twoshot_offset, l.tiles_offset};
+    const uint64_t sizes[] = {l.counters_bytes, l.flags_bytes,   l.oneshot_bytes, l.twoshot_ll_bytes,
+                              l.decode_ll_bytes, l.twoshot_bytes, l.tiles_bytes};
+    for (int i = 0; i < 7; ++i) {
       EXPECT_EQ(offsets[i] % 16, 0u) << "region " << i;
-      if (i + 1 < 6) EXPECT_LE(offsets[i] + sizes[i], offsets[i + 1]) << "region " << i;
+      if (i + 1 < 7) EXPECT_LE(offsets[i] + sizes[i], offsets[i + 1]) << "region " << i;
     }
     // The LL regions are zeroed at creation: everything before the two-shot chunks.
-    EXPECT_LE(l.twoshot_ll_offset + l.twoshot_ll_bytes, l.twoshot_offset);
+    EXPECT_LE(l.decode_ll_offset + l.decode_ll_bytes, l.twoshot_offset);
+    EXPECT_EQ(l.decode_ll_bytes, uint64_t(world) * kDecodeLLCapacityBytes * 2);
     EXPECT_GE(l.tiles_bytes, tile_bytes + 5);
     EXPECT_EQ(l.total_bytes, l.tiles_offset + l.tiles_bytes);
     // Counters hold every channel's blocks and the per-tile counters.

@@ -61,4 +61,23 @@ struct TileGemmParams {
   int group_rows;         // tile rows per group of the tile order (0: kTileGemmGroupRows)
 };
 
+// Decode-sized matmul_all_reduce in one kernel (kernels/gemm/decode_matmul_all_reduce.h):
+//   output[M, N] = Σ_r A_r @ B_r (+ bias), or this rank's A @ B alone.
+// A, B and their layouts as in TileGemmParams; output row-major [M, N] (ld = N).
+struct DecodeMatmulAllReduceParams {
+  const void* a;
+  const void* b;
+  void* output;
+  const void* bias;  // [N] or null, added once after the rank sum (ignored without all_reduce)
+  int64_t lda, ldb;
+  int m, n, k;
+  bool b_transposed;
+  DType dtype;      // kBFloat16 or kFloat16
+  bool all_reduce;  // false: output = this rank's rounded partial, no communication
+  bool ll;          // push on LL lines (M·N·2 <= kDecodeLLCapacityBytes): no fence, no flags
+  int sm_count;     // CTAs at most (one per SM)
+  int op;           // OpId, for timeout messages
+  CommHandle comm;
+};
+
 }  // namespace distfuse

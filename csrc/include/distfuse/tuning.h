@@ -112,15 +112,52 @@ inline int64_t band_pull_min_k(int world) {
   return 4096;
 }
 
+// The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
+// M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse
+// all-reduce in the same run (benchmarks/NOTES.md, v12d): W = 4 o_proj M = 1 / 8 / 16 / 32
+// 18.7 / 20.9 / 22.6 / 26.9 us vs 19.0 / 21.5 / 24.1 / 26.5; down_proj 47.7 / 49.1 / 52.1 /
+// 60.8 vs 47.2 / 49.7 / 52.4 / 55.2. W = 2: slower at every M (o_proj M = 1 29.9 vs 28.9,
+// M = 16 31.8 vs 30.8): the push to one peer saves less than the GEMM loses (cuBLAS
+// reads the weights at the HBM floor, this GEMM 1.5-3.5 us above it). W > 4: untuned,
+// same as W = 4.
+inline int64_t decode_max_m(int world) {
+  return world >= 3 ? 16 : 0;
+}
+
+// Decode schedule: push on LL lines (data and flag in one 16-byte store: no fence,
+// one hop less, twice the bytes), when the output fits the LL region: at M = 1 for
+// W >= 3, M <= 8 for W = 2. 4 x H100 (v12d), LL vs flags: W = 4 o_proj M = 1 / 8 / 16
+// 18.7 / 21.2 / 24.2 us vs 20.6 / 20.9 / 22.6, down_proj M = 1 47.7 vs 49.5; W = 2
+// o_proj M = 1 / 8 / 16 29.9 / 30.6 / 31.8 vs 32.0 / 32.3 / 33.5. Override: 1 on, 2 off.
+inline bool decode_ll(int world, int64_t m, int64_t output_bytes, uint64_t capacity_bytes,
+                      int64_t override_value = 0) {
+  if (override_value == 2 || uint64_t(output_bytes) > capacity_bytes) return false;
+  return override_value == 1 || m <= (world >= 3 ? 1 : 8);
+}
+
+// Decode schedule: CTAs (at most the SMs; 0: one per SM). Fewer CTAs than column
+// blocks give each CTA several, whose pushes overlap its next GEMM block; 4 x H100,
+// W = 4 o_proj M = 1: 66 CTAs 33.9 us against 20.4 at one per SM (the weights stream
+// at the rate of the SMs that read them).
+inline int decode_ctas(int world, int64_t m, int64_t k, int override_ctas = 0) {
+  (void)world;
+  (void)m;
+  (void)k;
+  return override_ctas > 0 ? override_ctas : 0;
+}
+
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank) when
-// the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m
-// and band_pull_min_k.
+// the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
+// band_pull_min_k and decode_max_m.
 inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world,
                                                     int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
-                                                    int64_t override_bp_min_k = 0) {
+                                                    int64_t override_bp_min_k = 0,
+                                                    int64_t override_decode_max_m = 0) {
   const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world);
   const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
+  if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world)))
+    return MatmulAllReduceAlgo::kDecodePush;
   const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);
   return m >= min_m && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles
                                                : MatmulAllReduceAlgo::kSequential;
@@ -128,11 +165,11 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
 
 // Consumer CTAs that run beside the GEMM (the GEMM keeps the other SMs). Best of
 // {8, 16, 32, 48} at W = 2 and 4: the all-reduce-heavy o_proj at W = 4 (K_r = 2048)
-// wants 48, the rest 32; push mode 32 (its best, still slower than sequential).
+// wants 48, the rest 32.
 inline int consumer_blocks(MatmulAllReduceAlgo algo, int world, int64_t k, int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
-  if (algo == MatmulAllReduceAlgo::kDecodePush) return 32;
+  (void)algo;
   return k <= 2048 ? 48 : 32;
 }
 

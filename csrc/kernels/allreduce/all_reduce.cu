@@ -6,35 +6,11 @@
 
 #include "distfuse/comm/handle.h"
 #include "distfuse/comm/signal.cuh"
+#include "kernels/common/launch.cuh"
 #include "kernels/common/vec.cuh"
 
 namespace distfuse {
 namespace {
-
-// Launched as a programmatic dependent (PDL), a kernel may start while the
-// previous kernel in the stream is still running; it waits here, before touching
-// memory, until that kernel finished and its writes are visible. Without PDL
-// this returns at once.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-}
-
-// <<<grid, block, 0, stream>>>, optionally as a programmatic dependent launch.
-template <typename... Params, typename... Args>
-cudaError_t launch(void (*kernel)(Params...), int grid, int block, cudaStream_t stream,
-                   bool dependent, Args... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = dependent ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, args...);
-}
 
 template <typename I>
 __host__ __device__ __forceinline__ I ceil_div(I a, I b) {
@@ -477,9 +453,9 @@ cudaError_t launch_all_reduce_one_shot(const AllReduceParams& p, cudaStream_t st
     using T = decltype(t);
     return visit_world(p.comm.world, [&](auto w) {
       constexpr int W = decltype(w)::value;
-      return fine ? launch(all_reduce_one_shot_kernel<T, W, 1>, blocks, kOneShotThreads, stream,
+      return fine ? launch_kernel(all_reduce_one_shot_kernel<T, W, 1>, blocks, kOneShotThreads, 0, stream,
                            p.dependent_launch, p)
-                  : launch(all_reduce_one_shot_kernel<T, W, 2>, blocks, kOneShotThreads, stream,
+                  : launch_kernel(all_reduce_one_shot_kernel<T, W, 2>, blocks, kOneShotThreads, 0, stream,
                            p.dependent_launch, p);
     });
   });
@@ -500,7 +476,7 @@ cudaError_t launch_all_reduce_two_shot_ll(const AllReduceParams& p, cudaStream_t
   return visit_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     return visit_world(world, [&](auto w) {
-      return launch(all_reduce_two_shot_ll_kernel<T, decltype(w)::value>, blocks, kTwoShotLLThreads, stream,
+      return launch_kernel(all_reduce_two_shot_ll_kernel<T, decltype(w)::value>, blocks, kTwoShotLLThreads, 0, stream,
                     p.dependent_launch, p);
     });
   });
@@ -526,7 +502,7 @@ cudaError_t launch_all_reduce_two_shot(const AllReduceParams& p, cudaStream_t st
   return visit_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     return visit_world(world, [&](auto w) {
-      return launch(all_reduce_two_shot_kernel<T, decltype(w)::value>, blocks, kTwoShotThreads, stream,
+      return launch_kernel(all_reduce_two_shot_kernel<T, decltype(w)::value>, blocks, kTwoShotThreads, 0, stream,
                     p.dependent_launch, p, chunk);
     });
   });

@@ -25,10 +25,10 @@ __device__ __forceinline__ void wait_reached(const uint32_t* flag, uint32_t epoc
 __device__ __forceinline__ uint32_t* ready_flag(const CommHandle& c, int rank, int t) {
   return c.flags(rank, kChannelTiles) + t;
 }
-// kChannelDecode flags on rank `rank`: one per (tile, source rank); the source
+// kChannelTilesReceived flags on rank `rank`: one per (tile, source rank); the source
 // stores the call epoch once its data for the tile has landed here.
 __device__ __forceinline__ uint32_t* received_flag(const CommHandle& c, int rank, int t, int src) {
-  return c.flags(rank, kChannelDecode) + int64_t(t) * kMaxWorld + src;
+  return c.flags(rank, kChannelTilesReceived) + int64_t(t) * kMaxWorld + src;
 }
 
 template <typename T>
@@ -198,7 +198,7 @@ struct TileCall {
   }
 };
 
-// Owner mode; the schedule is drawn in tile_all_reduce.h. A block walks its tiles
+// Owner schedule; drawn in tile_all_reduce.h. A block walks its tiles
 // in groups of p.group: a release at system scope waits until the block's pushes
 // have landed, so one round of releases per group, not per tile.
 template <typename T, int W>
@@ -277,41 +277,6 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
   finish_call(call.ce, epoch);
 }
 
-// Push mode (decode: few tiles, latency-bound), in two passes over this block's
-// tiles so that the transfers of all of them are in flight together and one
-// round of releases covers them: (1) as each tile becomes ready here, push it to
-// every peer; then release one flag per (tile, peer); (2) wait for each tile's
-// W-1 copies and sum.
-template <typename T, int W>
-__global__ void __launch_bounds__(kTileThreads) tile_all_reduce_push_kernel(TileAllReduceParams p) {
-  const TileCall<T, W> call(p);
-  call.enter();
-  const TileShape& s = call.s;
-
-  for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {
-    const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-    const TileGeometry<T> g(p, x.tm, x.tn);
-    wait_tile_ready(call.c, x);
-    copy_batched<kCopyUnroll>(
-        g.rows * g.vecs, [&](int v) { return call.mine + g.d_offset(v, p.n); },
-        [&](int v, uint4 r) {
-          const int64_t off = g.d_offset(v, p.n);
-#pragma unroll
-          for (int k = 1; k < W; ++k) store_plain(call.slot(call.peer(k), call.rank) + off, r);
-        });
-  }
-  __syncthreads();  // every push of the block precedes the releases below
-  for (int j = threadIdx.x; j < tiles_of_block(s.tiles) * (W - 1); j += kTileThreads) {
-    const TileIndex x = tile_index(block_tile(j / (W - 1)), s.tiles_m, s.tiles_n);
-    store_release_sys(received_flag(call.c, call.peer(j % (W - 1) + 1), x.t, call.rank), call.epoch);
-  }
-  for (int i = blockIdx.x; i < s.tiles; i += gridDim.x) {
-    const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-    call.sum_received(x, TileGeometry<T>(p, x.tm, x.tn), [](int64_t, uint4) {});
-  }
-  finish_call(call.ce, call.epoch);
-}
-
 }  // namespace
 
 uint64_t tile_region_bytes(int m, int n, int esize, int world) {
@@ -324,22 +289,17 @@ void* tile_partial(const CommHandle& c) { return c.peer_base[c.rank] + c.layout.
 
 uint32_t* tile_ready_flags(const CommHandle& c) { return c.flags(c.rank, kChannelTiles); }
 
-cudaError_t launch_tile_all_reduce(const TileAllReduceParams& p, TileReduceMode mode, int blocks,
-                                   cudaStream_t stream) {
+cudaError_t launch_tile_all_reduce(const TileAllReduceParams& p, int blocks, cudaStream_t stream) {
   if (p.m <= 0 || p.n <= 0) return cudaSuccess;
   if (p.dtype == DType::kFloat32 || p.n % 8 != 0 || p.tile_n % 8 != 0) return cudaErrorInvalidValue;
   const int64_t tiles = ceil_div64(p.m, p.tile_m) * ceil_div64(p.n, p.tile_n);
-  if (tiles > kMaxTiles || tiles > tile_all_reduce_max_tiles() ||
-      (mode == TileReduceMode::kOwner && tiles < p.comm.world))
+  if (tiles > kMaxTiles || tiles > tile_all_reduce_max_tiles() || tiles < p.comm.world)
     return cudaErrorInvalidValue;
   if (blocks <= 0 || blocks > tiles) blocks = int(std::min<int64_t>(tiles, blocks > 0 ? blocks : 16));
   return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
     using T = decltype(t);
     constexpr int W = decltype(w)::value;
-    if (mode == TileReduceMode::kPush)
-      tile_all_reduce_push_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
-    else
-      tile_all_reduce_owner_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
+    tile_all_reduce_owner_kernel<T, W><<<blocks, kTileThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -13,8 +13,8 @@
 // own flags: remote loads need a round trip each and hold an SM for it, while
 // stores are posted.
 //
-// Owner mode (prefill: bandwidth-bound, 2(W-1)/W·M·N bytes per rank over NVLink).
-// Tile i is owned by rank o = i % W:
+// Owner schedule (prefill: bandwidth-bound, 2(W-1)/W·M·N bytes per rank over
+// NVLink; at least W tiles). Tile i is owned by rank o = i % W:
 //
 //   non-owner r:  D_r[t] ready ─push─▶ recv_o[r][t] ─flag(t, r)─▶ o
 //                 ... one tile later: wait flag(t, o) ─ copy recv_r[o][t] ─▶ out
@@ -26,12 +26,8 @@
 //     r1:  push→r0   reduce    push→r0,  reduce
 //                              copy-out 0
 //
-// Push mode (decode: latency-bound, few tiles): each rank pushes every finished
-// tile to every peer, raises one flag per (tile, peer) after the last push, and
-// sums the W copies it holds:
-//
-//   r:  D_r[t] ready ──push──▶ recv_p[r][t] of every p ≠ r ... ──flags──▶
-//       wait W-1 flags per tile ──Σ in rank order (+ bias)──▶ out
+// (Decode sizes, with fewer tiles than ranks, take one kernel of their own:
+// kernels/gemm/decode_matmul_all_reduce.h.)
 //
 // Epochs. The GEMM bumps ready[t] once per call that has tile t; seen[t] (local)
 // counts the calls consumed, so a consumer waits for ready[t] >= seen[t] + 1.
@@ -45,8 +41,8 @@
 // while the GEMM computes its first tiles.
 // Why two slots suffice: a rank writes recv[e & 1] again only in call e + 2, after
 // it finished call e + 1, which needed data that every peer sent in call e + 1,
-// i.e. after that peer finished reading call e (push mode: every tile goes to
-// every peer; owner mode: each rank owns a tile, as there are at least W tiles).
+// i.e. after that peer finished reading call e (each rank owns a tile, as there
+// are at least W tiles).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -55,15 +51,13 @@
 
 namespace distfuse {
 
-enum class TileReduceMode : int { kOwner = 0, kPush = 1 };
-
 struct TileAllReduceParams {
   void* output;        // [M, N] row-major, this rank's result
   const void* bias;    // [N] or null, added once
   int m, n;            // GEMM output shape (N multiple of 8)
   int tile_m, tile_n;  // the GEMM's tile shape
   DType dtype;         // kBFloat16 or kFloat16
-  int group;           // owner mode: tiles a consumer CTA pushes per round of flag releases
+  int group;           // tiles a consumer CTA pushes per round of flag releases
   CommHandle comm;
 };
 
@@ -75,7 +69,7 @@ int tile_all_reduce_max_tiles();
 void* tile_partial(const CommHandle& c);
 uint32_t* tile_ready_flags(const CommHandle& c);
 
-cudaError_t launch_tile_all_reduce(const TileAllReduceParams& p, TileReduceMode mode, int blocks,
-                                   cudaStream_t stream);
+// The owner schedule on `blocks` CTAs; cudaErrorInvalidValue with fewer tiles than ranks.
+cudaError_t launch_tile_all_reduce(const TileAllReduceParams& p, int blocks, cudaStream_t stream);
 
 }  // namespace distfuse

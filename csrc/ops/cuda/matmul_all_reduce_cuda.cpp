@@ -4,7 +4,8 @@
 //   reference    torch.matmul + NCCL all_reduce (+ bias)
 //   sequential   cuBLAS matmul, then the distfuse all-reduce (bias in its epilogue)
 //   fused_tiles  tile GEMM on SMs - C SMs, owner-mode tile all-reduce on C SMs, overlapped
-//   decode_push  tile GEMM, push-mode tile all-reduce (small M), overlapped
+//   decode_push  one kernel: skinny GEMM whose epilogue pushes each column block to every
+//                peer, then the rank-order sum (small M; kernels/gemm/decode_matmul_all_reduce.h)
 //   serialized   the kernels auto would pick, one after the other (tests: same bits, no overlap)
 //   chunked      cuBLAS GEMMs of row chunks, each chunk's distfuse all-reduce overlapping the
 //                next chunk's GEMM (forced only: never the best measured)
@@ -32,6 +33,7 @@
 #include "ops/validate.h"
 
 #ifndef DISTFUSE_NO_GEMM
+#include "kernels/gemm/decode_matmul_all_reduce.h"
 #include "kernels/gemm/tile_gemm.h"
 #endif
 
@@ -40,9 +42,8 @@ namespace {
 
 constexpr const char* kOp = "matmul_all_reduce";
 
-at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                      const std::optional<at::Tensor>& bias) {
-  at::Tensor partial = contiguous_aligned(at::matmul(a, b));
+// Σ over the group of `partial` (+ bias once), in place, by the distfuse all-reduce.
+void all_reduce_in_place(const comm::Workspace& ws, at::Tensor& partial, const std::optional<at::Tensor>& bias) {
   at::Tensor bias_c;
   if (bias.has_value()) bias_c = contiguous_aligned(*bias);
   bool reference = false;
@@ -50,9 +51,14 @@ at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::
   TORCH_INTERNAL_ASSERT(kernel_dtype(partial.scalar_type(), &dtype));
   const AllReducePath path =
       choose_all_reduce_path(ws, partial.numel() * partial.element_size(), dtype, &reference);
-  // The all-reduce runs in place: the partial product is a temporary.
   run_all_reduce(ws, partial, partial, bias.has_value() ? &bias_c : nullptr,
                  reference ? AllReducePath::kTwoShot : path, kOpMatmulAllReduce);
+}
+
+at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                      const std::optional<at::Tensor>& bias) {
+  at::Tensor partial = contiguous_aligned(at::matmul(a, b));  // a temporary: reduced in place
+  all_reduce_in_place(ws, partial, bias);
   return partial;
 }
 
@@ -342,14 +348,11 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
 }
 
 at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                 const std::optional<at::Tensor>& bias, TileReduceMode& mode, Overlap overlap,
-                 int consumers) {
+                 const std::optional<at::Tensor>& bias, Overlap overlap, int consumers) {
   GemmOperands g = gemm_operands(a, b);
   const int device = ws.device();
   TileGemmParams gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   const int tile_m = tile_gemm_tile_m(gp), tile_n = tile_gemm_tile_n(gp);
-  // Owner mode needs a tile per rank; fewer tiles than ranks is decode-sized anyway.
-  if (output_tiles(g.m, g.n, tile_m, tile_n) < ws.world()) mode = TileReduceMode::kPush;
   const CommHandle& handle = ws.handle();
   consumers = std::max(1, std::min<int>(consumers, sm_count(device) / 2));
   gp.sm_count = sm_count(device) - consumers;
@@ -372,7 +375,7 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   if (overlap == Overlap::kSerialized) {
     C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
-    C10_CUDA_CHECK(launch_tile_all_reduce(rp, mode, consumers, main));
+    C10_CUDA_CHECK(launch_tile_all_reduce(rp, consumers, main));
   } else {
     SideStream& side = side_stream(device);
     C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
@@ -381,11 +384,51 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
     // module (lazy loading), which can synchronize the context; done while spinning
     // consumers already run, that waits for them while they wait for the GEMM.
     C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
-    C10_CUDA_CHECK(launch_tile_all_reduce(rp, mode, consumers, side.stream));
+    C10_CUDA_CHECK(launch_tile_all_reduce(rp, consumers, side.stream));
     C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
   }
   return with_leading_dims(ob.out, a);
+}
+
+// Decode schedule: one kernel on the main stream (kernels/gemm/decode_matmul_all_reduce.h).
+// Serialized: the same kernel writes this rank's partial, then the distfuse all-reduce.
+at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                  const std::optional<at::Tensor>& bias, Overlap overlap) {
+  const GemmOperands g = gemm_operands(a, b);
+  const int esize = static_cast<int>(a.element_size());
+  ws.ensure_tile_bytes(tile_region_bytes(static_cast<int>(g.m), static_cast<int>(g.n), esize, ws.world()), kOp);
+  OutputAndBias ob = output_and_bias(g, a, bias);
+  DecodeMatmulAllReduceParams p{};
+  p.a = g.a.data_ptr();
+  p.b = g.b.data_ptr();
+  p.output = ob.out.data_ptr();
+  p.bias = ob.bias_ptr();
+  p.lda = g.k;
+  p.ldb = g.b.stride(0);
+  p.m = static_cast<int>(g.m);
+  p.n = static_cast<int>(g.n);
+  p.k = static_cast<int>(g.k);
+  p.b_transposed = g.b_transposed;
+  TORCH_INTERNAL_ASSERT(kernel_dtype(a.scalar_type(), &p.dtype));
+  p.all_reduce = overlap == Overlap::kOverlapped;
+  p.ll = decode_ll(ws.world(), g.m, g.m * g.n * esize, kDecodeLLCapacityBytes,
+                   get_tuning("matmul_all_reduce.decode_ll"));
+  const int ctas = decode_ctas(ws.world(), g.m, g.k, static_cast<int>(get_tuning("matmul_all_reduce.decode_ctas")));
+  p.sm_count = ctas > 0 ? std::min(ctas, sm_count(ws.device())) : sm_count(ws.device());
+  p.op = kOpMatmulAllReduce;
+  p.comm = ws.handle();
+  C10_CUDA_CHECK(launch_decode_matmul_all_reduce(p, at::cuda::getCurrentCUDAStream(ws.device())));
+  if (!p.all_reduce) all_reduce_in_place(ws, ob.out, bias);
+  return with_leading_dims(ob.out, a);
+}
+
+// The owner schedule of fused_tiles needs an output tile per rank.
+bool owner_schedule_fits(const at::Tensor& a, const at::Tensor& b, int world) {
+  const int64_t k = a.size(-1), m = a.numel() / k, n = b.size(1);
+  TileGemmParams shape{};
+  shape.m = static_cast<int>(m);
+  return output_tiles(m, n, tile_gemm_tile_m(shape), tile_gemm_tile_n(shape)) >= world;
 }
 
 #endif  // DISTFUSE_NO_GEMM
@@ -421,7 +464,8 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     const int64_t k = a.size(-1), m = a.numel() / k;
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
         m, k, ws.world(), get_tuning("matmul_all_reduce.fused_min_m"),
-        get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"));
+        get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"),
+        get_tuning("matmul_all_reduce.decode_max_m"));
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
@@ -435,15 +479,19 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
       record_path(kOp, serialized ? "serialized" : pull ? "band_pull" : "copy_engine");
       return out;
     }
-    if (algo != MatmulAllReduceAlgo::kSequential) {
+    if (algo == MatmulAllReduceAlgo::kFusedTiles && !owner_schedule_fits(a, b, ws.world()))
+      algo = MatmulAllReduceAlgo::kDecodePush;  // decode-sized anyway
+    if (algo == MatmulAllReduceAlgo::kDecodePush &&
+        decode_shape_supported(m, b.size(1), k)) {
+      at::Tensor out = decode(ws, a, b, bias, overlap);
+      record_path(kOp, serialized ? "serialized" : "decode_push");
+      return out;
+    }
+    if (algo == MatmulAllReduceAlgo::kFusedTiles) {
       const int consumers = consumer_blocks(
           algo, ws.world(), k, static_cast<int>(get_tuning("matmul_all_reduce.consumer_blocks")));
-      TileReduceMode mode =
-          algo == MatmulAllReduceAlgo::kDecodePush ? TileReduceMode::kPush : TileReduceMode::kOwner;
-      at::Tensor out = fused(ws, a, b, bias, mode, overlap, consumers);
-      record_path(kOp, serialized                    ? "serialized"
-                       : mode == TileReduceMode::kPush ? "decode_push"
-                                                       : "fused_tiles");
+      at::Tensor out = fused(ws, a, b, bias, overlap, consumers);
+      record_path(kOp, serialized ? "serialized" : "fused_tiles");
       return out;
     }
     if (serialized) {

@@ -6,11 +6,11 @@
 // kernel addresses "region X of rank p" as peer_base[p] + offset_of_X.
 //
 //   symmetric buffer (per rank)
-//   +----------+---------------+-------------------+-------------------+-----------------+--------------+
-//   | counters | flags         | one-shot LL lines | two-shot LL lines | two-shot chunks | tile region  |
-//   | (local)  | (peers write) | (peers write)     | (peers write)     | (peers write)   | (GEMM tiles) |
-//   +----------+---------------+-------------------+-------------------+-----------------+--------------+
-//   └──────────── zeroed at creation (epoch 0 never appears) ─────────┘
+//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+--------------+
+//   | counters | flags         | one-shot LL lines | two-shot LL lines | decode LL lines | two-shot chunks | tile region  |
+//   | (local)  | (peers write) | (peers write)     | (peers write)     | (peers write)   | (peers write)   | (GEMM tiles) |
+//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+--------------+
+//   └──────────────────── zeroed at creation (epoch 0 never appears) ────────────────┘
 //
 // Each algorithm ("channel") owns its counters, flags and data region, so two
 // algorithms used back to back never touch each other's memory.
@@ -27,12 +27,13 @@ enum Channel : int {
   kChannelOneShot = 0,  // one-shot, 2 lines per thread
   kChannelTwoShot = 1,
   kChannelTiles = 2,
-  kChannelDecode = 3,
+  kChannelTilesReceived = 3,  // tile consumers: partials and sums landed
   kChannelOneShotFine = 4,  // one-shot, 1 line per thread (twice the CTAs)
   kChannelBands = 5,        // band all-reduce of GEMM outputs by the copy engines
   kChannelTwoShotLL = 6,    // two-shot on LL lines (mid sizes)
   kChannelBandPull = 7,     // band all-reduce of GEMM outputs by SM pulls
-  kNumChannels = 8,
+  kChannelDecodeGemm = 8,   // decode matmul_all_reduce in one kernel
+  kNumChannels = 9,
 };
 
 struct WorkspaceLayout {
@@ -49,6 +50,9 @@ struct WorkspaceLayout {
   // Two-shot LL region: [phase 2][parity 2][src world][kTwoShotLLLinesPerSlot] lines.
   uint64_t twoshot_ll_offset;
   uint64_t twoshot_ll_bytes;
+  // Decode matmul_all_reduce LL region: [src world][kDecodeLLLinesPerSlot] lines.
+  uint64_t decode_ll_offset;
+  uint64_t decode_ll_bytes;
   // Two-shot region: [phase 2][slot 2][src world][kTwoShotRegionBytes], in which
   // block b of a launch using chunks of c bytes owns [b * c, (b + 1) * c).
   uint64_t twoshot_offset;
@@ -69,6 +73,9 @@ constexpr uint64_t kOneShotLinesPerSlot = kOneShotCapacityBytes / 8;
 // carries at most world x kTwoShotLLShardBytes.
 constexpr uint64_t kTwoShotLLShardBytes = 1ull << 20;
 constexpr uint64_t kTwoShotLLLinesPerSlot = kTwoShotLLShardBytes / 8;
+// Decode matmul_all_reduce on LL lines: payload capacity of one call per source.
+constexpr uint64_t kDecodeLLCapacityBytes = 256ull << 10;
+constexpr uint64_t kDecodeLLLinesPerSlot = kDecodeLLCapacityBytes / 8;
 // Two-shot: per (phase, slot, source) region, split among the blocks of a launch
 // (blocks x chunk bytes <= kTwoShotRegionBytes); default and largest chunk.
 constexpr uint64_t kTwoShotRegionBytes = 8ull << 20;
@@ -97,7 +104,9 @@ inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
   l.oneshot_bytes = 2ull * 2ull * world * kOneShotLinesPerSlot * 16;
   l.twoshot_ll_offset = align_up(l.oneshot_offset + l.oneshot_bytes, kAlign);
   l.twoshot_ll_bytes = 2ull * 2ull * world * kTwoShotLLLinesPerSlot * 16;
-  l.twoshot_offset = align_up(l.twoshot_ll_offset + l.twoshot_ll_bytes, kAlign);
+  l.decode_ll_offset = align_up(l.twoshot_ll_offset + l.twoshot_ll_bytes, kAlign);
+  l.decode_ll_bytes = uint64_t(world) * kDecodeLLLinesPerSlot * 16;
+  l.twoshot_offset = align_up(l.decode_ll_offset + l.decode_ll_bytes, kAlign);
   l.twoshot_bytes = 2ull * kTwoShotSlots * world * kTwoShotRegionBytes;
   l.tiles_offset = align_up(l.twoshot_offset + l.twoshot_bytes, kAlign);
   l.tiles_bytes = align_up(tile_bytes, kAlign);
