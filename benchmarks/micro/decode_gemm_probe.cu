@@ -109,7 +109,7 @@ int main() {
         read_kernel<8><<<sms * 4, 256, 0, s>>>(reinterpret_cast<const uint4*>(w[i]), int64_t(n) * k / 8, sink);
     });
     std::printf("K=%5d  %.1f MB  plain read: %6.1f us (%5.0f GB/s)\n", k, mb, read, mb * 1e3 / read);
-    for (int m : {1, 8, 32}) {
+    for (int m : {1, 8, 16, 32, 128}) {
       {
         const int ctas = sms;
         DecodeMatmulAllReduceParams p{};
