@@ -113,8 +113,8 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, 512), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_GT(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4, 2048), 0);
-  EXPECT_EQ(consumer_blocks(MatmulAllReduceAlgo::kFusedTiles, 4, 2048, 7), 7);
+  EXPECT_GT(consumer_blocks(4, 2048), 0);
+  EXPECT_EQ(consumer_blocks(4, 2048, 7), 7);
   EXPECT_GE(owner_group_tiles(4, 7168), 1);
   EXPECT_EQ(owner_group_tiles(4, 7168, 3), 3);
 }

@@ -139,12 +139,7 @@ inline bool decode_ll(int world, int64_t m, int64_t output_bytes, uint64_t capac
 // blocks give each CTA several, whose pushes overlap its next GEMM block; 4 x H100,
 // W = 4 o_proj M = 1: 66 CTAs 33.9 us against 20.4 at one per SM (the weights stream
 // at the rate of the SMs that read them).
-inline int decode_ctas(int world, int64_t m, int64_t k, int override_ctas = 0) {
-  (void)world;
-  (void)m;
-  (void)k;
-  return override_ctas > 0 ? override_ctas : 0;
-}
+inline int decode_ctas(int override_ctas = 0) { return override_ctas > 0 ? override_ctas : 0; }
 
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
@@ -166,10 +161,9 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
 // Consumer CTAs that run beside the GEMM (the GEMM keeps the other SMs). Best of
 // {8, 16, 32, 48} at W = 2 and 4: the all-reduce-heavy o_proj at W = 4 (K_r = 2048)
 // wants 48, the rest 32.
-inline int consumer_blocks(MatmulAllReduceAlgo algo, int world, int64_t k, int override_blocks = 0) {
+inline int consumer_blocks(int world, int64_t k, int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
-  (void)algo;
   return k <= 2048 ? 48 : 32;
 }
 

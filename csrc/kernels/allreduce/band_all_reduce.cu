@@ -247,13 +247,7 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
   if (step < bands) sum_own_shard<T, W>(p, step, epoch);
 
   // The call's last kernel: its last CTA to leave stores the epoch (every CTA has read it).
-  if (step == bands) {
-    __syncthreads();
-    if (threadIdx.x == 0 && atomicAdd(pull_counter(c, 2), 1u) == gridDim.x - 1) {
-      *pull_counter(c, 2) = 0;
-      *pull_counter(c, 0) = epoch;
-    }
-  }
+  if (step == bands) store_epoch_when_last(pull_counter(c, 0), pull_counter(c, 2), epoch);
 }
 
 bool valid(const BandAllReduceParams& p, int band) {

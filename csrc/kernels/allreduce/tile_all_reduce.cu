@@ -54,16 +54,6 @@ __device__ __forceinline__ CallEpoch call_epoch(const CommHandle& c) {
   uint32_t* base = c.counters(kChannelTiles);
   return {base, base + 1};
 }
-__device__ __forceinline__ void finish_call(const CallEpoch& e, uint32_t epoch) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(e.done, 1u) == gridDim.x - 1) {
-      *e.done = 0;
-      *e.value = epoch;
-    }
-  }
-}
 
 template <typename T>
 struct TileGeometry {
@@ -274,7 +264,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
     prev_b = jb;
   }
   copy_out(prev_a, prev_b);
-  finish_call(call.ce, epoch);
+  store_epoch_when_last(call.ce.value, call.ce.done, epoch);
 }
 
 }  // namespace

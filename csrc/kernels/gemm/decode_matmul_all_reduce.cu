@@ -264,73 +264,56 @@ struct DecodeCta {
   }
 };
 
-// Σ in rank order (fp32) of the W partials of unit u in this rank's slots, + bias,
-// rounded once, into the output.
-template <typename T>
-__device__ void sum_unit(const DecodeMatmulAllReduceParams& p, const Unit& u, const T* slots, int64_t mn) {
-  constexpr int kVec = 8;
+// kBytes (8 or 16) of elements at p, as one vector load or store.
+template <typename T, int kBytes>
+__device__ __forceinline__ Pack<T, kBytes> load_vector(const T* p) {
+  Pack<T, kBytes> x;
+  if constexpr (kBytes == 16) {
+    x = to_pack<T>(load_plain(p));
+  } else {
+    const uint2 d = *reinterpret_cast<const uint2*>(p);
+    x.w[0] = d.x;
+    x.w[1] = d.y;
+  }
+  return x;
+}
+template <typename T, int kBytes>
+__device__ __forceinline__ void store_vector(T* p, const Pack<T, kBytes>& x) {
+  if constexpr (kBytes == 16) store_plain(p, from_pack<T>(x));
+  else *reinterpret_cast<uint2*>(p) = make_uint2(x.w[0], x.w[1]);
+}
+
+// Σ in rank order (fp32) of the W partials of unit u, + bias, rounded once, into the
+// output, kBytes of elements at a time: load(src, off) gives what rank src sent for
+// element offset off (16 bytes from its slot, or 8 from its LL line once it landed).
+template <typename T, int kBytes, typename Load>
+__device__ void sum_unit(const DecodeMatmulAllReduceParams& p, const Unit& u, Load load) {
+  using P = Pack<T, kBytes>;
+  constexpr int kVec = P::kElems;
   const int vecs = u.cols / kVec;
   const int count = u.rows * vecs;
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.output);
   const int world = p.comm.world;
   for (int v = threadIdx.x; v < count; v += kThreads) {
-    const int64_t off = int64_t(u.row0 + v / vecs) * p.n + u.col0 + (v % vecs) * kVec;
-    uint4 x[kMaxWorld];
+    const int col = u.col0 + (v % vecs) * kVec;
+    const int64_t off = int64_t(u.row0 + v / vecs) * p.n + col;
+    P x[kMaxWorld];
 #pragma unroll
     for (int src = 0; src < kMaxWorld; ++src)
-      if (src < world) x[src] = load_cg(slots + src * mn + off);
+      if (src < world) x[src] = load(src, off);
     float acc[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
 #pragma unroll
     for (int src = 0; src < kMaxWorld; ++src)
-      if (src < world) accumulate<T, 16>(acc, to_pack<T>(x[src]));
+      if (src < world) accumulate<T, kBytes>(acc, x[src]);
     if (bias) {
-      const Pack<T, 16> b = to_pack<T>(load_plain(bias + u.col0 + (v % vecs) * kVec));
+      const P b = load_vector<T, kBytes>(bias + col);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
     }
-    store_plain(out + off, from_pack<T>(round_pack<T, 16>(acc)));
-  }
-}
-
-// The same sum from the LL lines: 8 bytes (4 elements) per line, each line waited for.
-template <typename T>
-__device__ void sum_unit_ll(const DecodeMatmulAllReduceParams& p, const Unit& u, uint32_t epoch) {
-  constexpr int kVec = 4;
-  const int vecs = u.cols / kVec;
-  const int count = u.rows * vecs;
-  const T* bias = static_cast<const T*>(p.bias);
-  T* out = static_cast<T*>(p.output);
-  const CommHandle& c = p.comm;
-  for (int v = threadIdx.x; v < count; v += kThreads) {
-    const int64_t off = int64_t(u.row0 + v / vecs) * p.n + u.col0 + (v % vecs) * kVec;
-    uint2 x[kMaxWorld];
-#pragma unroll
-    for (int src = 0; src < kMaxWorld; ++src)
-      if (src < c.world) x[src] = ll_load(ll_line(c, c.rank, src, off), epoch, c.timeout_ns, p.op, int(u.index), src);
-    float acc[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
-#pragma unroll
-    for (int src = 0; src < kMaxWorld; ++src) {
-      if (src >= c.world) continue;
-      Pack<T, 8> pk;
-      pk.w[0] = x[src].x;
-      pk.w[1] = x[src].y;
-      accumulate<T, 8>(acc, pk);
-    }
-    if (bias) {
-      Pack<T, 8> b;
-      const uint2 bw = *reinterpret_cast<const uint2*>(bias + u.col0 + (v % vecs) * kVec);
-      b.w[0] = bw.x;
-      b.w[1] = bw.y;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
-    }
-    const Pack<T, 8> r = round_pack<T, 8>(acc);
-    *reinterpret_cast<uint2*>(out + off) = make_uint2(r.w[0], r.w[1]);
+    store_vector<T, kBytes>(out + off, round_pack<T, kBytes>(acc));
   }
 }
 
@@ -398,25 +381,24 @@ __global__ void __launch_bounds__(kThreads, 1) decode_matmul_all_reduce_kernel(D
 
   const T* slots = reinterpret_cast<const T*>(c.peer_base[rank] + c.layout.tiles_offset) + mn;
   for (int64_t i = blockIdx.x; i < units; i += gridDim.x) {
+    const Unit u = unit_of(p, i);
     if (p.ll) {
-      sum_unit_ll<T>(p, unit_of(p, i), epoch);
+      sum_unit<T, 8>(p, u, [&](int from, int64_t off) {
+        const uint2 d = ll_load(ll_line(c, rank, from, off), epoch, c.timeout_ns, p.op, int(i), from);
+        Pack<T, 8> x;
+        x.w[0] = d.x;
+        x.w[1] = d.y;
+        return x;
+      });
       continue;
     }
     if (peer_thread)
       wait_flag_reached(received_flag(c, rank, i, src), epoch, c.timeout_ns, p.op, "column block", int(i), src);
     __syncthreads();
-    sum_unit<T>(p, unit_of(p, i), slots, mn);
+    sum_unit<T, 16>(p, u, [&](int from, int64_t off) { return to_pack<T>(load_cg(slots + from * mn + off)); });
   }
 
-  // The last CTA to finish stores the call epoch (every CTA read the old one first).
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(epoch_value + 1, 1u) == gridDim.x - 1) {
-      epoch_value[1] = 0;
-      epoch_value[0] = epoch;
-    }
-  }
+  store_epoch_when_last(epoch_value, epoch_value + 1, epoch);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }

@@ -414,7 +414,7 @@ at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   p.all_reduce = overlap == Overlap::kOverlapped;
   p.ll = decode_ll(ws.world(), g.m, g.m * g.n * esize, kDecodeLLCapacityBytes,
                    get_tuning("matmul_all_reduce.decode_ll"));
-  const int ctas = decode_ctas(ws.world(), g.m, g.k, static_cast<int>(get_tuning("matmul_all_reduce.decode_ctas")));
+  const int ctas = decode_ctas(static_cast<int>(get_tuning("matmul_all_reduce.decode_ctas")));
   p.sm_count = ctas > 0 ? std::min(ctas, sm_count(ws.device())) : sm_count(ws.device());
   p.op = kOpMatmulAllReduce;
   p.comm = ws.handle();
@@ -488,8 +488,8 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
       return out;
     }
     if (algo == MatmulAllReduceAlgo::kFusedTiles) {
-      const int consumers = consumer_blocks(
-          algo, ws.world(), k, static_cast<int>(get_tuning("matmul_all_reduce.consumer_blocks")));
+      const int consumers =
+          consumer_blocks(ws.world(), k, static_cast<int>(get_tuning("matmul_all_reduce.consumer_blocks")));
       at::Tensor out = fused(ws, a, b, bias, overlap, consumers);
       record_path(kOp, serialized ? "serialized" : "fused_tiles");
       return out;

@@ -13,6 +13,8 @@
 //  - ll_store / ll_load: 16-byte "low latency" lines {d0, flag, d1, flag}. A line
 //    is written by one vector store and is valid when both flags equal the
 //    epoch, so data and flag arrive together and no fence is needed.
+//  - store_epoch_when_last(...): the last CTA of a call publishes its epoch to the
+//    next call on the stream (plain stores; the kernel boundary orders them).
 //  - enter_call(...): a handshake at the start of a kernel that writes into peers'
 //    workspace: no thread of the block goes on before every peer has entered the
 //    same call, i.e. finished every access of its previous calls (its streams of
@@ -122,6 +124,20 @@ __device__ __forceinline__ uint2 ll_load(const LLLine* p, uint32_t flag, uint64_
     if (spins == 0) start = global_timer_ns();
     else if ((spins & 63u) == 0 && global_timer_ns() - start > bound)
       timeout_trap(op, "block", block, peer, flag, f0 != flag ? f0 : f1);
+  }
+}
+
+// End of a call whose CTAs all read the call epoch from *value at their start: the
+// last CTA of the grid to get here stores `epoch` (and resets the arrival count), so
+// that the next call, on the same stream, reads it.
+__device__ __forceinline__ void store_epoch_when_last(uint32_t* value, uint32_t* arrived, uint32_t epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(arrived, 1u) == gridDim.x - 1) {
+      *arrived = 0;
+      *value = epoch;
+    }
   }
 }
 
