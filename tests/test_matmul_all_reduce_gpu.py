@@ -148,12 +148,12 @@ def _captured_call(group_name, path, m, k, n, dev):
     return graph, (a, w, bias, y)
 
 
-def _replays_are_exact(graph, tensors, rank, world, replays, tag):
+def _replays_are_exact(graph, tensors, rank, world, replays, tag, seed=77):
     """Replays with fresh integer-valued inputs changed in place; exact every time."""
     a, w, bias, y = tensors
     (m, k), n = a.shape, w.shape[0]
     for replay in range(replays):
-        gen = torch.Generator(device="cpu").manual_seed(77 + replay)
+        gen = torch.Generator(device="cpu").manual_seed(seed + replay)
         a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(torch.float16)
         w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(torch.float16)
         b_vals = torch.randint(-3, 4, (n,), generator=gen).to(torch.float16)
@@ -244,6 +244,59 @@ def body_decode_variants(rank, world, group_name):
         assert torch.equal(out, unfused), ("overlap changed bits", i, m, k, n, ll, ctas)
         for other in _gather(out, world):
             assert torch.equal(other, out), ("ranks differ", i)
+
+
+def body_band_variants(rank, world, group_name):
+    """The SM-pull band schedule as one persistent kernel and as one kernel per band,
+    with 1 to 40 CTAs and 1 to 16 bands, back to back in mixed order (so the band
+    sequence of the persistent kernel's flags runs on across calls of different shapes,
+    CTA and band counts): exact on integer inputs, the same bits as the unfused order,
+    identical across ranks; then CUDA graphs of both, replayed in turns."""
+    import distfuse
+    from distfuse.ops import force_path, last_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
+    lowered = {"matmul_all_reduce.band_pull_min_m": 1, "matmul_all_reduce.band_pull_min_k": 8}
+    for i in range(48):
+        m = (1, 100, 129, 1000, 2500, 4097)[i % 6]
+        k = (64, 520)[i % 2]
+        n = (256, 1032, 4096)[(i // 2) % 3]
+        knobs = {"matmul_all_reduce.band_persistent": (1, 2)[(i // 3) % 2],
+                 "matmul_all_reduce.band_reduce_blocks": (1, 3, 16, 40)[(i // 4) % 4],
+                 "matmul_all_reduce.bands": (1, 2, 8, 16)[(i // 5) % 4], **lowered}
+        row_major = i % 7 == 0
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        gen = torch.Generator(device="cpu").manual_seed(7000 + i)
+        a_all = torch.randint(-2, 3, (world, m, k), generator=gen).to(dev, dtype)
+        w_all = torch.randint(-2, 3, (world, n, k), generator=gen).to(dev, dtype)
+        bias = torch.randint(-3, 4, (n,), generator=gen).to(dev, dtype) if i % 4 == 1 else None
+        b = w_all[rank].t().contiguous() if row_major else w_all[rank].t()
+        partials = torch.einsum("rmk,rnk->rmn", a_all.double(), w_all.double())
+        exact = partials.sum(0) + (bias.double() if bias is not None else 0)
+        with distfuse.tuning(knobs):
+            _poison_allocator(m * n, dtype, dev)
+            out = distfuse.matmul_all_reduce(a_all[rank], b, group_name, bias=bias)
+            assert last_path("matmul_all_reduce") == "band_pull"
+            with force_path("matmul_all_reduce", "serialized"):
+                unfused = distfuse.matmul_all_reduce(a_all[rank], b, group_name, bias=bias)
+        limit = 2048 if dtype == torch.float16 else 256
+        if max(partials.abs().max(), exact.abs().max()) <= limit:
+            assert torch.equal(out.double(), exact), (i, m, k, n, knobs)
+        assert torch.equal(out, unfused), ("overlap changed bits", i, m, k, n, knobs)
+        for other in _gather(out, world):
+            assert torch.equal(other, out), ("ranks differ", i)
+    graphs = []
+    for persistent in (1, 2):
+        with distfuse.tuning({"matmul_all_reduce.band_persistent": persistent}):
+            graphs.append((persistent, _captured_call(group_name, "band_pull", 1500, 256, 2048, dev)))
+    for turn in range(4):
+        for persistent, (graph, tensors) in graphs:
+            _replays_are_exact(graph, tensors, rank, world, 3, ("band_pull", persistent, turn), seed=1000 * turn)
+
+
+@pytest.mark.parametrize("world", gpu_world_sizes())
+def test_band_variants_exact_and_bitwise(world):
+    run_distributed(body_band_variants, world, backend="nccl", timeout=300)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())

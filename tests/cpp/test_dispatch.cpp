@@ -62,22 +62,25 @@ TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
   EXPECT_EQ(two_shot_blocks(4, 16), 16);
 }
 
-TEST(MatmulAllReduceChoice, BandPullWhereTheGemmIsLong) {
+TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   for (int world = 2; world <= kMaxWorld; ++world) {
-    EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world), band_pull_min_k(world), world),
-              MatmulAllReduceAlgo::kBandPull);
-    EXPECT_NE(choose_matmul_all_reduce(band_pull_min_m(world) - 1, band_pull_min_k(world), world),
-              MatmulAllReduceAlgo::kBandPull);
-    EXPECT_NE(choose_matmul_all_reduce(band_pull_min_m(world), band_pull_min_k(world) - 8, world),
-              MatmulAllReduceAlgo::kBandPull);
+    for (int64_t k : {band_pull_min_k(world), int64_t(7168)}) {
+      const int64_t min_m = band_pull_min_m(world, k);
+      EXPECT_EQ(choose_matmul_all_reduce(min_m, k, world), MatmulAllReduceAlgo::kBandPull);
+      EXPECT_NE(choose_matmul_all_reduce(min_m - 1, k, world), MatmulAllReduceAlgo::kBandPull);
+    }
+    EXPECT_NE(choose_matmul_all_reduce(16384, band_pull_min_k(world) - 8, world), MatmulAllReduceAlgo::kBandPull);
   }
-  // Llama-3-70B at M = 8192: o_proj at W = 4 (K_r = 2048) keeps the owner schedule.
-  EXPECT_EQ(choose_matmul_all_reduce(8192, 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(8192, 7168, 4), MatmulAllReduceAlgo::kBandPull);
-  // M = 4096: down_proj at W = 4 (K_r = 7168) takes it, at W = 2 (K_r = 14336) not.
+  // Llama-3-70B: every M >= 8192 row; at M = 4096 all but o_proj at W = 4 (K_r = 2048).
+  for (int64_t k : {2048, 4096, 7168, 14336}) EXPECT_EQ(choose_matmul_all_reduce(8192, k, 4), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 7168, 4), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_TRUE(band_pull_persistent());
+  EXPECT_FALSE(band_pull_persistent(2));
   for (auto algo : {MatmulAllReduceAlgo::kBandPull, MatmulAllReduceAlgo::kCopyEngine})
     for (int64_t k : {2048, 7168}) EXPECT_GE(band_reduce_blocks(algo, 4, 8192, k), 1);
   EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168, 3), 3);
@@ -86,10 +89,13 @@ TEST(MatmulAllReduceChoice, BandPullWhereTheGemmIsLong) {
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168));
   EXPECT_LT(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168),
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 4096, 7168));
-  for (int64_t tiles_m : {1, 7, 64, 1000}) {
-    EXPECT_GE(band_tile_rows(tiles_m, 4), 1);
-    EXPECT_LE(band_tile_rows(tiles_m, 4), 8);
-  }
+  for (int world : {2, 4})
+    for (int64_t tiles_m : {1, 7, 64, 1000}) {
+      EXPECT_GE(band_tile_rows(tiles_m, world), 1);
+      EXPECT_LE(band_tile_rows(tiles_m, world), 8);
+    }
+  EXPECT_EQ(band_tile_rows(64, 2), 4);  // 16 bands at W = 2, M = 8192
+  EXPECT_EQ(band_tile_rows(64, 4), 8);
 }
 
 TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
@@ -111,7 +117,10 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_FALSE(decode_ll(4, 64, 64 * 1024 * 2, kDecodeLLCapacityBytes));
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2), MatmulAllReduceAlgo::kSequential);
+  // Where the band schedule is off (its smallest M raised), the owner schedule up to fused_max_k.
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, 0, int64_t(1) << 40), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, 0, int64_t(1) << 40),
+            MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, 512), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_GT(consumer_blocks(4, 2048), 0);
   EXPECT_EQ(consumer_blocks(4, 2048, 7), 7);

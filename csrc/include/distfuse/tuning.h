@@ -95,21 +95,20 @@ inline int64_t fused_max_k(int world) {
   return 8192;
 }
 
-// The SM-pull band schedule where the GEMM is at least as long as the all-reduce
-// (K_r >= 4096; M >= 8192, at W >= 4 M >= 4096). Forced sweep on 4 x H100 (benchmarks/NOTES.md, v8):
-// W = 4 down_proj M = 8192 / 16384 1442 / 2828 us vs copy_engine 1595 / 3032 and
-// fused_tiles 1590 / 3125; W = 2 down_proj 2700 / 5396 vs copy_engine 2816 / 5611;
-// W = 2 o_proj (K_r = 4096) 882 / 1700 vs fused_tiles 934 / 1856. It loses where
-// the all-reduce dominates (W = 4 o_proj, K_r = 2048: 879 vs fused_tiles 819) and
-// at M = 2048 (W = 4 down_proj 536 vs sequential 462). At M = 4096 it wins for W = 4
-// down_proj (760 us at 16 CTAs vs fused_tiles 823; 4 x H100) and not at W = 2
-// (down_proj 1416 vs sequential 1404). W > 4: untuned, same rule as W = 4.
-inline int64_t band_pull_min_m(int world) {
-  return world >= 4 ? 4096 : 8192;
+// The SM-pull band schedule (one persistent kernel, v13) from M = 4096 with K_r >= 2048,
+// except at M < 8192 where the all-reduce dominates (W >= 4, K_r < 4096). Forced
+// sweeps (benchmarks/NOTES.md, v13), same runs: W = 4 o_proj (K_r = 2048) M = 8192 /
+// 16384 781 / 1472 us vs fused_tiles 819 / 1558 (4 x H100), 770 / 1456 vs 795 / 1541
+// (4 x H200), but M = 4096 451 vs 445 (H100), 436 vs 431 (H200); W = 2 o_proj M = 4096
+// 473 vs fused_tiles 494 (H100), 442 vs 482 (H200); W = 2 down_proj M = 4096 1368 vs
+// sequential 1403 (H100), 1333 vs 1402 (H200). At M = 2048 it loses (W = 4 o_proj
+// 278 vs sequential 252, down_proj 589 vs 458). W > 4: untuned, same rule as W = 4.
+inline int64_t band_pull_min_m(int world, int64_t k) {
+  return world >= 4 && k < 4096 ? 8192 : 4096;
 }
 inline int64_t band_pull_min_k(int world) {
   (void)world;
-  return 4096;
+  return 2048;
 }
 
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
@@ -148,7 +147,7 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
                                                     int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
                                                     int64_t override_bp_min_k = 0,
                                                     int64_t override_decode_max_m = 0) {
-  const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world);
+  const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k);
   const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
   if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world)))
@@ -185,12 +184,14 @@ inline int64_t chunk_rows(int64_t m, int world, int64_t override_chunks = 0) {
 }
 
 // Band schedules: tile rows per band (and per group of the GEMM's tile order, so
-// that bands complete in order), about `bands` bands per call, at most 8 tile rows.
-// SM-pull, 4 x H100: 8 bands beat 16 except W = 4 down_proj M = 8192 at R = 16
-// (1460 vs 1509) and o_proj M = 16384 (1679 vs 1684); W > 4: untuned.
+// that bands complete in order), about `bands` bands per call, at most 8 tile rows:
+// 16 bands at W = 2 from 64 tile rows (M = 8192 with 128-row tiles), else 8. The
+// persistent SM-pull kernel (v13), 16 vs 8 bands at M = 8192: W = 2 o_proj 852 vs 886 us
+// and down_proj 2618 vs 2658 (4 x H200; 4 x H100 885 vs 908, 2659 vs 2714); W = 4 o_proj
+// 805 vs 770 (H200), down_proj 1473 vs 1474. At M = 4096 8 bands win (W = 2 o_proj 442
+// vs 469). W > 4: untuned.
 inline int band_tile_rows(int64_t tiles_m, int world, int64_t override_bands = 0) {
-  (void)world;
-  const int64_t bands = override_bands > 0 ? override_bands : 8;
+  const int64_t bands = override_bands > 0 ? override_bands : world <= 2 && tiles_m >= 64 ? 16 : 8;
   const int64_t rows = (tiles_m + bands - 1) / bands;
   return int(rows < 1 ? 1 : rows > 8 ? 8 : rows);
 }
@@ -213,6 +214,14 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
   if (k >= 14336) return 4;
   return k >= 7168 && m >= 8192 ? 8 : 16;
 }
+
+// SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no
+// launch or grid-wide arrival per band) rather than one kernel per band (v13; same
+// runs, 8 bands, persistent vs per band: W = 4 o_proj M = 8192 / 16384 781 / 1472 vs
+// 895 / 1701 us on 4 x H100; W = 2 o_proj M = 4096 442 vs 463 on 4 x H200; down_proj
+// within 1 %; the one row where per band wins: W = 2 o_proj M = 16384, 1714 vs 1677
+// on H200). Override: 1 on, 2 off.
+inline bool band_pull_persistent(int64_t override_value = 0) { return override_value != 2; }
 
 // CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.
 inline int chunk_all_reduce_blocks(int world, int override_blocks = 0) {

@@ -35,8 +35,8 @@ __device__ __forceinline__ uint32_t* reduced_flag(const CommHandle& c, int dst, 
   return c.flags(dst, kChannelBands) + int64_t(kMaxBands + band) * kMaxWorld + src;
 }
 
-// Threads 0..W-1 but `skip` wait until flag(src) reached the epoch; then the CTA
-// moves on together (the acquires make the flagged data visible to the CTA).
+// Threads 0..W-1 but `skip` wait until flag(src) reached the epoch; then the
+// CTA moves on together (the acquires make the flagged data visible to the CTA).
 template <typename Flag>
 __device__ __forceinline__ void wait_band_flags(const CommHandle& c, int band, uint32_t epoch, int skip,
                                                 Flag flag) {
@@ -48,8 +48,9 @@ __device__ __forceinline__ void wait_band_flags(const CommHandle& c, int band, u
 
 // Waits until this rank's GEMM published every tile that overlaps the band in
 // this call (the GEMM bumps ready[t] once per call; seen[t] counts the calls
-// consumed, shared with the tile consumers).
-__device__ void wait_band_tiles(const BandAllReduceParams& p, int band) {
+// consumed, shared with the tile consumers; `consume`: count this call as consumed
+// for the band's tiles, else the caller does it later).
+__device__ void wait_band_tiles(const BandAllReduceParams& p, int band, bool consume) {
   const CommHandle& c = p.comm;
   const RowRange b = band_rows_of(p, band);
   const int tiles_n = int((p.n + p.tile_n - 1) / p.tile_n);
@@ -62,7 +63,7 @@ __device__ void wait_band_tiles(const BandAllReduceParams& p, int band) {
     const int t = (tm0 + i / tiles_n) * tiles_n + i % tiles_n;
     const uint32_t expected = seen[t] + 1;
     wait_flag_reached(ready + t, expected, c.timeout_ns, kOpMatmulAllReduce, "tile", t, c.rank);
-    seen[t] = expected;
+    if (consume) seen[t] = expected;
   }
 }
 
@@ -70,7 +71,7 @@ __device__ void wait_band_tiles(const BandAllReduceParams& p, int band) {
 // that follow on this stream write into peers' workspace.
 __global__ void __launch_bounds__(kWaitThreads) band_wait_ready_kernel(BandAllReduceParams p, int band) {
   if (band == 0) enter_call(p.comm, kChannelBands, kEntrySlot, call_epoch(p.comm), kOpMatmulAllReduce);
-  wait_band_tiles(p, band);
+  wait_band_tiles(p, band, /*consume=*/true);
 }
 
 // After this rank's copies of the band (earlier on the stream) completed: tell
@@ -161,31 +162,79 @@ __device__ __forceinline__ uint32_t* pull_summed_flag(const CommHandle& c, int d
   return c.flags(dst, kChannelBandPull) + int64_t(kMaxBands + band) * kMaxWorld + src;
 }
 
+constexpr int kPullUnroll = 8;  // 16-byte loads in flight per thread: NVLink needs ~1 MB per GPU
+
+// The 16-byte vectors first + u·kReduceThreads (u < kPullUnroll), then the same
+// `stride` further on, ... < end, of one thread: copied from `from` to `to`.
+template <typename T>
+__device__ __forceinline__ void pull_vectors(const T* from, T* to, int64_t first, int64_t end, int64_t stride) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kUnroll = kPullUnroll;
+  for (int64_t v0 = first; v0 < end; v0 += stride) {
+    uint4 x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (v0 + u * kReduceThreads < end) x[u] = load_cg(from + (v0 + u * kReduceThreads) * kVec);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (v0 + u * kReduceThreads < end) store_plain(to + (v0 + u * kReduceThreads) * kVec, x[u]);
+  }
+}
+
+// Peer src's sums of its shard of `band` (in its red slot) and where they go in the output.
+template <typename T>
+struct PeerSums {
+  const T* from;
+  T* to;
+  int64_t vectors;
+};
+template <typename T>
+__device__ __forceinline__ PeerSums<T> peer_sums(const BandAllReduceParams& p, int band, int src) {
+  const RowRange s = band_shard(p, band, src);
+  const int64_t off = s.row0 * p.n;
+  return {static_cast<const T*>(band_region(p, src, band_slot_offset(p, src) + off)),
+          static_cast<T*>(p.output) + off, s.rows * p.n / (16 / int64_t(sizeof(T)))};
+}
+
 // Every peer's sums of its shard of `band`, pulled from its red slot into the output.
 template <typename T, int W>
 __device__ void gather_peer_sums(const BandAllReduceParams& p, int band, uint32_t epoch) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kUnroll = 8;  // 16-byte loads in flight per thread: NVLink needs ~1 MB per GPU
   const CommHandle& c = p.comm;
   const int rank = c.rank;
   wait_band_flags(c, band, epoch, rank, [&](int src) { return pull_summed_flag(c, rank, band, src); });
-  T* out = static_cast<T*>(p.output);
   for (int k = 1; k < W; ++k) {
-    const int src = rank + k < W ? rank + k : rank + k - W;
-    const RowRange s = band_shard(p, band, src);
-    const int64_t off = s.row0 * p.n, vectors = s.rows * p.n / kVec;
-    const T* from = static_cast<const T*>(band_region(p, src, band_slot_offset(p, src) + off));
-    for (int64_t v0 = int64_t(blockIdx.x) * kUnroll * kReduceThreads + threadIdx.x; v0 < vectors;
-         v0 += int64_t(gridDim.x) * kUnroll * kReduceThreads) {
-      uint4 x[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (v0 + u * kReduceThreads < vectors) x[u] = load_cg(from + (v0 + u * kReduceThreads) * kVec);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (v0 + u * kReduceThreads < vectors) store_plain(out + off + (v0 + u * kReduceThreads) * kVec, x[u]);
-    }
+    const PeerSums<T> s = peer_sums<T>(p, band, rank + k < W ? rank + k : rank + k - W);
+    pull_vectors(s.from, s.to, int64_t(blockIdx.x) * kPullUnroll * kReduceThreads + threadIdx.x, s.vectors,
+                 int64_t(gridDim.x) * kPullUnroll * kReduceThreads);
   }
+}
+
+// Σ in rank order (+ bias) of this rank's shard of `band`, vectors first, first +
+// stride, ... < end of one thread (U per step), every rank's rows loaded from its D
+// (peers' over NVLink): to the output and to red_r.
+template <typename T, int W>
+__device__ void sum_shard_vectors(const BandAllReduceParams& p, int band, int64_t first, int64_t end,
+                                  int64_t stride) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int rank = p.comm.rank;
+  const int64_t off0 = band_shard(p, band, rank).row0 * p.n;
+  T* out = static_cast<T*>(p.output) + off0;
+  T* red = static_cast<T*>(band_region(p, rank, band_slot_offset(p, rank) + off0));
+  const T* rows_of[W];  // every rank's D at this shard
+#pragma unroll
+  for (int k = 0; k < W; ++k) rows_of[k] = static_cast<const T*>(band_region(p, k, off0));
+  for (int64_t v0 = first; v0 < end; v0 += stride)
+    sum_batch_in_rank_order<T, W, kReduceUnroll<W>, kReduceThreads>(
+        v0, end, [&](int src, int64_t v) { return rows_of[src] + v * kVec; }, static_cast<const T*>(p.bias),
+        [&](int64_t v) { return (off0 + v * kVec) % p.n; },
+        [&](int64_t v, uint4 r) {
+          store_plain(out + v * kVec, r);
+          store_plain(red + v * kVec, r);
+        });
+}
+template <typename T>
+__device__ __forceinline__ int64_t shard_vectors(const BandAllReduceParams& p, int band, int owner) {
+  return band_shard(p, band, owner).rows * p.n / (16 / int64_t(sizeof(T)));
 }
 
 // This rank's shard of `band`: once every rank's rows are complete, Σ in rank order
@@ -193,35 +242,18 @@ __device__ void gather_peer_sums(const BandAllReduceParams& p, int band, uint32_
 // last CTA done tells every peer.
 template <typename T, int W>
 __device__ void sum_own_shard(const BandAllReduceParams& p, int band, uint32_t epoch) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int U = kReduceUnroll<W>;
   const CommHandle& c = p.comm;
   const int rank = c.rank;
   if (blockIdx.x == 0) {
-    wait_band_tiles(p, band);
+    wait_band_tiles(p, band, /*consume=*/true);
     __syncthreads();
     if (threadIdx.x < W) store_release_sys(pull_ready_flag(c, threadIdx.x, band, rank), epoch);
   }
   wait_band_flags(c, band, epoch, /*skip=*/-1, [&](int src) { return pull_ready_flag(c, rank, band, src); });
 
-  const RowRange shard = band_shard(p, band, rank);
-  const int64_t off0 = shard.row0 * p.n;
-  const int64_t count = shard.rows * p.n / kVec;
-  T* out = static_cast<T*>(p.output) + off0;
-  T* red = static_cast<T*>(band_region(p, rank, band_slot_offset(p, rank) + off0));
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* rows_of[W];  // every rank's D at this shard
-#pragma unroll
-  for (int k = 0; k < W; ++k) rows_of[k] = static_cast<const T*>(band_region(p, k, off0));
-  const int64_t stride = int64_t(gridDim.x) * U * kReduceThreads;
-  for (int64_t v0 = int64_t(blockIdx.x) * U * kReduceThreads + threadIdx.x; v0 < count; v0 += stride)
-    sum_batch_in_rank_order<T, W, U, kReduceThreads>(
-        v0, count, [&](int src, int64_t v) { return rows_of[src] + v * kVec; }, bias,
-        [&](int64_t v) { return (off0 + v * kVec) % p.n; },
-        [&](int64_t v, uint4 r) {
-          store_plain(out + v * kVec, r);
-          store_plain(red + v * kVec, r);
-        });
+  constexpr int U = kReduceUnroll<W>;
+  sum_shard_vectors<T, W>(p, band, int64_t(blockIdx.x) * U * kReduceThreads + threadIdx.x,
+                          shard_vectors<T>(p, band, rank), int64_t(gridDim.x) * U * kReduceThreads);
 
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -248,6 +280,142 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
 
   // The call's last kernel: its last CTA to leave stores the epoch (every CTA has read it).
   if (step == bands) store_epoch_when_last(pull_counter(c, 0), pull_counter(c, 2), epoch);
+}
+
+// ------------------------------------------- SM-pull schedule, one persistent kernel
+//
+// The same sums and pulls as band_pull_kernel, in one kernel of R CTAs that walks
+// every band: no launch and no grid-wide arrival per band. CTA j owns slice j (of
+// R equal vector ranges) of every shard and talks only to CTA j of each peer:
+//
+//   CTA j of rank r, band s:
+//     sum:    [wait this rank's tiles of s][ready_j(s) to every peer][wait ready_j(s) of
+//             every peer][Σ slice j of shard r][summed_j(s) to every peer]
+//     gather: [wait summed_j(s) of every peer][pull slice j of every peer's shard of s]
+//
+//   GEMM ahead (all-reduce-bound):  [sum 0][sum 1][gather 0][sum 2][gather 1] ... [gather B-1]
+//   GEMM behind (GEMM-bound):       [sum 0][gather 0][sum 1][gather 1] ...  [sum B-1][gather B-1]
+//                                           └ while the GEMM computes band 1
+//   (the last CTA of the call counts the call's tiles as consumed)
+//
+// Flags carry band numbers of a sequence kept in counters(kChannelBandPull)[0]:
+// band s of a call whose base is b is b + 1 + s, and the call's last CTA stores
+// b + B. One slot per rank and CTA is enough: the values only grow (a slot left
+// unused for 2^31 band numbers would read as reached). Deadlock-free for the same
+// reasons as the per-band kernels: a CTA waits for this rank's GEMM and for CTA j
+// of the peers at the same or an earlier band.
+constexpr int64_t kPersistentReadySlot = 2ll * kMaxBands * kMaxWorld;                      // + src·kMaxBlocks + CTA
+constexpr int64_t kPersistentSummedSlot = kPersistentReadySlot + int64_t(kMaxWorld) * kMaxBlocks;  // same
+static_assert(kPersistentSummedSlot + int64_t(kMaxWorld) * kMaxBlocks <= int64_t(kFlagsPerChannel),
+              "band flags overflow the channel");
+
+__device__ __forceinline__ uint32_t* persistent_ready_flag(const CommHandle& c, int dst, int src, int cta) {
+  return c.flags(dst, kChannelBandPull) + kPersistentReadySlot + int64_t(src) * kMaxBlocks + cta;
+}
+__device__ __forceinline__ uint32_t* persistent_summed_flag(const CommHandle& c, int dst, int src, int cta) {
+  return c.flags(dst, kChannelBandPull) + kPersistentSummedSlot + int64_t(src) * kMaxBlocks + cta;
+}
+
+// Slice `cta` of `ctas` of [0, count): equal runs, the last ones shorter or empty.
+__device__ __forceinline__ RowRange cta_slice(int64_t count, int cta, int ctas) {
+  const int64_t per = (count + ctas - 1) / ctas;
+  const int64_t first = per * cta < count ? per * cta : count;
+  const int64_t last = first + per < count ? first + per : count;
+  return {first, last - first};
+}
+
+// Every peer's slice `cta` of its sums of `band`, once that peer's CTA flagged it.
+template <typename T, int W>
+__device__ __forceinline__ void gather_peer_slices(const BandAllReduceParams& p, int band, uint32_t seq) {
+  const CommHandle& c = p.comm;
+  const int rank = c.rank, cta = blockIdx.x;
+  wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_summed_flag(c, rank, src, cta); });
+  for (int k = 1; k < W; ++k) {
+    const PeerSums<T> from = peer_sums<T>(p, band, rank + k < W ? rank + k : rank + k - W);
+    const RowRange mine = cta_slice(from.vectors, cta, gridDim.x);
+    pull_vectors(from.from, from.to, mine.row0 + threadIdx.x, mine.row0 + mine.rows,
+                 int64_t(kPullUnroll) * kReduceThreads);
+  }
+}
+
+// Whether this rank's GEMM already published every tile of `band` in this call (one
+// look at each, no wait); the same answer for the whole CTA.
+__device__ bool band_tiles_published(const BandAllReduceParams& p, int band) {
+  const CommHandle& c = p.comm;
+  const RowRange b = band_rows_of(p, band);
+  const int tiles_n = int((p.n + p.tile_n - 1) / p.tile_n);
+  const int tm0 = int(b.row0 / p.tile_m);
+  const int count = int((b.row0 + b.rows + p.tile_m - 1) / p.tile_m - tm0) * tiles_n;
+  const uint32_t* ready = c.flags(c.rank, kChannelTiles);
+  const uint32_t* seen = c.tile_seen();
+  bool published = true;
+  for (int i = threadIdx.x; i < count && published; i += blockDim.x) {
+    const int t = (tm0 + i / tiles_n) * tiles_n + i % tiles_n;
+    published = epoch_reached(load_relaxed_sys(ready + t), seen[t] + 1);
+  }
+  return __syncthreads_and(published);
+}
+
+// Slice `cta` of this rank's shard of `band`, once this rank's tiles of the band are
+// published and every peer's CTA `cta` says the same of its own: Σ in rank order,
+// then flagged to every peer's CTA `cta`.
+template <typename T, int W>
+__device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int band, uint32_t seq) {
+  constexpr int U = kReduceUnroll<W>;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank, cta = blockIdx.x;
+  wait_band_tiles(p, band, /*consume=*/false);
+  __syncthreads();  // the acquires of every tile precede the releases
+  if (int(threadIdx.x) < W) store_release_sys(persistent_ready_flag(c, threadIdx.x, rank, cta), seq);
+  wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_ready_flag(c, rank, src, cta); });
+  const RowRange mine = cta_slice(shard_vectors<T>(p, band, rank), cta, gridDim.x);
+  sum_shard_vectors<T, W>(p, band, mine.row0 + threadIdx.x, mine.row0 + mine.rows, int64_t(U) * kReduceThreads);
+  __syncthreads();  // every sum of the slice precedes the releases
+  if (int(threadIdx.x) < W && int(threadIdx.x) != rank)
+    store_release_sys(persistent_summed_flag(c, threadIdx.x, rank, cta), seq);
+}
+
+// Order of the steps: a band's gather waits at most until the next band is summed.
+// It goes first when the next band's tiles are not all published yet (the GEMM is
+// the bottleneck: gather while it runs, so that only the last band's sum and gather
+// follow the GEMM), after the next band's sum otherwise (the all-reduce is the
+// bottleneck: by then the peers' sums have landed, so the gather never waits).
+template <typename T, int W>
+__global__ void __launch_bounds__(kReduceThreads) band_pull_persistent_kernel(BandAllReduceParams p, int bands) {
+  const CommHandle& c = p.comm;
+  __shared__ uint32_t s_base;
+  __shared__ bool s_last;
+  if (threadIdx.x == 0) s_base = *pull_counter(c, 0);
+  __syncthreads();
+  const uint32_t base = s_base;  // band s of this call is base + 1 + s
+
+  int summed = 0, gathered = 0;
+  while (gathered < bands) {
+    const int pending = summed - gathered;  // bands summed but not gathered yet: 0, 1 or 2
+    if (summed < bands && (pending == 0 || (pending == 1 && band_tiles_published(p, summed)))) {
+      sum_own_slice<T, W>(p, summed, base + 1 + summed);
+      ++summed;
+    } else {
+      gather_peer_slices<T, W>(p, gathered, base + 1 + gathered);
+      ++gathered;
+    }
+  }
+
+  // The last CTA to leave counts the call's tiles as consumed and stores the sequence.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s_last = atomicAdd(pull_counter(c, 2), 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  const int64_t tiles = ((p.m + p.tile_m - 1) / p.tile_m) * ((p.n + p.tile_n - 1) / p.tile_n);
+  uint32_t* seen = c.tile_seen();
+  for (int64_t t = threadIdx.x; t < tiles; t += blockDim.x) seen[t] += 1;
+  if (threadIdx.x == 0) {
+    *pull_counter(c, 2) = 0;
+    *pull_counter(c, 0) = base + bands;
+  }
 }
 
 bool valid(const BandAllReduceParams& p, int band) {
@@ -282,6 +450,15 @@ cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks,
   if (!valid(p, step == bands ? 0 : step) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
   return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
     band_pull_kernel<decltype(t), decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, step, bands);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, cudaStream_t stream) {
+  if (!valid(p, 0) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
+    band_pull_persistent_kernel<decltype(t), decltype(w)::value>
+        <<<blocks, kReduceThreads, 0, stream>>>(p, static_cast<int>(band_count(p)));
     return cudaGetLastError();
   });
 }

@@ -81,6 +81,9 @@ cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cud
 // Kernel `step` (0..band_count) of the SM-pull schedule, on `blocks` CTAs (they
 // need not be resident together).
 cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks, cudaStream_t stream);
+// The same schedule in one persistent kernel of `blocks` CTAs, which must be
+// resident together (band_all_reduce.cu draws it).
+cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, cudaStream_t stream);
 
 // The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
 // shard p of `band` to every peer p, or pull every peer's sum into the output.

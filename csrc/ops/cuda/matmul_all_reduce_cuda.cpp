@@ -276,11 +276,12 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   return bc;
 }
 
-// SM-pull band schedule (kernels/allreduce/band_all_reduce.h): one kernel of R CTAs
-// per band on a side stream, beside the tile GEMM on the other SMs.
+// SM-pull band schedule (kernels/allreduce/band_all_reduce.h): one persistent kernel
+// of R CTAs (or one kernel of R CTAs per band) on a side stream, beside the tile GEMM
+// on the other SMs.
 //
 //   main: ─fork─[ tile GEMM on SMs - R ................................ ]─join─▶
-//   side:       [Σ b0][gather b0, Σ b1][gather b1, Σ b2] ... [gather b(B-1)]─┘
+//   side:       [Σ b0][Σ b1, gather b0][Σ b2, gather b1] ... [gather b(B-1)]─┘
 at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias, Overlap overlap) {
   const BandCall bc = band_call(ws, a, b, bias, MatmulAllReduceAlgo::kBandPull, /*spare_sms=*/0);
@@ -293,8 +294,12 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
   cudaStream_t stream = overlapped ? side.stream.stream() : main;
   if (overlapped) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, side.fork, 0));
-  const int bands = static_cast<int>(band_count(bc.bands));
-  for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
+  if (band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
+    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, stream));
+  } else {
+    const int bands = static_cast<int>(band_count(bc.bands));
+    for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
+  }
   if (overlapped) {
     C10_CUDA_CHECK(cudaEventRecord(side.join, stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
