@@ -42,9 +42,12 @@ std::string to_string(const std::vector<uint8_t>& v) { return std::string(v.begi
 std::vector<uint8_t> to_bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
 
 // Every rank learns whether all members sit on one host and can reach each
-// other's GPU memory directly. Two rounds through the group's store: identity
-// (host, PCI bus id), then each rank's verdict; the answer is the AND of verdicts.
-bool exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int device) {
+// other's GPU memory directly, and which GPU model they share. Two rounds through
+// the group's store: identity (host, PCI bus id, GPU name), then each rank's
+// verdict; the answer is the AND of verdicts. `gpu_name`: the members' common GPU
+// name, "mixed" if they differ (the same on every rank).
+bool exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int device,
+                          std::string& gpu_name) {
   const int rank = pg.getRank();
   const int world = pg.getSize();
   auto store = pg.getStore();
@@ -52,21 +55,26 @@ bool exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int
   gethostname(host, sizeof(host) - 1);
   char bus[64] = {0};
   C10_CUDA_CHECK(cudaDeviceGetPCIBusId(bus, sizeof(bus), device));
-  store->set(prefix + "id/" + std::to_string(rank), to_bytes(std::string(host) + "|" + bus));
+  cudaDeviceProp prop{};
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  store->set(prefix + "id/" + std::to_string(rank), to_bytes(std::string(host) + "|" + bus + "|" + prop.name));
 
   bool ok = true;
-  for (int p = 0; p < world && ok; ++p) {
+  gpu_name = prop.name;
+  for (int p = 0; p < world; ++p) {
     const std::string id = to_string(store->get(prefix + "id/" + std::to_string(p)));
-    const size_t bar = id.find('|');
+    const size_t bar = id.find('|'), bar2 = id.find('|', bar + 1);
+    if (id.substr(bar2 + 1) != gpu_name) gpu_name = "mixed";
+    if (!ok) continue;
     if (id.substr(0, bar) != host) {
       ok = false;  // another host: no load/store access
-      break;
+      continue;
     }
     int peer_device = -1;
-    if (cudaDeviceGetByPCIBusId(&peer_device, id.substr(bar + 1).c_str()) != cudaSuccess) {
+    if (cudaDeviceGetByPCIBusId(&peer_device, id.substr(bar + 1, bar2 - bar - 1).c_str()) != cudaSuccess) {
       (void)cudaGetLastError();
       ok = false;  // the peer's GPU is not visible to this process
-      break;
+      continue;
     }
     if (peer_device != device) {
       int can = 0;
@@ -105,7 +113,7 @@ void Workspace::allocate(const char* op) {
   const int generation = (*g_generation)[group_name_]++;
   const std::string prefix =
       "distfuse/" + group_name_ + "/" + std::to_string(generation) + "/";
-  p2p_ = world_ > 1 && exchange_p2p_verdict(*pg, prefix, device_);
+  p2p_ = world_ > 1 && exchange_p2p_verdict(*pg, prefix, device_, gpu_name_);
   if (!p2p_) return;
 
   tile_bytes_ = std::max<size_t>(tile_bytes_, tile_region_bytes_for_output(max_output_bytes_, world_));

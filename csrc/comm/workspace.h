@@ -54,6 +54,8 @@ class Workspace {
   int rank() const { return rank_; }
   int world() const { return world_; }
   int device() const { return device_; }
+  // The GPU name every member shares ("mixed" if they differ; empty without P2P).
+  const std::string& gpu_name() const { return gpu_name_; }
   const CommHandle& handle() const { return handle_; }
   size_t one_shot_capacity_bytes() const;
 
@@ -70,6 +72,7 @@ class Workspace {
   int rank_ = 0;
   int world_ = 1;
   int device_ = -1;
+  std::string gpu_name_;
   at::Tensor buffer_;
   at::Tensor gemm_scratch_;
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> symm_;

@@ -11,6 +11,8 @@
 namespace distfuse {
 namespace {
 
+constexpr GpuClass kH100 = GpuClass::kH100;
+
 TEST(AllReduceChoice, SmallIsOneShotLargeIsTwoShot) {
   for (int world = 2; world <= kMaxWorld; ++world) {
     const int64_t threshold = one_shot_threshold_bytes(world);
@@ -66,19 +68,19 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   for (int world = 2; world <= kMaxWorld; ++world) {
     for (int64_t k : {band_pull_min_k(world), int64_t(7168)}) {
       const int64_t min_m = band_pull_min_m(world, k);
-      EXPECT_EQ(choose_matmul_all_reduce(min_m, k, world), MatmulAllReduceAlgo::kBandPull);
-      EXPECT_NE(choose_matmul_all_reduce(min_m - 1, k, world), MatmulAllReduceAlgo::kBandPull);
+      EXPECT_EQ(choose_matmul_all_reduce(min_m, k, world, kH100), MatmulAllReduceAlgo::kBandPull);
+      EXPECT_NE(choose_matmul_all_reduce(min_m - 1, k, world, kH100), MatmulAllReduceAlgo::kBandPull);
     }
-    EXPECT_NE(choose_matmul_all_reduce(16384, band_pull_min_k(world) - 8, world), MatmulAllReduceAlgo::kBandPull);
+    EXPECT_NE(choose_matmul_all_reduce(16384, band_pull_min_k(world) - 8, world, kH100), MatmulAllReduceAlgo::kBandPull);
   }
   // Llama-3-70B: every M >= 8192 row; at M = 4096 all but o_proj at W = 4 (K_r = 2048).
-  for (int64_t k : {2048, 4096, 7168, 14336}) EXPECT_EQ(choose_matmul_all_reduce(8192, k, 4), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, 7168, 4), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
+  for (int64_t k : {2048, 4096, 7168, 14336}) EXPECT_EQ(choose_matmul_all_reduce(8192, k, 4, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 2048, 4, kH100), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 7168, 4, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
   EXPECT_TRUE(band_pull_persistent());
   EXPECT_FALSE(band_pull_persistent(2));
   for (auto algo : {MatmulAllReduceAlgo::kBandPull, MatmulAllReduceAlgo::kCopyEngine})
@@ -100,28 +102,34 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
 
 TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   for (int world : {2, 4, 8}) {
-    EXPECT_EQ(choose_matmul_all_reduce(1, 2048, world), decode_max_m(world) >= 1 ? MatmulAllReduceAlgo::kDecodePush
+    EXPECT_EQ(choose_matmul_all_reduce(1, 2048, world, kH100), decode_max_m(world, kH100) >= 1 ? MatmulAllReduceAlgo::kDecodePush
                                                                                 : MatmulAllReduceAlgo::kSequential);
-    EXPECT_EQ(choose_matmul_all_reduce(decode_max_m(world) + 1, 7168, world), MatmulAllReduceAlgo::kSequential);
+    EXPECT_EQ(choose_matmul_all_reduce(decode_max_m(world, kH100) + 1, 7168, world, kH100), MatmulAllReduceAlgo::kSequential);
   }
-  EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, 0, 0, 0, 512), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, 0, 0, 0, 512), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(decode_max_m(2), 0);
-  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 2), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(decode_max_m(2, kH100), 0);
+  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
+  // The decode schedule only where it was measured to win: H100.
+  EXPECT_EQ(gpu_class("NVIDIA H100 80GB HBM3"), GpuClass::kH100);
+  EXPECT_EQ(gpu_class("NVIDIA H200"), GpuClass::kOther);
+  EXPECT_EQ(gpu_class("mixed"), GpuClass::kOther);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther, 0, 0, 0, 16), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 2, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_TRUE(decode_ll(4, 1, 8192 * 2, kDecodeLLCapacityBytes));
   EXPECT_FALSE(decode_ll(4, 8, 8 * 8192 * 2, kDecodeLLCapacityBytes));
   EXPECT_TRUE(decode_ll(2, 8, 8 * 8192 * 2, kDecodeLLCapacityBytes));
   EXPECT_FALSE(decode_ll(2, 8, 8 * 8192 * 2, kDecodeLLCapacityBytes, 2));
   EXPECT_FALSE(decode_ll(4, 8, kDecodeLLCapacityBytes + 16, kDecodeLLCapacityBytes, 1));
   EXPECT_FALSE(decode_ll(4, 64, 64 * 1024 * 2, kDecodeLLCapacityBytes));
-  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4, kH100), MatmulAllReduceAlgo::kFusedTiles);
   // Where the band schedule is off (its smallest M raised), the owner schedule up to fused_max_k.
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, 0, int64_t(1) << 40), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, 0, int64_t(1) << 40),
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, kH100, 0, int64_t(1) << 40), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, kH100, 0, int64_t(1) << 40),
             MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, 512), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, kH100, 512), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_GT(consumer_blocks(4, 2048), 0);
   EXPECT_EQ(consumer_blocks(4, 2048, 7), 7);
   EXPECT_GE(owner_group_tiles(4, 7168), 1);

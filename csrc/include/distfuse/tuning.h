@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace distfuse {
 
@@ -111,16 +112,25 @@ inline int64_t band_pull_min_k(int world) {
   return 2048;
 }
 
+// GPUs as far as the dispatch table tells them apart (from the name all members of
+// the group share; "mixed" and unknown names are kOther).
+enum class GpuClass : int { kH100 = 0, kOther = 1 };
+inline GpuClass gpu_class(const std::string& name) {
+  return name.find("H100") != std::string::npos ? GpuClass::kH100 : GpuClass::kOther;
+}
+
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
 // M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse
 // all-reduce in the same run (benchmarks/NOTES.md, v12d): W = 4 o_proj M = 1 / 8 / 16 / 32
 // 18.7 / 20.9 / 22.6 / 26.9 us vs 19.0 / 21.5 / 24.1 / 26.5; down_proj 47.7 / 49.1 / 52.1 /
 // 60.8 vs 47.2 / 49.7 / 52.4 / 55.2. W = 2: slower at every M (o_proj M = 1 29.9 vs 28.9,
 // M = 16 31.8 vs 30.8): the push to one peer saves less than the GEMM loses (cuBLAS
-// reads the weights at the HBM floor, this GEMM 1.5-3.5 us above it). W > 4: untuned,
-// same as W = 4.
-inline int64_t decode_max_m(int world) {
-  return world >= 3 ? 16 : 0;
+// reads the weights at the HBM floor, this GEMM 1.5-3.5 us above it). H100 only: on
+// H200 (4.8 TB/s of HBM against 3.35) the skinny GEMM falls far behind cuBLAS (4 x H200,
+// W = 4, M = 1: o_proj 17.7 vs 16.0 us, down_proj 43.8 vs 35.6). W > 4: untuned, same
+// as W = 4.
+inline int64_t decode_max_m(int world, GpuClass gpu) {
+  return world >= 3 && gpu == GpuClass::kH100 ? 16 : 0;
 }
 
 // Decode schedule: push on LL lines (data and flag in one 16-byte store: no fence,
@@ -140,17 +150,17 @@ inline bool decode_ll(int world, int64_t m, int64_t output_bytes, uint64_t capac
 // at the rate of the SMs that read them).
 inline int decode_ctas(int override_ctas = 0) { return override_ctas > 0 ? override_ctas : 0; }
 
-// Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank) when
+// Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
 // band_pull_min_k and decode_max_m.
-inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world,
+inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world, GpuClass gpu,
                                                     int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
                                                     int64_t override_bp_min_k = 0,
                                                     int64_t override_decode_max_m = 0) {
   const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k);
   const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
-  if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world)))
+  if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
   const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);
   return m >= min_m && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles

@@ -468,7 +468,7 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
   if (forced != "sequential" && forced != "chunked" && fused_gemm_supported(a, b)) {
     const int64_t k = a.size(-1), m = a.numel() / k;
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
-        m, k, ws.world(), get_tuning("matmul_all_reduce.fused_min_m"),
+        m, k, ws.world(), gpu_class(ws.gpu_name()), get_tuning("matmul_all_reduce.fused_min_m"),
         get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"),
         get_tuning("matmul_all_reduce.decode_max_m"));
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
