@@ -128,6 +128,32 @@ def body_exact_random_m(rank, world, group_name):
         assert torch.equal(out, expected), (i, m, path)
 
 
+def _integer_operands(rank, world, m, k, n, dtype, dev, seed, row_major, with_bias):
+    """Integer-valued operands of every rank (the same on every rank for one seed):
+    this rank's A and B (row-major or weight.t()), the bias, the partials and their
+    exact float64 sum (+ bias)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    a_all = torch.randint(-2, 3, (world, m, k), generator=gen).to(dev, dtype)
+    w_all = torch.randint(-2, 3, (world, n, k), generator=gen).to(dev, dtype)
+    bias = torch.randint(-3, 4, (n,), generator=gen).to(dev, dtype) if with_bias else None
+    b = w_all[rank].t().contiguous() if row_major else w_all[rank].t()
+    partials = torch.einsum("rmk,rnk->rmn", a_all.double(), w_all.double())
+    exact = partials.sum(0) + (bias.double() if bias is not None else 0)
+    return a_all[rank], b, bias, partials, exact
+
+
+def _exact_and_bitwise(out, unfused, partials, exact, world, tag):
+    """`out` equals the exact sum wherever fp16 / bf16 hold every partial and the sum
+    (integers up to 2048 / 256), is bitwise the unfused order's result, and is the
+    same on every rank."""
+    limit = 2048 if out.dtype == torch.float16 else 256
+    if max(partials.abs().max(), exact.abs().max()) <= limit:
+        assert torch.equal(out.double(), exact), tag
+    assert torch.equal(out, unfused), ("overlap changed bits", tag)
+    for other in _gather(out, world):
+        assert torch.equal(other, out), ("ranks differ", tag)
+
+
 def _captured_call(group_name, path, m, k, n, dev):
     """A CUDA graph of one fp16 matmul_all_reduce (with bias) on `path`, captured after
     a warm-up call on a side stream; returns the graph and its tensors."""
@@ -209,41 +235,25 @@ def body_decode_variants(rank, world, group_name):
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=16 << 20, timeout_ms=30000)
-    g = torch.Generator(device="cpu").manual_seed(5)  # same sequence on every rank
     for i in range(60):
         m = (1, 2, 7, 16, 17, 64, 128, 129, 300)[i % 9]
         k = (8, 64, 520, 2048)[i % 4]
         n = (8, 264, 1024, 8192)[(i // 4) % 4]
         ll = (1, 2)[i % 2] if m * n * 2 <= 256 << 10 else 2
         ctas = (0, 1, 7, 40)[(i // 2) % 4]
-        row_major = i % 3 == 0
         dtype = (torch.float16, torch.bfloat16)[i % 2]
-        gen = torch.Generator(device="cpu").manual_seed(9000 + i)
-        a_all = torch.randint(-2, 3, (world, m, k), generator=gen).to(dev, dtype)
-        w_all = torch.randint(-2, 3, (world, n, k), generator=gen).to(dev, dtype)
-        bias = torch.randint(-3, 4, (n,), generator=gen).to(dev, dtype) if i % 4 == 1 else None
-        b = w_all[rank].t().contiguous() if row_major else w_all[rank].t()
-        partials = torch.einsum("rmk,rnk->rmn", a_all.double(), w_all.double())
-        exact = partials.sum(0)
-        if bias is not None:
-            exact = exact + bias.double()
+        a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 9000 + i,
+                                                        row_major=i % 3 == 0, with_bias=i % 4 == 1)
         knobs = {"matmul_all_reduce.decode_ll": ll, "matmul_all_reduce.decode_ctas": ctas}
         with distfuse.tuning(knobs):
             _poison_allocator(m * n, dtype, dev)
             with force_path("matmul_all_reduce", "decode_push"):
-                out = distfuse.matmul_all_reduce(a_all[rank], b, group_name, bias=bias)
+                out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
                 assert last_path("matmul_all_reduce") == "decode_push"
             with distfuse.tuning({"matmul_all_reduce.decode_max_m": 4096}), \
                     force_path("matmul_all_reduce", "serialized"):
-                unfused = distfuse.matmul_all_reduce(a_all[rank], b, group_name, bias=bias)
-        # Integers are exact in fp16 / bf16 up to 2048 / 256: check where every partial
-        # and the sum stay below (small K); the bitwise checks below hold everywhere.
-        limit = 2048 if dtype == torch.float16 else 256
-        if max(partials.abs().max(), exact.abs().max()) <= limit:
-            assert torch.equal(out.double(), exact), (i, m, k, n, ll, ctas)
-        assert torch.equal(out, unfused), ("overlap changed bits", i, m, k, n, ll, ctas)
-        for other in _gather(out, world):
-            assert torch.equal(other, out), ("ranks differ", i)
+                unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
+        _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, ll, ctas))
 
 
 def body_band_variants(rank, world, group_name):
@@ -264,27 +274,16 @@ def body_band_variants(rank, world, group_name):
         knobs = {"matmul_all_reduce.band_persistent": (1, 2)[(i // 3) % 2],
                  "matmul_all_reduce.band_reduce_blocks": (1, 3, 16, 40)[(i // 4) % 4],
                  "matmul_all_reduce.bands": (1, 2, 8, 16)[(i // 5) % 4], **lowered}
-        row_major = i % 7 == 0
         dtype = (torch.float16, torch.bfloat16)[i % 2]
-        gen = torch.Generator(device="cpu").manual_seed(7000 + i)
-        a_all = torch.randint(-2, 3, (world, m, k), generator=gen).to(dev, dtype)
-        w_all = torch.randint(-2, 3, (world, n, k), generator=gen).to(dev, dtype)
-        bias = torch.randint(-3, 4, (n,), generator=gen).to(dev, dtype) if i % 4 == 1 else None
-        b = w_all[rank].t().contiguous() if row_major else w_all[rank].t()
-        partials = torch.einsum("rmk,rnk->rmn", a_all.double(), w_all.double())
-        exact = partials.sum(0) + (bias.double() if bias is not None else 0)
+        a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 7000 + i,
+                                                        row_major=i % 7 == 0, with_bias=i % 4 == 1)
         with distfuse.tuning(knobs):
             _poison_allocator(m * n, dtype, dev)
-            out = distfuse.matmul_all_reduce(a_all[rank], b, group_name, bias=bias)
+            out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
             assert last_path("matmul_all_reduce") == "band_pull"
             with force_path("matmul_all_reduce", "serialized"):
-                unfused = distfuse.matmul_all_reduce(a_all[rank], b, group_name, bias=bias)
-        limit = 2048 if dtype == torch.float16 else 256
-        if max(partials.abs().max(), exact.abs().max()) <= limit:
-            assert torch.equal(out.double(), exact), (i, m, k, n, knobs)
-        assert torch.equal(out, unfused), ("overlap changed bits", i, m, k, n, knobs)
-        for other in _gather(out, world):
-            assert torch.equal(other, out), ("ranks differ", i)
+                unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
+        _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, knobs))
     graphs = []
     for persistent in (1, 2):
         with distfuse.tuning({"matmul_all_reduce.band_persistent": persistent}):
