@@ -148,8 +148,10 @@ __global__ void __launch_bounds__(kSignalThreads)
 
 // ------------------------------------------------------------ SM-pull schedule
 
-// counters(kChannelBandPull): [0] the last finished call's epoch, [1] CTAs of the
-// running band kernel done summing, [2] CTAs of the call's last kernel done.
+// counters(kChannelBandPull): [0] the last finished call's epoch (kernel per band) or
+// last band number (persistent kernel): both only grow, so the two kernels can follow
+// each other; [1] CTAs of the running band kernel done summing; [2] CTAs of the
+// call's last kernel done.
 __device__ __forceinline__ uint32_t* pull_counter(const CommHandle& c, int i) {
   return c.counters(kChannelBandPull) + i;
 }
@@ -283,27 +285,9 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
 }
 
 // ------------------------------------------- SM-pull schedule, one persistent kernel
-//
-// The same sums and pulls as band_pull_kernel, in one kernel of R CTAs that walks
-// every band: no launch and no grid-wide arrival per band. CTA j owns slice j (of
-// R equal vector ranges) of every shard and talks only to CTA j of each peer:
-//
-//   CTA j of rank r, band s:
-//     sum:    [wait this rank's tiles of s][ready_j(s) to every peer][wait ready_j(s) of
-//             every peer][Σ slice j of shard r][summed_j(s) to every peer]
-//     gather: [wait summed_j(s) of every peer][pull slice j of every peer's shard of s]
-//
-//   GEMM ahead (all-reduce-bound):  [sum 0][sum 1][gather 0][sum 2][gather 1] ... [gather B-1]
-//   GEMM behind (GEMM-bound):       [sum 0][gather 0][sum 1][gather 1] ...  [sum B-1][gather B-1]
-//                                           └ while the GEMM computes band 1
-//   (the last CTA of the call counts the call's tiles as consumed)
-//
-// Flags carry band numbers of a sequence kept in counters(kChannelBandPull)[0]:
-// band s of a call whose base is b is b + 1 + s, and the call's last CTA stores
-// b + B. One slot per rank and CTA is enough: the values only grow (a slot left
-// unused for 2^31 band numbers would read as reached). Deadlock-free for the same
-// reasons as the per-band kernels: a CTA waits for this rank's GEMM and for CTA j
-// of the peers at the same or an earlier band.
+// (band_all_reduce.h draws it). Flags: ready and summed, one slot per source rank and
+// CTA, carrying band numbers (the values only grow; a slot left unused for 2^31 band
+// numbers would read as reached).
 constexpr int64_t kPersistentReadySlot = 2ll * kMaxBands * kMaxWorld;                      // + src·kMaxBlocks + CTA
 constexpr int64_t kPersistentSummedSlot = kPersistentReadySlot + int64_t(kMaxWorld) * kMaxBlocks;  // same
 static_assert(kPersistentSummedSlot + int64_t(kMaxWorld) * kMaxBlocks <= int64_t(kFlagsPerChannel),
@@ -379,7 +363,7 @@ __device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int 
 // It goes first when the next band's tiles are not all published yet (the GEMM is
 // the bottleneck: gather while it runs, so that only the last band's sum and gather
 // follow the GEMM), after the next band's sum otherwise (the all-reduce is the
-// bottleneck: by then the peers' sums have landed, so the gather never waits).
+// bottleneck: by then the peers' sums have landed, so the gather does not wait).
 template <typename T, int W>
 __global__ void __launch_bounds__(kReduceThreads) band_pull_persistent_kernel(BandAllReduceParams p, int bands) {
   const CommHandle& c = p.comm;

@@ -55,6 +55,31 @@
 // e+1 only after r's call e ended, which waited for every peer's summed(s) of every
 // band, i.e. after their loads of r's D.
 //
+// SM-pull schedule in one persistent kernel (the default; launch_band_pull_persistent):
+// the same sums and pulls in one kernel of R CTAs that walks every band, so no
+// launch and no grid-wide arrival sits between bands. CTA j owns slice j (of R
+// equal vector ranges) of every shard and talks only to CTA j of each peer:
+//
+//   CTA j of rank r, band s:
+//     sum(s):    wait this rank's tiles of s ─ flag ready_j(s) to every peer ─ wait
+//                ready_j(s) of every peer ─ Σ in rank order (+ bias) of slice j of
+//                shard r ─▶ out and red_r ─ flag summed_j(s) to every peer
+//     gather(s): wait summed_j(s) of every peer ─ pull slice j of red_p[s, shard p]
+//                ─▶ out for every p ≠ r
+//
+//   GEMM ahead (all-reduce-bound):  [sum 0][sum 1][gather 0][sum 2][gather 1] ... [gather B-1]
+//   GEMM behind (GEMM-bound):       [sum 0][gather 0][sum 1][gather 1] ... [sum B-1][gather B-1]
+//                                           └ while the GEMM computes band 1
+//
+// (a band's gather goes before the next band's sum when that band's tiles are not
+// all out yet). Flags carry band numbers of a sequence kept in the channel's epoch
+// counter: band s of a call whose base is b is b + 1 + s, and the call's last CTA
+// stores b + B (and counts the call's tiles as consumed). One slot per rank and CTA
+// suffices because the values only grow. It cannot deadlock for the reasons below:
+// a CTA waits for this rank's GEMM and for CTA j of the peers at the same or an
+// earlier band, and the R CTAs fit beside the GEMM's SMs - R CTAs. Reuse by the next
+// call: as below, with "every peer's CTA j" for "every peer".
+//
 // Entry (copy-engine schedule): band 0's wait on stream A starts with a handshake
 // (enter_call): no copy goes to a peer before it entered the same call, so a peer
 // still reading the previous call's data (of another shape or schedule over the
@@ -81,8 +106,8 @@ cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cud
 // Kernel `step` (0..band_count) of the SM-pull schedule, on `blocks` CTAs (they
 // need not be resident together).
 cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks, cudaStream_t stream);
-// The same schedule in one persistent kernel of `blocks` CTAs, which must be
-// resident together (band_all_reduce.cu draws it).
+// The same schedule in one persistent kernel of `blocks` CTAs (drawn above); they
+// must all find an SM beside the GEMM, which leaves `blocks` SMs free.
 cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, cudaStream_t stream);
 
 // The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
