@@ -46,21 +46,25 @@ __device__ __forceinline__ void wait_band_flags(const CommHandle& c, int band, u
   __syncthreads();
 }
 
+// The GEMM tiles of `band`: bands are whole tile rows, so their tile indices (row-major
+// over the tile grid) are one run.
+__device__ __forceinline__ RowRange band_tiles(const BandAllReduceParams& p, int band) {
+  const RowRange b = band_rows_of(p, band);
+  const int64_t tiles_n = (p.n + p.tile_n - 1) / p.tile_n;
+  const int64_t tm0 = b.row0 / p.tile_m, tm1 = (b.row0 + b.rows + p.tile_m - 1) / p.tile_m;
+  return {tm0 * tiles_n, (tm1 - tm0) * tiles_n};
+}
+
 // Waits until this rank's GEMM published every tile that overlaps the band in
 // this call (the GEMM bumps ready[t] once per call; seen[t] counts the calls
 // consumed, shared with the tile consumers; `consume`: count this call as consumed
 // for the band's tiles, else the caller does it later).
 __device__ void wait_band_tiles(const BandAllReduceParams& p, int band, bool consume) {
   const CommHandle& c = p.comm;
-  const RowRange b = band_rows_of(p, band);
-  const int tiles_n = int((p.n + p.tile_n - 1) / p.tile_n);
-  const int tm0 = int(b.row0 / p.tile_m);
-  const int tm1 = int((b.row0 + b.rows + p.tile_m - 1) / p.tile_m);
-  const int count = (tm1 - tm0) * tiles_n;
+  const RowRange tiles = band_tiles(p, band);
   const uint32_t* ready = c.flags(c.rank, kChannelTiles);
   uint32_t* seen = c.tile_seen();
-  for (int i = threadIdx.x; i < count; i += blockDim.x) {
-    const int t = (tm0 + i / tiles_n) * tiles_n + i % tiles_n;
+  for (int t = int(tiles.row0) + threadIdx.x; t < tiles.row0 + tiles.rows; t += blockDim.x) {
     const uint32_t expected = seen[t] + 1;
     wait_flag_reached(ready + t, expected, c.timeout_ns, kOpMatmulAllReduce, "tile", t, c.rank);
     if (consume) seen[t] = expected;
@@ -326,17 +330,12 @@ __device__ __forceinline__ void gather_peer_slices(const BandAllReduceParams& p,
 // look at each, no wait); the same answer for the whole CTA.
 __device__ bool band_tiles_published(const BandAllReduceParams& p, int band) {
   const CommHandle& c = p.comm;
-  const RowRange b = band_rows_of(p, band);
-  const int tiles_n = int((p.n + p.tile_n - 1) / p.tile_n);
-  const int tm0 = int(b.row0 / p.tile_m);
-  const int count = int((b.row0 + b.rows + p.tile_m - 1) / p.tile_m - tm0) * tiles_n;
+  const RowRange tiles = band_tiles(p, band);
   const uint32_t* ready = c.flags(c.rank, kChannelTiles);
   const uint32_t* seen = c.tile_seen();
   bool published = true;
-  for (int i = threadIdx.x; i < count && published; i += blockDim.x) {
-    const int t = (tm0 + i / tiles_n) * tiles_n + i % tiles_n;
+  for (int t = int(tiles.row0) + threadIdx.x; t < tiles.row0 + tiles.rows && published; t += blockDim.x)
     published = epoch_reached(load_relaxed_sys(ready + t), seen[t] + 1);
-  }
   return __syncthreads_and(published);
 }
 
