@@ -2,7 +2,7 @@
 // plain HBM reads of the same bytes, one GPU, L2 flushed before every sample.
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-//        -Icsrc -Icsrc/include [-DDF_DECODE_MAX_STAGES=8 ...] \
+//        -Icsrc -Icsrc/include [-DDF_DECODE_MAX_STAGES=8 -DDF_DECODE_BLOCK_K=128 ...] \
 //        benchmarks/micro/decode_gemm_probe.cu -o decode_gemm_probe
 //   ./decode_gemm_probe            # prints one line per (K, M)
 //
@@ -82,8 +82,8 @@ int main() {
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("# %s, %d SMs; stages cap %d, smem cap %d KB\n", prop.name, sms, DF_DECODE_MAX_STAGES,
-              DF_DECODE_MAX_SMEM_KB);
+  std::printf("# %s, %d SMs; stages cap %d, smem cap %d KB, %d-deep K stages\n", prop.name, sms,
+              DF_DECODE_MAX_STAGES, DF_DECODE_MAX_SMEM_KB, DF_DECODE_BLOCK_K);
   cudaStream_t s;
   CHECK(cudaStreamCreate(&s));
   const size_t flush_bytes = 256ull << 20;

@@ -109,7 +109,8 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(decode_max_m(2, kH100), 0);
-  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(32, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(33, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   // The decode schedule only where it was measured to win: H100.
   EXPECT_EQ(gpu_class("NVIDIA H100 80GB HBM3"), GpuClass::kH100);
   EXPECT_EQ(gpu_class("NVIDIA H200"), GpuClass::kOther);

@@ -121,16 +121,17 @@ inline GpuClass gpu_class(const std::string& name) {
 
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
 // M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse
-// all-reduce in the same run (benchmarks/NOTES.md, v12d): W = 4 o_proj M = 1 / 8 / 16 / 32
-// 18.7 / 20.9 / 22.6 / 26.9 us vs 19.0 / 21.5 / 24.1 / 26.5; down_proj 47.7 / 49.1 / 52.1 /
-// 60.8 vs 47.2 / 49.7 / 52.4 / 55.2. W = 2: slower at every M (o_proj M = 1 29.9 vs 28.9,
-// M = 16 31.8 vs 30.8): the push to one peer saves less than the GEMM loses (cuBLAS
-// reads the weights at the HBM floor, this GEMM 1.5-3.5 us above it). H100 only: on
+// all-reduce in the same run (benchmarks/NOTES.md, v12f: 128-deep K stages): W = 4 o_proj
+// M = 1 / 8 / 16 / 32 / 128 18.6 / 20.7 / 21.5 / 24.3 / 51.2 us vs 19.1 / 21.6 / 24.1 / 26.6 /
+// 36.6; down_proj 46.5 / 48.8 / 49.9 / 51.9 / 106.1 vs 47.3 / 49.8 / 52.4 / 55.3 / 67.0.
+// W = 2: level or slower (o_proj M = 1 / 16 29.3 / 32.1 vs 28.9 / 30.8): the push to one
+// peer saves less than the GEMM loses (cuBLAS reads the weights at the HBM floor, this
+// GEMM ~1.5 us above it). H100 only: on
 // H200 (4.8 TB/s of HBM against 3.35) the skinny GEMM falls far behind cuBLAS (4 x H200,
 // W = 4, M = 1: o_proj 17.7 vs 16.0 us, down_proj 43.8 vs 35.6). W > 4: untuned, same
 // as W = 4.
 inline int64_t decode_max_m(int world, GpuClass gpu) {
-  return world >= 3 && gpu == GpuClass::kH100 ? 16 : 0;
+  return world >= 3 && gpu == GpuClass::kH100 ? 32 : 0;
 }
 
 // Decode schedule: push on LL lines (data and flag in one 16-byte store: no fence,

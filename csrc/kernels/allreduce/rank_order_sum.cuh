@@ -6,6 +6,24 @@
 
 namespace distfuse {
 
+// Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors x, plus the
+// bias vector at `bias` when given, rounded once.
+template <typename T, int W>
+__device__ __forceinline__ uint4 sum_in_rank_order(const uint4 (&x)[W], const T* bias) {
+  constexpr int kVec = 16 / sizeof(T);
+  float acc[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int src = 0; src < W; ++src) accumulate<T, 16>(acc, to_pack<T>(x[src]));
+  if (bias) {
+    const Pack<T, 16> b = to_pack<T>(load_plain(bias));
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
+  }
+  return from_pack<T>(round_pack<T, 16>(acc));
+}
+
 // For the vectors v = base + u * kThreads (u < U, v < count) of one thread:
 // Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at
 // source(src, v), plus bias at column bias_col(v) when given, rounded once,
@@ -14,7 +32,6 @@ template <typename T, int W, int U, int kThreads, typename Index, typename Sourc
           typename Sink>
 __device__ __forceinline__ void sum_batch_in_rank_order(Index base, Index count, Source source,
                                                         const T* bias, BiasCol bias_col, Sink sink) {
-  constexpr int kVec = 16 / sizeof(T);
   uint4 x[U][W];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -27,17 +44,7 @@ __device__ __forceinline__ void sum_batch_in_rank_order(Index base, Index count,
   for (int u = 0; u < U; ++u) {
     const Index v = base + u * kThreads;
     if (v >= count) continue;
-    float acc[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
-#pragma unroll
-    for (int src = 0; src < W; ++src) accumulate<T, 16>(acc, to_pack<T>(x[u][src]));
-    if (bias) {
-      const Pack<T, 16> b = to_pack<T>(load_plain(bias + bias_col(v)));
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
-    }
-    sink(v, from_pack<T>(round_pack<T, 16>(acc)));
+    sink(v, sum_in_rank_order<T, W>(x[u], bias ? bias + bias_col(v) : nullptr));
   }
 }
 

@@ -12,9 +12,19 @@ namespace distfuse {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBlockK = 64;          // K of one pipeline stage
-constexpr int kColumnGroups = 4;     // warps along the unit's columns (16 each)
-constexpr int kRowBytes = kBlockK * 2;  // a swizzled smem row: 64 elements, 8 chunks of 16 B
+// K of one pipeline stage, a multiple of 64 (the probe sweeps it through this macro).
+// 1 x H100 probe, GEMM alone, K = 2048 / 7168 / 14336, M = 32: 64-deep 18.1 / 51.7 / 97.7
+// us, 128-deep 16.4 / 46.0 / 85.7, 256-deep 16.5 / 45.9 / 85.1 (M = 1: 1-3 % less).
+#ifndef DF_DECODE_BLOCK_K
+#define DF_DECODE_BLOCK_K 128
+#endif
+constexpr int kBlockK = DF_DECODE_BLOCK_K;
+constexpr int kColumnGroups = 4;  // warps along the unit's columns (16 each)
+// Swizzled smem rows: of K (weights of B transposed, tokens) kBlockK elements; of
+// columns (weights of row-major B) the unit's 64.
+constexpr int kKRowBytes = kBlockK * 2;
+constexpr int kColumnRowBytes = kDecodeBlockN * 2;
+static_assert(kBlockK % 64 == 0, "a stage is whole 64-deep K steps");
 // Shared memory and depth of the cp.async ring (benchmarks/micro/decode_gemm_probe.cu
 // sweeps them through these macros).
 #ifndef DF_DECODE_MAX_SMEM_KB
@@ -44,8 +54,10 @@ __device__ __forceinline__ LLLine* ll_line(const CommHandle& c, int dst, int src
          off / 4;
 }
 
-// Byte offset of 16-byte chunk `chunk` (0..7) of smem row `row`: chunks are XOR-
+// Byte offset of 16-byte chunk `chunk` of smem row `row` (rows of kRowBytes, 8 or more
+// chunks): chunks are XOR-
 // swizzled by the row so that the 8 rows an ldmatrix reads hit distinct banks.
+template <int kRowBytes>
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
   return uint32_t(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
@@ -103,8 +115,8 @@ __device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], const uint32_
 template <int kTokenTiles>
 struct Smem {
   static constexpr int kTokens = 8 * kTokenTiles;
-  static constexpr int kWeightBytes = kDecodeBlockN * kRowBytes;  // [64 rows][64 elements]
-  static constexpr int kTokenBytes = kTokens * kRowBytes;         // [tokens][64 k]
+  static constexpr int kWeightBytes = kDecodeBlockN * kBlockK * 2;  // [64 columns][kBlockK] or [kBlockK][64 columns]
+  static constexpr int kTokenBytes = kTokens * kKRowBytes;           // [tokens][kBlockK]
   static constexpr int kStageBytes = kWeightBytes + kTokenBytes;
   static constexpr int kStages =
       kMaxSmemBytes / kStageBytes < kMaxStages ? kMaxSmemBytes / kStageBytes : kMaxStages;
@@ -151,10 +163,11 @@ struct DecodeCta {
     const uint32_t weights = smem + slot * S::kStageBytes;
     const uint32_t tokens = weights + S::kWeightBytes;
     const int64_t k0 = ks * kBlockK;
-    // Weights: 64 smem rows of 8 chunks; a row is a column of out (B transposed)
-    // or a K index (row-major B).
-    for (int i = threadIdx.x; i < kDecodeBlockN * 8; i += kThreads) {
-      const int row = i >> 3, chunk = i & 7;
+    // Weights: a smem row is a column of out (B transposed: 64 rows of kBlockK) or a
+    // K index (row-major B: kBlockK rows of 64 columns).
+    constexpr int kWeightRowChunks = (kBTransposed ? kKRowBytes : kColumnRowBytes) / 16;
+    for (int i = threadIdx.x; i < kDecodeBlockN * kBlockK / 8; i += kThreads) {
+      const int row = i / kWeightRowChunks, chunk = i % kWeightRowChunks;
       const T* src;
       bool valid;
       if constexpr (kBTransposed) {
@@ -166,14 +179,15 @@ struct DecodeCta {
         valid = k < p.k && n < p.n;
         src = b + k * p.ldb + n;
       }
-      cp_async_16(weights + swizzled(row, chunk), valid ? src : b, valid);
+      cp_async_16(weights + swizzled<kWeightRowChunks * 16>(row, chunk), valid ? src : b, valid);
     }
-    for (int i = threadIdx.x; i < S::kTokens * 8; i += kThreads) {
-      const int row = i >> 3, chunk = i & 7;
+    constexpr int kTokenRowChunks = kKRowBytes / 16;
+    for (int i = threadIdx.x; i < S::kTokens * kTokenRowChunks; i += kThreads) {
+      const int row = i / kTokenRowChunks, chunk = i % kTokenRowChunks;
       const int64_t k = k0 + chunk * 8;
       const bool valid = row < u.rows && k < p.k;
       const T* src = a + (u.row0 + row) * p.lda + k;
-      cp_async_16(tokens + swizzled(row, chunk), valid ? src : a, valid);
+      cp_async_16(tokens + swizzled<kKRowBytes>(row, chunk), valid ? src : a, valid);
     }
   }
 
@@ -185,23 +199,23 @@ struct DecodeCta {
     const int half = warp / kColumnGroups;
     const int i = lane >> 3, r = lane & 7;
 #pragma unroll
-    for (int step = 0; step < 2; ++step) {
-      const int kk = half * 32 + step * 16;
+    for (int step = 0; step < kBlockK / 32; ++step) {
+      const int kk = half * (kBlockK / 2) + step * 16;
       uint32_t wf[4];
       if constexpr (kBTransposed) {  // smem [column][k]
-        ldmatrix_x4(wf, weights + swizzled(col + r + (i & 1) * 8, (kk >> 3) + (i >> 1)));
+        ldmatrix_x4(wf, weights + swizzled<kKRowBytes>(col + r + (i & 1) * 8, (kk >> 3) + (i >> 1)));
       } else {  // smem [k][column]: transposed on load
-        ldmatrix_x4_trans(wf, weights + swizzled(kk + r + (i >> 1) * 8, (col >> 3) + (i & 1)));
+        ldmatrix_x4_trans(wf, weights + swizzled<kColumnRowBytes>(kk + r + (i >> 1) * 8, (col >> 3) + (i & 1)));
       }
       if constexpr (kTokenTiles == 1) {
         uint32_t tf[2];
-        ldmatrix_x2(tf, tokens + swizzled(r, (kk >> 3) + (i & 1)));
+        ldmatrix_x2(tf, tokens + swizzled<kKRowBytes>(r, (kk >> 3) + (i & 1)));
         mma_16x8x16<T>(acc[0], wf, tf);
       } else {
 #pragma unroll
         for (int t = 0; t < kTokenTiles; t += 2) {
           uint32_t tf[4];
-          ldmatrix_x4(tf, tokens + swizzled((t + (i >> 1)) * 8 + r, (kk >> 3) + (i & 1)));
+          ldmatrix_x4(tf, tokens + swizzled<kKRowBytes>((t + (i >> 1)) * 8 + r, (kk >> 3) + (i & 1)));
           const uint32_t lo[2] = {tf[0], tf[1]}, hi[2] = {tf[2], tf[3]};
           mma_16x8x16<T>(acc[t], wf, lo);
           mma_16x8x16<T>(acc[t + 1], wf, hi);

@@ -12,7 +12,8 @@
 // A unit is a block of kDecodeBlockN output columns by up to kDecodeBlockM rows;
 // CTA c of a grid of G computes units c, c + G, ... (identical on every rank).
 // Inside a CTA, 8 warps = 4 column groups (16 columns each) x 2 halves of every
-// 64-deep K stage. The weights are the M operand of mma.sync.m16n8k16 (columns of
+// 128-deep K stage (a weight column's 256 contiguous bytes per stage when B is
+// transposed: longer runs per DRAM row read faster than 64-deep stages did). The weights are the M operand of mma.sync.m16n8k16 (columns of
 // out as its rows) and the tokens its N operand (8 per MMA), so M = 1 wastes no
 // tensor-core rows. B and A are streamed by cp.async through a ring of stages in
 // shared memory (XOR-swizzled rows, ldmatrix; .trans for row-major B).
