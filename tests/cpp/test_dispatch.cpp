@@ -111,10 +111,14 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(decode_max_m(2, kH100), 0);
   EXPECT_EQ(choose_matmul_all_reduce(32, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(33, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
-  // The decode schedule only where it was measured to win: H100.
+  // The decode schedule only where it was measured to win: H100 up to M = 32, H200 up to 16.
   EXPECT_EQ(gpu_class("NVIDIA H100 80GB HBM3"), GpuClass::kH100);
-  EXPECT_EQ(gpu_class("NVIDIA H200"), GpuClass::kOther);
+  EXPECT_EQ(gpu_class("NVIDIA H200"), GpuClass::kH200);
   EXPECT_EQ(gpu_class("mixed"), GpuClass::kOther);
+  EXPECT_EQ(gpu_class("NVIDIA A100-SXM4-80GB"), GpuClass::kOther);
+  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(17, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 2, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther, 0, 0, 0, 16), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 2, kH100), MatmulAllReduceAlgo::kSequential);

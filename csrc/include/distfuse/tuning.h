@@ -114,9 +114,10 @@ inline int64_t band_pull_min_k(int world) {
 
 // GPUs as far as the dispatch table tells them apart (from the name all members of
 // the group share; "mixed" and unknown names are kOther).
-enum class GpuClass : int { kH100 = 0, kOther = 1 };
+enum class GpuClass : int { kH100 = 0, kOther = 1, kH200 = 2 };
 inline GpuClass gpu_class(const std::string& name) {
-  return name.find("H100") != std::string::npos ? GpuClass::kH100 : GpuClass::kOther;
+  if (name.find("H100") != std::string::npos) return GpuClass::kH100;
+  return name.find("H200") != std::string::npos ? GpuClass::kH200 : GpuClass::kOther;
 }
 
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
@@ -126,12 +127,13 @@ inline GpuClass gpu_class(const std::string& name) {
 // 36.6; down_proj 46.5 / 48.8 / 49.9 / 51.9 / 106.1 vs 47.3 / 49.8 / 52.4 / 55.3 / 67.0.
 // W = 2: level or slower (o_proj M = 1 / 16 29.3 / 32.1 vs 28.9 / 30.8): the push to one
 // peer saves less than the GEMM loses (cuBLAS reads the weights at the HBM floor, this
-// GEMM ~1.5 us above it). H100 only: on
-// H200 (4.8 TB/s of HBM against 3.35) the skinny GEMM falls far behind cuBLAS (4 x H200,
-// W = 4, M = 1: o_proj 17.7 vs 16.0 us, down_proj 43.8 vs 35.6). W > 4: untuned, same
-// as W = 4.
+// GEMM ~1.5 us above it). 4 x H200, W = 4, same kind of run: o_proj M = 1 / 8 / 16 / 32
+// 15.0 / 16.4 / 18.5 / 22.8 vs 16.1 / 18.1 / 20.7 / 23.2, down_proj 33.7 / 35.4 / 39.5 / 48.9
+// vs 35.2 / 37.1 / 39.7 / 43.1 (with 64-deep stages it lost on H200: M = 1 17.7 vs 16.0
+// and 43.8 vs 35.6). Other GPUs: never (unmeasured). W > 4: untuned, same as W = 4.
 inline int64_t decode_max_m(int world, GpuClass gpu) {
-  return world >= 3 && gpu == GpuClass::kH100 ? 32 : 0;
+  if (world < 3) return 0;
+  return gpu == GpuClass::kH100 ? 32 : gpu == GpuClass::kH200 ? 16 : 0;
 }
 
 // Decode schedule: push on LL lines (data and flag in one 16-byte store: no fence,
