@@ -55,8 +55,8 @@ __device__ __forceinline__ LLLine* ll_line(const CommHandle& c, int dst, int src
 }
 
 // Byte offset of 16-byte chunk `chunk` of smem row `row` (rows of kRowBytes, 8 or more
-// chunks): chunks are XOR-
-// swizzled by the row so that the 8 rows an ldmatrix reads hit distinct banks.
+// chunks): chunks are XOR-swizzled by the row so that the 8 rows an ldmatrix reads hit
+// distinct banks.
 template <int kRowBytes>
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
   return uint32_t(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
