@@ -257,11 +257,12 @@ def body_decode_variants(rank, world, group_name):
 
 
 def body_band_variants(rank, world, group_name):
-    """The SM-pull band schedule as one persistent kernel and as one kernel per band,
-    with 1 to 40 CTAs and 1 to 16 bands, back to back in mixed order (so the band
-    sequence of the persistent kernel's flags runs on across calls of different shapes,
-    CTA and band counts): exact on integer inputs, the same bits as the unfused order,
-    identical across ranks; then CUDA graphs of both, replayed in turns."""
+    """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
+    bands in a second kernel after the GEMM) and as one kernel per band, with 1 to 40
+    CTAs and 1 to 16 bands, back to back in mixed order (so the band sequences of the
+    persistent kernels' flags run on across calls of different shapes, CTA, band and
+    tail counts): exact on integer inputs, the same bits as the unfused order,
+    identical across ranks; then CUDA graphs of the three, replayed in turns."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -273,7 +274,9 @@ def body_band_variants(rank, world, group_name):
         n = (256, 1032, 4096)[(i // 2) % 3]
         knobs = {"matmul_all_reduce.band_persistent": (1, 2)[(i // 3) % 2],
                  "matmul_all_reduce.band_reduce_blocks": (1, 3, 16, 40)[(i // 4) % 4],
-                 "matmul_all_reduce.bands": (1, 2, 8, 16)[(i // 5) % 4], **lowered}
+                 "matmul_all_reduce.bands": (1, 2, 8, 16)[(i // 5) % 4],
+                 "matmul_all_reduce.band_tail": (1, 2, 4)[(i // 2) % 3],
+                 "matmul_all_reduce.band_tail_blocks": (2, 16, 40)[(i // 7) % 3], **lowered}
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 7000 + i,
                                                         row_major=i % 7 == 0, with_bias=i % 4 == 1)
@@ -285,12 +288,13 @@ def body_band_variants(rank, world, group_name):
                 unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, knobs))
     graphs = []
-    for persistent in (1, 2):
-        with distfuse.tuning({"matmul_all_reduce.band_persistent": persistent}):
-            graphs.append((persistent, _captured_call(group_name, "band_pull", 1500, 256, 2048, dev)))
+    for persistent, tail in ((1, 1), (2, 1), (1, 3)):
+        knobs = {"matmul_all_reduce.band_persistent": persistent, "matmul_all_reduce.band_tail": tail}
+        with distfuse.tuning(knobs):
+            graphs.append((knobs, _captured_call(group_name, "band_pull", 1500, 256, 2048, dev)))
     for turn in range(4):
-        for persistent, (graph, tensors) in graphs:
-            _replays_are_exact(graph, tensors, rank, world, 3, ("band_pull", persistent, turn), seed=1000 * turn)
+        for knobs, (graph, tensors) in graphs:
+            _replays_are_exact(graph, tensors, rank, world, 3, ("band_pull", knobs, turn), seed=1000 * turn)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())

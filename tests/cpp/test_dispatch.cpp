@@ -91,6 +91,19 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168));
   EXPECT_LT(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168),
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 4096, 7168));
+  // The tail kernel takes at most all bands but one, and none when told 1.
+  for (int64_t bands : {1, 2, 8, 16})
+    for (int64_t override_value : {0, 1, 2, 4, 100}) {
+      const int tail = band_tail_bands(4, 8192, 7168, bands, override_value);
+      EXPECT_GE(tail, 0);
+      EXPECT_LE(tail, bands - 1);
+      if (override_value == 1) EXPECT_EQ(tail, 0);
+    }
+  EXPECT_EQ(band_tail_bands(4, 8192, 7168, 8, 3), 2);
+  EXPECT_EQ(band_tail_bands(2, 4096, 14336, 8), 1);  // GEMM-bound: the last band after the GEMM
+  EXPECT_EQ(band_tail_bands(4, 8192, 2048, 8), 0);   // all-reduce-bound: none
+  EXPECT_EQ(band_tail_blocks(), 16);
+  EXPECT_EQ(band_tail_blocks(24), 24);
   for (int world : {2, 4})
     for (int64_t tiles_m : {1, 7, 64, 1000}) {
       EXPECT_GE(band_tile_rows(tiles_m, world), 1);

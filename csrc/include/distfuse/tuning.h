@@ -236,6 +236,23 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
 // on H200). Override: 1 on, 2 off.
 inline bool band_pull_persistent(int64_t override_value = 0) { return override_value != 2; }
 
+// SM-pull band schedule, persistent kernel: the last bands, summed and gathered after
+// the GEMM by a second kernel of more CTAs on the SMs the GEMM frees (lane 1 of
+// band_all_reduce.h), where the GEMM is the bottleneck and the R band CTAs beside it
+// (4 or 8) leave the last band's all-reduce as a long tail: one band where K_r >= 7168
+// (4 x H100, W = 2 down_proj M = 4096 / 8192: 1295 / 2575 us against 1346 / 2631 with
+// none, two bands 1332 / 2610); none for o_proj, which it leaves unchanged (W = 2
+// M = 4096 / 8192: 469 / 889 against 465 / 889). Override: N > 0 for the last N - 1
+// bands (1: none), at most all bands but one.
+inline int band_tail_bands(int world, int64_t m, int64_t k, int64_t bands, int64_t override_value = 0) {
+  (void)world, (void)m;
+  const int64_t tail = override_value > 0 ? override_value - 1 : k >= 7168 ? 1 : 0;
+  return int(tail < bands - 1 ? tail : bands - 1);
+}
+// CTAs of that kernel (the band kernel alone moves most at 16: W = 4 o_proj M = 8192 on
+// 4 x H100, serialized, 697 / 753 / 739 us at 16 / 32 / 64 CTAs).
+inline int band_tail_blocks(int override_blocks = 0) { return override_blocks > 0 ? override_blocks : 16; }
+
 // CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.
 inline int chunk_all_reduce_blocks(int world, int override_blocks = 0) {
   (void)world;

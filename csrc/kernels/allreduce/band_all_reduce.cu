@@ -153,9 +153,10 @@ __global__ void __launch_bounds__(kSignalThreads)
 // ------------------------------------------------------------ SM-pull schedule
 
 // counters(kChannelBandPull): [0] the last finished call's epoch (kernel per band) or
-// last band number (persistent kernel): both only grow, so the two kernels can follow
-// each other; [1] CTAs of the running band kernel done summing; [2] CTAs of the
-// call's last kernel done.
+// last band number (persistent kernel, lane 0): both only grow, so the two kernels can
+// follow each other; [1] CTAs of the running band kernel done summing; [2] CTAs of the
+// call's last kernel (lane 0) done; [3], [4]: [0] and [2] of the persistent kernel's
+// lane 1 (the tail kernel).
 __device__ __forceinline__ uint32_t* pull_counter(const CommHandle& c, int i) {
   return c.counters(kChannelBandPull) + i;
 }
@@ -292,16 +293,30 @@ __global__ void __launch_bounds__(kReduceThreads) band_pull_kernel(BandAllReduce
 // (band_all_reduce.h draws it). Flags: ready and summed, one slot per source rank and
 // CTA, carrying band numbers (the values only grow; a slot left unused for 2^31 band
 // numbers would read as reached).
+// Each lane (kernel) has its own slots and sequence: lane 0 runs beside the GEMM, lane 1
+// after it (launch_band_pull_persistent).
 constexpr int64_t kPersistentReadySlot = 2ll * kMaxBands * kMaxWorld;                      // + src·kMaxBlocks + CTA
 constexpr int64_t kPersistentSummedSlot = kPersistentReadySlot + int64_t(kMaxWorld) * kMaxBlocks;  // same
-static_assert(kPersistentSummedSlot + int64_t(kMaxWorld) * kMaxBlocks <= int64_t(kFlagsPerChannel),
+constexpr int64_t kPersistentLaneSlots = 2ll * kMaxWorld * kMaxBlocks;
+constexpr int kPersistentLanes = 2;
+static_assert(kPersistentReadySlot + kPersistentLanes * kPersistentLaneSlots <= int64_t(kFlagsPerChannel),
               "band flags overflow the channel");
 
-__device__ __forceinline__ uint32_t* persistent_ready_flag(const CommHandle& c, int dst, int src, int cta) {
-  return c.flags(dst, kChannelBandPull) + kPersistentReadySlot + int64_t(src) * kMaxBlocks + cta;
+// The lane's flag slots start `lane_slots` after the channel's persistent slots; its
+// counters: the last band number and the CTAs done with the call.
+__device__ __forceinline__ int64_t lane_slots(int lane) { return lane * kPersistentLaneSlots; }
+__device__ __forceinline__ uint32_t* lane_sequence(const CommHandle& c, int lane) {
+  return pull_counter(c, lane == 0 ? 0 : 3);
 }
-__device__ __forceinline__ uint32_t* persistent_summed_flag(const CommHandle& c, int dst, int src, int cta) {
-  return c.flags(dst, kChannelBandPull) + kPersistentSummedSlot + int64_t(src) * kMaxBlocks + cta;
+__device__ __forceinline__ uint32_t* lane_done(const CommHandle& c, int lane) { return pull_counter(c, lane == 0 ? 2 : 4); }
+
+__device__ __forceinline__ uint32_t* persistent_ready_flag(const CommHandle& c, int64_t slots, int dst, int src,
+                                                           int cta) {
+  return c.flags(dst, kChannelBandPull) + slots + kPersistentReadySlot + int64_t(src) * kMaxBlocks + cta;
+}
+__device__ __forceinline__ uint32_t* persistent_summed_flag(const CommHandle& c, int64_t slots, int dst, int src,
+                                                            int cta) {
+  return c.flags(dst, kChannelBandPull) + slots + kPersistentSummedSlot + int64_t(src) * kMaxBlocks + cta;
 }
 
 // Slice `cta` of `ctas` of [0, count): equal runs, the last ones shorter or empty.
@@ -314,10 +329,11 @@ __device__ __forceinline__ RowRange cta_slice(int64_t count, int cta, int ctas) 
 
 // Every peer's slice `cta` of its sums of `band`, once that peer's CTA flagged it.
 template <typename T, int W>
-__device__ __forceinline__ void gather_peer_slices(const BandAllReduceParams& p, int band, uint32_t seq) {
+__device__ __forceinline__ void gather_peer_slices(const BandAllReduceParams& p, int64_t slots, int band,
+                                                   uint32_t seq) {
   const CommHandle& c = p.comm;
   const int rank = c.rank, cta = blockIdx.x;
-  wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_summed_flag(c, rank, src, cta); });
+  wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_summed_flag(c, slots, rank, src, cta); });
   for (int k = 1; k < W; ++k) {
     const PeerSums<T> from = peer_sums<T>(p, band, rank + k < W ? rank + k : rank + k - W);
     const RowRange mine = cta_slice(from.vectors, cta, gridDim.x);
@@ -343,19 +359,20 @@ __device__ bool band_tiles_published(const BandAllReduceParams& p, int band) {
 // published and every peer's CTA `cta` says the same of its own: Σ in rank order,
 // then flagged to every peer's CTA `cta`.
 template <typename T, int W>
-__device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int band, uint32_t seq) {
+__device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int64_t slots, int band,
+                                              uint32_t seq) {
   constexpr int U = kReduceUnroll<W>;
   const CommHandle& c = p.comm;
   const int rank = c.rank, cta = blockIdx.x;
   wait_band_tiles(p, band, /*consume=*/false);
   __syncthreads();  // the acquires of every tile precede the releases
-  if (int(threadIdx.x) < W) store_release_sys(persistent_ready_flag(c, threadIdx.x, rank, cta), seq);
-  wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_ready_flag(c, rank, src, cta); });
+  if (int(threadIdx.x) < W) store_release_sys(persistent_ready_flag(c, slots, threadIdx.x, rank, cta), seq);
+  wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_ready_flag(c, slots, rank, src, cta); });
   const RowRange mine = cta_slice(shard_vectors<T>(p, band, rank), cta, gridDim.x);
   sum_shard_vectors<T, W>(p, band, mine.row0 + threadIdx.x, mine.row0 + mine.rows, int64_t(U) * kReduceThreads);
   __syncthreads();  // every sum of the slice precedes the releases
   if (int(threadIdx.x) < W && int(threadIdx.x) != rank)
-    store_release_sys(persistent_summed_flag(c, threadIdx.x, rank, cta), seq);
+    store_release_sys(persistent_summed_flag(c, slots, threadIdx.x, rank, cta), seq);
 }
 
 // Order of the steps: a band's gather waits at most until the next band is summed.
@@ -364,40 +381,43 @@ __device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int 
 // follow the GEMM), after the next band's sum otherwise (the all-reduce is the
 // bottleneck: by then the peers' sums have landed, so the gather does not wait).
 template <typename T, int W>
-__global__ void __launch_bounds__(kReduceThreads) band_pull_persistent_kernel(BandAllReduceParams p, int bands) {
+__global__ void __launch_bounds__(kReduceThreads)
+    band_pull_persistent_kernel(BandAllReduceParams p, int lane, int first_band, int end_band) {
   const CommHandle& c = p.comm;
+  const int64_t slots = lane_slots(lane);
   __shared__ uint32_t s_base;
   __shared__ bool s_last;
-  if (threadIdx.x == 0) s_base = *pull_counter(c, 0);
+  if (threadIdx.x == 0) s_base = *lane_sequence(c, lane);
   __syncthreads();
-  const uint32_t base = s_base;  // band s of this call is base + 1 + s
+  const uint32_t base = s_base;
+  const uint32_t seq0 = base + 1u - uint32_t(first_band);  // band b of this call is seq0 + b
 
-  int summed = 0, gathered = 0;
-  while (gathered < bands) {
+  int summed = first_band, gathered = first_band;
+  while (gathered < end_band) {
     const int pending = summed - gathered;  // bands summed but not gathered yet: 0, 1 or 2
-    if (summed < bands && (pending == 0 || (pending == 1 && band_tiles_published(p, summed)))) {
-      sum_own_slice<T, W>(p, summed, base + 1 + summed);
+    if (summed < end_band && (pending == 0 || (pending == 1 && band_tiles_published(p, summed)))) {
+      sum_own_slice<T, W>(p, slots, summed, seq0 + summed);
       ++summed;
     } else {
-      gather_peer_slices<T, W>(p, gathered, base + 1 + gathered);
+      gather_peer_slices<T, W>(p, slots, gathered, seq0 + gathered);
       ++gathered;
     }
   }
 
-  // The last CTA to leave counts the call's tiles as consumed and stores the sequence.
+  // The last CTA to leave counts the lane's tiles as consumed and stores the sequence.
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    s_last = atomicAdd(pull_counter(c, 2), 1u) == gridDim.x - 1;
+    s_last = atomicAdd(lane_done(c, lane), 1u) == gridDim.x - 1;
   }
   __syncthreads();
   if (!s_last) return;
-  const int64_t tiles = ((p.m + p.tile_m - 1) / p.tile_m) * ((p.n + p.tile_n - 1) / p.tile_n);
+  const RowRange first = band_tiles(p, first_band), last = band_tiles(p, end_band - 1);
   uint32_t* seen = c.tile_seen();
-  for (int64_t t = threadIdx.x; t < tiles; t += blockDim.x) seen[t] += 1;
+  for (int64_t t = first.row0 + threadIdx.x; t < last.row0 + last.rows; t += blockDim.x) seen[t] += 1;
   if (threadIdx.x == 0) {
-    *pull_counter(c, 2) = 0;
-    *pull_counter(c, 0) = base + bands;
+    *lane_done(c, lane) = 0;
+    *lane_sequence(c, lane) = base + uint32_t(end_band - first_band);
   }
 }
 
@@ -437,11 +457,14 @@ cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks,
   });
 }
 
-cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, cudaStream_t stream) {
-  if (!valid(p, 0) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
+cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, int lane, int first_band,
+                                        int end_band, cudaStream_t stream) {
+  if (!valid(p, 0) || blocks <= 0 || blocks > kMaxBlocks || lane < 0 || lane >= kPersistentLanes ||
+      first_band < 0 || first_band >= end_band || end_band > band_count(p))
+    return cudaErrorInvalidValue;
   return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
     band_pull_persistent_kernel<decltype(t), decltype(w)::value>
-        <<<blocks, kReduceThreads, 0, stream>>>(p, static_cast<int>(band_count(p)));
+        <<<blocks, kReduceThreads, 0, stream>>>(p, lane, first_band, end_band);
     return cudaGetLastError();
   });
 }

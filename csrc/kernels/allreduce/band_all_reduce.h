@@ -72,13 +72,22 @@
 //                                           └ while the GEMM computes band 1
 //
 // (a band's gather goes before the next band's sum when that band's tiles are not
-// all out yet). Flags carry band numbers of a sequence kept in the channel's epoch
-// counter: band s of a call whose base is b is b + 1 + s, and the call's last CTA
-// stores b + B (and counts the call's tiles as consumed). One slot per rank and CTA
+// all out yet). Where the GEMM is the bottleneck, the last band's sum and gather are
+// all that is left once the GEMM ends, and R CTAs move them slowly; a second kernel
+// (lane 1) of more CTAs takes the last T bands on the main stream after the GEMM,
+// on the SMs the GEMM frees:
+//
+//   main: ─fork─[ tile GEMM on SMs - R ........................ ][lane 1: bands B-T..B-1]─join─▶
+//   side:       [lane 0: sum 0][gather 0][sum 1] ... [gather B-T-1]─────────────────────┘
+// Flags carry band numbers of a sequence kept per lane in the channel's counters:
+// the lane's band first + s of a call whose base is b is b + 1 + s, and the lane's
+// last CTA stores b + (its bands) and counts their tiles as consumed. One slot per rank and CTA
 // suffices because the values only grow. It cannot deadlock for the reasons below:
 // a CTA waits for this rank's GEMM and for CTA j of the peers at the same or an
-// earlier band, and the R CTAs fit beside the GEMM's SMs - R CTAs. Reuse by the next
-// call: as below, with "every peer's CTA j" for "every peer".
+// earlier band, and the R CTAs fit beside the GEMM's SMs - R CTAs; lane 1 waits only
+// for lane 1 of the peers, which starts once their GEMM (which waits for nothing)
+// ended. Reuse by the next call: as below, with "every peer's CTA j of the lane" for
+// "every peer" (a lane's ready flag of call e+1 is raised after the peer's call e ended).
 //
 // Entry (copy-engine schedule): band 0's wait on stream A starts with a handshake
 // (enter_call): no copy goes to a peer before it entered the same call, so a peer
@@ -106,9 +115,13 @@ cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cud
 // Kernel `step` (0..band_count) of the SM-pull schedule, on `blocks` CTAs (they
 // need not be resident together).
 cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks, cudaStream_t stream);
-// The same schedule in one persistent kernel of `blocks` CTAs (drawn above); they
-// must all find an SM beside the GEMM, which leaves `blocks` SMs free.
-cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, cudaStream_t stream);
+// The same schedule in one persistent kernel of `blocks` CTAs (drawn above) for the
+// bands [first_band, end_band); lane 0 or 1, each with its own flags and sequence, so
+// that two such kernels can share a call (bands [0, B - T) beside the GEMM, the last T
+// on more CTAs after it). Beside the GEMM, the CTAs must all find an SM: the GEMM
+// leaves `blocks` SMs free.
+cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, int lane, int first_band,
+                                        int end_band, cudaStream_t stream);
 
 // The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
 // shard p of `band` to every peer p, or pull every peer's sum into the output.

@@ -278,10 +278,11 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
 
 // SM-pull band schedule (kernels/allreduce/band_all_reduce.h): one persistent kernel
 // of R CTAs (or one kernel of R CTAs per band) on a side stream, beside the tile GEMM
-// on the other SMs.
+// on the other SMs; the last T bands (if any) in a second persistent kernel after the
+// GEMM.
 //
-//   main: ─fork─[ tile GEMM on SMs - R ................................ ]─join─▶
-//   side:       [Σ b0][Σ b1, gather b0][Σ b2, gather b1] ... [gather b(B-1)]─┘
+//   main: ─fork─[ tile GEMM on SMs - R ................................ ][bands B-T.. (R' CTAs)]─join─▶
+//   side:       [Σ b0][Σ b1, gather b0][Σ b2, gather b1] ... [gather b(B-T-1)]─────────────────┘
 at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias, Overlap overlap) {
   const BandCall bc = band_call(ws, a, b, bias, MatmulAllReduceAlgo::kBandPull, /*spare_sms=*/0);
@@ -294,11 +295,19 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
   cudaStream_t stream = overlapped ? side.stream.stream() : main;
   if (overlapped) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, side.fork, 0));
+  const int bands = static_cast<int>(band_count(bc.bands));
+  int tail = 0;
   if (band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
-    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, stream));
+    tail = band_tail_bands(ws.world(), bc.gemm.m, bc.gemm.k, bands, get_tuning("matmul_all_reduce.band_tail"));
+    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, stream));
   } else {
-    const int bands = static_cast<int>(band_count(bc.bands));
     for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
+  }
+  if (tail > 0) {
+    // After the GEMM, beside what lane 0 has left on its R SMs.
+    const int blocks = std::min(band_tail_blocks(static_cast<int>(get_tuning("matmul_all_reduce.band_tail_blocks"))),
+                                sm_count(device) - bc.reducers);
+    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, blocks, /*lane=*/1, bands - tail, bands, main));
   }
   if (overlapped) {
     C10_CUDA_CHECK(cudaEventRecord(side.join, stream));
