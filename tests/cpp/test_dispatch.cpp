@@ -66,7 +66,7 @@ TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
 
 TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   for (int world = 2; world <= kMaxWorld; ++world) {
-    for (int64_t k : {band_pull_min_k(world), int64_t(7168)}) {
+    for (int64_t k : {band_pull_min_k(world), int64_t(7168), int64_t(14336)}) {
       const int64_t min_m = band_pull_min_m(world, k);
       EXPECT_EQ(choose_matmul_all_reduce(min_m, k, world, kH100), MatmulAllReduceAlgo::kBandPull);
       EXPECT_NE(choose_matmul_all_reduce(min_m - 1, k, world, kH100), MatmulAllReduceAlgo::kBandPull);
@@ -80,6 +80,7 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);  // W = 2 down_proj
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
   EXPECT_TRUE(band_pull_persistent());
   EXPECT_FALSE(band_pull_persistent(2));
@@ -94,14 +95,17 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   // The tail kernel takes at most all bands but one, and none when told 1.
   for (int64_t bands : {1, 2, 8, 16})
     for (int64_t override_value : {0, 1, 2, 4, 100}) {
-      const int tail = band_tail_bands(4, 8192, 7168, bands, override_value);
+      const int tail = band_tail_bands(7168, bands, 8, 4, override_value);
       EXPECT_GE(tail, 0);
       EXPECT_LE(tail, bands - 1);
       if (override_value == 1) EXPECT_EQ(tail, 0);
     }
-  EXPECT_EQ(band_tail_bands(4, 8192, 7168, 8, 3), 2);
-  EXPECT_EQ(band_tail_bands(2, 4096, 14336, 8), 1);  // GEMM-bound: the last band after the GEMM
-  EXPECT_EQ(band_tail_bands(4, 8192, 2048, 8), 0);   // all-reduce-bound: none
+  EXPECT_EQ(band_tail_bands(7168, 8, 8, 4, 3), 2);
+  // GEMM-bound: the bands of the GEMM's last wave (4 tile rows) after the GEMM.
+  EXPECT_EQ(band_tail_bands(14336, 8, 4, 4), 1);
+  EXPECT_EQ(band_tail_bands(14336, 8, 2, 4), 2);
+  EXPECT_EQ(band_tail_bands(7168, 8, 8, 4), 1);
+  EXPECT_EQ(band_tail_bands(2048, 8, 8, 4), 0);  // all-reduce-bound: none
   EXPECT_EQ(band_tail_blocks(), 16);
   EXPECT_EQ(band_tail_blocks(24), 24);
   for (int world : {2, 4})

@@ -103,8 +103,11 @@ inline int64_t fused_max_k(int world) {
 // (4 x H200), but M = 4096 451 vs 445 (H100), 436 vs 431 (H200); W = 2 o_proj M = 4096
 // 473 vs fused_tiles 494 (H100), 442 vs 482 (H200); W = 2 down_proj M = 4096 1368 vs
 // sequential 1403 (H100), 1333 vs 1402 (H200). At M = 2048 it loses (W = 4 o_proj
-// 278 vs sequential 252, down_proj 589 vs 458). W > 4: untuned, same rule as W = 4.
+// 278 vs sequential 252, down_proj 589 vs 458), except at W = 2 with K_r >= 14336
+// with the last GEMM wave's bands after the GEMM (band_tail_bands): W = 2 down_proj
+// 684 vs 706 (4 x H100). W > 4: untuned, same rule as W = 4.
 inline int64_t band_pull_min_m(int world, int64_t k) {
+  if (world <= 2 && k >= 14336) return 2048;
   return world >= 4 && k < 4096 ? 8192 : 4096;
 }
 inline int64_t band_pull_min_k(int world) {
@@ -238,15 +241,19 @@ inline bool band_pull_persistent(int64_t override_value = 0) { return override_v
 
 // SM-pull band schedule, persistent kernel: the last bands, summed and gathered after
 // the GEMM by a second kernel of more CTAs on the SMs the GEMM frees (lane 1 of
-// band_all_reduce.h), where the GEMM is the bottleneck and the R band CTAs beside it
-// (4 or 8) leave the last band's all-reduce as a long tail: one band where K_r >= 7168
-// (4 x H100, W = 2 down_proj M = 4096 / 8192: 1295 / 2575 us against 1346 / 2631 with
-// none, two bands 1332 / 2610); none for o_proj, which it leaves unchanged (W = 2
-// M = 4096 / 8192: 469 / 889 against 465 / 889). Override: N > 0 for the last N - 1
-// bands (1: none), at most all bands but one.
-inline int band_tail_bands(int world, int64_t m, int64_t k, int64_t bands, int64_t override_value = 0) {
-  (void)world, (void)m;
-  const int64_t tail = override_value > 0 ? override_value - 1 : k >= 7168 ? 1 : 0;
+// band_all_reduce.h). Where the GEMM is the bottleneck (K_r >= 7168: down_proj) the R
+// band CTAs beside it (4 or 8) keep up with it, but what its last wave of tiles
+// completes all at once (`wave_tile_rows`: GEMM CTAs / tiles per row, rounded up) is
+// left to them after it: those bands go to the second kernel. 4 x H100, W = 2
+// down_proj (bands of 4 tile rows, 4-row waves), M = 4096 / 8192 with 0 / 1 / 2 bands:
+// 1346 / 1295 / 1332 and 2631 / 2575 / 2610 us; M = 2048 (bands of 2 rows): 729 / 690 /
+// 684. o_proj (all-reduce-bound, 16 CTAs already) gains nothing (W = 2 M = 4096 / 8192:
+// 465 / 889 with none, 469 / 889 with one): none. Override: N > 0 for the last N - 1
+// bands (1: none); at most all bands but one.
+inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int64_t wave_tile_rows,
+                           int64_t override_value = 0) {
+  const int64_t wave_bands = band_tile_rows > 0 ? (wave_tile_rows + band_tile_rows - 1) / band_tile_rows : 1;
+  const int64_t tail = override_value > 0 ? override_value - 1 : k >= 7168 ? wave_bands : 0;
   return int(tail < bands - 1 ? tail : bands - 1);
 }
 // CTAs of that kernel (the band kernel alone moves most at 16: W = 4 o_proj M = 8192 on

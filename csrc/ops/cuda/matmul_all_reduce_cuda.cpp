@@ -298,7 +298,10 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   const int bands = static_cast<int>(band_count(bc.bands));
   int tail = 0;
   if (band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
-    tail = band_tail_bands(ws.world(), bc.gemm.m, bc.gemm.k, bands, get_tuning("matmul_all_reduce.band_tail"));
+    const int64_t tiles_n = (bc.bands.n + bc.bands.tile_n - 1) / bc.bands.tile_n;
+    const int64_t wave_tile_rows = (bc.gemm.sm_count + tiles_n - 1) / tiles_n;
+    tail = band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows,
+                           get_tuning("matmul_all_reduce.band_tail"));
     C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, stream));
   } else {
     for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
