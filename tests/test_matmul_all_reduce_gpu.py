@@ -276,7 +276,8 @@ def body_band_variants(rank, world, group_name):
                  "matmul_all_reduce.band_reduce_blocks": (1, 3, 16, 40)[(i // 4) % 4],
                  "matmul_all_reduce.bands": (1, 2, 8, 16)[(i // 5) % 4],
                  "matmul_all_reduce.band_tail": (1, 2, 4)[(i // 2) % 3],
-                 "matmul_all_reduce.band_tail_blocks": (2, 16, 40)[(i // 7) % 3], **lowered}
+                 "matmul_all_reduce.band_tail_blocks": (2, 16, 40)[(i // 7) % 3],
+                 "matmul_all_reduce.band_sum_ahead": (1, 2, 3)[(i // 11) % 3], **lowered}
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 7000 + i,
                                                         row_major=i % 7 == 0, with_bias=i % 4 == 1)

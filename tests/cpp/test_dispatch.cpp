@@ -108,6 +108,8 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(band_tail_bands(2048, 8, 8, 4), 0);  // all-reduce-bound: none
   EXPECT_EQ(band_tail_blocks(), 16);
   EXPECT_EQ(band_tail_blocks(24), 24);
+  EXPECT_EQ(band_sum_ahead(), 1);
+  EXPECT_EQ(band_sum_ahead(3), 3);
   for (int world : {2, 4})
     for (int64_t tiles_m : {1, 7, 64, 1000}) {
       EXPECT_GE(band_tile_rows(tiles_m, world), 1);

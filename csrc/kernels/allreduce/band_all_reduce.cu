@@ -375,14 +375,15 @@ __device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int6
     store_release_sys(persistent_summed_flag(c, slots, threadIdx.x, rank, cta), seq);
 }
 
-// Order of the steps: a band's gather waits at most until the next band is summed.
-// It goes first when the next band's tiles are not all published yet (the GEMM is
-// the bottleneck: gather while it runs, so that only the last band's sum and gather
-// follow the GEMM), after the next band's sum otherwise (the all-reduce is the
-// bottleneck: by then the peers' sums have landed, so the gather does not wait).
+// Order of the steps: a CTA gathers a band at the latest once `sum_ahead` bands are
+// summed and not gathered. With 1 it gathers each band right after summing it. With 2
+// (or more) it sums the next band first when that band's tiles are already published
+// (the all-reduce is the bottleneck: by then the peers' sums have landed, so the
+// gather does not wait), and gathers first otherwise (the GEMM is the bottleneck:
+// gather while it runs, so that only the last band's sum and gather follow it).
 template <typename T, int W>
 __global__ void __launch_bounds__(kReduceThreads)
-    band_pull_persistent_kernel(BandAllReduceParams p, int lane, int first_band, int end_band) {
+    band_pull_persistent_kernel(BandAllReduceParams p, int lane, int first_band, int end_band, int sum_ahead) {
   const CommHandle& c = p.comm;
   const int64_t slots = lane_slots(lane);
   __shared__ uint32_t s_base;
@@ -394,8 +395,8 @@ __global__ void __launch_bounds__(kReduceThreads)
 
   int summed = first_band, gathered = first_band;
   while (gathered < end_band) {
-    const int pending = summed - gathered;  // bands summed but not gathered yet: 0, 1 or 2
-    if (summed < end_band && (pending == 0 || (pending == 1 && band_tiles_published(p, summed)))) {
+    const int pending = summed - gathered;  // bands summed but not gathered yet: 0 .. sum_ahead
+    if (summed < end_band && (pending == 0 || (pending < sum_ahead && band_tiles_published(p, summed)))) {
       sum_own_slice<T, W>(p, slots, summed, seq0 + summed);
       ++summed;
     } else {
@@ -458,13 +459,13 @@ cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks,
 }
 
 cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, int lane, int first_band,
-                                        int end_band, cudaStream_t stream) {
+                                        int end_band, int sum_ahead, cudaStream_t stream) {
   if (!valid(p, 0) || blocks <= 0 || blocks > kMaxBlocks || lane < 0 || lane >= kPersistentLanes ||
-      first_band < 0 || first_band >= end_band || end_band > band_count(p))
+      first_band < 0 || first_band >= end_band || end_band > band_count(p) || sum_ahead < 1)
     return cudaErrorInvalidValue;
   return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
     band_pull_persistent_kernel<decltype(t), decltype(w)::value>
-        <<<blocks, kReduceThreads, 0, stream>>>(p, lane, first_band, end_band);
+        <<<blocks, kReduceThreads, 0, stream>>>(p, lane, first_band, end_band, sum_ahead);
     return cudaGetLastError();
   });
 }

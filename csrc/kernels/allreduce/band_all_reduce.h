@@ -67,27 +67,30 @@
 //     gather(s): wait summed_j(s) of every peer ─ pull slice j of red_p[s, shard p]
 //                ─▶ out for every p ≠ r
 //
-//   GEMM ahead (all-reduce-bound):  [sum 0][sum 1][gather 0][sum 2][gather 1] ... [gather B-1]
-//   GEMM behind (GEMM-bound):       [sum 0][gather 0][sum 1][gather 1] ... [sum B-1][gather B-1]
-//                                           └ while the GEMM computes band 1
+//   sum_ahead 1 (default):   [sum 0][gather 0][sum 1][gather 1] ... [sum B-1][gather B-1]
+//   sum_ahead 2, GEMM ahead: [sum 0][sum 1][gather 0][sum 2][gather 1] ... [gather B-1]
 //
-// (a band's gather goes before the next band's sum when that band's tiles are not
-// all out yet). Where the GEMM is the bottleneck, the last band's sum and gather are
-// all that is left once the GEMM ends, and R CTAs move them slowly; a second kernel
-// (lane 1) of more CTAs takes the last T bands on the main stream after the GEMM,
-// on the SMs the GEMM frees:
+// (with 2, a band's gather goes before the next band's sum when that band's tiles
+// are not all out yet; beside the GEMM, 1 measured faster: the peers' sums are
+// pulled while still in their L2).
 //
-//   main: ─fork─[ tile GEMM on SMs - R ........................ ][lane 1: bands B-T..B-1]─join─▶
-//   side:       [lane 0: sum 0][gather 0][sum 1] ... [gather B-T-1]─────────────────────┘
+// Where the GEMM is the bottleneck, the last band's sum and gather are all that is
+// left once the GEMM ends, and R CTAs move them slowly; a second kernel (lane 1) of
+// more CTAs takes the last T bands on the main stream after the GEMM, on the SMs the
+// GEMM frees:
+//
+//   main: ─fork─[ tile GEMM on SMs - R ............... ][lane 1: bands B-T..B-1]─join─▶
+//   side:       [lane 0: sum 0][gather 0][sum 1] ... [gather B-T-1]────────────┘
+//
 // Flags carry band numbers of a sequence kept per lane in the channel's counters:
 // the lane's band first + s of a call whose base is b is b + 1 + s, and the lane's
-// last CTA stores b + (its bands) and counts their tiles as consumed. One slot per rank and CTA
-// suffices because the values only grow. It cannot deadlock for the reasons below:
-// a CTA waits for this rank's GEMM and for CTA j of the peers at the same or an
-// earlier band, and the R CTAs fit beside the GEMM's SMs - R CTAs; lane 1 waits only
-// for lane 1 of the peers, which starts once their GEMM (which waits for nothing)
-// ended. Reuse by the next call: as below, with "every peer's CTA j of the lane" for
-// "every peer" (a lane's ready flag of call e+1 is raised after the peer's call e ended).
+// last CTA stores b + (its bands) and counts their tiles as consumed. One slot per
+// rank and CTA suffices because the values only grow. It cannot deadlock: a CTA
+// waits for this rank's GEMM and for CTA j of the peers at the same or an earlier
+// band, and the R CTAs fit beside the GEMM's SMs - R CTAs; lane 1 waits only for
+// lane 1 of the peers, which starts once their GEMM (which waits for nothing) ended.
+// Reuse by the next call: as below, with "every peer's CTA j of the lane" for "every
+// peer" (a lane's ready flag of call e+1 is raised after the peer's call e ended).
 //
 // Entry (copy-engine schedule): band 0's wait on stream A starts with a handshake
 // (enter_call): no copy goes to a peer before it entered the same call, so a peer
@@ -118,10 +121,11 @@ cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks,
 // The same schedule in one persistent kernel of `blocks` CTAs (drawn above) for the
 // bands [first_band, end_band); lane 0 or 1, each with its own flags and sequence, so
 // that two such kernels can share a call (bands [0, B - T) beside the GEMM, the last T
-// on more CTAs after it). Beside the GEMM, the CTAs must all find an SM: the GEMM
-// leaves `blocks` SMs free.
+// on more CTAs after it). A CTA sums up to `sum_ahead` bands (>= 1) before it gathers
+// the oldest (2: the order drawn above). Beside the GEMM, the CTAs must all find an
+// SM: the GEMM leaves `blocks` SMs free.
 cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, int lane, int first_band,
-                                        int end_band, cudaStream_t stream);
+                                        int end_band, int sum_ahead, cudaStream_t stream);
 
 // The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
 // shard p of `band` to every peer p, or pull every peer's sum into the output.

@@ -296,13 +296,14 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   cudaStream_t stream = overlapped ? side.stream.stream() : main;
   if (overlapped) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, side.fork, 0));
   const int bands = static_cast<int>(band_count(bc.bands));
+  const int sum_ahead = band_sum_ahead(static_cast<int>(get_tuning("matmul_all_reduce.band_sum_ahead")));
   int tail = 0;
   if (band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
     const int64_t tiles_n = (bc.bands.n + bc.bands.tile_n - 1) / bc.bands.tile_n;
     const int64_t wave_tile_rows = (bc.gemm.sm_count + tiles_n - 1) / tiles_n;
     tail = band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows,
                            get_tuning("matmul_all_reduce.band_tail"));
-    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, stream));
+    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, sum_ahead, stream));
   } else {
     for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
   }
@@ -310,7 +311,7 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
     // After the GEMM, beside what lane 0 has left on its R SMs.
     const int blocks = std::min(band_tail_blocks(static_cast<int>(get_tuning("matmul_all_reduce.band_tail_blocks"))),
                                 sm_count(device) - bc.reducers);
-    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, blocks, /*lane=*/1, bands - tail, bands, main));
+    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, blocks, /*lane=*/1, bands - tail, bands, sum_ahead, main));
   }
   if (overlapped) {
     C10_CUDA_CHECK(cudaEventRecord(side.join, stream));
