@@ -258,11 +258,12 @@ def body_decode_variants(rank, world, group_name):
 
 def body_band_variants(rank, world, group_name):
     """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
-    bands in a second kernel after the GEMM) and as one kernel per band, with 1 to 40
-    CTAs and 1 to 16 bands, back to back in mixed order (so the band sequences of the
-    persistent kernels' flags run on across calls of different shapes, CTA, band and
-    tail counts): exact on integer inputs, the same bits as the unfused order,
-    identical across ranks; then CUDA graphs of the three, replayed in turns."""
+    bands in a second kernel of 2 to 40 CTAs after the GEMM; 1 to 3 bands summed ahead
+    of a gather) and as one kernel per band, with 1 to 40 CTAs and 1 to 16 bands, back
+    to back in mixed order (so the band sequences of the persistent kernels' flags run
+    on across calls of different shapes, CTA, band and tail counts): exact on integer
+    inputs, the same bits as the unfused order, identical across ranks; then CUDA
+    graphs of the three, replayed in turns."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
