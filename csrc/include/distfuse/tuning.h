@@ -256,6 +256,10 @@ inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int
   const int64_t tail = override_value > 0 ? override_value - 1 : k >= 7168 ? wave_bands : 0;
   return int(tail < bands - 1 ? tail : bands - 1);
 }
+// CTAs of that kernel (the band kernel alone moves most at 16: W = 4 o_proj M = 8192 on
+// 4 x H100, serialized, 697 / 753 / 739 us at 16 / 32 / 64 CTAs).
+inline int band_tail_blocks(int override_blocks = 0) { return override_blocks > 0 ? override_blocks : 16; }
+
 // Persistent band kernel: bands a CTA may have summed but not yet gathered. 1: it
 // gathers each band right after summing it; 2: it sums band b + 1 before it gathers b
 // when b + 1 is out (the all-reduce-bound order of band_all_reduce.h). 4 x H100, same
@@ -264,10 +268,6 @@ inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int
 // alone (serialized) 1112 / 1116 / 1115 / 1116: it is the GEMM beside it that makes the
 // later gather slower (the peers' sums leave their L2 in the meantime, presumably).
 inline int band_sum_ahead(int override_value = 0) { return override_value > 0 ? override_value : 1; }
-
-// CTAs of that kernel (the band kernel alone moves most at 16: W = 4 o_proj M = 8192 on
-// 4 x H100, serialized, 697 / 753 / 739 us at 16 / 32 / 64 CTAs).
-inline int band_tail_blocks(int override_blocks = 0) { return override_blocks > 0 ? override_blocks : 16; }
 
 // CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.
 inline int chunk_all_reduce_blocks(int world, int override_blocks = 0) {

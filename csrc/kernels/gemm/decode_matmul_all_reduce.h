@@ -13,9 +13,9 @@
 // CTA c of a grid of G computes units c, c + G, ... (identical on every rank).
 // Inside a CTA, 8 warps = 4 column groups (16 columns each) x 2 halves of every
 // 128-deep K stage (a weight column's 256 contiguous bytes per stage when B is
-// transposed: longer runs per DRAM row read faster than 64-deep stages did). The weights are the M operand of mma.sync.m16n8k16 (columns of
-// out as its rows) and the tokens its N operand (8 per MMA), so M = 1 wastes no
-// tensor-core rows. B and A are streamed by cp.async through a ring of stages in
+// transposed: longer runs per DRAM row read faster than 64-deep stages did). The
+// weights are the M operand of mma.sync.m16n8k16 (columns of out as its rows) and
+// the tokens its N operand (8 per MMA), so M = 1 wastes no tensor-core rows. B and A are streamed by cp.async through a ring of stages in
 // shared memory (XOR-swizzled rows, ldmatrix; .trans for row-major B).
 //
 // Schedule of CTA c on rank r (call epoch e)
