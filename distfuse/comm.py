@@ -41,5 +41,5 @@ def workspace_info(group: GroupLike = None) -> Dict[str, int]:
     """Sizes of the workspace of ``group`` (empty when it has none)."""
     values = torch.ops.distfuse._workspace_info(group_name(group))
     keys = ("p2p", "world", "rank", "total_bytes", "one_shot_capacity_bytes", "two_shot_bytes",
-            "tile_bytes", "timeout_ms", "max_output_bytes")
+            "tile_bytes", "timeout_ms", "max_output_bytes", "ll128")
     return dict(zip(keys, values))

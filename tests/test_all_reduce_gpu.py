@@ -12,7 +12,7 @@ from dist_harness import gpu_world_sizes, run_distributed
 
 pytestmark = pytest.mark.multigpu
 
-PATHS = ("one_shot", "two_shot", "two_shot_ll", "auto")
+PATHS = ("one_shot", "two_shot", "two_shot_ll", "two_shot_ll128", "auto")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -23,9 +23,11 @@ def _int_inputs(numel, dtype, world, seed, device):
     return xs.to(device)
 
 
-def _capacity(path, world):
-    """Bytes a forced path carries before it falls back to the two-shot."""
-    return {"one_shot": 1 << 20, "two_shot_ll": world << 20}.get(path, 1 << 62)
+def _capacity(path, world, ll128=True):
+    """Bytes a forced path carries before it falls back to the two-shot (LL128 lines:
+    17920 lines of 120 bytes per shard, none where the group does not allow them)."""
+    return {"one_shot": 1 << 20, "two_shot_ll": world << 20,
+            "two_shot_ll128": world * 17920 * 120 if ll128 else 0}.get(path, 1 << 62)
 
 
 def _gather(t, world):
@@ -41,6 +43,8 @@ def body_exact_and_bitwise(rank, world, group_name):
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
     assert distfuse.init_workspace(group_name, timeout_ms=20000), "P2P workspace expected"
+    ll128 = bool(distfuse.workspace_info(group_name)["ll128"])
+    print(f"rank {rank}: LL128 lines allowed: {ll128}")
     sizes = [1, 7, 8, 1000, 4097, 65536 + 3, 1000003, 4 << 20]
     seed = 0
     # The one-shot also in its second CTA geometry (two LL lines per thread).
@@ -58,7 +62,7 @@ def body_exact_and_bitwise(rank, world, group_name):
                     taken = last_path("all_reduce")
                 # A forced one-shot beyond its capacity (1 MB), or LL two-shot beyond
                 # its own (W MB), runs the two-shot.
-                want = "two_shot" if numel * x.element_size() > _capacity(path, world) else path
+                want = "two_shot" if numel * x.element_size() > _capacity(path, world, ll128) else path
                 assert path == "auto" or taken == want, (path, taken)
                 assert torch.equal(out, expected), (dtype, path, numel, (out.double() - expected.double()).abs().max())
                 assert torch.equal(x, xs[rank]), "input modified"
@@ -72,8 +76,9 @@ def body_exact_and_bitwise(rank, world, group_name):
             ref64 = x.double().clone()
             dist.all_reduce(ref64)
             results = {}
-            for path, lines in (("one_shot", 2), ("one_shot_fine", 1), ("two_shot", 2), ("two_shot_ll", 2)):
-                if numel * x.element_size() > _capacity(path.replace("_fine", ""), world):
+            for path, lines in (("one_shot", 2), ("one_shot_fine", 1), ("two_shot", 2), ("two_shot_ll", 2),
+                                ("two_shot_ll128", 2)):
+                if numel * x.element_size() > _capacity(path.replace("_fine", ""), world, ll128):
                     continue
                 with force_path("all_reduce", path.replace("_fine", "")), \
                         distfuse.tuning({"all_reduce.one_shot_lines_per_thread": lines}):
@@ -108,8 +113,11 @@ def body_graphs(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, timeout_ms=20000)
     # Launched as programmatic dependents (PDL, 1) of the kernel before them, and not (2).
-    cases = [(path, numel, dependent) for dependent in (2, 1) for path in ("one_shot", "two_shot", "two_shot_ll")
+    cases = [(path, numel, dependent) for dependent in (2, 1)
+             for path in ("one_shot", "two_shot", "two_shot_ll", "two_shot_ll128")
              for numel in (1000, 300001) if not (path == "one_shot" and numel * 2 > (1 << 20))]
+    # LL128 blocks that walk several line chunks (more than 256 x 32 lines per shard).
+    cases += [("two_shot_ll128", 2_000_001, dependent) for dependent in (2, 1)]
     for path, numel, dependent in cases:
         with distfuse.tuning({"all_reduce.dependent_launch": dependent}):
             x = torch.zeros(numel, dtype=torch.bfloat16, device=dev)

@@ -41,13 +41,19 @@ bool capturing() {
 std::string to_string(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
 std::vector<uint8_t> to_bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
 
+struct PeerVerdict {
+  bool p2p = false;    // every member reaches every other's GPU memory directly
+  bool ll128 = false;  // and over NVLink between Hopper GPUs: LL128 lines are allowed
+};
+
 // Every rank learns whether all members sit on one host and can reach each
-// other's GPU memory directly, and which GPU model they share. Two rounds through
-// the group's store: identity (host, PCI bus id, GPU name), then each rank's
-// verdict; the answer is the AND of verdicts. `gpu_name`: the members' common GPU
-// name, "mixed" if they differ (the same on every rank).
-bool exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int device,
-                          std::string& gpu_name) {
+// other's GPU memory directly, whether every pair is linked by NVLink (native peer
+// atomics, which PCIe peers lack) between Hopper GPUs, and which GPU model they
+// share. Two rounds through the group's store: identity (host, PCI bus id, GPU
+// name), then each rank's verdict; the answer is the AND of verdicts, the same on
+// every rank. `gpu_name`: the members' common GPU name, "mixed" if they differ.
+PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int device,
+                                 std::string& gpu_name) {
   const int rank = pg.getRank();
   const int world = pg.getSize();
   auto store = pg.getStore();
@@ -60,6 +66,7 @@ bool exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int
   store->set(prefix + "id/" + std::to_string(rank), to_bytes(std::string(host) + "|" + bus + "|" + prop.name));
 
   bool ok = true;
+  bool nvlink = prop.major == 9;
   gpu_name = prop.name;
   for (int p = 0; p < world; ++p) {
     const std::string id = to_string(store->get(prefix + "id/" + std::to_string(p)));
@@ -80,13 +87,21 @@ bool exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int
       int can = 0;
       C10_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, device, peer_device));
       ok = ok && can;
+      int atomics = 0;
+      if (can)
+        C10_CUDA_CHECK(cudaDeviceGetP2PAttribute(&atomics, cudaDevP2PAttrNativeAtomicSupported, device, peer_device));
+      nvlink = nvlink && atomics;
     }
   }
-  store->set(prefix + "ok/" + std::to_string(rank), to_bytes(ok ? "1" : "0"));
-  bool all_ok = true;
-  for (int p = 0; p < world; ++p)
-    all_ok = all_ok && to_string(store->get(prefix + "ok/" + std::to_string(p))) == "1";
-  return all_ok;
+  store->set(prefix + "ok/" + std::to_string(rank), to_bytes(!ok ? "0" : nvlink ? "2" : "1"));
+  PeerVerdict v{true, true};
+  for (int p = 0; p < world; ++p) {
+    const std::string peer = to_string(store->get(prefix + "ok/" + std::to_string(p)));
+    v.p2p = v.p2p && peer != "0";
+    v.ll128 = v.ll128 && peer == "2";
+  }
+  v.ll128 = v.ll128 && v.p2p;
+  return v;
 }
 
 }  // namespace
@@ -113,7 +128,12 @@ void Workspace::allocate(const char* op) {
   const int generation = (*g_generation)[group_name_]++;
   const std::string prefix =
       "distfuse/" + group_name_ + "/" + std::to_string(generation) + "/";
-  p2p_ = world_ > 1 && exchange_p2p_verdict(*pg, prefix, device_, gpu_name_);
+  p2p_ = ll128_ = false;
+  if (world_ > 1) {
+    const PeerVerdict v = exchange_p2p_verdict(*pg, prefix, device_, gpu_name_);
+    p2p_ = v.p2p;
+    ll128_ = v.ll128;
+  }
   if (!p2p_) return;
 
   tile_bytes_ = std::max<size_t>(tile_bytes_, tile_region_bytes_for_output(max_output_bytes_, world_));
@@ -207,7 +227,7 @@ std::vector<int64_t> Workspace::info(const std::string& group_name) {
           w.p2p_ ? static_cast<int64_t>(kOneShotCapacityBytes) : 0,
           static_cast<int64_t>(l.twoshot_bytes), static_cast<int64_t>(l.tiles_bytes),
           static_cast<int64_t>(w.timeout_ms_),
-          static_cast<int64_t>(l.tiles_bytes / tile_region_bytes_for_output(1, w.world_))};
+          static_cast<int64_t>(l.tiles_bytes / tile_region_bytes_for_output(1, w.world_)), w.ll128_};
 }
 
 void* Workspace::gemm_scratch(size_t bytes, const char* op) {

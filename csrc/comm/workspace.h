@@ -35,7 +35,7 @@ class Workspace {
   // Frees the workspace after every rank's pending work finished; collective.
   static void destroy(const std::string& group_name);
   // {p2p, world, rank, total_bytes, one_shot_capacity, two_shot_bytes, tile_bytes, timeout_ms,
-  //  max_output_bytes (the largest fused GEMM output the tile region holds)};
+  //  max_output_bytes (the largest fused GEMM output the tile region holds), ll128};
   // empty when the group has no workspace.
   static std::vector<int64_t> info(const std::string& group_name);
 
@@ -51,6 +51,9 @@ class Workspace {
   void* gemm_scratch(size_t bytes, const char* op);
 
   bool p2p() const { return p2p_; }
+  // Every pair of members linked by NVLink between Hopper GPUs: the LL128 lines of
+  // distfuse/comm/signal.cuh are allowed (the same answer on every rank).
+  bool ll128() const { return ll128_; }
   int rank() const { return rank_; }
   int world() const { return world_; }
   int device() const { return device_; }
@@ -69,6 +72,7 @@ class Workspace {
   size_t tile_bytes_ = 0;    // tile region: for max_output_bytes_, or grown by a call
   uint64_t timeout_ms_;
   bool p2p_ = false;
+  bool ll128_ = false;
   int rank_ = 0;
   int world_ = 1;
   int device_ = -1;

@@ -56,6 +56,55 @@ TEST(AllReduceChoice, LLTwoShotBetweenOneShotAndTwoShotFromThreeRanks) {
   EXPECT_EQ(choose_all_reduce(3 << 20, 4, kOneShotCapacityBytes, 0, 4 << 20, 8 << 20), AllReduceAlgo::kTwoShotLL);
 }
 
+TEST(AllReduceChoice, LL128TwoShotOnlyWhereTheGroupAllowsItsLines) {
+  const int64_t ll_capacity = 4 << 20, ll128_capacity = 4 * 17920 * 120;
+  const int64_t mid = one_shot_threshold_bytes(4) + 16;
+  // Allowed (capacity > 0): the LL128 two-shot takes the mid sizes up to its limit.
+  EXPECT_EQ(choose_all_reduce(mid, 4, kOneShotCapacityBytes, 0, ll_capacity, 0, ll128_capacity),
+            AllReduceAlgo::kTwoShotLL128);
+  EXPECT_EQ(choose_all_reduce(two_shot_ll128_max_bytes(4), 4, kOneShotCapacityBytes, 0, ll_capacity, 0,
+                              ll128_capacity),
+            AllReduceAlgo::kTwoShotLL128);
+  EXPECT_EQ(choose_all_reduce(two_shot_ll128_max_bytes(4) + 16, 4, kOneShotCapacityBytes, 0, ll_capacity, 0,
+                              ll128_capacity),
+            AllReduceAlgo::kTwoShot);
+  // Not allowed (capacity 0): the LL two-shot's range as before.
+  EXPECT_EQ(choose_all_reduce(mid, 4, kOneShotCapacityBytes, 0, ll_capacity, 0, 0), AllReduceAlgo::kTwoShotLL);
+  // The one-shot keeps the small sizes; at W = 2 LL128 takes part of the one-shot's
+  // range where allowed, and the limit is clamped to what the region holds while an
+  // override wins.
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    EXPECT_EQ(choose_all_reduce(two_shot_ll128_min_bytes(world), world, kOneShotCapacityBytes, 0, ll_capacity, 0,
+                                ll128_capacity),
+              AllReduceAlgo::kOneShot);
+    EXPECT_LE(two_shot_ll128_min_bytes(world), one_shot_threshold_bytes(world));
+  }
+  EXPECT_EQ(choose_all_reduce(1 << 20, 2, kOneShotCapacityBytes, 0, ll_capacity, 0, ll128_capacity),
+            AllReduceAlgo::kTwoShotLL128);
+  EXPECT_EQ(choose_all_reduce(1 << 20, 2, kOneShotCapacityBytes, 0, ll_capacity, 0, 0), AllReduceAlgo::kOneShot);
+  EXPECT_EQ(choose_all_reduce(two_shot_ll128_max_bytes(2) + 16, 2, kOneShotCapacityBytes, 0, ll_capacity, 0,
+                              ll128_capacity),
+            AllReduceAlgo::kTwoShot);
+  EXPECT_EQ(choose_all_reduce(ll128_capacity + 16, 4, kOneShotCapacityBytes, 0, ll_capacity, 0, ll128_capacity,
+                              64 << 20),
+            AllReduceAlgo::kTwoShot);
+  EXPECT_EQ(choose_all_reduce(3 << 20, 4, kOneShotCapacityBytes, 0, ll_capacity, 0, ll128_capacity, 4 << 20),
+            AllReduceAlgo::kTwoShotLL128);
+}
+
+TEST(WorkspaceLayout, LL128RegionHoldsItsLinesAndIsZeroedWithTheFlags) {
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    const WorkspaceLayout l = make_layout(world, 0);
+    EXPECT_EQ(l.twoshot_ll128_bytes, 2ull * 2 * world * kTwoShotLL128LinesPerSlot * kLL128LineBytes);
+    EXPECT_EQ(l.twoshot_ll128_offset % kLL128LineBytes, 0u);
+    EXPECT_GE(l.twoshot_ll128_offset, l.decode_ll_offset + l.decode_ll_bytes);
+    // The workspace clears [0, twoshot_offset) at creation: the LL128 lines are inside.
+    EXPECT_LE(l.twoshot_ll128_offset + l.twoshot_ll128_bytes, l.twoshot_offset);
+  }
+  // A shard of 2 MB fits (W = 2 at 4 MB, the largest default range).
+  EXPECT_GE(kTwoShotLL128LinesPerSlot * kLL128PayloadBytes, uint64_t(2) << 20);
+}
+
 TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
   for (int world = 2; world <= kMaxWorld; ++world) {
     EXPECT_GE(two_shot_blocks(world), 1);

@@ -8,7 +8,7 @@
 
 namespace distfuse {
 
-enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1, kTwoShotLL = 2 };
+enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1, kTwoShotLL = 2, kTwoShotLL128 = 3 };
 
 // Largest all-reduce (bytes per rank) taken by the one-shot algorithm.
 inline int64_t one_shot_threshold_bytes(int world) {
@@ -26,11 +26,31 @@ inline int64_t two_shot_ll_max_bytes(int world, int64_t override_bytes = 0) {
   return world >= 3 ? int64_t(512) << 10 : 0;
 }
 
-// `override_threshold` / `override_ll_max` > 0 replace the table (benchmarks sweep
-// them); capacities are what the workspace regions hold.
+// The LL128 two-shot takes (two_shot_ll128_min_bytes, two_shot_ll128_max_bytes] where
+// the group allows LL128 lines (before the one-shot's and the LL two-shot's ranges).
+// 2 x H100, W = 2, graph: 1 MB 6.7 us (one-shot 9.1, two-shot 11.4, torch's two-shot
+// 12.4), 256 KB 5.0 (one-shot 4.7), 4 KB 4.3 (one-shot 3.3). W >= 3 (prediction): the
+// LL two-shot's fixed cost plus 1.07x the two-shot's bytes, ~12 us at 1 MB against
+// 14.4-14.5 for the two-shot. `override_bytes` > 0 replaces the table.
+inline int64_t two_shot_ll128_min_bytes(int world) {
+  const int64_t one_shot = one_shot_threshold_bytes(world);
+  return one_shot < (int64_t(256) << 10) ? one_shot : int64_t(256) << 10;
+}
+inline int64_t two_shot_ll128_max_bytes(int world, int64_t override_bytes = 0) {
+  if (override_bytes > 0) return override_bytes;
+  return world <= 2 ? int64_t(4) << 20 : int64_t(2) << 20;
+}
+
+// `override_threshold` / `override_ll_max` / `override_ll128_max` > 0 replace the
+// table (benchmarks sweep them); capacities are what the workspace regions hold (0
+// for LL128 where the group does not allow its lines).
 inline AllReduceAlgo choose_all_reduce(int64_t bytes, int world, int64_t one_shot_capacity_bytes,
                                        int64_t override_threshold = 0, int64_t two_shot_ll_capacity_bytes = 0,
-                                       int64_t override_ll_max = 0) {
+                                       int64_t override_ll_max = 0, int64_t two_shot_ll128_capacity_bytes = 0,
+                                       int64_t override_ll128_max = 0) {
+  int64_t ll128_max = two_shot_ll128_max_bytes(world, override_ll128_max);
+  if (ll128_max > two_shot_ll128_capacity_bytes) ll128_max = two_shot_ll128_capacity_bytes;
+  if (bytes > two_shot_ll128_min_bytes(world) && bytes <= ll128_max) return AllReduceAlgo::kTwoShotLL128;
   int64_t threshold = override_threshold > 0 ? override_threshold : one_shot_threshold_bytes(world);
   if (threshold > one_shot_capacity_bytes) threshold = one_shot_capacity_bytes;
   if (bytes <= threshold) return AllReduceAlgo::kOneShot;

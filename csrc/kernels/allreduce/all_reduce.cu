@@ -1,4 +1,5 @@
-// One-shot (LL push) and two-shot (push reduce-scatter + all-gather) all-reduce.
+// One-shot (LL push) and two-shot (push reduce-scatter + all-gather; on LL or LL128
+// lines at mid sizes) all-reduce.
 // Schedules and memory ordering: all_reduce.h and distfuse/comm/signal.cuh.
 #include "kernels/allreduce/all_reduce.h"
 
@@ -225,6 +226,157 @@ __global__ void __launch_bounds__(kTwoShotLLThreads) all_reduce_two_shot_ll_kern
       v.w[0] = d.x;
       v.w[1] = d.y;
       store_out(src, v);
+    }
+  }
+
+  __syncthreads();  // every thread has read s_epoch before the counter moves on
+  if (threadIdx.x == 0) *counter = epoch;
+}
+
+// ---------------------------------------------------------------- two-shot on LL128 lines
+
+constexpr int kTwoShotLL128Threads = 256;
+constexpr int kLL128Words = int(kLL128PayloadBytes / 8);      // 8-byte payload words per line
+constexpr int kLL128LinesPerBlock = kTwoShotLL128Threads / 8;  // 8 lanes carry a line
+// Grid of every launch at most: block b handles line chunks b, b + 256, ... (32 lines
+// each), a map that does not depend on the call's size. 256 blocks of 256 threads are
+// resident together (three per SM on >= 86 SMs), so no block waits for a peer block
+// that has no SM.
+constexpr int kLL128MaxBlocks = 256;
+
+// Line `line` that `src` sends to `dst` in `phase` for epochs of this parity. Line j
+// of every shard is always handled by the same 8 lanes of the same block (the map
+// above), and each block keeps its own epoch counter: the LL two-shot's parity
+// argument.
+__device__ __forceinline__ unsigned char* two_shot_ll128_line(const CommHandle& c, int dst, int phase, int parity,
+                                                             int src, int64_t line) {
+  return c.peer_base[dst] + c.layout.twoshot_ll128_offset +
+         (((int64_t(phase) * 2 + parity) * c.world + src) * int64_t(kTwoShotLL128LinesPerSlot) + line) *
+             int64_t(kLL128LineBytes);
+}
+
+template <typename T>
+__device__ __forceinline__ uint64_t word_bits(const Pack<T, 8>& w) {
+  return uint64_t(w.w[0]) | (uint64_t(w.w[1]) << 32);
+}
+template <typename T>
+__device__ __forceinline__ Pack<T, 8> word_from_bits(uint64_t b) {
+  Pack<T, 8> w;
+  w.w[0] = uint32_t(b);
+  w.w[1] = uint32_t(b >> 32);
+  return w;
+}
+
+// The LL two-shot's schedule with 128-byte lines of 15 payload words and a flag word
+// (120 of every 128 bytes are data, against 8 of 16 for LL lines). Lane q of a group
+// of 8 carries words 2q and 2q + 1 of its line; lane 7 carries word 14 and the flag.
+//
+//   group (line j):  load line j of every shard ──LL128──▶ its owner            (phase 0)
+//   owner:           wait W-1 lines ─ Σ in rank order (+ bias) ─▶ out
+//                    ──LL128──▶ every peer                                      (phase 1)
+//   every rank:      wait each owner's line j ─▶ out
+//
+// Every lane of a warp reaches each ll128_load_warp (its vote spans the warp), so
+// lanes without a line take part with valid = false instead of branching around.
+// A group reads every input word it later writes, so out may alias input.
+template <typename T, int W>
+__global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_ll128_kernel(AllReduceParams p) {
+  wait_for_previous_kernel();
+  using Word = Pack<T, 8>;
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
+  const T* in = static_cast<const T*>(p.input);
+  T* out = static_cast<T*>(p.output);
+  const int64_t n = p.numel;
+  const int64_t words = ceil_div<int64_t>(n, Word::kElems);
+  const int64_t shard_lines = ceil_div<int64_t>(ceil_div<int64_t>(words, W), kLL128Words);
+  const int64_t shard = shard_lines * kLL128Words;  // words per shard
+
+  __shared__ uint32_t s_epoch;
+  uint32_t* counter = c.counters(kChannelTwoShotLL128) + blockIdx.x;
+  if (threadIdx.x == 0) s_epoch = next_epoch(*counter);
+  __syncthreads();
+  const uint32_t epoch = s_epoch;
+  const int parity = epoch & 1;
+  const uint64_t flag = epoch;
+
+  const int q = threadIdx.x & 7;
+  const bool flag_lane = q == 7;
+  const int my_words = flag_lane ? 1 : 2;
+  // Block-uniform trip count: every lane reaches every warp vote.
+  for (int64_t chunk = blockIdx.x; chunk * kLL128LinesPerBlock < shard_lines; chunk += kLL128MaxBlocks) {
+    const int64_t j = chunk * kLL128LinesPerBlock + threadIdx.x / 8;
+    const bool has_line = j < shard_lines;
+    const int64_t first_word = j * kLL128Words + 2 * q;
+    auto word_index = [&](int s, int k) { return int64_t(s) * shard + first_word + k; };
+    auto exists = [&](int s, int k) { return has_line && k < my_words && word_index(s, k) < words; };
+    auto line_part = [&](int dst, int phase, int src) {
+      return two_shot_ll128_line(c, dst, phase, parity, src, j) + 16 * q;
+    };
+
+    // This lane's words of line j of every shard, all loads issued first (arrays
+    // indexed by unrolled loop counters only, so they stay in registers).
+    Word mine[2], send[W - 1][2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      mine[k] = exists(rank, k) ? load_line(in, word_index(rank, k), n) : Word{};
+#pragma unroll
+      for (int i = 1; i < W; ++i) {
+        const int dst = rank + i < W ? rank + i : rank + i - W;
+        send[i - 1][k] = exists(dst, k) ? load_line(in, word_index(dst, k), n) : Word{};
+      }
+    }
+    if (has_line) {
+#pragma unroll
+      for (int i = 1; i < W; ++i) {
+        const int dst = rank + i < W ? rank + i : rank + i - W;
+        ll128_store(line_part(dst, 0, rank), word_bits(send[i - 1][0]), flag_lane ? flag : word_bits(send[i - 1][1]));
+      }
+    }
+
+    float acc[2][Word::kElems];
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+#pragma unroll
+      for (int e = 0; e < Word::kElems; ++e) acc[k][e] = 0.f;
+#pragma unroll
+    for (int src = 0; src < W; ++src) {
+      Word v[2] = {mine[0], mine[1]};
+      if (src != rank) {
+        const ulonglong2 d = ll128_load_warp(line_part(rank, 0, src), has_line, flag_lane, flag, c.timeout_ns, p.op,
+                                             blockIdx.x, src);
+        v[0] = word_from_bits<T>(d.x);
+        v[1] = word_from_bits<T>(d.y);
+      }
+      accumulate<T, 8>(acc[0], v[0]);
+      accumulate<T, 8>(acc[1], v[1]);
+    }
+    Word r[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      if (p.bias)
+        add_bias<T, Word::kElems>(acc[k], static_cast<const T*>(p.bias), p.bias_period,
+                                  word_index(rank, k) * Word::kElems, n);
+      r[k] = round_pack<T, 8>(acc[k]);
+    }
+    if (has_line) {
+#pragma unroll
+      for (int i = 1; i < W; ++i) {
+        const int dst = rank + i < W ? rank + i : rank + i - W;
+        ll128_store(line_part(dst, 1, rank), word_bits(r[0]), flag_lane ? flag : word_bits(r[1]));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      if (exists(rank, k)) store_line(out, word_index(rank, k), n, r[k]);
+
+#pragma unroll
+    for (int i = 1; i < W; ++i) {
+      const int src = rank + i < W ? rank + i : rank + i - W;
+      const ulonglong2 d =
+          ll128_load_warp(line_part(rank, 1, src), has_line, flag_lane, flag, c.timeout_ns, p.op, blockIdx.x, src);
+      if (exists(src, 0)) store_line(out, word_index(src, 0), n, word_from_bits<T>(d.x));
+      if (exists(src, 1)) store_line(out, word_index(src, 1), n, word_from_bits<T>(d.y));
     }
   }
 
@@ -478,6 +630,27 @@ cudaError_t launch_all_reduce_two_shot_ll(const AllReduceParams& p, cudaStream_t
     return visit_world(world, [&](auto w) {
       return launch_kernel(all_reduce_two_shot_ll_kernel<T, decltype(w)::value>, blocks, kTwoShotLLThreads, 0, stream,
                     p.dependent_launch, p);
+    });
+  });
+}
+
+int64_t all_reduce_two_shot_ll128_max_numel(DType dtype, int world) {
+  return int64_t(kTwoShotLL128LinesPerSlot) * int64_t(kLL128PayloadBytes) * world / dtype_size(dtype);
+}
+
+cudaError_t launch_all_reduce_two_shot_ll128(const AllReduceParams& p, cudaStream_t stream) {
+  if (p.numel <= 0) return cudaSuccess;
+  const int world = p.comm.world;
+  const int64_t words = ceil_div<int64_t>(p.numel * dtype_size(p.dtype), 8);
+  const int64_t shard_lines = ceil_div<int64_t>(ceil_div<int64_t>(words, world), kLL128Words);
+  if (shard_lines > int64_t(kTwoShotLL128LinesPerSlot)) return cudaErrorInvalidValue;
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(shard_lines, kLL128LinesPerBlock),
+                                                           kLL128MaxBlocks));
+  return visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return visit_world(world, [&](auto w) {
+      return launch_kernel(all_reduce_two_shot_ll128_kernel<T, decltype(w)::value>, blocks, kTwoShotLL128Threads, 0,
+                           stream, p.dependent_launch, p);
     });
   });
 }

@@ -24,7 +24,12 @@
 //     reduce   owner p waits for W-1 lines, sums in rank order (+ bias) ─▶ output
 //     phase 1  owner p sends the sum ──LL──▶ every peer; peers wait for it ─▶ output
 //
-// All three sum in fp32 in the fixed order rank 0, 1, ..., W-1 and round once, so
+// two-shot LL128 (mid sizes at W >= 3 on NVLink-connected Hopper GPUs): the same
+//   schedule on 128-byte lines of 120 payload bytes and a flag, each written and read
+//   by one warp instruction of 8 lanes (see ll128_store in distfuse/comm/signal.cuh
+//   for what that relies on): no fence, and 1.07x the two-shot's bytes instead of 2x.
+//
+// All four sum in fp32 in the fixed order rank 0, 1, ..., W-1 and round once, so
 // every rank gets the same bits, whichever algorithm ran.
 //
 // Options in AllReduceParams: the one-shot's CTA geometry (2 or 1 lines per
@@ -46,5 +51,8 @@ cudaError_t launch_all_reduce_two_shot(const AllReduceParams& p, cudaStream_t st
 // Largest all-reduce the LL two-shot takes (its line region holds one shard per rank).
 int64_t all_reduce_two_shot_ll_max_numel(DType dtype, int world);
 cudaError_t launch_all_reduce_two_shot_ll(const AllReduceParams& p, cudaStream_t stream);
+// Largest all-reduce the LL128 two-shot takes, and its launch (NVLink Hopper groups only).
+int64_t all_reduce_two_shot_ll128_max_numel(DType dtype, int world);
+cudaError_t launch_all_reduce_two_shot_ll128(const AllReduceParams& p, cudaStream_t stream);
 
 }  // namespace distfuse

@@ -38,6 +38,7 @@ const char* path_name(AllReducePath p) {
   switch (p) {
     case AllReducePath::kOneShot: return "one_shot";
     case AllReducePath::kTwoShotLL: return "two_shot_ll";
+    case AllReducePath::kTwoShotLL128: return "two_shot_ll128";
     default: return "two_shot";
   }
 }
@@ -50,17 +51,25 @@ AllReducePath choose_all_reduce_path(const comm::Workspace& ws, int64_t bytes, D
     *reference = true;
     return AllReducePath::kTwoShot;
   }
-  if (forced == "one_shot" && bytes <= int64_t(ws.one_shot_capacity_bytes()))
-    return AllReducePath::kOneShot;
+  // A forced path beyond its capacity (or not allowed here) runs the two-shot.
+  if (forced == "one_shot")
+    return bytes <= int64_t(ws.one_shot_capacity_bytes()) ? AllReducePath::kOneShot : AllReducePath::kTwoShot;
   const int64_t ll_capacity = all_reduce_two_shot_ll_max_numel(dtype, ws.world()) * dtype_size(dtype);
-  if (forced == "two_shot_ll")  // beyond the LL region's capacity: the two-shot
+  if (forced == "two_shot_ll")
     return bytes <= ll_capacity ? AllReducePath::kTwoShotLL : AllReducePath::kTwoShot;
+  // Zero where the group does not allow LL128 lines (comm/workspace.h).
+  const int64_t ll128_capacity =
+      ws.ll128() ? all_reduce_two_shot_ll128_max_numel(dtype, ws.world()) * dtype_size(dtype) : 0;
+  if (forced == "two_shot_ll128")
+    return bytes <= ll128_capacity ? AllReducePath::kTwoShotLL128 : AllReducePath::kTwoShot;
   if (forced == "two_shot") return AllReducePath::kTwoShot;
   switch (choose_all_reduce(bytes, ws.world(), ws.one_shot_capacity_bytes(),
                             get_tuning("all_reduce.one_shot_max_bytes"), ll_capacity,
-                            get_tuning("all_reduce.two_shot_ll_max_bytes"))) {
+                            get_tuning("all_reduce.two_shot_ll_max_bytes"), ll128_capacity,
+                            get_tuning("all_reduce.two_shot_ll128_max_bytes"))) {
     case AllReduceAlgo::kOneShot: return AllReducePath::kOneShot;
     case AllReduceAlgo::kTwoShotLL: return AllReducePath::kTwoShotLL;
+    case AllReduceAlgo::kTwoShotLL128: return AllReducePath::kTwoShotLL128;
     default: return AllReducePath::kTwoShot;
   }
 }
@@ -84,9 +93,10 @@ void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tens
       one_shot_lines_per_thread(ws.world(), static_cast<int>(get_tuning("all_reduce.one_shot_lines_per_thread")));
   p.comm = ws.handle();
   auto stream = at::cuda::getCurrentCUDAStream();
-  const cudaError_t err = path == AllReducePath::kOneShot     ? launch_all_reduce_one_shot(p, stream)
-                          : path == AllReducePath::kTwoShotLL ? launch_all_reduce_two_shot_ll(p, stream)
-                                                              : launch_all_reduce_two_shot(p, stream);
+  const cudaError_t err = path == AllReducePath::kOneShot        ? launch_all_reduce_one_shot(p, stream)
+                          : path == AllReducePath::kTwoShotLL    ? launch_all_reduce_two_shot_ll(p, stream)
+                          : path == AllReducePath::kTwoShotLL128 ? launch_all_reduce_two_shot_ll128(p, stream)
+                                                                 : launch_all_reduce_two_shot(p, stream);
   TORCH_CHECK(err == cudaSuccess, "distfuse: ", path_name(path), " all-reduce launch failed: ",
               cudaGetErrorString(err));
 }

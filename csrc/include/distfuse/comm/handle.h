@@ -6,11 +6,11 @@
 // kernel addresses "region X of rank p" as peer_base[p] + offset_of_X.
 //
 //   symmetric buffer (per rank)
-//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+--------------+
-//   | counters | flags         | one-shot LL lines | two-shot LL lines | decode LL lines | two-shot chunks | tile region  |
-//   | (local)  | (peers write) | (peers write)     | (peers write)     | (peers write)   | (peers write)   | (GEMM tiles) |
-//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+--------------+
-//   └──────────────────── zeroed at creation (epoch 0 never appears) ────────────────┘
+//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+-----------------+--------------+
+//   | counters | flags         | one-shot LL lines | two-shot LL lines | decode LL lines | LL128 lines     | two-shot chunks | tile region  |
+//   | (local)  | (peers write) | (peers write)     | (peers write)     | (peers write)   | (peers write)   | (peers write)   | (GEMM tiles) |
+//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+-----------------+--------------+
+//   └──────────────────────────── zeroed at creation (epoch 0 never appears) ──────────────────────────┘
 //
 // Each algorithm ("channel") owns its counters, flags and data region, so two
 // algorithms used back to back never touch each other's memory.
@@ -33,7 +33,8 @@ enum Channel : int {
   kChannelTwoShotLL = 6,    // two-shot on LL lines (mid sizes)
   kChannelBandPull = 7,     // band all-reduce of GEMM outputs by SM pulls
   kChannelDecodeGemm = 8,   // decode matmul_all_reduce in one kernel
-  kNumChannels = 9,
+  kChannelTwoShotLL128 = 9,  // two-shot on 128-byte lines (mid sizes, NVLink)
+  kNumChannels = 10,
 };
 
 struct WorkspaceLayout {
@@ -53,6 +54,10 @@ struct WorkspaceLayout {
   // Decode matmul_all_reduce LL region: [src world][kDecodeLLLinesPerSlot] lines.
   uint64_t decode_ll_offset;
   uint64_t decode_ll_bytes;
+  // Two-shot LL128 region: [phase 2][parity 2][src world][kTwoShotLL128LinesPerSlot]
+  // 128-byte lines.
+  uint64_t twoshot_ll128_offset;
+  uint64_t twoshot_ll128_bytes;
   // Two-shot region: [phase 2][slot 2][src world][kTwoShotRegionBytes], in which
   // block b of a launch using chunks of c bytes owns [b * c, (b + 1) * c).
   uint64_t twoshot_offset;
@@ -76,6 +81,12 @@ constexpr uint64_t kTwoShotLLLinesPerSlot = kTwoShotLLShardBytes / 8;
 // Decode matmul_all_reduce on LL lines: payload capacity of one call per source.
 constexpr uint64_t kDecodeLLCapacityBytes = 256ull << 10;
 constexpr uint64_t kDecodeLLLinesPerSlot = kDecodeLLCapacityBytes / 8;
+// Two-shot on 128-byte lines (120 payload bytes and an 8-byte flag each): lines of
+// one shard, so a call carries at most world x 120 x kTwoShotLL128LinesPerSlot bytes
+// (a little over 2 MB per rank).
+constexpr uint64_t kLL128LineBytes = 128;
+constexpr uint64_t kLL128PayloadBytes = 120;
+constexpr uint64_t kTwoShotLL128LinesPerSlot = 17920;
 // Two-shot: per (phase, slot, source) region, split among the blocks of a launch
 // (blocks x chunk bytes <= kTwoShotRegionBytes); default and largest chunk.
 constexpr uint64_t kTwoShotRegionBytes = 8ull << 20;
@@ -106,7 +117,9 @@ inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
   l.twoshot_ll_bytes = 2ull * 2ull * world * kTwoShotLLLinesPerSlot * 16;
   l.decode_ll_offset = align_up(l.twoshot_ll_offset + l.twoshot_ll_bytes, kAlign);
   l.decode_ll_bytes = uint64_t(world) * kDecodeLLLinesPerSlot * 16;
-  l.twoshot_offset = align_up(l.decode_ll_offset + l.decode_ll_bytes, kAlign);
+  l.twoshot_ll128_offset = align_up(l.decode_ll_offset + l.decode_ll_bytes, kAlign);
+  l.twoshot_ll128_bytes = 2ull * 2ull * world * kTwoShotLL128LinesPerSlot * kLL128LineBytes;
+  l.twoshot_offset = align_up(l.twoshot_ll128_offset + l.twoshot_ll128_bytes, kAlign);
   l.twoshot_bytes = 2ull * kTwoShotSlots * world * kTwoShotRegionBytes;
   l.tiles_offset = align_up(l.twoshot_offset + l.twoshot_bytes, kAlign);
   l.tiles_bytes = align_up(tile_bytes, kAlign);

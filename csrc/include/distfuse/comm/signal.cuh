@@ -13,6 +13,13 @@
 //  - ll_store / ll_load: 16-byte "low latency" lines {d0, flag, d1, flag}. A line
 //    is written by one vector store and is valid when both flags equal the
 //    epoch, so data and flag arrive together and no fence is needed.
+//  - ll128_store / ll128_load_warp: 128-byte lines of 15 payload words and a flag
+//    word, each line written by one warp store instruction of 8 lanes (16 bytes
+//    each, the flag in the 8th lane's upper half) and read the same way. A line
+//    read whose flag equals the epoch is taken as whole: this relies on NVLink
+//    delivering a warp's 128-byte aligned store as one unit, which holds between
+//    Hopper GPUs over NVLink (NCCL's LL128 protocol relies on it there) and is not
+//    promised elsewhere, so the workspace enables these lines only on such groups.
 //  - store_epoch_when_last(...): the last CTA of a call publishes its epoch to the
 //    next call on the stream (plain stores; the kernel boundary orders them).
 //  - enter_call(...): a handshake at the start of a kernel that writes into peers'
@@ -124,6 +131,30 @@ __device__ __forceinline__ uint2 ll_load(const LLLine* p, uint32_t flag, uint64_
     if (spins == 0) start = global_timer_ns();
     else if ((spins & 63u) == 0 && global_timer_ns() - start > bound)
       timeout_trap(op, "block", block, peer, flag, f0 != flag ? f0 : f1);
+  }
+}
+
+__device__ __forceinline__ void ll128_store(void* p, uint64_t w0, uint64_t w1) {
+  asm volatile("st.volatile.global.v2.u64 [%0], {%1, %2};" ::"l"(p), "l"(w0), "l"(w1) : "memory");
+}
+
+// Every lane of the warp calls this together (the vote spans the full warp). A lane
+// with `valid` reads its 16 bytes at p; the line's flag lane (the 8th of its group)
+// checks the upper word against `flag`, and the warp rereads until every flag lane
+// has seen its flag, so each lane returns data read together with a valid flag.
+__device__ __forceinline__ ulonglong2 ll128_load_warp(const void* p, bool valid, bool flag_lane, uint64_t flag,
+                                                      uint64_t timeout_ns, int op, int block, int peer) {
+  ulonglong2 v = make_ulonglong2(0, 0);
+  uint64_t start = 0;
+  const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
+  for (uint32_t spins = 0;; ++spins) {
+    if (valid)
+      asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p) : "memory");
+    const bool stale = valid && flag_lane && v.y != flag;
+    if (!__any_sync(0xffffffffu, stale)) return v;
+    if (spins == 0) start = global_timer_ns();
+    else if ((spins & 63u) == 0 && global_timer_ns() - start > bound && stale)
+      timeout_trap(op, "block", block, peer, uint32_t(flag), uint32_t(v.y));
   }
 }
 
