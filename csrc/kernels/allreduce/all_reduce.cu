@@ -44,6 +44,20 @@ __device__ __forceinline__ void store_line(T* base, int64_t line, int64_t n, con
   else store_pack_tail<T, 8>(base, idx, n, r);
 }
 
+// Per-block epochs of the LL kernels: block b of a launch on `channel` uses the next
+// epoch of its own counter, which it advances when it is done (the next call on the
+// stream starts after this one ended, PDL included: every kernel waits first).
+__device__ __forceinline__ uint32_t block_epoch_begin(const CommHandle& c, int channel) {
+  __shared__ uint32_t s_epoch;
+  if (threadIdx.x == 0) s_epoch = next_epoch(c.counters(channel)[blockIdx.x]);
+  __syncthreads();
+  return s_epoch;
+}
+__device__ __forceinline__ void block_epoch_end(const CommHandle& c, int channel, uint32_t epoch) {
+  __syncthreads();  // every thread has read the epoch before the counter moves on
+  if (threadIdx.x == 0) c.counters(channel)[blockIdx.x] = epoch;
+}
+
 // ---------------------------------------------------------------- one-shot
 
 constexpr int kOneShotThreads = 512;
@@ -84,11 +98,7 @@ __global__ void __launch_bounds__(kOneShotThreads)
   const int64_t n = p.numel;
   const int64_t lines = ceil_div<int64_t>(n, kElems);
 
-  __shared__ uint32_t s_epoch;
-  uint32_t* counter = c.counters(Geometry::kChannel) + blockIdx.x;
-  if (threadIdx.x == 0) s_epoch = next_epoch(*counter);
-  __syncthreads();
-  const uint32_t epoch = s_epoch;
+  const uint32_t epoch = block_epoch_begin(c, Geometry::kChannel);
   const int parity = epoch & 1;
 
   Line mine[LPT];
@@ -129,8 +139,7 @@ __global__ void __launch_bounds__(kOneShotThreads)
     store_line(out, line[k], n, round_pack<T, 8>(acc));
   }
 
-  __syncthreads();  // every thread has read s_epoch before the counter moves on
-  if (threadIdx.x == 0) *counter = epoch;
+  block_epoch_end(c, Geometry::kChannel, epoch);
 }
 
 // ---------------------------------------------------------------- two-shot on LL lines
@@ -171,11 +180,7 @@ __global__ void __launch_bounds__(kTwoShotLLThreads) all_reduce_two_shot_ll_kern
   const int64_t lines = ceil_div<int64_t>(n, kElems);
   const int64_t shard = ceil_div<int64_t>(lines, W);  // lines per shard
 
-  __shared__ uint32_t s_epoch;
-  uint32_t* counter = c.counters(kChannelTwoShotLL) + blockIdx.x;
-  if (threadIdx.x == 0) s_epoch = next_epoch(*counter);
-  __syncthreads();
-  const uint32_t epoch = s_epoch;
+  const uint32_t epoch = block_epoch_begin(c, kChannelTwoShotLL);
   const int parity = epoch & 1;
   const int64_t j = int64_t(blockIdx.x) * kTwoShotLLThreads + threadIdx.x;
 
@@ -229,8 +234,7 @@ __global__ void __launch_bounds__(kTwoShotLLThreads) all_reduce_two_shot_ll_kern
     }
   }
 
-  __syncthreads();  // every thread has read s_epoch before the counter moves on
-  if (threadIdx.x == 0) *counter = epoch;
+  block_epoch_end(c, kChannelTwoShotLL, epoch);
 }
 
 // ---------------------------------------------------------------- two-shot on LL128 lines
@@ -292,11 +296,7 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_l
   const int64_t shard_lines = ceil_div<int64_t>(ceil_div<int64_t>(words, W), kLL128Words);
   const int64_t shard = shard_lines * kLL128Words;  // words per shard
 
-  __shared__ uint32_t s_epoch;
-  uint32_t* counter = c.counters(kChannelTwoShotLL128) + blockIdx.x;
-  if (threadIdx.x == 0) s_epoch = next_epoch(*counter);
-  __syncthreads();
-  const uint32_t epoch = s_epoch;
+  const uint32_t epoch = block_epoch_begin(c, kChannelTwoShotLL128);
   const int parity = epoch & 1;
   const uint64_t flag = epoch;
 
@@ -380,8 +380,7 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_l
     }
   }
 
-  __syncthreads();  // every thread has read s_epoch before the counter moves on
-  if (threadIdx.x == 0) *counter = epoch;
+  block_epoch_end(c, kChannelTwoShotLL128, epoch);
 }
 
 // ---------------------------------------------------------------- two-shot
