@@ -228,7 +228,7 @@ def body_graphs_survive_growth(rank, world, group_name):
 
 
 def body_decode_variants(rank, world, group_name):
-    """The decode schedule with and without LL lines, with one or several column blocks
+    """The decode schedule with LL lines, LL128 lines or flags, with one or several column blocks
     per CTA, back to back in mixed order: exact on integer inputs, the same bits as the
     unfused order, identical across ranks."""
     import distfuse
@@ -239,7 +239,7 @@ def body_decode_variants(rank, world, group_name):
         m = (1, 2, 7, 16, 17, 64, 128, 129, 300)[i % 9]
         k = (8, 64, 520, 2048)[i % 4]
         n = (8, 264, 1024, 8192)[(i // 4) % 4]
-        ll = (1, 2)[i % 2] if m * n * 2 <= 256 << 10 else 2
+        ll = (1, 2, 3)[i % 3] if m * n * 2 <= 256 << 10 else (2, 3)[i % 2]  # 3: LL128 lines where they fit
         ctas = (0, 1, 7, 40)[(i // 2) % 4]
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 9000 + i,

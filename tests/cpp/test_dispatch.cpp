@@ -7,6 +7,7 @@
 #include "distfuse/params.h"
 #include "distfuse/tuning.h"
 #include "kernels/allreduce/band_geometry.h"
+#include "kernels/gemm/decode_matmul_all_reduce.h"
 
 namespace distfuse {
 namespace {
@@ -196,6 +197,17 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_FALSE(decode_ll(2, 8, 8 * 8192 * 2, kDecodeLLCapacityBytes, 2));
   EXPECT_FALSE(decode_ll(4, 8, kDecodeLLCapacityBytes + 16, kDecodeLLCapacityBytes, 1));
   EXPECT_FALSE(decode_ll(4, 64, 64 * 1024 * 2, kDecodeLLCapacityBytes));
+  // LL128 lines: W >= 3 up to M = 16 where allowed and fitting; the override picks.
+  EXPECT_TRUE(decode_ll128_fits(16, 8192));
+  EXPECT_FALSE(decode_ll128_fits(32, 8192));
+  EXPECT_TRUE(decode_ll128(4, 16, true));
+  EXPECT_FALSE(decode_ll128(4, 17, true));
+  EXPECT_FALSE(decode_ll128(2, 8, true));
+  EXPECT_FALSE(decode_ll128(4, 8, false));
+  EXPECT_FALSE(decode_ll128(4, 8, false, 3));
+  EXPECT_TRUE(decode_ll128(2, 8, true, 3));
+  EXPECT_FALSE(decode_ll128(4, 8, true, 1));
+  EXPECT_FALSE(decode_ll128(4, 8, true, 2));
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4, kH100), MatmulAllReduceAlgo::kFusedTiles);
   // Where the band schedule is off (its smallest M raised), the owner schedule up to fused_max_k.
@@ -223,7 +235,7 @@ TEST(WorkspaceLayout, RegionsAreOrderedAlignedAndDisjoint) {
     }
     // The LL regions are zeroed at creation: everything before the two-shot chunks.
     EXPECT_LE(l.decode_ll_offset + l.decode_ll_bytes, l.twoshot_offset);
-    EXPECT_EQ(l.decode_ll_bytes, uint64_t(world) * kDecodeLLCapacityBytes * 2);
+    EXPECT_EQ(l.decode_ll_bytes, uint64_t(world) * (kDecodeLLCapacityBytes * 2 + kDecodeLL128BytesPerSlot));
     EXPECT_GE(l.tiles_bytes, tile_bytes + 5);
     EXPECT_EQ(l.total_bytes, l.tiles_offset + l.tiles_bytes);
     // Counters hold every channel's blocks and the per-tile counters.

@@ -75,6 +75,7 @@ struct DecodeMatmulAllReduceParams {
   DType dtype;      // kBFloat16 or kFloat16
   bool all_reduce;  // false: output = this rank's rounded partial, no communication
   bool ll;          // push on LL lines (M·N·2 <= kDecodeLLCapacityBytes): no fence, no flags
+  bool ll128;       // push on LL128 lines instead (decode_ll128_fits; NVLink Hopper groups only)
   int sm_count;     // CTAs at most (one per SM)
   int op;           // OpId, for timeout messages
   CommHandle comm;

@@ -170,6 +170,19 @@ inline bool decode_ll(int world, int64_t m, int64_t output_bytes, uint64_t capac
   return override_value == 1 || m <= (world >= 3 ? 1 : 8);
 }
 
+// Decode schedule: push on LL128 lines (15 words and a flag per 128-byte warp store: no
+// fence, 1.07x the bytes) where the group allows them and every unit's lines fit the LL
+// region (`allowed_and_fits`), at W >= 3 up to M = 16; otherwise decode_ll decides.
+// 2 x H100, W = 2, forced decode_push, graph, LL / flags / LL128 (µs): o_proj M = 1 / 8
+// / 16 29.3 / 31.3 / 29.2, 29.9 / 31.6 / 29.6, 30.6 / 32.0 / 30.1; down_proj M = 1 / 8 / 16
+// 84.3 / 86.5 / 84.5, 85.1 / 86.8 / 85.0, 87.0 / 88.4 / 86.8. At W = 4 the LL lines lost
+// to flags from M = 8 (v12d above); LL128 there is not yet measured. Override (the
+// decode_ll key): 3 LL128, 1 or 2 not.
+inline bool decode_ll128(int world, int64_t m, bool allowed_and_fits, int64_t override_value = 0) {
+  if (!allowed_and_fits || override_value == 1 || override_value == 2) return false;
+  return override_value == 3 || (world >= 3 && m <= 16);
+}
+
 // Decode schedule: CTAs (at most the SMs; 0: one per SM). Fewer CTAs than column
 // blocks give each CTA several, whose pushes overlap its next GEMM block; 4 x H100,
 // W = 4 o_proj M = 1: 66 CTAs 33.9 us against 20.4 at one per SM (the weights stream

@@ -54,6 +54,18 @@ __device__ __forceinline__ LLLine* ll_line(const CommHandle& c, int dst, int src
          off / 4;
 }
 
+// LL128 lines of a unit: its rows' 8-byte words (cols / 4 per row), 15 per line.
+__device__ __forceinline__ int64_t ll128_unit_lines(int rows, int cols) {
+  return ceil_div(int64_t(rows) * (cols / 4), 15);
+}
+// LL128 line `line` of unit `u` that `src` sent to `dst` (every unit has room for the
+// lines of a full one, `unit_lines`).
+__device__ __forceinline__ unsigned char* ll128_line(const CommHandle& c, int dst, int src, int64_t u,
+                                                     int64_t unit_lines, int64_t line) {
+  return c.peer_base[dst] + c.layout.decode_ll_offset + c.world * (kDecodeLLLinesPerSlot * 16) +
+         src * kDecodeLL128BytesPerSlot + (u * unit_lines + line) * 128;
+}
+
 // Byte offset of 16-byte chunk `chunk` of smem row `row` (rows of kRowBytes, 8 or more
 // chunks): chunks are XOR-swizzled by the row so that the 8 rows an ldmatrix reads hit
 // distinct banks.
@@ -331,6 +343,49 @@ __device__ void sum_unit(const DecodeMatmulAllReduceParams& p, const Unit& u, Lo
   }
 }
 
+// sum_unit for LL128 lines: 8 lanes per line, every warp reaching every vote (lanes
+// past the unit's lines take part with valid = false).
+template <typename T>
+__device__ void sum_unit_ll128(const DecodeMatmulAllReduceParams& p, const Unit& u, uint32_t epoch) {
+  using Word = Pack<T, 8>;
+  const CommHandle& c = p.comm;
+  const int wpr = u.cols / 4, words = u.rows * wpr, q = threadIdx.x % 8;
+  const int64_t lines = ll128_unit_lines(u.rows, u.cols);
+  const int64_t unit_lines = ll128_unit_lines(min(p.m, kDecodeBlockM), kDecodeBlockN);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.output);
+  for (int64_t l0 = 0; l0 < lines; l0 += kThreads / 8) {
+    const int64_t l = l0 + threadIdx.x / 8;
+    const bool valid = l < lines;
+    float acc[2][Word::kElems];
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+#pragma unroll
+      for (int e = 0; e < Word::kElems; ++e) acc[k][e] = 0.f;
+    for (int src = 0; src < c.world; ++src) {
+      const ulonglong2 d = ll128_load_warp(ll128_line(c, c.rank, src, u.index, unit_lines, valid ? l : 0) + 16 * q,
+                                           valid, q == 7, epoch, c.timeout_ns, p.op, int(u.index), src);
+      Word w0, w1;
+      w0.w[0] = uint32_t(d.x), w0.w[1] = uint32_t(d.x >> 32);
+      w1.w[0] = uint32_t(d.y), w1.w[1] = uint32_t(d.y >> 32);
+      accumulate<T, 8>(acc[0], w0);
+      accumulate<T, 8>(acc[1], w1);
+    }
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int wi = int(l) * 15 + 2 * q + k;
+      if (!valid || (q == 7 && k == 1) || wi >= words) continue;
+      const int col = u.col0 + (wi % wpr) * 4;
+      if (bias) {
+        const Word b = load_vector<T, 8>(bias + col);
+#pragma unroll
+        for (int e = 0; e < Word::kElems; ++e) acc[k][e] += to_float(b.elem(e));
+      }
+      store_vector<T, 8>(out + int64_t(u.row0 + wi / wpr) * p.n + col, round_pack<T, 8>(acc[k]));
+    }
+  }
+}
+
 template <typename T, int kTokenTiles, bool kBTransposed>
 __global__ void __launch_bounds__(kThreads, 1) decode_matmul_all_reduce_kernel(DecodeMatmulAllReduceParams p) {
   extern __shared__ __align__(128) unsigned char ring[];
@@ -366,6 +421,27 @@ __global__ void __launch_bounds__(kThreads, 1) decode_matmul_all_reduce_kernel(D
       __syncthreads();
       entered = true;
     }
+    if (p.ll128) {  // 15 words per 128-byte line, written by 8 lanes at once; no release needed
+      const int wpr = u.cols / 4, words = u.rows * wpr, q = threadIdx.x % 8;
+      const int64_t lines = ll128_unit_lines(u.rows, u.cols);
+      const int64_t unit_lines = ll128_unit_lines(min(p.m, kDecodeBlockM), kDecodeBlockN);
+      for (int64_t l = threadIdx.x / 8; l < lines; l += kThreads / 8) {
+        uint64_t w[2] = {0, 0};
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int wi = int(l) * 15 + 2 * q + k;
+          if ((q < 7 || k == 0) && wi < words)
+            w[k] = *reinterpret_cast<const uint64_t*>(partial + (wi / wpr) * kDecodeBlockN + (wi % wpr) * 4);
+        }
+        if (q == 7) w[1] = epoch;
+        for (int k = 0; k < world; ++k) {
+          const int dst = rank + k < world ? rank + k : rank + k - world;
+          ll128_store(ll128_line(c, dst, rank, i, unit_lines, l) + 16 * q, w[0], w[1]);
+        }
+      }
+      __syncthreads();  // the smem unit is consumed before the next unit's ring reuses it
+      continue;
+    }
     if (p.ll) {  // 4 elements per line; data and epoch land together, no release needed
       const int lvecs = u.cols / 4;
       for (int v = threadIdx.x; v < u.rows * lvecs; v += kThreads) {
@@ -396,6 +472,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_matmul_all_reduce_kernel(D
   const T* slots = reinterpret_cast<const T*>(c.peer_base[rank] + c.layout.tiles_offset) + mn;
   for (int64_t i = blockIdx.x; i < units; i += gridDim.x) {
     const Unit u = unit_of(p, i);
+    if (p.ll128) {
+      sum_unit_ll128<T>(p, u, epoch);
+      continue;
+    }
     if (p.ll) {
       sum_unit<T, 8>(p, u, [&](int from, int64_t off) {
         const uint2 d = ll_load(ll_line(c, rank, from, off), epoch, c.timeout_ns, p.op, int(i), from);
@@ -455,7 +535,8 @@ cudaError_t launch_decode_matmul_all_reduce(const DecodeMatmulAllReduceParams& p
       (p.bias && !aligned16(p.bias)) || p.lda % 8 != 0 || p.ldb % 8 != 0 || p.lda < p.k ||
       p.ldb < (p.b_transposed ? p.k : p.n) || p.sm_count < 1 ||
       (p.all_reduce && (p.comm.world < 1 || p.comm.world > kMaxWorld)) ||
-      (p.all_reduce && p.ll && uint64_t(p.m) * p.n * 2 > kDecodeLLCapacityBytes))
+      (p.all_reduce && p.ll && uint64_t(p.m) * p.n * 2 > kDecodeLLCapacityBytes) ||
+      (p.all_reduce && p.ll128 && !decode_ll128_fits(p.m, p.n)))
     return cudaErrorInvalidValue;
   const int grid = int(std::min<int64_t>(decode_units(p.m, p.n), p.sm_count));
   return p.dtype == DType::kBFloat16 ? launch_tokens<__nv_bfloat16>(p, grid, stream)

@@ -36,6 +36,12 @@
 //                                                               └────────▶ rank 0
 // Pushes of a CTA's earlier units travel while it computes its later ones.
 //
+// Push lines instead of slots and flags (no release, no received flag): LL lines
+// (4 elements and the epoch twice per 16-byte store) or LL128 lines (15 8-byte words
+// of the unit and the epoch per 128-byte store of 8 lanes; groups that allow them,
+// see distfuse/comm/signal.cuh), each kind in its own part of the decode LL region
+// (LL128: [src][unit][line]). The sum polls each line until its epoch is the call's.
+//
 // Memory, in the tile region of every rank (mn = M·N elements): slot[src] at
 // (1 + src)·mn, laid out like out. Flags of kChannelDecodeGemm: entry[src] at
 // src, received(u, src) at kMaxWorld·(1 + u) + src. The call epoch is
@@ -55,6 +61,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "distfuse/comm/handle.h"
 #include "distfuse/params.h"
 
 namespace distfuse {
@@ -71,6 +78,14 @@ constexpr int kDecodeBlockM = 128;  // output rows per work unit (tokens)
 // Work units of a call (the flag slots of the channel bound them).
 DF_DECODE_HD inline int64_t decode_units(int64_t m, int64_t n) {
   return (m + kDecodeBlockM - 1) / kDecodeBlockM * ((n + kDecodeBlockN - 1) / kDecodeBlockN);
+}
+
+// Whether the LL128 lines of every unit of an [m, n] output fit their part of the
+// decode LL region (15 words of a unit per line, room for a full unit's lines each).
+DF_DECODE_HD inline bool decode_ll128_fits(int64_t m, int64_t n) {
+  const int64_t rows = m < kDecodeBlockM ? m : kDecodeBlockM;
+  const int64_t unit_lines = (rows * (kDecodeBlockN / 4) + 14) / 15;
+  return decode_units(m, n) * unit_lines * 128 <= int64_t(kDecodeLL128BytesPerSlot);
 }
 
 #undef DF_DECODE_HD

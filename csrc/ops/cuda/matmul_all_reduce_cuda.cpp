@@ -430,8 +430,9 @@ at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   p.b_transposed = g.b_transposed;
   TORCH_INTERNAL_ASSERT(kernel_dtype(a.scalar_type(), &p.dtype));
   p.all_reduce = overlap == Overlap::kOverlapped;
-  p.ll = decode_ll(ws.world(), g.m, g.m * g.n * esize, kDecodeLLCapacityBytes,
-                   get_tuning("matmul_all_reduce.decode_ll"));
+  const int64_t push_lines = get_tuning("matmul_all_reduce.decode_ll");
+  p.ll128 = decode_ll128(ws.world(), g.m, ws.ll128() && decode_ll128_fits(g.m, g.n), push_lines);
+  p.ll = !p.ll128 && decode_ll(ws.world(), g.m, g.m * g.n * esize, kDecodeLLCapacityBytes, push_lines);
   const int ctas = decode_ctas(static_cast<int>(get_tuning("matmul_all_reduce.decode_ctas")));
   p.sm_count = ctas > 0 ? std::min(ctas, sm_count(ws.device())) : sm_count(ws.device());
   p.op = kOpMatmulAllReduce;

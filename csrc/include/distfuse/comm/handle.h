@@ -51,7 +51,9 @@ struct WorkspaceLayout {
   // Two-shot LL region: [phase 2][parity 2][src world][kTwoShotLLLinesPerSlot] lines.
   uint64_t twoshot_ll_offset;
   uint64_t twoshot_ll_bytes;
-  // Decode matmul_all_reduce LL region: [src world][kDecodeLLLinesPerSlot] lines.
+  // Decode matmul_all_reduce LL region: [src world][kDecodeLLLinesPerSlot] LL lines,
+  // then [src world][kDecodeLL128BytesPerSlot] of LL128 lines (apart, so that neither
+  // kind of line is ever read where the other was written).
   uint64_t decode_ll_offset;
   uint64_t decode_ll_bytes;
   // Two-shot LL128 region: [phase 2][parity 2][src world][kTwoShotLL128LinesPerSlot]
@@ -81,6 +83,7 @@ constexpr uint64_t kTwoShotLLLinesPerSlot = kTwoShotLLShardBytes / 8;
 // Decode matmul_all_reduce on LL lines: payload capacity of one call per source.
 constexpr uint64_t kDecodeLLCapacityBytes = 256ull << 10;
 constexpr uint64_t kDecodeLLLinesPerSlot = kDecodeLLCapacityBytes / 8;
+constexpr uint64_t kDecodeLL128BytesPerSlot = 512ull << 10;
 // Two-shot on 128-byte lines (120 payload bytes and an 8-byte flag each): lines of
 // one shard, so a call carries at most world x 120 x kTwoShotLL128LinesPerSlot bytes
 // (a little over 2 MB per rank).
@@ -116,7 +119,7 @@ inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
   l.twoshot_ll_offset = align_up(l.oneshot_offset + l.oneshot_bytes, kAlign);
   l.twoshot_ll_bytes = 2ull * 2ull * world * kTwoShotLLLinesPerSlot * 16;
   l.decode_ll_offset = align_up(l.twoshot_ll_offset + l.twoshot_ll_bytes, kAlign);
-  l.decode_ll_bytes = uint64_t(world) * kDecodeLLLinesPerSlot * 16;
+  l.decode_ll_bytes = uint64_t(world) * (kDecodeLLLinesPerSlot * 16 + kDecodeLL128BytesPerSlot);
   l.twoshot_ll128_offset = align_up(l.decode_ll_offset + l.decode_ll_bytes, kAlign);
   l.twoshot_ll128_bytes = 2ull * 2ull * world * kTwoShotLL128LinesPerSlot * kLL128LineBytes;
   l.twoshot_offset = align_up(l.twoshot_ll128_offset + l.twoshot_ll128_bytes, kAlign);
