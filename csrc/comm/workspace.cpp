@@ -98,9 +98,8 @@ PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& pref
   for (int p = 0; p < world; ++p) {
     const std::string peer = to_string(store->get(prefix + "ok/" + std::to_string(p)));
     v.p2p = v.p2p && peer != "0";
-    v.ll128 = v.ll128 && peer == "2";
+    v.ll128 = v.ll128 && peer == "2";  // "2" only where P2P holds too
   }
-  v.ll128 = v.ll128 && v.p2p;
   return v;
 }
 

@@ -259,18 +259,6 @@ __device__ __forceinline__ unsigned char* two_shot_ll128_line(const CommHandle& 
              int64_t(kLL128LineBytes);
 }
 
-template <typename T>
-__device__ __forceinline__ uint64_t word_bits(const Pack<T, 8>& w) {
-  return uint64_t(w.w[0]) | (uint64_t(w.w[1]) << 32);
-}
-template <typename T>
-__device__ __forceinline__ Pack<T, 8> word_from_bits(uint64_t b) {
-  Pack<T, 8> w;
-  w.w[0] = uint32_t(b);
-  w.w[1] = uint32_t(b >> 32);
-  return w;
-}
-
 // The LL two-shot's schedule with 128-byte lines of 15 payload words and a flag word
 // (120 of every 128 bytes are data, against 8 of 16 for LL lines). Lane q of a group
 // of 8 carries words 2q and 2q + 1 of its line; lane 7 carries word 14 and the flag.

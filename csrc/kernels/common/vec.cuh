@@ -81,6 +81,18 @@ template <typename T>
 __device__ __forceinline__ uint4 from_pack(const Pack<T, 16>& p) {
   return make_uint4(p.w[0], p.w[1], p.w[2], p.w[3]);
 }
+// An 8-byte pack as the 64-bit word an LL128 line carries, and back.
+template <typename T>
+__device__ __forceinline__ uint64_t word_bits(const Pack<T, 8>& w) {
+  return uint64_t(w.w[0]) | (uint64_t(w.w[1]) << 32);
+}
+template <typename T>
+__device__ __forceinline__ Pack<T, 8> word_from_bits(uint64_t b) {
+  Pack<T, 8> w;
+  w.w[0] = uint32_t(b);
+  w.w[1] = uint32_t(b >> 32);
+  return w;
+}
 
 // Loads `kBytes` bytes at element offset `idx` of `base`, reading only the
 // `n - idx` elements that exist when the pack straddles the end (rest zero).

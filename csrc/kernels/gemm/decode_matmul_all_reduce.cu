@@ -365,11 +365,8 @@ __device__ void sum_unit_ll128(const DecodeMatmulAllReduceParams& p, const Unit&
     for (int src = 0; src < c.world; ++src) {
       const ulonglong2 d = ll128_load_warp(ll128_line(c, c.rank, src, u.index, unit_lines, valid ? l : 0) + 16 * q,
                                            valid, q == 7, epoch, c.timeout_ns, p.op, int(u.index), src);
-      Word w0, w1;
-      w0.w[0] = uint32_t(d.x), w0.w[1] = uint32_t(d.x >> 32);
-      w1.w[0] = uint32_t(d.y), w1.w[1] = uint32_t(d.y >> 32);
-      accumulate<T, 8>(acc[0], w0);
-      accumulate<T, 8>(acc[1], w1);
+      accumulate<T, 8>(acc[0], word_from_bits<T>(d.x));
+      accumulate<T, 8>(acc[1], word_from_bits<T>(d.y));
     }
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
