@@ -21,7 +21,7 @@ OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_m
 PATHS = {
     "all_reduce": ("auto", "reference", "one_shot", "two_shot", "two_shot_ll", "two_shot_ll128"),
     "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized",
-                          "chunked", "copy_engine", "band_pull"),
+                          "chunked", "copy_engine", "band_pull", "pair_exchange"),
 }
 
 # Entries of the dispatch table (csrc/include/distfuse/tuning.h) that can be overridden.
@@ -49,6 +49,7 @@ TUNING_KEYS = (
     "matmul_all_reduce.decode_max_m",      # largest M that takes the one-kernel decode schedule
     "matmul_all_reduce.decode_ll",         # decode schedule: push on LL lines 1, flags 2, LL128 lines 3
     "matmul_all_reduce.decode_ctas",       # decode schedule: CTAs (0: one per SM)
+    "matmul_all_reduce.pair_exchange_min_m",  # smallest M that takes the pair exchange (W = 2)
 )
 
 

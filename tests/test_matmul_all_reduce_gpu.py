@@ -2,6 +2,8 @@
 overlapped schedules bitwise equal to the same kernels run one after the other,
 bitwise identical across ranks, CUDA graphs and many calls of random M.
 """
+import os
+
 import pytest
 import torch
 
@@ -9,9 +11,11 @@ from dist_harness import gpu_world_sizes, run_distributed
 
 pytestmark = pytest.mark.multigpu
 
-TILE_GEMM_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull")  # also row-major B
-ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "serialized", "sequential", "chunked",
-             "reference", "auto")
+TILE_GEMM_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange")  # also row-major B
+ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "serialized", "sequential",
+             "chunked", "reference", "auto")
+# Tuning that keeps auto off the pair exchange (so that it picks the band schedule).
+NO_PAIR_EXCHANGE = {"matmul_all_reduce.pair_exchange_min_m": 1 << 40}
 
 
 def _gather(t, world):
@@ -28,9 +32,12 @@ def _poison_allocator(numel, dtype, dev):
 
 def _expected_path(path, m, n, world):
     """The owner schedule needs an output tile per rank; with fewer tiles (decode
-    tiles are 64 x 128 for M <= 128) a forced fused_tiles runs the decode schedule."""
+    tiles are 64 x 128 for M <= 128) a forced fused_tiles runs the decode schedule.
+    The pair exchange is for two ranks; forced elsewhere it runs the band schedule."""
     if path == "fused_tiles" and m <= 128 and -(-m // 64) * -(-n // 128) < world:
         return "decode_push"
+    if path == "pair_exchange" and world != 2:
+        return "band_pull"
     return path
 
 
@@ -78,7 +85,8 @@ def body_paths(rank, world, group_name):
                 # Same GEMM + same reduction order: the overlap changes no bit.
                 assert torch.equal(outs[("auto", "weight_t")], outs[("serialized", "weight_t")]), (m, k, n)
                 # Also for the SM-pull band schedule, picked by auto with its thresholds lowered.
-                lowered = {"matmul_all_reduce.band_pull_min_m": 1, "matmul_all_reduce.band_pull_min_k": 8}
+                lowered = {"matmul_all_reduce.band_pull_min_m": 1, "matmul_all_reduce.band_pull_min_k": 8,
+                           **NO_PAIR_EXCHANGE}
                 with distfuse.tuning(lowered):
                     bp_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
                     assert last_path("matmul_all_reduce") == "band_pull"
@@ -86,7 +94,16 @@ def body_paths(rank, world, group_name):
                         bp_serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
                 assert torch.equal(bp_auto, bp_serialized), (m, k, n)
                 assert torch.equal(bp_auto, outs[("band_pull", "weight_t")]), (m, k, n)
-                for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "sequential", "chunked", "auto"):
+                if world == 2:  # and for the pair exchange, picked by auto from M = 1
+                    with distfuse.tuning({"matmul_all_reduce.pair_exchange_min_m": 1}):
+                        pe_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+                        assert last_path("matmul_all_reduce") == "pair_exchange"
+                        with force_path("matmul_all_reduce", "serialized"):
+                            pe_serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+                    assert torch.equal(pe_auto, pe_serialized), (m, k, n)
+                    assert torch.equal(pe_auto, outs[("pair_exchange", "weight_t")]), (m, k, n)
+                for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "sequential",
+                             "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
                         assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)
     # Leading batch dims, a shape the fused GEMM cannot take (K % 8 != 0), device mismatch.
@@ -118,7 +135,7 @@ def body_exact_random_m(rank, world, group_name):
     k, n = 128, 1024
     for i in range(1000):
         m = int(torch.randint(1, 700, (1,), generator=g))
-        path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull")[i % 6]
+        path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange")[i % 7]
         gen = torch.Generator(device="cpu").manual_seed(1_000_000 + i)
         a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(dev, torch.float16)
         w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(dev, torch.float16)
@@ -199,7 +216,8 @@ def body_graphs(rank, world, group_name):
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     k, n = 256, 2048
     for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("copy_engine", 1500),
-                    ("copy_engine", 3), ("band_pull", 1500), ("band_pull", 3), ("auto", 1), ("auto", 1024)):
+                    ("copy_engine", 3), ("band_pull", 1500), ("band_pull", 3), ("pair_exchange", 1500),
+                    ("pair_exchange", 3), ("auto", 1), ("auto", 1024), ("auto", 2100)):
         graph, tensors = _captured_call(group_name, path, m, k, n, dev)
         _replays_are_exact(graph, tensors, rank, world, 20, (path, m))
 
@@ -213,9 +231,10 @@ def body_graphs_survive_growth(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
     captured = [(path, m, _captured_call(group_name, path, m, 256, 1024, dev))
-                for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("sequential", 8), ("auto", 4),
+                for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("pair_exchange", 1000), ("sequential", 8),
+                                ("auto", 4),
                                 ("decode_push", 4), ("decode_push", 40))]
-    for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000)):
+    for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000), ("pair_exchange", 4097)):
         a = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
         w = torch.randn(4096, 1024, dtype=torch.bfloat16, device=dev)
         with force_path("matmul_all_reduce", path):
@@ -268,7 +287,7 @@ def body_band_variants(rank, world, group_name):
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
-    lowered = {"matmul_all_reduce.band_pull_min_m": 1, "matmul_all_reduce.band_pull_min_k": 8}
+    lowered = {"matmul_all_reduce.band_pull_min_m": 1, "matmul_all_reduce.band_pull_min_k": 8, **NO_PAIR_EXCHANGE}
     for i in range(48):
         m = (1, 100, 129, 1000, 2500, 4097)[i % 6]
         k = (64, 520)[i % 2]
@@ -297,6 +316,92 @@ def body_band_variants(rank, world, group_name):
     for turn in range(4):
         for knobs, (graph, tensors) in graphs:
             _replays_are_exact(graph, tensors, rank, world, 3, ("band_pull", knobs, turn), seed=1000 * turn)
+
+
+def body_pair_exchange_mixed(rank, world, group_name):
+    """The pair exchange between calls of the owner schedule and the band schedule on
+    the same workspace (they share its tile slots, flags and call epochs), with shapes
+    that change every call, partial tiles (M, N not multiples of the 128 x 256 tile)
+    and odd M: exact on integer inputs, the same bits as the unfused order, identical
+    across ranks; then a CUDA graph of it replayed between eager calls of the others."""
+    import distfuse
+    from distfuse.ops import force_path, last_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
+    for i in range(45):
+        path = ("pair_exchange", "pair_exchange", "fused_tiles", "pair_exchange", "band_pull")[i % 5]
+        m = (1, 3, 129, 1000, 2048, 4097, 300, 77, 2500)[i % 9]
+        k = (64, 520, 1024)[i % 3]
+        n = (8, 264, 1032, 4096, 2048)[(i // 2) % 5]
+        if path == "fused_tiles" and -(-m // 128) * -(-n // 256) < world:
+            path = "pair_exchange"
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 5000 + i,
+                                                        row_major=i % 4 == 0, with_bias=i % 3 == 1)
+        _poison_allocator(m * n, dtype, dev)
+        with force_path("matmul_all_reduce", path):
+            out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
+            assert last_path("matmul_all_reduce") == _expected_path(path, m, n, world), (path, m, n)
+        with distfuse.tuning({"matmul_all_reduce.pair_exchange_min_m": 1} if path == "pair_exchange" else {}), \
+                force_path("matmul_all_reduce", "serialized" if path == "pair_exchange" else path):
+            unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
+        _exact_and_bitwise(out, unfused, partials, exact, world, (i, path, m, k, n))
+    graph, tensors = _captured_call(group_name, "pair_exchange", 2100, 256, 2056, dev)
+    for turn in range(3):
+        _replays_are_exact(graph, tensors, rank, world, 3, ("pair_exchange", turn), seed=500 * turn)
+        a, b, bias, partials, exact = _integer_operands(rank, world, 700, 256, 1024, torch.float16, dev, 77 + turn,
+                                                        row_major=False, with_bias=False)
+        with force_path("matmul_all_reduce", ("fused_tiles", "band_pull", "pair_exchange")[turn]):
+            out = distfuse.matmul_all_reduce(a, b, group_name)
+        assert torch.equal(out.double(), exact), turn
+
+
+def body_pair_exchange_missing_peer(rank, world, group_name, log_dir):
+    """Rank 1 never makes the second call: rank 0's pair exchange (whose GEMM kernel may
+    not print) must fail within the timeout with a message naming the op and the peer."""
+    import time
+    import distfuse
+    from distfuse.ops import force_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=16 << 20, timeout_ms=1500)
+    a = torch.randn(2048, 256, dtype=torch.bfloat16, device=dev)
+    w = torch.randn(1024, 256, dtype=torch.bfloat16, device=dev)
+    with force_path("matmul_all_reduce", "pair_exchange"):
+        distfuse.matmul_all_reduce(a, w.t(), group_name)
+    torch.cuda.synchronize()
+    import torch.distributed as dist
+    dist.barrier()
+    if rank != 0:
+        return
+    log = os.path.join(log_dir, "rank0_stdout.txt")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    saved = os.dup(1)
+    os.dup2(fd, 1)  # device printf goes to stdout
+    start = time.time()
+    try:
+        with force_path("matmul_all_reduce", "pair_exchange"):
+            distfuse.matmul_all_reduce(a, w.t(), group_name)
+        torch.cuda.synchronize()
+        raised = None
+    except RuntimeError as e:
+        raised = str(e)
+    finally:
+        os.dup2(saved, 1)
+        os.close(fd)
+    elapsed = time.time() - start
+    assert raised is not None, "a missing peer did not raise"
+    assert elapsed < 30, elapsed
+    text = open(log).read()
+    assert "distfuse: matmul_all_reduce timed out" in text and "peer rank 1" in text, text
+
+
+def test_pair_exchange_missing_peer_times_out(tmp_path):
+    run_distributed(body_pair_exchange_missing_peer, 2, args=(str(tmp_path),), backend="nccl", timeout=120)
+
+
+@pytest.mark.parametrize("world", gpu_world_sizes())
+def test_pair_exchange_mixed_exact_and_bitwise(world):
+    run_distributed(body_pair_exchange_mixed, world, backend="nccl", timeout=300)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())

@@ -67,6 +67,7 @@ def _tune_item(text: str) -> Tuple[str, List[int]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distfuse-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..ops import PATHS
     p.add_argument("--op", choices=OPS + ("all",), default="matmul_all_reduce")
     p.add_argument("--world-size", type=int, default=None,
                    help="processes (default: every visible GPU; 2 on a machine without GPU)")
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", nargs="+", default=None, help="matmul_all_reduce: M values (tokens), e.g. 1 128 2048")
     p.add_argument("--shapes", nargs="+", default=None, choices=("o_proj", "down_proj"),
                    help="matmul_all_reduce: Llama-3-70B row-parallel layers")
+    p.add_argument("--paths", nargs="+", default=None, choices=PATHS["matmul_all_reduce"],
+                   help="matmul_all_reduce: the forced-path columns to time (default: every schedule)")
     p.add_argument("--sizes", nargs="+", default=None, help="all_reduce: sizes in bytes (4K, 1M, 256MB, ...)")
     p.add_argument("--tokens", nargs="+", default=None, help="decoder_layer: tokens M = B*S")
     p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
@@ -95,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="append", default=[], type=_tune_item, metavar="KEY=V1,V2",
                    help="tuning sweep: an extra column for every combination of these dispatch-table "
                         "values, run on --tune-path; keys: distfuse.ops.TUNING_KEYS (repeatable)")
-    from ..ops import PATHS
     p.add_argument("--tune-path", default=None, choices=sorted({x for paths in PATHS.values() for x in paths}),
                    help="path the --tune columns force (default: all_reduce auto, matmul_all_reduce "
                         "fused_tiles; e.g. chunked with matmul_all_reduce.chunks)")
@@ -130,6 +132,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         "max_seconds": max_seconds,
         "output_dir": os.path.abspath(args.output_dir), "quick": quick, "seed": args.seed,
         "timeout": args.timeout, "verbose": args.verbose, "tune": dict(args.tune), "tune_path": args.tune_path,
+        "paths": args.paths,
     }
 
 
@@ -174,7 +177,8 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
     timer = Timer(group, cfg, device)
     ctx = BenchContext(rank=rank, world=world, group=group, group_name=group.group_name, device=device,
                        dtype=DTYPES[opts["dtype"]], timer=timer, graph_mode=opts["graph"], quick=opts["quick"],
-                       seed=opts["seed"], options={k: opts[k] for k in ("m", "shapes", "sizes", "tokens", "tune", "tune_path")})
+                       seed=opts["seed"], options={k: opts[k] for k in ("m", "shapes", "sizes", "tokens", "tune", "tune_path",
+                                                                   "paths")})
     env = results.environment(device)
     modules = {"all_reduce": all_reduce, "matmul_all_reduce": matmul_all_reduce, "decoder_layer": decoder_layer}
     report: List[Dict[str, Any]] = []

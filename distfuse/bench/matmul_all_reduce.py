@@ -42,7 +42,13 @@ CPU_QUICK_M = [1, 32]
 GRAPH_MAX_M = 512                           # --graph auto: graph rows for M <= this, eager above
 SHAPES = ("o_proj", "down_proj")
 ROW_MAJOR_SHAPE = "o_proj"                  # also measured with a row-major b
-FORCED_PATHS = ("sequential", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull")
+FORCED_PATHS = ("sequential", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange")
+
+
+def forced_paths(ctx):
+    """The forced-path columns of this run (--paths, else every schedule)."""
+    given = ctx.options.get("paths")
+    return tuple(p for p in FORCED_PATHS if p in given) if given else FORCED_PATHS
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
 
@@ -186,7 +192,7 @@ def _case(ctx: BenchContext, name, k_total, k, n, layout, m, graph, ar_alone, er
         Method("distfuse", fused, slots=slots, info=path_info),
     ]
     if not ctx.cpu:
-        for p in FORCED_PATHS:
+        for p in forced_paths(ctx):
             def forced(slot, p=p):
                 with distfuse.force_path(OP, p):
                     return distfuse.matmul_all_reduce(a_s[slot], b_s[slot], gname)
@@ -271,7 +277,7 @@ def _progress(row) -> str:
 
 def _table(ctx, rows, errors_seen, notes, tol) -> Table:
     b = ctx.backend
-    forced = [f"distfuse:{p}" for p in FORCED_PATHS] if not ctx.cpu else []
+    forced = [f"distfuse:{p}" for p in forced_paths(ctx)] if not ctx.cpu else []
     forced += [tuned_method_name(ctx.tune_path("fused_tiles"), o) for o in ctx.tune_variants(OP)]
     short = {f: "df:" + f.split(":", 1)[1] for f in forced}
     heads = ["shape", "M", "K", "N", "b", "mode", "mm us", "AR best us", "AR best", f"mm+{b} us",

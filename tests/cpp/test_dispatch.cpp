@@ -133,6 +133,7 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);  // W = 2 down_proj
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
   EXPECT_TRUE(band_pull_persistent());
+
   EXPECT_FALSE(band_pull_persistent(2));
   for (auto algo : {MatmulAllReduceAlgo::kBandPull, MatmulAllReduceAlgo::kCopyEngine})
     for (int64_t k : {2048, 7168}) EXPECT_GE(band_reduce_blocks(algo, 4, 8192, k), 1);
@@ -210,10 +211,14 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_FALSE(decode_ll128(4, 8, true, 2));
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4, kH100), MatmulAllReduceAlgo::kFusedTiles);
-  // Where the band schedule is off (its smallest M raised), the owner schedule up to fused_max_k.
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, kH100, 0, int64_t(1) << 40), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, kH100, 0, int64_t(1) << 40),
+  // Where the band schedule and the pair exchange are off (their smallest M raised), the
+  // owner schedule up to fused_max_k.
+  constexpr int64_t kNever = int64_t(1) << 40;
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, kH100, 0, kNever, 0, 0, kNever),
+            MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, kH100, 0, kNever, 0, 0, kNever),
             MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(4), 4, kH100, 0, kNever), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, kH100, 512), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_GT(consumer_blocks(4, 2048), 0);
   EXPECT_EQ(consumer_blocks(4, 2048, 7), 7);
@@ -323,6 +328,24 @@ TEST(Check, ThrowsWithFileLineAndValues) {
     EXPECT_NE(what.find("value was 42"), std::string::npos) << what;
     EXPECT_NE(what.find("test_dispatch.cpp"), std::string::npos) << what;
   }
+}
+
+
+TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
+  // W = 2: from M = 1024 where the band schedule does not run (o_proj M = 1024, 2048;
+  // down_proj M = 1024), never at other world sizes, never below M = 1024.
+  EXPECT_EQ(choose_matmul_all_reduce(1024, 4096, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, GpuClass::kH200), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(1024, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(512, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(1023, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);
+  for (int world : {3, 4, 8})
+    for (int64_t m : {1024, 2048, 3000}) EXPECT_NE(choose_matmul_all_reduce(m, 4096, world, kH100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(pair_exchange_min_m(4), INT64_MAX);
 }
 
 }  // namespace

@@ -59,6 +59,14 @@ struct TileGemmParams {
   uint32_t* tile_flags;   // may be null: no flags are published
   int sm_count;           // CTAs of the persistent grid (the SMs this GEMM may occupy)
   int group_rows;         // tile rows per group of the tile order (0: kTileGemmGroupRows)
+  bool whole_tiles;       // every tile computed whole by one CTA (no stream-K), as with the exchange
+  // Pair exchange (two ranks; kernels/gemm/tile_pair_exchange.cuh): when
+  // exchange_output is set, d is this rank's tile partial in `comm`'s workspace,
+  // tile_flags is null, and the kernel also writes exchange_output [M, N] (ld = N)
+  // = the rank-order sum of both ranks' D (+ exchange_bias [N], added once).
+  void* exchange_output;
+  const void* exchange_bias;
+  CommHandle comm;
 };
 
 // Decode-sized matmul_all_reduce in one kernel (kernels/gemm/decode_matmul_all_reduce.h):

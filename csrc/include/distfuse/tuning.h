@@ -98,7 +98,9 @@ inline bool dependent_launch(int world, int64_t override_value = 0) {
 
 namespace distfuse {
 
-enum class MatmulAllReduceAlgo : int { kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4 };
+enum class MatmulAllReduceAlgo : int {
+  kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4, kPairExchange = 5
+};
 
 // Measured on 4 x H200 at W = 2 and 4 (Llama-3-70B o_proj and down_proj rows,
 // benchmarks/NOTES.md): for M <= 512 both overlapped schedules are slower than
@@ -134,6 +136,16 @@ inline int64_t band_pull_min_k(int world) {
   (void)world;
   return 2048;
 }
+
+// The pair exchange (two ranks: the tile GEMM's idle producer warps exchange every
+// finished tile with the peer, no SM taken from the GEMM) from M = 1024 where the band
+// schedule does not run. Forced columns, same runs (benchmarks/NOTES.md, v17), W = 2:
+// o_proj M = 1024 / 2048 / 4096 144.2 / 247.4 / 448.3 us vs sequential 151.9 / 286.5 /
+// 544.5 and band_pull 202.3 / 313.2 / 438.9 (2 x H200); M = 2048 / 8192 261.5 / 920.3 vs
+// sequential 290.5 / 1109.1, band_pull 351.0 / 896.5 (2 x H100); down_proj M = 1024 /
+// 2048 351.0 / 672.6 vs sequential 359.0, band_pull 668.9 (2 x H200). At M = 512 (one
+// wave of tiles: nothing to overlap) it loses (83.8 vs 77.2).
+inline int64_t pair_exchange_min_m(int world) { return world == 2 ? 1024 : INT64_MAX; }
 
 // GPUs as far as the dispatch table tells them apart (from the name all members of
 // the group share; "mixed" and unknown names are kOther).
@@ -191,14 +203,17 @@ inline int decode_ctas(int override_ctas = 0) { return override_ctas > 0 ? overr
 
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
-// band_pull_min_k and decode_max_m.
+// band_pull_min_k, decode_max_m and pair_exchange_min_m (which applies at W = 2 only).
 inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world, GpuClass gpu,
                                                     int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
                                                     int64_t override_bp_min_k = 0,
-                                                    int64_t override_decode_max_m = 0) {
+                                                    int64_t override_decode_max_m = 0,
+                                                    int64_t override_pe_min_m = 0) {
   const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k);
   const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
+  if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world)))
+    return MatmulAllReduceAlgo::kPairExchange;
   if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
   const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);

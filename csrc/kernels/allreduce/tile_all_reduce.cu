@@ -4,6 +4,7 @@
 #include "distfuse/comm/handle.h"
 #include "distfuse/comm/signal.cuh"
 #include "kernels/allreduce/rank_order_sum.cuh"
+#include "kernels/allreduce/tile_slots.cuh"
 #include "kernels/common/vec.cuh"
 #include "kernels/gemm/tile_gemm.h"  // the GEMM's tile order (header only)
 
@@ -11,8 +12,6 @@ namespace distfuse {
 namespace {
 
 constexpr int kTileThreads = 512;
-// kChannelTiles flags: ready counters [0, kMaxTiles), entry handshake [kMaxTiles, + W).
-static_assert(uint64_t(kMaxTiles) + kMaxWorld <= kFlagsPerChannel, "tile flags overflow the channel");
 
 __host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -20,64 +19,6 @@ __device__ __forceinline__ void wait_reached(const uint32_t* flag, uint32_t epoc
                                              uint64_t timeout_ns, int tile, int peer) {
   wait_flag_reached(flag, epoch, timeout_ns, kOpMatmulAllReduce, "tile", tile, peer);
 }
-
-// kChannelTiles flags: [0, kMaxTiles) ready counters, bumped by this rank's GEMM.
-__device__ __forceinline__ uint32_t* ready_flag(const CommHandle& c, int rank, int t) {
-  return c.flags(rank, kChannelTiles) + t;
-}
-// kChannelTilesReceived flags on rank `rank`: one per (tile, source rank); the source
-// stores the call epoch once its data for the tile has landed here.
-__device__ __forceinline__ uint32_t* received_flag(const CommHandle& c, int rank, int t, int src) {
-  return c.flags(rank, kChannelTilesReceived) + int64_t(t) * kMaxWorld + src;
-}
-
-template <typename T>
-__device__ __forceinline__ T* partial_of(const CommHandle& c, int rank) {
-  return reinterpret_cast<T*>(c.peer_base[rank] + c.layout.tiles_offset);
-}
-
-// What `src` sent to `dst` in calls of one parity, laid out like D.
-template <typename T>
-__device__ __forceinline__ T* receive_slot(const CommHandle& c, int dst, int64_t mn, int parity,
-                                           int src) {
-  return partial_of<T>(c, dst) + mn + (int64_t(parity) * c.world + src) * mn;
-}
-
-// The call epoch: one counter per rank, advanced by one in every call of the
-// tile consumers (every rank makes the same calls, so the epochs agree). Block 0..G-1
-// read it first; the last block to finish stores the new value.
-struct CallEpoch {
-  uint32_t* value;
-  uint32_t* done;
-};
-__device__ __forceinline__ CallEpoch call_epoch(const CommHandle& c) {
-  uint32_t* base = c.counters(kChannelTiles);
-  return {base, base + 1};
-}
-
-template <typename T>
-struct TileGeometry {
-  static constexpr int kVec = 16 / sizeof(T);
-  int64_t row0, col0;  // origin of the tile in D
-  int rows, vecs;      // rows in the tile, 16-byte vectors per row
-
-  __device__ TileGeometry(const TileAllReduceParams& p, int tm, int tn) {
-    row0 = int64_t(tm) * p.tile_m;
-    col0 = int64_t(tn) * p.tile_n;
-    rows = min(int64_t(p.tile_m), p.m - row0);
-    vecs = int(min(int64_t(p.tile_n), p.n - col0)) / kVec;
-  }
-  // Offset in D (ld = n) of vector i of the tile.
-  __device__ __forceinline__ int64_t d_offset(int i, int n) const {
-    return (row0 + i / vecs) * n + col0 + int64_t(i % vecs) * kVec;
-  }
-  // Column of D where vector i starts (its bias index).
-  __device__ __forceinline__ int64_t bias_col(int i) const { return col0 + int64_t(i % vecs) * kVec; }
-  // Offset of vector i in a dense tile_n-wide tile-local slot.
-  __device__ __forceinline__ int64_t slot_offset(int i, int tile_n) const {
-    return int64_t(i / vecs) * tile_n + int64_t(i % vecs) * kVec;
-  }
-};
 
 // Vectors each thread keeps in flight per source (sums) and for copies: a
 // thread issues all loads of a batch before it uses any.
@@ -160,7 +101,7 @@ struct TileCall {
         epoch(next_epoch(*ce.value)), parity(int(epoch & 1)) {}
 
   // No byte goes to a peer before it entered this call (tile_all_reduce.h, entry).
-  __device__ void enter() const { enter_call(c, kChannelTiles, kMaxTiles, epoch, kOpMatmulAllReduce); }
+  __device__ void enter() const { enter_call(c, kChannelTiles, kTileEntrySlot, epoch, kOpMatmulAllReduce); }
   // What `src` sent to `dst` in this call.
   __device__ T* slot(int dst, int src) const { return receive_slot<T>(c, dst, s.mn, parity, src); }
   // The k-th peer after this rank (1 <= k < W).
@@ -208,7 +149,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       const int i = block_tile(j), owner = i % W;
       if (owner == rank) continue;
       const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-      const TileGeometry<T> g(p, x.tm, x.tn);
+      const TileGeometry<T> g(p.m, p.n, p.tile_m, p.tile_n, x.tm, x.tn);
       if (threadIdx.x == 0) wait_reached(received_flag(c, rank, x.t, owner), epoch, c.timeout_ns, x.t, owner);
       __syncthreads();
       const T* from = call.slot(rank, owner);
@@ -226,7 +167,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       const int i = block_tile(j), owner = i % W;
       if (owner == rank) continue;
       const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-      const TileGeometry<T> g(p, x.tm, x.tn);
+      const TileGeometry<T> g(p.m, p.n, p.tile_m, p.tile_n, x.tm, x.tn);
       wait_tile_ready(c, x);
       T* to = call.slot(owner, rank);
       copy_batched<kCopyUnroll>(
@@ -244,7 +185,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       const int i = block_tile(j);
       if (i % W != rank) continue;
       const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-      const TileGeometry<T> g(p, x.tm, x.tn);
+      const TileGeometry<T> g(p.m, p.n, p.tile_m, p.tile_n, x.tm, x.tn);
       wait_tile_ready(c, x);
       call.sum_received(x, g, [&](int64_t off, uint4 r) {
 #pragma unroll

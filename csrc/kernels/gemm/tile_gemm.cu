@@ -47,6 +47,7 @@ constexpr size_t kSplitCounterBytes = 2 * kMaxCtas * sizeof(uint32_t);
 enum class Variant { kDecode, kPrefill };
 
 struct DecodeShape {
+  static constexpr int kStages = 8;  // pipeline stages the shared memory must hold
   static constexpr int kTileM = 64;
   static constexpr int kTileN = 128;
   using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
@@ -56,6 +57,7 @@ struct DecodeShape {
 };
 
 struct PrefillShape {
+  static constexpr int kStages = 4;
   static constexpr int kTileM = 128;
   static constexpr int kTileN = 256;
   using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
@@ -81,8 +83,10 @@ struct Config {
       typename ShapeConfig::EpilogueSchedule>::CollectiveOp;
 
   // The kernel's shared storage beyond the epilogue's: pipeline barriers,
-  // alignment padding and the split-tile broadcast word.
-  static constexpr int kKernelSmemBytes = 2048;
+  // alignment padding, the split-tile broadcast words and the pair exchange's
+  // staging buffer (which fits the space whole pipeline stages leave over: 4
+  // stages of 128 x 256 x 64 tiles, 8 of 64 x 128 x 64 ones).
+  static constexpr int kKernelSmemBytes = 2048 + kPairExchangeStagingBytes;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -93,6 +97,8 @@ struct Config {
       typename ShapeConfig::MainloopSchedule>::CollectiveOp;
 
   using Kernel = TileGemmKernel<Mainloop, Epilogue>;
+  static_assert(Mainloop::DispatchPolicy::Stages >= ShapeConfig::kStages,
+                "the kernel's shared storage costs the mainloop a pipeline stage");
   static_assert(sizeof(typename Kernel::SharedStorage) <= 227 * 1024,
                 "shared storage exceeds the 227 KB an sm_90 CTA may use");
 };
@@ -128,7 +134,9 @@ Plan make_plan(const TileGemmParams& p) {
 
   const int64_t waves = ceil_div(tiles, ctas);
   const double wave_efficiency = double(tiles) / double(waves * ctas);
-  if (wave_efficiency >= kMinWaveEfficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
+  // The pair exchange needs every tile computed whole by a CTA known on both ranks.
+  const bool whole_tiles = p.whole_tiles || p.exchange_output != nullptr;
+  if (whole_tiles || wave_efficiency >= kMinWaveEfficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
     s.num_ctas = tiles < ctas ? tiles : ctas;
     s.dp_tiles = tiles;
     return plan;
@@ -147,12 +155,19 @@ Plan make_plan(const TileGemmParams& p) {
   return plan;
 }
 
+__global__ void pair_exchange_check_kernel(const CommHandle comm) { pair_exchange_check(comm); }
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 cudaError_t check_params(const TileGemmParams& p) {
   if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
       p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.lda < p.k || p.ldd < p.n ||
       p.ldb < (p.b_transposed ? p.k : p.n)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.exchange_output != nullptr &&
+      (p.comm.world != 2 || p.comm.rank < 0 || p.comm.rank > 1 || p.tile_flags != nullptr ||
+       !aligned16(p.exchange_output) || !aligned16(p.exchange_bias) || p.ldd != p.n)) {
     return cudaErrorInvalidValue;
   }
   if ((p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) || p.k % kAlignment != 0 ||
@@ -202,7 +217,8 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
       plan.schedule,
       p.tile_flags,
       reinterpret_cast<uint32_t*>(workspace_bytes),
-      reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes)};
+      reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes),
+      TilePairExchange{p.exchange_output, p.exchange_bias, p.comm}};
 
   const auto kernel = tile_gemm_kernel<Kernel>;
   constexpr int kSmemBytes = int(sizeof(typename Kernel::SharedStorage));
@@ -210,6 +226,9 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<plan.schedule.num_ctas, Kernel::kThreads, kSmemBytes, stream>>>(params);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.exchange_output == nullptr) return err;
+  pair_exchange_check_kernel<<<1, 1, 0, stream>>>(p.comm);
   return cudaGetLastError();
 }
 

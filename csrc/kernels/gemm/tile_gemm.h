@@ -65,6 +65,17 @@
 // wave. The stream-K tiles are the last numbers: their K range is split evenly
 // over all G CTAs and each is published by whichever CTA finishes it last.
 //
+// Pair exchange (two ranks; tile_pair_exchange.cuh)
+// -------------------------------------------------
+// With TileGemmParams::exchange_output set, warps 1-3 of the producer warp group
+// (idle otherwise) push every tile of their CTA to the peer as the consumers store
+// it and write the rank-order sum of both ranks' tiles to exchange_output. The plan
+// is then data-parallel (no split tiles: both ranks' CTA c compute the same tiles,
+// whole, in the same order; `whole_tiles` asks for that plan without the exchange),
+// and a one-thread kernel after the GEMM reports a wait of the exchange that timed
+// out (the GEMM kernel makes no function call, printf's included: a call would
+// serialize its wgmma pipeline).
+//
 // Workspace
 // ---------
 // Stream-K needs an arrival counter per split tile and fp32 partial tiles:

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
@@ -11,6 +12,7 @@
 #include <cutlass/pipeline/pipeline.hpp>
 
 #include "tile_gemm.h"
+#include "tile_pair_exchange.cuh"
 
 namespace distfuse {
 namespace tile_gemm_detail {
@@ -101,6 +103,7 @@ struct KernelParams {
   uint32_t* tile_flags;      // null: no flags
   uint32_t* split_counters;  // per split tile: units arrived (zero between launches)
   float* split_partials;     // 2 * num_ctas slots of tile_m * tile_n floats
+  TilePairExchange exchange;  // output null: none (then data-parallel plans only)
 };
 
 // After the warp that issued the TMA stores of a tile has committed them: wait
@@ -144,9 +147,13 @@ struct TileGemmKernel {
   // slice of the tile per warp group plus the epilogue's registers.
   static constexpr uint32_t kProducerRegisters = 40;
   static constexpr uint32_t kConsumerRegisters = 232;
-  // Named barrier of the consumer warp groups for the split-tile reduction;
-  // user ids start after the ones CUTLASS's collectives reserve.
+  // Named barriers of the consumer warp groups for the split-tile reduction and of
+  // the exchange warps; user ids start after the ones CUTLASS's collectives reserve.
   static constexpr uint32_t kSplitBarrier = 0;
+  static constexpr uint32_t kExchangeBarrier = 1;
+  // The exchange's element type (cuda_fp16 / cuda_bf16 types of the same layout).
+  using ExchangeElement = std::conditional_t<std::is_same_v<typename Mainloop::ElementA, cutlass::half_t>,
+                                             __half, __nv_bfloat16>;
 
   struct SharedStorage {
     // Swizzled TMA buffers: 1024-byte alignment keeps the swizzle pattern on
@@ -159,6 +166,8 @@ struct TileGemmKernel {
     // rewritten only after a barrier that every reader of its last value passed.
     uint32_t split_others_arrived;
     uint32_t split_is_last;
+    PairExchangeCtaState exchange;
+    alignas(16) uint4 exchange_staging[kPairExchangeStagingBytes / 16];
   };
 
   static_assert(kThreads == 256 || kThreads == 384, "1 producer + 1 or 2 consumer warp groups");
@@ -173,6 +182,8 @@ struct TileGemmKernel {
     if (thread_idx == 0) {
       Mainloop::prefetch_tma_descriptors(params.mainloop);
       Epilogue::prefetch_tma_descriptors(params.epilogue);
+      shared.exchange.published = 0;
+      shared.exchange.aborted = 0;
     }
 
     typename MainloopPipeline::Params mainloop_pipeline_params;
@@ -210,7 +221,10 @@ struct TileGemmKernel {
 
     if (is_producer) {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
-      if (warp_in_group != 0) return;
+      if (warp_in_group != 0) {
+        if (params.exchange.output != nullptr) exchange_tiles(params, shared, thread_idx - cutlass::NumThreadsPerWarp);
+        return;
+      }
       auto load_inputs = mainloop.load_init(params.problem, params.mainloop);
       auto k_tile_shape = shape<3>(get<0>(load_inputs));
       auto write_state = cutlass::make_producer_start_state<MainloopPipeline>();
@@ -236,6 +250,7 @@ struct TileGemmKernel {
     typename Epilogue::LoadPipelineState epilogue_load_state;
     auto epilogue_store_state = cutlass::make_producer_start_state<EpilogueStorePipeline>();
     bool stored_any_tile = false;
+    uint32_t tiles_stored = 0;
 
     while (work.next(unit)) {
       auto accum = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
@@ -261,14 +276,38 @@ struct TileGemmKernel {
       stored_any_tile = true;
 
       // Consumer warp 0 issued and committed the tile's TMA stores.
+      ++tiles_stored;
       if (params.tile_flags != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
         publish_tile_flag(params.tile_flags + tm * params.schedule.tiles_n + tn);
+      }
+      if (params.exchange.output != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
+        publish_tile_in_cta(&shared.exchange, tiles_stored);
       }
     }
     if (stored_any_tile) {
       epilogue.store_tail(epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
                           epilogue_store_state);
     }
+  }
+
+  // The exchange warps (tile_pair_exchange.cuh): every tile of this CTA, as the
+  // consumers store it. Data-parallel plans only, so both ranks' CTA c take the
+  // same tiles in the same order.
+  __device__ static void exchange_tiles(const Params& params, SharedStorage& shared, int x) {
+    using namespace cute;
+    constexpr int kTileM = int(size<0>(TileShape{})), kTileN = int(size<1>(TileShape{}));
+    const TileSchedule& s = params.schedule;
+    exchange_tiles_with_peer<ExchangeElement, kTileM, kTileN / kVecOf<ExchangeElement>>(
+        params.exchange, get<0>(params.problem), get<1>(params.problem), s.dp_tiles,
+        &shared.exchange, shared.exchange_staging, x,
+        [&](int tile, int* t, int64_t* row0, int64_t* col0) {
+          int tm, tn;
+          tile_gemm_tile_coord(tile, s.tiles_m, s.tiles_n, &tm, &tn, s.group_rows);
+          *t = tm * s.tiles_n + tn;
+          *row0 = int64_t(tm) * kTileM;
+          *col0 = int64_t(tn) * kTileN;
+        },
+        [] { cutlass::arch::NamedBarrier::sync(kPairExchangeThreads, kExchangeBarrier); });
   }
 
   // Split tile: store this unit's partial sums, arrive on the tile's counter.

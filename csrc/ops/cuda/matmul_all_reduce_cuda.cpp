@@ -15,6 +15,9 @@
 //   band_pull    tile GEMM on all SMs but R; each band's shard pulled from every rank and
 //                summed by R CTAs, the peers' sums pulled back while the next band is
 //                summed (kernels/allreduce/band_all_reduce.h draws both band schedules)
+//   pair_exchange  two ranks: one tile GEMM kernel on all SMs whose idle producer warps push
+//                each finished tile to the peer and sum the peer's copy in rank order
+//                (kernels/gemm/tile_pair_exchange.cuh); forced at W != 2 it runs band_pull
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
@@ -409,6 +412,33 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   return with_leading_dims(ob.out, a);
 }
 
+// Pair exchange (two ranks): one tile GEMM kernel on the main stream that also writes
+// the rank-order sum. Serialized: the same GEMM into the output, then the distfuse
+// all-reduce (the same rank-order fp32 sum, rounded once).
+at::Tensor pair_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                         const std::optional<at::Tensor>& bias, Overlap overlap) {
+  TORCH_INTERNAL_ASSERT(ws.world() == 2);
+  const GemmOperands g = gemm_operands(a, b);
+  const int device = ws.device();
+  TileGemmParams gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
+  gp.tile_flags = nullptr;
+  gp.sm_count = sm_count(device);
+  gp.whole_tiles = true;  // the exchange's plan, also when serialized (same bits)
+  OutputAndBias ob = output_and_bias(g, a, bias);
+  cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
+  if (overlap == Overlap::kSerialized) {
+    gp.d = ob.out.data_ptr();
+    C10_CUDA_CHECK(launch_tile_gemm(gp, main));
+    all_reduce_in_place(ws, ob.out, bias);
+  } else {
+    gp.exchange_output = ob.out.data_ptr();
+    gp.exchange_bias = ob.bias_ptr();
+    gp.comm = ws.handle();
+    C10_CUDA_CHECK(launch_tile_gemm(gp, main));
+  }
+  return with_leading_dims(ob.out, a);
+}
+
 // Decode schedule: one kernel on the main stream (kernels/gemm/decode_matmul_all_reduce.h).
 // Serialized: the same kernel writes this rank's partial, then the distfuse all-reduce.
 at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
@@ -484,14 +514,21 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
         m, k, ws.world(), gpu_class(ws.gpu_name()), get_tuning("matmul_all_reduce.fused_min_m"),
         get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"),
-        get_tuning("matmul_all_reduce.decode_max_m"));
+        get_tuning("matmul_all_reduce.decode_max_m"), get_tuning("matmul_all_reduce.pair_exchange_min_m"));
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
     if (forced == "band_pull") algo = MatmulAllReduceAlgo::kBandPull;
+    if (forced == "pair_exchange")
+      algo = ws.world() == 2 ? MatmulAllReduceAlgo::kPairExchange : MatmulAllReduceAlgo::kBandPull;
     // "serialized" runs the schedule auto would pick, without the overlap.
     const bool serialized = forced == "serialized";
     const Overlap overlap = serialized ? Overlap::kSerialized : Overlap::kOverlapped;
+    if (algo == MatmulAllReduceAlgo::kPairExchange) {
+      at::Tensor out = pair_exchange(ws, a, b, bias, overlap);
+      record_path(kOp, serialized ? "serialized" : "pair_exchange");
+      return out;
+    }
     if (algo == MatmulAllReduceAlgo::kBandPull || algo == MatmulAllReduceAlgo::kCopyEngine) {
       const bool pull = algo == MatmulAllReduceAlgo::kBandPull;
       at::Tensor out = pull ? band_pull(ws, a, b, bias, overlap) : copy_engine(ws, a, b, bias, overlap);

@@ -9,7 +9,8 @@
 //    to this thread afterwards, and to the block after a following __syncthreads().
 //  - wait_flag_reached(...): spins with acquire loads until the counter *p has
 //    reached `epoch` (wrap-safe *p >= epoch); traps with a message naming the op,
-//    the tile (or block) and the peer after timeout_ns.
+//    the tile (or block) and the peer after timeout_ns. poll_flag_reached(...): the
+//    same wait, returning false at the timeout instead (no call in its code).
 //  - ll_store / ll_load: 16-byte "low latency" lines {d0, flag, d1, flag}. A line
 //    is written by one vector store and is valid when both flags equal the
 //    epoch, so data and flag arrive together and no fence is needed.
@@ -90,20 +91,32 @@ __device__ __forceinline__ bool epoch_reached(uint32_t value, uint32_t epoch) {
   return static_cast<int32_t>(value - epoch) >= 0;
 }
 
-// Spin until *p has reached `epoch`. The clock is read only every 64 polls.
-__device__ __forceinline__ void wait_flag_reached(const uint32_t* p, uint32_t epoch,
-                                                  uint64_t timeout_ns, int op, const char* what,
-                                                  int index, int peer) {
+// Spin until *p has reached `epoch` (true) or timeout_ns passed (false, *seen = the
+// last value read). No function call: kernels that issue wgmma may use it (ptxas
+// serializes their wgmma pipeline around any call, printf's included). The clock is
+// read only every 64 polls.
+__device__ __forceinline__ bool poll_flag_reached(const uint32_t* p, uint32_t epoch, uint64_t timeout_ns,
+                                                  uint32_t* seen) {
   uint32_t v = load_acquire_sys(p);
-  if (epoch_reached(v, epoch)) return;
+  if (epoch_reached(v, epoch)) return true;
   const uint64_t start = global_timer_ns();
   const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
   for (uint32_t spins = 1;; ++spins) {
     v = load_acquire_sys(p);
-    if (epoch_reached(v, epoch)) return;
-    if ((spins & 63u) == 0 && global_timer_ns() - start > bound)
-      timeout_trap(op, what, index, peer, epoch, v);
+    if (epoch_reached(v, epoch)) return true;
+    if ((spins & 63u) == 0 && global_timer_ns() - start > bound) {
+      *seen = v;
+      return false;
+    }
   }
+}
+
+// Spin until *p has reached `epoch`; after timeout_ns, trap with a message.
+__device__ __forceinline__ void wait_flag_reached(const uint32_t* p, uint32_t epoch,
+                                                  uint64_t timeout_ns, int op, const char* what,
+                                                  int index, int peer) {
+  uint32_t seen;
+  if (!poll_flag_reached(p, epoch, timeout_ns, &seen)) timeout_trap(op, what, index, peer, epoch, seen);
 }
 
 struct LLLine {

@@ -1,0 +1,223 @@
+// All-reduce of the tile GEMM's output between two ranks, inside the GEMM kernel
+// (torch-free; included by tile_gemm_kernel.cuh).
+//
+// With two ranks the all-reduce of a tile is one exchange: each rank sends its
+// partial of the tile to the other and both add the two in rank order, so both
+// end with the same bits. The tile GEMM's producer warp group has one warp that
+// issues the TMA loads and three that have nothing to do; those three ("exchange
+// warps") move every tile their CTA finished while the consumer warp groups
+// compute the next one, so no SM is taken from the GEMM.
+//
+//   CTA c on both ranks: the same tiles c, c + G, c + 2G, ... (data-parallel plan)
+//
+//   consumers:  [mma t0][epi t0]▸published=1 [mma t1][epi t1]▸published=2 [mma t2] ...
+//   exchange:                   [push t0][wait t0][Σ t0]       [push t1][wait t1][Σ t1]
+//   peer's exchange:            [push t0][wait t0][Σ t0]       [push t1] ...
+//
+//   push t:  D_r[t] (local, loads) ─stores─▶ slot_q[r][t] on the peer q (NVLink)
+//            ─ release received(t, r) on q
+//   wait t:  received(t, q) here has reached the call epoch
+//   Σ t:     out[t] = D_0[t] + D_1[t] in rank order (fp32, + bias once), rounded
+//            once; both operands are local (the peer's came as stores)
+//
+// NVLink carries M·N·2 bytes each way per call, as a two-shot all-reduce would,
+// spread over the whole GEMM; after the last MMA only the last wave's tiles are
+// left to exchange.
+//
+// Slots, flags and the call epoch are the owner schedule's (kernels/allreduce/
+// tile_slots.cuh), so the two schedules can follow each other on one workspace:
+// received flags carry the call epoch, slots are double-buffered by its parity,
+// and no byte is pushed before the peer entered the same call (enter handshake,
+// done by the exchange warps while the consumers compute the first tile).
+//
+// Why it cannot deadlock: the consumers never wait for the exchange warps; the
+// exchange warps of CTA c wait for the peer's CTA c at the same tile, which pushes
+// before it waits, and both take their tiles in the same increasing order.
+#pragma once
+
+#include <cstdint>
+
+#include "distfuse/comm/signal.cuh"
+#include "kernels/allreduce/rank_order_sum.cuh"
+#include "kernels/allreduce/tile_slots.cuh"
+#include "kernels/common/vec.cuh"
+
+namespace distfuse {
+
+// What the exchange warps of every CTA need; output == nullptr: no exchange.
+struct TilePairExchange {
+  void* output;      // [M, N], ld = N
+  const void* bias;  // [N] or null
+  CommHandle comm;   // two ranks; D is this rank's tile partial in its workspace
+};
+
+constexpr int kPairExchangeThreads = 96;  // warps 1..3 of the producer warp group
+// The producer warp group runs on 40 registers (the consumers need the rest), too
+// few to keep many loads in flight; the exchange warps load through shared memory
+// with cp.async instead: each thread owns kPairExchangeBatch 16-byte slots of a
+// staging buffer (the shared memory the GEMM's pipeline stages leave over).
+constexpr int kPairExchangeStagingBytes = 15 * 1024;
+constexpr int kPairExchangeBatch = kPairExchangeStagingBytes / 16 / kPairExchangeThreads;  // 10
+static_assert(kPairExchangeBatch % 2 == 0, "the sum stages two sources");
+template <typename T>
+constexpr int kVecOf = 16 / int(sizeof(T));
+
+// Words of shared memory the consumers and the exchange warps of a CTA share.
+struct PairExchangeCtaState {
+  uint32_t published;  // tiles the consumers stored so far
+  uint32_t aborted;    // a wait of the exchange timed out: it stops
+};
+
+__device__ __forceinline__ void cp_async_16(uint4* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+// Waits for every cp.async this thread issued.
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+}
+
+// Consumer warp 0, after it committed the TMA stores of the CTA's `count`-th tile:
+// wait until they are complete, order them before generic-proxy accesses, then
+// tell the exchange warps of this CTA.
+__device__ __forceinline__ void publish_tile_in_cta(volatile PairExchangeCtaState* cta, uint32_t count) {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+  __threadfence();
+  if ((threadIdx.x & 31) == 0) cta->published = count;
+}
+
+// After the GEMM kernel on the same stream (one thread): traps with the message of
+// a wait of the exchange that timed out, if any.
+__device__ __forceinline__ void pair_exchange_check(const CommHandle& c) {
+  const volatile uint32_t* record = exchange_timeout_record(c);
+  const uint32_t what = record[0];
+  if (what != 0)
+    timeout_trap(kOpMatmulAllReduce, what == kExchangeTimeoutEntry ? "call entry of CTA" : "tile", int(record[1]),
+                 int(record[2]), record[3], record[4]);
+}
+
+// The exchange warps of one CTA (thread x of kPairExchangeThreads), for the tiles
+// blockIdx.x, blockIdx.x + gridDim.x, ... below `tiles` (the data-parallel plan);
+// tile_coord(i, &t, &row0, &col0) gives tile i's flag index and origin in D; `sync`
+// is a barrier of the exchange warps. kLanesPerRow threads cover a tile row
+// (tile_n / 8 vectors), so a thread's vectors lie kThreads / kLanesPerRow rows apart
+// in one column and its offsets advance by a constant.
+//
+// A wait that times out is recorded (exchange_timeout_record) and the exchange
+// stops; the kernel after the GEMM (pair_exchange_check) reports it and traps, as
+// this kernel may not print (see poll_flag_reached).
+template <typename T, int kTileM, int kLanesPerRow, typename TileCoord, typename Sync>
+__device__ void exchange_tiles_with_peer(const TilePairExchange& e, int64_t m, int64_t n, int tiles,
+                                         volatile PairExchangeCtaState* cta, uint4* staging, int x,
+                                         TileCoord tile_coord, Sync sync) {
+  constexpr int kThreads = kPairExchangeThreads;
+  constexpr int kPush = kPairExchangeBatch, kSum = kPairExchangeBatch / 2;
+  constexpr int kRowStep = kPairExchangeThreads / kLanesPerRow;
+  static_assert(kPairExchangeThreads % kLanesPerRow == 0, "whole rows per pass");
+  const CommHandle& c = e.comm;
+  const int rank = c.rank, peer = 1 - c.rank;
+  const CallEpoch ce = call_epoch(c);
+  const uint32_t epoch = next_epoch(*ce.value);
+  const int64_t mn = m * n;
+  const int parity = int(epoch & 1);
+  const T* mine = partial_of<T>(c, rank);
+  T* to_peer = receive_slot<T>(c, peer, mn, parity, rank);
+  const T* from_peer = receive_slot<T>(c, rank, mn, parity, peer);
+  const T* first = rank == 0 ? mine : from_peer;  // rank order of the sum
+  const T* second = rank == 0 ? from_peer : mine;
+  T* out = static_cast<T*>(e.output);
+  const T* bias = static_cast<const T*>(e.bias);
+  const int lane = x % kLanesPerRow;
+  const int64_t step = kRowStep * n;
+  // Thread 0 only; false (and the CTA's exchange stopped) after a timeout.
+  auto wait_for_peer = [&](const uint32_t* flag, uint32_t what, int index) {
+    uint32_t seen;
+    if (poll_flag_reached(flag, epoch, c.timeout_ns, &seen)) return true;
+    uint32_t* record = exchange_timeout_record(c);
+    record[1] = uint32_t(index);
+    record[2] = uint32_t(peer);
+    record[3] = epoch;
+    record[4] = seen;
+    __threadfence();
+    record[0] = what;
+    cta->aborted = 1;
+    return false;
+  };
+
+  if (x == 0) {
+    if (blockIdx.x == 0) store_release_sys(c.flags(peer, kChannelTiles) + kTileEntrySlot + rank, epoch);
+    wait_for_peer(c.flags(rank, kChannelTiles) + kTileEntrySlot + peer, kExchangeTimeoutEntry, int(blockIdx.x));
+  }
+  sync();
+  if (cta->aborted) return;
+
+  uint32_t done = 0;
+  for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x), ++done) {
+    while (cta->published <= done) __nanosleep(128);
+    __threadfence();
+    int t;
+    int64_t row0, col0;
+    tile_coord(tile, &t, &row0, &col0);
+    const int rows = int(min(int64_t(kTileM), m - row0));
+    // This thread's column of the tile, if the tile is that wide.
+    const bool active = col0 + int64_t(lane) * kVecOf<T> < n;
+    const int64_t first_off = (row0 + x / kLanesPerRow) * n + col0 + int64_t(lane) * kVecOf<T>;
+    uint4* slot = staging + x;  // this thread's slots: slot[k * kThreads]
+    if (active) {  // push: kPush rows a batch, loaded into the slots, stored to the peer
+      for (int r = x / kLanesPerRow; r < rows; r += kPush * kRowStep) {
+        const int64_t off = first_off + int64_t(r - x / kLanesPerRow) * n;
+        const T* from = mine + off;
+#pragma unroll
+        for (int k = 0; k < kPush; ++k, from += step)
+          if (r + k * kRowStep < rows) cp_async_16(slot + k * kThreads, from);
+        cp_async_wait_all();
+        T* to = to_peer + off;
+#pragma unroll
+        for (int k = 0; k < kPush; ++k, to += step)
+          if (r + k * kRowStep < rows) store_plain(to, slot[k * kThreads]);
+      }
+    }
+    sync();  // every push of the tile precedes the release
+    if (x == 0) {
+      store_release_sys(received_flag(c, peer, t, rank), epoch);
+      wait_for_peer(received_flag(c, rank, t, peer), kExchangeTimeoutTile, t);
+    }
+    sync();
+    if (cta->aborted) return;
+    if (active) {  // sum: kSum rows a batch, both sources loaded into the slots
+      const T* bias_vec = bias ? bias + col0 + lane * kVecOf<T> : nullptr;
+      for (int r = x / kLanesPerRow; r < rows; r += kSum * kRowStep) {
+        const int64_t off = first_off + int64_t(r - x / kLanesPerRow) * n;
+        const T* a = first + off;
+        const T* b = second + off;
+#pragma unroll
+        for (int k = 0; k < kSum; ++k, a += step, b += step)
+          if (r + k * kRowStep < rows) {
+            cp_async_16(slot + k * kThreads, a);
+            cp_async_16(slot + (kSum + k) * kThreads, b);
+          }
+        cp_async_wait_all();
+        T* to = out + off;
+#pragma unroll
+        for (int k = 0; k < kSum; ++k, to += step)
+          if (r + k * kRowStep < rows) {
+            const uint4 pair[2] = {slot[k * kThreads], slot[(kSum + k) * kThreads]};
+            store_plain(to, sum_in_rank_order<T, 2>(pair, bias_vec));
+          }
+      }
+    }
+  }
+
+  // The last CTA to finish publishes the epoch to the next call on the stream.
+  sync();
+  if (x == 0) {
+    __threadfence();
+    if (atomicAdd(ce.done, 1u) == gridDim.x - 1) {
+      *ce.done = 0;
+      *ce.value = epoch;
+    }
+  }
+}
+
+}  // namespace distfuse
