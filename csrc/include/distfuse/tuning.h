@@ -187,9 +187,10 @@ inline bool decode_ll(int world, int64_t m, int64_t output_bytes, uint64_t capac
 // region (`allowed_and_fits`), at W >= 3 up to M = 16; otherwise decode_ll decides.
 // 2 x H100, W = 2, forced decode_push, graph, LL / flags / LL128 (µs): o_proj M = 1 / 8
 // / 16 29.3 / 31.3 / 29.2, 29.9 / 31.6 / 29.6, 30.6 / 32.0 / 30.1; down_proj M = 1 / 8 / 16
-// 84.3 / 86.5 / 84.5, 85.1 / 86.8 / 85.0, 87.0 / 88.4 / 86.8. At W = 4 the LL lines lost
-// to flags from M = 8 (v12d above); LL128 there is not yet measured. Override (the
-// decode_ll key): 3 LL128, 1 or 2 not.
+// 84.3 / 86.5 / 84.5, 85.1 / 86.8 / 85.0, 87.0 / 88.4 / 86.8. 4 x H200, W = 4, o_proj M = 1
+// / 8 / 16: 15.4 / 15.8 / 14.9, 17.6 / 16.6 / 15.5, 20.8 / 18.6 / 17.8 (the LL lines lose to
+// flags from M = 8 there, LL128 wins throughout). Override (the decode_ll key): 3 LL128,
+// 1 or 2 not.
 inline bool decode_ll128(int world, int64_t m, bool allowed_and_fits, int64_t override_value = 0) {
   if (!allowed_and_fits || override_value == 1 || override_value == 2) return false;
   return override_value == 3 || (world >= 3 && m <= 16);
