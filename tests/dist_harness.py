@@ -94,3 +94,24 @@ def run_distributed(body, world: int, args: tuple = (), backend: str = "gloo", t
                  f"{procs[r].exitcode})" for r in missing]
         lines += [f"rank {r} failed:\n{e}" for r, e in sorted(failures.items())]
         raise AssertionError("\n".join(lines))
+
+
+def run_capturing_device_stdout(call, log_path: str):
+    """Runs call() with this process's stdout (where device printf goes) sent to
+    log_path; returns (the RuntimeError's message or None, seconds taken, the log)."""
+    import time
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    saved = os.dup(1)
+    os.dup2(fd, 1)
+    start = time.time()
+    raised = None
+    try:
+        call()
+    except RuntimeError as e:
+        raised = str(e)
+    finally:
+        os.dup2(saved, 1)
+        os.close(fd)
+    elapsed = time.time() - start
+    with open(log_path) as f:
+        return raised, elapsed, f.read()

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dist_harness import gpu_world_sizes, run_distributed
+from dist_harness import gpu_world_sizes, run_capturing_device_stdout, run_distributed
 
 pytestmark = pytest.mark.multigpu
 
@@ -203,7 +203,6 @@ def body_missing_peer(rank, world, group_name, log_dir):
     """Rank 1 never calls: rank 0 must fail within the timeout with a message naming
     the op and the peer, instead of hanging."""
     import distfuse
-    import time
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, timeout_ms=1500)
     x = torch.ones(4096, device=dev)
@@ -213,24 +212,14 @@ def body_missing_peer(rank, world, group_name, log_dir):
     dist.barrier()
     if rank != 0:
         return
-    log = os.path.join(log_dir, "rank0_stdout.txt")
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    saved = os.dup(1)
-    os.dup2(fd, 1)  # device printf goes to stdout
-    start = time.time()
-    try:
+
+    def call():
         distfuse.all_reduce(x, group_name)
         torch.cuda.synchronize()
-        raised = None
-    except RuntimeError as e:
-        raised = str(e)
-    finally:
-        os.dup2(saved, 1)
-        os.close(fd)
-    elapsed = time.time() - start
+
+    raised, elapsed, text = run_capturing_device_stdout(call, os.path.join(log_dir, "rank0_stdout.txt"))
     assert raised is not None, "a missing peer did not raise"
     assert elapsed < 30, elapsed
-    text = open(log).read()
     assert "distfuse: all_reduce timed out" in text and "peer rank 1" in text, text
     # The trap leaves this process's CUDA context unusable; the harness reports the
     # result before tearing down.

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dist_harness import gpu_world_sizes, run_distributed
+from dist_harness import gpu_world_sizes, run_capturing_device_stdout, run_distributed
 
 pytestmark = pytest.mark.multigpu
 
@@ -84,24 +84,19 @@ def body_paths(rank, world, group_name):
                         outs[(path, layout)] = out
                 # Same GEMM + same reduction order: the overlap changes no bit.
                 assert torch.equal(outs[("auto", "weight_t")], outs[("serialized", "weight_t")]), (m, k, n)
-                # Also for the SM-pull band schedule, picked by auto with its thresholds lowered.
-                lowered = {"matmul_all_reduce.band_pull_min_m": 1, "matmul_all_reduce.band_pull_min_k": 8,
-                           **NO_PAIR_EXCHANGE}
-                with distfuse.tuning(lowered):
-                    bp_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
-                    assert last_path("matmul_all_reduce") == "band_pull"
-                    with force_path("matmul_all_reduce", "serialized"):
-                        bp_serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
-                assert torch.equal(bp_auto, bp_serialized), (m, k, n)
-                assert torch.equal(bp_auto, outs[("band_pull", "weight_t")]), (m, k, n)
-                if world == 2:  # and for the pair exchange, picked by auto from M = 1
-                    with distfuse.tuning({"matmul_all_reduce.pair_exchange_min_m": 1}):
-                        pe_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
-                        assert last_path("matmul_all_reduce") == "pair_exchange"
+                # Also for the SM-pull band schedule and (two ranks) the pair exchange, each
+                # picked by auto with its thresholds lowered.
+                lowered = {"band_pull": {"matmul_all_reduce.band_pull_min_m": 1,
+                                         "matmul_all_reduce.band_pull_min_k": 8, **NO_PAIR_EXCHANGE},
+                           "pair_exchange": {"matmul_all_reduce.pair_exchange_min_m": 1}}
+                for path in ("band_pull", "pair_exchange") if world == 2 else ("band_pull",):
+                    with distfuse.tuning(lowered[path]):
+                        by_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+                        assert last_path("matmul_all_reduce") == path
                         with force_path("matmul_all_reduce", "serialized"):
-                            pe_serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
-                    assert torch.equal(pe_auto, pe_serialized), (m, k, n)
-                    assert torch.equal(pe_auto, outs[("pair_exchange", "weight_t")]), (m, k, n)
+                            serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
+                    assert torch.equal(by_auto, serialized), (path, m, k, n)
+                    assert torch.equal(by_auto, outs[(path, "weight_t")]), (path, m, k, n)
                 for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "sequential",
                              "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
@@ -359,7 +354,6 @@ def body_pair_exchange_mixed(rank, world, group_name):
 def body_pair_exchange_missing_peer(rank, world, group_name, log_dir):
     """Rank 1 never makes the second call: rank 0's pair exchange (whose GEMM kernel may
     not print) must fail within the timeout with a message naming the op and the peer."""
-    import time
     import distfuse
     from distfuse.ops import force_path
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -373,25 +367,15 @@ def body_pair_exchange_missing_peer(rank, world, group_name, log_dir):
     dist.barrier()
     if rank != 0:
         return
-    log = os.path.join(log_dir, "rank0_stdout.txt")
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    saved = os.dup(1)
-    os.dup2(fd, 1)  # device printf goes to stdout
-    start = time.time()
-    try:
+
+    def call():
         with force_path("matmul_all_reduce", "pair_exchange"):
             distfuse.matmul_all_reduce(a, w.t(), group_name)
         torch.cuda.synchronize()
-        raised = None
-    except RuntimeError as e:
-        raised = str(e)
-    finally:
-        os.dup2(saved, 1)
-        os.close(fd)
-    elapsed = time.time() - start
+
+    raised, elapsed, text = run_capturing_device_stdout(call, os.path.join(log_dir, "rank0_stdout.txt"))
     assert raised is not None, "a missing peer did not raise"
     assert elapsed < 30, elapsed
-    text = open(log).read()
     assert "distfuse: matmul_all_reduce timed out" in text and "peer rank 1" in text, text
 
 
