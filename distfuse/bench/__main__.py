@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distfuse-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from ..ops import PATHS
+    from .matmul_all_reduce import FORCED_PATHS
     p.add_argument("--op", choices=OPS + ("all",), default="matmul_all_reduce")
     p.add_argument("--world-size", type=int, default=None,
                    help="processes (default: every visible GPU; 2 on a machine without GPU)")
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", nargs="+", default=None, help="matmul_all_reduce: M values (tokens), e.g. 1 128 2048")
     p.add_argument("--shapes", nargs="+", default=None, choices=("o_proj", "down_proj"),
                    help="matmul_all_reduce: Llama-3-70B row-parallel layers")
-    p.add_argument("--paths", nargs="+", default=None, choices=PATHS["matmul_all_reduce"],
+    p.add_argument("--paths", nargs="+", default=None, choices=FORCED_PATHS,
                    help="matmul_all_reduce: the forced-path columns to time (default: every schedule)")
     p.add_argument("--sizes", nargs="+", default=None, help="all_reduce: sizes in bytes (4K, 1M, 256MB, ...)")
     p.add_argument("--tokens", nargs="+", default=None, help="decoder_layer: tokens M = B*S")

@@ -43,13 +43,13 @@ GRAPH_MAX_M = 512                           # --graph auto: graph rows for M <= 
 SHAPES = ("o_proj", "down_proj")
 ROW_MAJOR_SHAPE = "o_proj"                  # also measured with a row-major b
 FORCED_PATHS = ("sequential", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange")
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
 
 def forced_paths(ctx):
     """The forced-path columns of this run (--paths, else every schedule)."""
     given = ctx.options.get("paths")
     return tuple(p for p in FORCED_PATHS if p in given) if given else FORCED_PATHS
-TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
 
 def shape_dims(ctx: BenchContext, name: str) -> Tuple[int, int]:

@@ -240,7 +240,6 @@ __global__ void __launch_bounds__(kTwoShotLLThreads) all_reduce_two_shot_ll_kern
 // ---------------------------------------------------------------- two-shot on LL128 lines
 
 constexpr int kTwoShotLL128Threads = 256;
-constexpr int kLL128Words = int(kLL128PayloadBytes / 8);      // 8-byte payload words per line
 constexpr int kLL128LinesPerBlock = kTwoShotLL128Threads / 8;  // 8 lanes carry a line
 // Grid of every launch at most: block b handles line chunks b, b + 256, ... (32 lines
 // each), a map that does not depend on the call's size. 256 blocks of 256 threads are
@@ -281,8 +280,8 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_l
   T* out = static_cast<T*>(p.output);
   const int64_t n = p.numel;
   const int64_t words = ceil_div<int64_t>(n, Word::kElems);
-  const int64_t shard_lines = ceil_div<int64_t>(ceil_div<int64_t>(words, W), kLL128Words);
-  const int64_t shard = shard_lines * kLL128Words;  // words per shard
+  const int64_t shard_lines = ceil_div<int64_t>(ceil_div<int64_t>(words, W), kLL128LineWords);
+  const int64_t shard = shard_lines * kLL128LineWords;  // words per shard
 
   const uint32_t epoch = block_epoch_begin(c, kChannelTwoShotLL128);
   const int parity = epoch & 1;
@@ -295,7 +294,7 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_l
   for (int64_t chunk = blockIdx.x; chunk * kLL128LinesPerBlock < shard_lines; chunk += kLL128MaxBlocks) {
     const int64_t j = chunk * kLL128LinesPerBlock + threadIdx.x / 8;
     const bool has_line = j < shard_lines;
-    const int64_t first_word = j * kLL128Words + 2 * q;
+    const int64_t first_word = j * kLL128LineWords + 2 * q;
     auto word_index = [&](int s, int k) { return int64_t(s) * shard + first_word + k; };
     auto exists = [&](int s, int k) { return has_line && k < my_words && word_index(s, k) < words; };
     auto line_part = [&](int dst, int phase, int src) {
@@ -629,7 +628,7 @@ cudaError_t launch_all_reduce_two_shot_ll128(const AllReduceParams& p, cudaStrea
   if (p.numel <= 0) return cudaSuccess;
   const int world = p.comm.world;
   const int64_t words = ceil_div<int64_t>(p.numel * dtype_size(p.dtype), 8);
-  const int64_t shard_lines = ceil_div<int64_t>(ceil_div<int64_t>(words, world), kLL128Words);
+  const int64_t shard_lines = ceil_div<int64_t>(ceil_div<int64_t>(words, world), kLL128LineWords);
   if (shard_lines > int64_t(kTwoShotLL128LinesPerSlot)) return cudaErrorInvalidValue;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(shard_lines, kLL128LinesPerBlock),
                                                            kLL128MaxBlocks));

@@ -20,6 +20,30 @@ __device__ __forceinline__ void wait_reached(const uint32_t* flag, uint32_t epoc
   wait_flag_reached(flag, epoch, timeout_ns, kOpMatmulAllReduce, "tile", tile, peer);
 }
 
+template <typename T>
+struct TileGeometry {
+  static constexpr int kVec = 16 / sizeof(T);
+  int64_t row0, col0;  // origin of the tile in D
+  int rows, vecs;      // rows in the tile, 16-byte vectors per row
+
+  __device__ TileGeometry(const TileAllReduceParams& p, int tm, int tn) {
+    row0 = int64_t(tm) * p.tile_m;
+    col0 = int64_t(tn) * p.tile_n;
+    rows = min(int64_t(p.tile_m), p.m - row0);
+    vecs = int(min(int64_t(p.tile_n), p.n - col0)) / kVec;
+  }
+  // Offset in D (ld = n) of vector i of the tile.
+  __device__ __forceinline__ int64_t d_offset(int i, int n) const {
+    return (row0 + i / vecs) * n + col0 + int64_t(i % vecs) * kVec;
+  }
+  // Column of D where vector i starts (its bias index).
+  __device__ __forceinline__ int64_t bias_col(int i) const { return col0 + int64_t(i % vecs) * kVec; }
+  // Offset of vector i in a dense tile_n-wide tile-local slot.
+  __device__ __forceinline__ int64_t slot_offset(int i, int tile_n) const {
+    return int64_t(i / vecs) * tile_n + int64_t(i % vecs) * kVec;
+  }
+};
+
 // Vectors each thread keeps in flight per source (sums) and for copies: a
 // thread issues all loads of a batch before it uses any.
 template <int W>
@@ -149,7 +173,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       const int i = block_tile(j), owner = i % W;
       if (owner == rank) continue;
       const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-      const TileGeometry<T> g(p.m, p.n, p.tile_m, p.tile_n, x.tm, x.tn);
+      const TileGeometry<T> g(p, x.tm, x.tn);
       if (threadIdx.x == 0) wait_reached(received_flag(c, rank, x.t, owner), epoch, c.timeout_ns, x.t, owner);
       __syncthreads();
       const T* from = call.slot(rank, owner);
@@ -167,7 +191,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       const int i = block_tile(j), owner = i % W;
       if (owner == rank) continue;
       const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-      const TileGeometry<T> g(p.m, p.n, p.tile_m, p.tile_n, x.tm, x.tn);
+      const TileGeometry<T> g(p, x.tm, x.tn);
       wait_tile_ready(c, x);
       T* to = call.slot(owner, rank);
       copy_batched<kCopyUnroll>(
@@ -185,7 +209,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_all_reduce_owner_kernel(Til
       const int i = block_tile(j);
       if (i % W != rank) continue;
       const TileIndex x = tile_index(i, s.tiles_m, s.tiles_n);
-      const TileGeometry<T> g(p.m, p.n, p.tile_m, p.tile_n, x.tm, x.tn);
+      const TileGeometry<T> g(p, x.tm, x.tn);
       wait_tile_ready(c, x);
       call.sum_received(x, g, [&](int64_t off, uint4 r) {
 #pragma unroll

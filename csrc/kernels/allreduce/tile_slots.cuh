@@ -64,26 +64,4 @@ __device__ __forceinline__ uint32_t* exchange_timeout_record(const CommHandle& c
   return c.counters(kChannelTiles) + 2;
 }
 
-// One output tile of D [M, N] (row-major, ld = N, N a multiple of 8) as 16-byte vectors.
-template <typename T>
-struct TileGeometry {
-  static constexpr int kVec = 16 / sizeof(T);
-  int64_t row0, col0;  // origin of the tile in D
-  int rows, vecs;      // rows in the tile, 16-byte vectors per row
-
-  __device__ TileGeometry(int64_t m, int64_t n, int tile_m, int tile_n, int tm, int tn) {
-    row0 = int64_t(tm) * tile_m;
-    col0 = int64_t(tn) * tile_n;
-    rows = int(min(int64_t(tile_m), m - row0));
-    vecs = int(min(int64_t(tile_n), n - col0)) / kVec;
-  }
-  __device__ __forceinline__ int count() const { return rows * vecs; }
-  // Offset in D (ld = n) of vector i of the tile.
-  __device__ __forceinline__ int64_t d_offset(int i, int64_t n) const {
-    return (row0 + i / vecs) * n + col0 + int64_t(i % vecs) * kVec;
-  }
-  // Column of D where vector i starts (its bias index).
-  __device__ __forceinline__ int64_t bias_col(int i) const { return col0 + int64_t(i % vecs) * kVec; }
-};
-
 }  // namespace distfuse

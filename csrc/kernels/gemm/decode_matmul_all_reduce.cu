@@ -54,16 +54,12 @@ __device__ __forceinline__ LLLine* ll_line(const CommHandle& c, int dst, int src
          off / 4;
 }
 
-// LL128 lines of a unit: its rows' 8-byte words (cols / 4 per row), 15 per line.
-__device__ __forceinline__ int64_t ll128_unit_lines(int rows, int cols) {
-  return ceil_div(int64_t(rows) * (cols / 4), 15);
-}
 // LL128 line `line` of unit `u` that `src` sent to `dst` (every unit has room for the
 // lines of a full one, `unit_lines`).
 __device__ __forceinline__ unsigned char* ll128_line(const CommHandle& c, int dst, int src, int64_t u,
                                                      int64_t unit_lines, int64_t line) {
   return c.peer_base[dst] + c.layout.decode_ll_offset + c.world * (kDecodeLLLinesPerSlot * 16) +
-         src * kDecodeLL128BytesPerSlot + (u * unit_lines + line) * 128;
+         src * kDecodeLL128BytesPerSlot + (u * unit_lines + line) * int64_t(kLL128LineBytes);
 }
 
 // Byte offset of 16-byte chunk `chunk` of smem row `row` (rows of kRowBytes, 8 or more
@@ -350,8 +346,8 @@ __device__ void sum_unit_ll128(const DecodeMatmulAllReduceParams& p, const Unit&
   using Word = Pack<T, 8>;
   const CommHandle& c = p.comm;
   const int wpr = u.cols / 4, words = u.rows * wpr, q = threadIdx.x % 8;
-  const int64_t lines = ll128_unit_lines(u.rows, u.cols);
-  const int64_t unit_lines = ll128_unit_lines(min(p.m, kDecodeBlockM), kDecodeBlockN);
+  const int64_t lines = decode_ll128_unit_lines(u.rows, u.cols);
+  const int64_t unit_lines = decode_ll128_unit_lines(min(p.m, kDecodeBlockM), kDecodeBlockN);
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.output);
   for (int64_t l0 = 0; l0 < lines; l0 += kThreads / 8) {
@@ -370,7 +366,7 @@ __device__ void sum_unit_ll128(const DecodeMatmulAllReduceParams& p, const Unit&
     }
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      const int wi = int(l) * 15 + 2 * q + k;
+      const int wi = int(l) * kLL128LineWords + 2 * q + k;
       if (!valid || (q == 7 && k == 1) || wi >= words) continue;
       const int col = u.col0 + (wi % wpr) * 4;
       if (bias) {
@@ -418,15 +414,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_matmul_all_reduce_kernel(D
       __syncthreads();
       entered = true;
     }
-    if (p.ll128) {  // 15 words per 128-byte line, written by 8 lanes at once; no release needed
+    if (p.ll128) {  // kLL128LineWords words per 128-byte line, written by 8 lanes at once; no release needed
       const int wpr = u.cols / 4, words = u.rows * wpr, q = threadIdx.x % 8;
-      const int64_t lines = ll128_unit_lines(u.rows, u.cols);
-      const int64_t unit_lines = ll128_unit_lines(min(p.m, kDecodeBlockM), kDecodeBlockN);
+      const int64_t lines = decode_ll128_unit_lines(u.rows, u.cols);
+      const int64_t unit_lines = decode_ll128_unit_lines(min(p.m, kDecodeBlockM), kDecodeBlockN);
       for (int64_t l = threadIdx.x / 8; l < lines; l += kThreads / 8) {
         uint64_t w[2] = {0, 0};
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
-          const int wi = int(l) * 15 + 2 * q + k;
+          const int wi = int(l) * kLL128LineWords + 2 * q + k;
           if ((q < 7 || k == 0) && wi < words)
             w[k] = *reinterpret_cast<const uint64_t*>(partial + (wi / wpr) * kDecodeBlockN + (wi % wpr) * 4);
         }

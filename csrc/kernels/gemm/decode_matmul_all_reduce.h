@@ -15,8 +15,9 @@
 // 128-deep K stage (a weight column's 256 contiguous bytes per stage when B is
 // transposed: longer runs per DRAM row read faster than 64-deep stages did). The
 // weights are the M operand of mma.sync.m16n8k16 (columns of out as its rows) and
-// the tokens its N operand (8 per MMA), so M = 1 wastes no tensor-core rows. B and A are streamed by cp.async through a ring of stages in
-// shared memory (XOR-swizzled rows, ldmatrix; .trans for row-major B).
+// the tokens its N operand (8 per MMA), so M = 1 wastes no tensor-core rows. B and A
+// are streamed by cp.async through a ring of stages in shared memory (XOR-swizzled
+// rows, ldmatrix; .trans for row-major B).
 //
 // Schedule of CTA c on rank r (call epoch e)
 // ------------------------------------------
@@ -80,12 +81,17 @@ DF_DECODE_HD inline int64_t decode_units(int64_t m, int64_t n) {
   return (m + kDecodeBlockM - 1) / kDecodeBlockM * ((n + kDecodeBlockN - 1) / kDecodeBlockN);
 }
 
+// LL128 lines of a unit of `rows` x `cols`: its rows' 8-byte words (cols / 4 per row),
+// kLL128LineWords per line.
+DF_DECODE_HD inline int64_t decode_ll128_unit_lines(int64_t rows, int64_t cols) {
+  return (rows * (cols / 4) + kLL128LineWords - 1) / kLL128LineWords;
+}
+
 // Whether the LL128 lines of every unit of an [m, n] output fit their part of the
-// decode LL region (15 words of a unit per line, room for a full unit's lines each).
+// decode LL region (room for a full unit's lines each).
 DF_DECODE_HD inline bool decode_ll128_fits(int64_t m, int64_t n) {
-  const int64_t rows = m < kDecodeBlockM ? m : kDecodeBlockM;
-  const int64_t unit_lines = (rows * (kDecodeBlockN / 4) + 14) / 15;
-  return decode_units(m, n) * unit_lines * 128 <= int64_t(kDecodeLL128BytesPerSlot);
+  const int64_t unit_lines = decode_ll128_unit_lines(m < kDecodeBlockM ? m : kDecodeBlockM, kDecodeBlockN);
+  return decode_units(m, n) * unit_lines * int64_t(kLL128LineBytes) <= int64_t(kDecodeLL128BytesPerSlot);
 }
 
 #undef DF_DECODE_HD

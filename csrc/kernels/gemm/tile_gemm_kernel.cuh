@@ -297,7 +297,7 @@ struct TileGemmKernel {
     using namespace cute;
     constexpr int kTileM = int(size<0>(TileShape{})), kTileN = int(size<1>(TileShape{}));
     const TileSchedule& s = params.schedule;
-    exchange_tiles_with_peer<ExchangeElement, kTileM, kTileN / kVecOf<ExchangeElement>>(
+    exchange_tiles_with_peer<ExchangeElement, kTileM, kTileN / Pack<ExchangeElement, 16>::kElems>(
         params.exchange, get<0>(params.problem), get<1>(params.problem), s.dp_tiles,
         &shared.exchange, shared.exchange_staging, x,
         [&](int tile, int* t, int64_t* row0, int64_t* col0) {

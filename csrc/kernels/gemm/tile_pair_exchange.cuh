@@ -59,8 +59,6 @@ constexpr int kPairExchangeThreads = 96;  // warps 1..3 of the producer warp gro
 constexpr int kPairExchangeStagingBytes = 15 * 1024;
 constexpr int kPairExchangeBatch = kPairExchangeStagingBytes / 16 / kPairExchangeThreads;  // 10
 static_assert(kPairExchangeBatch % 2 == 0, "the sum stages two sources");
-template <typename T>
-constexpr int kVecOf = 16 / int(sizeof(T));
 
 // Words of shared memory the consumers and the exchange warps of a CTA share.
 struct PairExchangeCtaState {
@@ -161,8 +159,8 @@ __device__ void exchange_tiles_with_peer(const TilePairExchange& e, int64_t m, i
     tile_coord(tile, &t, &row0, &col0);
     const int rows = int(min(int64_t(kTileM), m - row0));
     // This thread's column of the tile, if the tile is that wide.
-    const bool active = col0 + int64_t(lane) * kVecOf<T> < n;
-    const int64_t first_off = (row0 + x / kLanesPerRow) * n + col0 + int64_t(lane) * kVecOf<T>;
+    const bool active = col0 + int64_t(lane) * Pack<T, 16>::kElems < n;
+    const int64_t first_off = (row0 + x / kLanesPerRow) * n + col0 + int64_t(lane) * Pack<T, 16>::kElems;
     uint4* slot = staging + x;  // this thread's slots: slot[k * kThreads]
     if (active) {  // push: kPush rows a batch, loaded into the slots, stored to the peer
       for (int r = x / kLanesPerRow; r < rows; r += kPush * kRowStep) {
@@ -186,7 +184,7 @@ __device__ void exchange_tiles_with_peer(const TilePairExchange& e, int64_t m, i
     sync();
     if (cta->aborted) return;
     if (active) {  // sum: kSum rows a batch, both sources loaded into the slots
-      const T* bias_vec = bias ? bias + col0 + lane * kVecOf<T> : nullptr;
+      const T* bias_vec = bias ? bias + col0 + lane * Pack<T, 16>::kElems : nullptr;
       for (int r = x / kLanesPerRow; r < rows; r += kSum * kRowStep) {
         const int64_t off = first_off + int64_t(r - x / kLanesPerRow) * n;
         const T* a = first + off;

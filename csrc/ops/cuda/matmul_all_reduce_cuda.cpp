@@ -197,10 +197,9 @@ bool fused_gemm_supported(const at::Tensor& a, const at::Tensor& b) {
          tile_all_reduce_max_tiles();
 }
 
-// The tile GEMM of A @ B into this rank's tile region of the workspace (grown
-// when needed), publishing its tile flags; sm_count is left to the caller.
-TileGemmParams tile_gemm_into_workspace(comm::Workspace& ws, const GemmOperands& g, at::ScalarType dtype,
-                                        int esize) {
+// The tile GEMM of A @ B into d (row-major, ld = N), without flags; sm_count is left
+// to the caller.
+TileGemmParams tile_gemm_params(const GemmOperands& g, at::ScalarType dtype, void* d) {
   TileGemmParams gp{};
   gp.a = g.a.data_ptr();
   gp.b = g.b.data_ptr();
@@ -211,7 +210,16 @@ TileGemmParams tile_gemm_into_workspace(comm::Workspace& ws, const GemmOperands&
   gp.n = static_cast<int>(g.n);
   gp.k = static_cast<int>(g.k);
   gp.b_transposed = g.b_transposed;
+  gp.d = d;
   TORCH_INTERNAL_ASSERT(kernel_dtype(dtype, &gp.dtype));
+  return gp;
+}
+
+// The tile GEMM of A @ B into this rank's tile region of the workspace (grown
+// when needed), publishing its tile flags; sm_count is left to the caller.
+TileGemmParams tile_gemm_into_workspace(comm::Workspace& ws, const GemmOperands& g, at::ScalarType dtype,
+                                        int esize) {
+  TileGemmParams gp = tile_gemm_params(g, dtype, nullptr);
   TORCH_INTERNAL_ASSERT(output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp)) <=
                         tile_all_reduce_max_tiles());
   ws.ensure_tile_bytes(tile_region_bytes(gp.m, gp.n, esize, ws.world()), kOp);
@@ -420,23 +428,22 @@ at::Tensor pair_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
   TORCH_INTERNAL_ASSERT(ws.world() == 2);
   const GemmOperands g = gemm_operands(a, b);
   const int device = ws.device();
-  TileGemmParams gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
+  const OutputAndBias ob = output_and_bias(g, a, bias);
+  const bool serialized = overlap == Overlap::kSerialized;
+  TileGemmParams gp = serialized ? tile_gemm_params(g, a.scalar_type(), ob.out.data_ptr())
+                                 : tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   gp.tile_flags = nullptr;
   gp.sm_count = sm_count(device);
   gp.whole_tiles = true;  // the exchange's plan, also when serialized (same bits)
-  OutputAndBias ob = output_and_bias(g, a, bias);
-  cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
-  if (overlap == Overlap::kSerialized) {
-    gp.d = ob.out.data_ptr();
-    C10_CUDA_CHECK(launch_tile_gemm(gp, main));
-    all_reduce_in_place(ws, ob.out, bias);
-  } else {
+  if (!serialized) {
     gp.exchange_output = ob.out.data_ptr();
     gp.exchange_bias = ob.bias_ptr();
     gp.comm = ws.handle();
-    C10_CUDA_CHECK(launch_tile_gemm(gp, main));
   }
-  return with_leading_dims(ob.out, a);
+  C10_CUDA_CHECK(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)));
+  at::Tensor out = ob.out;
+  if (serialized) all_reduce_in_place(ws, out, bias);
+  return with_leading_dims(out, a);
 }
 
 // Decode schedule: one kernel on the main stream (kernels/gemm/decode_matmul_all_reduce.h).

@@ -89,6 +89,7 @@ constexpr uint64_t kDecodeLL128BytesPerSlot = 512ull << 10;
 // (a little over 2 MB per rank).
 constexpr uint64_t kLL128LineBytes = 128;
 constexpr uint64_t kLL128PayloadBytes = 120;
+constexpr int kLL128LineWords = int(kLL128PayloadBytes / 8);  // 8-byte payload words per line
 constexpr uint64_t kTwoShotLL128LinesPerSlot = 17920;
 // Two-shot: per (phase, slot, source) region, split among the blocks of a launch
 // (blocks x chunk bytes <= kTwoShotRegionBytes); default and largest chunk.
