@@ -11,8 +11,10 @@ from dist_harness import gpu_world_sizes, run_capturing_device_stdout, run_distr
 
 pytestmark = pytest.mark.multigpu
 
-TILE_GEMM_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange")  # also row-major B
-ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "serialized", "sequential",
+TILE_GEMM_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange",
+                   "owner_exchange")  # also row-major B
+ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "owner_exchange", "serialized",
+             "sequential",
              "chunked", "reference", "auto")
 # Tuning that keeps auto off the pair exchange (so that it picks the band schedule).
 NO_PAIR_EXCHANGE = {"matmul_all_reduce.pair_exchange_min_m": 1 << 40}
@@ -88,8 +90,10 @@ def body_paths(rank, world, group_name):
                 # picked by auto with its thresholds lowered.
                 lowered = {"band_pull": {"matmul_all_reduce.band_pull_min_m": 1,
                                          "matmul_all_reduce.band_pull_min_k": 8, **NO_PAIR_EXCHANGE},
-                           "pair_exchange": {"matmul_all_reduce.pair_exchange_min_m": 1}}
-                for path in ("band_pull", "pair_exchange") if world == 2 else ("band_pull",):
+                           "pair_exchange": {"matmul_all_reduce.pair_exchange_min_m": 1},
+                           "owner_exchange": {"matmul_all_reduce.owner_exchange_min_m": 1, **NO_PAIR_EXCHANGE}}
+                for path in ("band_pull", "pair_exchange", "owner_exchange") if world == 2 else ("band_pull",
+                                                                                                 "owner_exchange"):
                     with distfuse.tuning(lowered[path]):
                         by_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
                         assert last_path("matmul_all_reduce") == path
@@ -97,8 +101,8 @@ def body_paths(rank, world, group_name):
                             serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
                     assert torch.equal(by_auto, serialized), (path, m, k, n)
                     assert torch.equal(by_auto, outs[(path, "weight_t")]), (path, m, k, n)
-                for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "sequential",
-                             "chunked", "auto"):
+                for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange",
+                             "owner_exchange", "sequential", "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
                         assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)
     # Leading batch dims, a shape the fused GEMM cannot take (K % 8 != 0), device mismatch.
@@ -130,7 +134,8 @@ def body_exact_random_m(rank, world, group_name):
     k, n = 128, 1024
     for i in range(1000):
         m = int(torch.randint(1, 700, (1,), generator=g))
-        path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange")[i % 7]
+        path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange",
+                "owner_exchange")[i % 8]
         gen = torch.Generator(device="cpu").manual_seed(1_000_000 + i)
         a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(dev, torch.float16)
         w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(dev, torch.float16)
@@ -212,7 +217,8 @@ def body_graphs(rank, world, group_name):
     k, n = 256, 2048
     for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("copy_engine", 1500),
                     ("copy_engine", 3), ("band_pull", 1500), ("band_pull", 3), ("pair_exchange", 1500),
-                    ("pair_exchange", 3), ("auto", 1), ("auto", 1024), ("auto", 2100)):
+                    ("pair_exchange", 3), ("owner_exchange", 1500), ("owner_exchange", 3), ("auto", 1), ("auto", 1024),
+                    ("auto", 2100)):
         graph, tensors = _captured_call(group_name, path, m, k, n, dev)
         _replays_are_exact(graph, tensors, rank, world, 20, (path, m))
 
@@ -226,10 +232,12 @@ def body_graphs_survive_growth(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
     captured = [(path, m, _captured_call(group_name, path, m, 256, 1024, dev))
-                for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("pair_exchange", 1000), ("sequential", 8),
+                for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("pair_exchange", 1000),
+                                ("owner_exchange", 1000), ("sequential", 8),
                                 ("auto", 4),
                                 ("decode_push", 4), ("decode_push", 40))]
-    for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000), ("pair_exchange", 4097)):
+    for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000), ("pair_exchange", 4097),
+                    ("owner_exchange", 4097)):
         a = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
         w = torch.randn(4096, 1024, dtype=torch.bfloat16, device=dev)
         with force_path("matmul_all_reduce", path):
@@ -313,46 +321,58 @@ def body_band_variants(rank, world, group_name):
             _replays_are_exact(graph, tensors, rank, world, 3, ("band_pull", knobs, turn), seed=1000 * turn)
 
 
-def body_pair_exchange_mixed(rank, world, group_name):
-    """The pair exchange between calls of the owner schedule and the band schedule on
-    the same workspace (they share its tile slots, flags and call epochs), with shapes
-    that change every call, partial tiles (M, N not multiples of the 128 x 256 tile)
-    and odd M: exact on integer inputs, the same bits as the unfused order, identical
-    across ranks; then a CUDA graph of it replayed between eager calls of the others."""
+def body_tile_exchanges_mixed(rank, world, group_name):
+    """The pair exchange (two ranks) and the owner exchange between calls of the owner
+    schedule and the band schedule on the same workspace (they share its tile slots,
+    flags and call epochs), with shapes
+    that change every call, partial tiles (M, N not multiples of the tile), odd M, each
+    tile shape and fewer CTAs than tiles: exact on integer inputs, the same bits as the
+    unfused order, identical across ranks; then a CUDA graph of it replayed between
+    eager calls of the others."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     for i in range(45):
-        path = ("pair_exchange", "pair_exchange", "fused_tiles", "pair_exchange", "band_pull")[i % 5]
+        path = ("pair_exchange", "owner_exchange", "fused_tiles", "owner_exchange", "band_pull",
+                "pair_exchange")[i % 6]
         m = (1, 3, 129, 1000, 2048, 4097, 300, 77, 2500)[i % 9]
         k = (64, 520, 1024)[i % 3]
         n = (8, 264, 1032, 4096, 2048)[(i // 2) % 5]
         if path == "fused_tiles" and -(-m // 128) * -(-n // 256) < world:
-            path = "pair_exchange"
+            path = "owner_exchange"
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 5000 + i,
                                                         row_major=i % 4 == 0, with_bias=i % 3 == 1)
+        # Tile shape (0 by M, 64x128, 128x128, 128x256) and CTAs (0: one per SM).
+        exchange = path.endswith("_exchange") and _expected_path(path, m, n, world) == path
+        knobs = {"matmul_all_reduce.exchange_tiles": i % 4,
+                 "matmul_all_reduce.exchange_ctas": (0, 7, 64)[i % 3]} if exchange else {}
+        # What makes auto pick the same exchange (for "serialized").
+        picked = {"pair_exchange": {"matmul_all_reduce.pair_exchange_min_m": 1},
+                  "owner_exchange": {"matmul_all_reduce.owner_exchange_min_m": 1, **NO_PAIR_EXCHANGE}}.get(path, {})
         _poison_allocator(m * n, dtype, dev)
-        with force_path("matmul_all_reduce", path):
+        with distfuse.tuning(knobs), force_path("matmul_all_reduce", path):
             out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
             assert last_path("matmul_all_reduce") == _expected_path(path, m, n, world), (path, m, n)
-        with distfuse.tuning({"matmul_all_reduce.pair_exchange_min_m": 1} if path == "pair_exchange" else {}), \
-                force_path("matmul_all_reduce", "serialized" if path == "pair_exchange" else path):
+        with distfuse.tuning({**knobs, **picked} if exchange else {}), \
+                force_path("matmul_all_reduce", "serialized" if exchange else path):
             unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
-        _exact_and_bitwise(out, unfused, partials, exact, world, (i, path, m, k, n))
-    graph, tensors = _captured_call(group_name, "pair_exchange", 2100, 256, 2056, dev)
-    for turn in range(3):
-        _replays_are_exact(graph, tensors, rank, world, 3, ("pair_exchange", turn), seed=500 * turn)
+        _exact_and_bitwise(out, unfused, partials, exact, world, (i, path, m, k, n, knobs))
+    graphs = [(path, _captured_call(group_name, path, 2100, 256, 2056, dev))
+              for path in ("pair_exchange", "owner_exchange")]
+    for turn in range(4):
+        for path, (graph, tensors) in graphs:
+            _replays_are_exact(graph, tensors, rank, world, 3, (path, turn), seed=500 * turn)
         a, b, bias, partials, exact = _integer_operands(rank, world, 700, 256, 1024, torch.float16, dev, 77 + turn,
                                                         row_major=False, with_bias=False)
-        with force_path("matmul_all_reduce", ("fused_tiles", "band_pull", "pair_exchange")[turn]):
+        with force_path("matmul_all_reduce", ("fused_tiles", "band_pull", "pair_exchange", "owner_exchange")[turn]):
             out = distfuse.matmul_all_reduce(a, b, group_name)
         assert torch.equal(out.double(), exact), turn
 
 
-def body_pair_exchange_missing_peer(rank, world, group_name, log_dir):
-    """Rank 1 never makes the second call: rank 0's pair exchange (whose GEMM kernel may
+def body_exchange_missing_peer(rank, world, group_name, log_dir, path):
+    """Rank 1 never makes the second call: rank 0's tile exchange (whose GEMM kernel may
     not print) must fail within the timeout with a message naming the op and the peer."""
     import distfuse
     from distfuse.ops import force_path
@@ -360,7 +380,7 @@ def body_pair_exchange_missing_peer(rank, world, group_name, log_dir):
     distfuse.init_workspace(group_name, max_bytes=16 << 20, timeout_ms=1500)
     a = torch.randn(2048, 256, dtype=torch.bfloat16, device=dev)
     w = torch.randn(1024, 256, dtype=torch.bfloat16, device=dev)
-    with force_path("matmul_all_reduce", "pair_exchange"):
+    with force_path("matmul_all_reduce", path):
         distfuse.matmul_all_reduce(a, w.t(), group_name)
     torch.cuda.synchronize()
     import torch.distributed as dist
@@ -369,7 +389,7 @@ def body_pair_exchange_missing_peer(rank, world, group_name, log_dir):
         return
 
     def call():
-        with force_path("matmul_all_reduce", "pair_exchange"):
+        with force_path("matmul_all_reduce", path):
             distfuse.matmul_all_reduce(a, w.t(), group_name)
         torch.cuda.synchronize()
 
@@ -379,13 +399,14 @@ def body_pair_exchange_missing_peer(rank, world, group_name, log_dir):
     assert "distfuse: matmul_all_reduce timed out" in text and "peer rank 1" in text, text
 
 
-def test_pair_exchange_missing_peer_times_out(tmp_path):
-    run_distributed(body_pair_exchange_missing_peer, 2, args=(str(tmp_path),), backend="nccl", timeout=120)
+@pytest.mark.parametrize("path", ("pair_exchange", "owner_exchange"))
+def test_exchange_missing_peer_times_out(tmp_path, path):
+    run_distributed(body_exchange_missing_peer, 2, args=(str(tmp_path), path), backend="nccl", timeout=120)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())
-def test_pair_exchange_mixed_exact_and_bitwise(world):
-    run_distributed(body_pair_exchange_mixed, world, backend="nccl", timeout=300)
+def test_tile_exchanges_mixed_exact_and_bitwise(world):
+    run_distributed(body_tile_exchanges_mixed, world, backend="nccl", timeout=300)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())

@@ -348,5 +348,19 @@ TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
   EXPECT_EQ(pair_exchange_min_m(4), INT64_MAX);
 }
 
+TEST(MatmulAllReduceDispatch, OwnerExchangeOnlyWhereAsked) {
+  const GpuClass kH100 = GpuClass::kH100;
+  // Forced (or its threshold overridden) only, at any group size; the band schedule and
+  // the pair exchange keep their ranges.
+  for (int world : {2, 4, 8})
+    for (int64_t m : {1, 512, 2048, 16384}) EXPECT_NE(choose_matmul_all_reduce(m, 2048, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(exchange_tile_shape(2048, 2), 0);
+  EXPECT_EQ(exchange_ctas(128, 2, 64), 64);
+}
+
 }  // namespace
 }  // namespace distfuse

@@ -60,12 +60,17 @@ struct TileGemmParams {
   int sm_count;           // CTAs of the persistent grid (the SMs this GEMM may occupy)
   int group_rows;         // tile rows per group of the tile order (0: kTileGemmGroupRows)
   bool whole_tiles;       // every tile computed whole by one CTA (no stream-K), as with the exchange
+  int tile_shape;         // output tile: 0 by M (64x128 up to M = 128, else 128x256), 1 64x128,
+                          // 2 128x128, 3 128x256
   // Pair exchange (two ranks; kernels/gemm/tile_pair_exchange.cuh): when
   // exchange_output is set, d is this rank's tile partial in `comm`'s workspace,
   // tile_flags is null, and the kernel also writes exchange_output [M, N] (ld = N)
   // = the rank-order sum of both ranks' D (+ exchange_bias [N], added once).
+  // exchange_through_owners: the same for any group size, through tile owners
+  // (kernels/gemm/tile_owner_exchange.cuh).
   void* exchange_output;
   const void* exchange_bias;
+  bool exchange_through_owners;
   CommHandle comm;
 };
 

@@ -99,7 +99,8 @@ inline bool dependent_launch(int world, int64_t override_value = 0) {
 namespace distfuse {
 
 enum class MatmulAllReduceAlgo : int {
-  kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4, kPairExchange = 5
+  kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4, kPairExchange = 5,
+  kOwnerExchange = 6
 };
 
 // Measured on 4 x H200 at W = 2 and 4 (Llama-3-70B o_proj and down_proj rows,
@@ -146,6 +147,30 @@ inline int64_t band_pull_min_k(int world) {
 // 2048 351.0 / 672.6 vs sequential 359.0, band_pull 668.9 (2 x H200). At M = 512 (one
 // wave of tiles: nothing to overlap) it loses (83.8 vs 77.2).
 inline int64_t pair_exchange_min_m(int world) { return world == 2 ? 1024 : INT64_MAX; }
+
+// The owner exchange (any group size: the tile GEMM's idle producer warps push every
+// finished tile to its owner rank, which sums and is pulled from). Untuned: forced only.
+inline int64_t owner_exchange_min_m(int world) {
+  (void)world;
+  return INT64_MAX;
+}
+
+// Both tile exchanges: output tile (TileGemmParams::tile_shape: 0 by M, 1 64x128, 2
+// 128x128, 3 128x256) and CTAs (0: one per SM; fewer give each CTA more tiles). Sweeps,
+// 2 x H200, W = 2, pair exchange (benchmarks/NOTES.md, v18): o_proj M = 128 at 128 / 64 /
+// 43 / 32 CTAs 37.1 / 42.8 / 54.0 / 65.6 us (the weights stream at the rate of the SMs
+// that read them); 128x128 tiles against 128x256 at o_proj M = 512 / 1024 / 2048 79.4 /
+// 147.7 / 277.4 vs 84.9 / 145.9 / 251.0. So: by M, one CTA per SM.
+inline int exchange_tile_shape(int64_t m, int world, int override_value = 0) {
+  (void)m;
+  (void)world;
+  return override_value;
+}
+inline int exchange_ctas(int64_t m, int world, int override_ctas = 0) {
+  (void)m;
+  (void)world;
+  return override_ctas;
+}
 
 // GPUs as far as the dispatch table tells them apart (from the name all members of
 // the group share; "mixed" and unknown names are kOther).
@@ -204,17 +229,21 @@ inline int decode_ctas(int override_ctas = 0) { return override_ctas > 0 ? overr
 
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
-// band_pull_min_k, decode_max_m and pair_exchange_min_m (which applies at W = 2 only).
+// band_pull_min_k, decode_max_m, pair_exchange_min_m (which applies at W = 2 only) and
+// owner_exchange_min_m.
 inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world, GpuClass gpu,
                                                     int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
                                                     int64_t override_bp_min_k = 0,
                                                     int64_t override_decode_max_m = 0,
-                                                    int64_t override_pe_min_m = 0) {
+                                                    int64_t override_pe_min_m = 0,
+                                                    int64_t override_oe_min_m = 0) {
   const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k);
   const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
   if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world)))
     return MatmulAllReduceAlgo::kPairExchange;
+  if (m >= (override_oe_min_m > 0 ? override_oe_min_m : owner_exchange_min_m(world)))
+    return MatmulAllReduceAlgo::kOwnerExchange;
   if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
   const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);

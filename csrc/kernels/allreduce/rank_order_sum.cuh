@@ -24,6 +24,24 @@ __device__ __forceinline__ uint4 sum_in_rank_order(const uint4 (&x)[W], const T*
   return from_pack<T>(round_pack<T, 16>(acc));
 }
 
+// The same sum for a group size known at run time: the W vectors x[0], x[stride],
+// ..., x[(W - 1) * stride], with the same operations in the same order as
+// sum_in_rank_order, so both give the same bits.
+template <typename T>
+__device__ __forceinline__ uint4 sum_strided_in_rank_order(const uint4* x, int stride, int w, const T* bias) {
+  constexpr int kVec = 16 / sizeof(T);
+  float acc[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+  for (int src = 0; src < w; ++src) accumulate<T, 16>(acc, to_pack<T>(x[src * stride]));
+  if (bias) {
+    const Pack<T, 16> b = to_pack<T>(load_plain(bias));
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
+  }
+  return from_pack<T>(round_pack<T, 16>(acc));
+}
+
 // For the vectors v = base + u * kThreads (u < U, v < count) of one thread:
 // Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at
 // source(src, v), plus bias at column bias_col(v) when given, rounded once,

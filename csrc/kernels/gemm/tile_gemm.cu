@@ -44,7 +44,7 @@ constexpr int kMinBlocksPerRange = 4;
 constexpr int kMaxCtas = 1024;
 constexpr size_t kSplitCounterBytes = 2 * kMaxCtas * sizeof(uint32_t);
 
-enum class Variant { kDecode, kPrefill };
+enum class Variant { kDecode, kMid, kPrefill };
 
 struct DecodeShape {
   static constexpr int kStages = 8;  // pipeline stages the shared memory must hold
@@ -54,6 +54,17 @@ struct DecodeShape {
   // Only selects the builder's 1-warp-group TiledMma; the kernel is ours.
   using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+// Half the prefill tile's columns: twice the tiles, so a pair exchange has more
+// waves to hide behind (only when TileGemmParams::tile_shape asks for it).
+struct MidShape {
+  static constexpr int kStages = 6;
+  static constexpr int kTileM = 128;
+  static constexpr int kTileN = 128;
+  using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
+  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 };
 
 struct PrefillShape {
@@ -85,7 +96,7 @@ struct Config {
   // The kernel's shared storage beyond the epilogue's: pipeline barriers,
   // alignment padding, the split-tile broadcast words and the pair exchange's
   // staging buffer (which fits the space whole pipeline stages leave over: 4
-  // stages of 128 x 256 x 64 tiles, 8 of 64 x 128 x 64 ones).
+  // stages of 128 x 256 x 64 tiles, 8 of 64 x 128 x 64 ones, 6 of 128 x 128 x 64).
   static constexpr int kKernelSmemBytes = 2048 + kPairExchangeStagingBytes;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -113,14 +124,25 @@ struct Plan {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-Variant variant_for(int m) { return m <= kDecodeMaxM ? Variant::kDecode : Variant::kPrefill; }
+Variant variant_for(const TileGemmParams& p) {
+  switch (p.tile_shape) {
+    case 1: return Variant::kDecode;
+    case 2: return Variant::kMid;
+    case 3: return Variant::kPrefill;
+    default: return p.m <= kDecodeMaxM ? Variant::kDecode : Variant::kPrefill;
+  }
+}
 
-int tile_m_of(Variant v) { return v == Variant::kDecode ? DecodeShape::kTileM : PrefillShape::kTileM; }
-int tile_n_of(Variant v) { return v == Variant::kDecode ? DecodeShape::kTileN : PrefillShape::kTileN; }
+int tile_m_of(Variant v) {
+  return v == Variant::kDecode ? DecodeShape::kTileM : v == Variant::kMid ? MidShape::kTileM : PrefillShape::kTileM;
+}
+int tile_n_of(Variant v) {
+  return v == Variant::kDecode ? DecodeShape::kTileN : v == Variant::kMid ? MidShape::kTileN : PrefillShape::kTileN;
+}
 
 Plan make_plan(const TileGemmParams& p) {
   Plan plan{};
-  plan.variant = variant_for(p.m);
+  plan.variant = variant_for(p);
   plan.tile_m = tile_m_of(plan.variant);
   plan.tile_n = tile_n_of(plan.variant);
 
@@ -161,12 +183,15 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 cudaError_t check_params(const TileGemmParams& p) {
   if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
-      p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.lda < p.k || p.ldd < p.n ||
+      p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.tile_shape < 0 || p.tile_shape > 3 ||
+      p.lda < p.k || p.ldd < p.n ||
       p.ldb < (p.b_transposed ? p.k : p.n)) {
     return cudaErrorInvalidValue;
   }
+  const int max_world = p.exchange_through_owners ? kMaxWorld : 2;
   if (p.exchange_output != nullptr &&
-      (p.comm.world != 2 || p.comm.rank < 0 || p.comm.rank > 1 || p.tile_flags != nullptr ||
+      (p.comm.world < 2 || p.comm.world > max_world || p.comm.rank < 0 || p.comm.rank >= p.comm.world ||
+       p.tile_flags != nullptr ||
        !aligned16(p.exchange_output) || !aligned16(p.exchange_bias) || p.ldd != p.n)) {
     return cudaErrorInvalidValue;
   }
@@ -218,7 +243,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
       p.tile_flags,
       reinterpret_cast<uint32_t*>(workspace_bytes),
       reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes),
-      TilePairExchange{p.exchange_output, p.exchange_bias, p.comm}};
+      TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners}};
 
   const auto kernel = tile_gemm_kernel<Kernel>;
   constexpr int kSmemBytes = int(sizeof(typename Kernel::SharedStorage));
@@ -243,20 +268,22 @@ cudaError_t launch_for_layout(const TileGemmParams& p, const Plan& plan, void* w
 template <class Element>
 cudaError_t launch_for_dtype(const TileGemmParams& p, const Plan& plan, void* workspace,
                              cudaStream_t stream) {
-  return plan.variant == Variant::kDecode
-             ? launch_for_layout<Element, DecodeShape>(p, plan, workspace, stream)
-             : launch_for_layout<Element, PrefillShape>(p, plan, workspace, stream);
+  switch (plan.variant) {
+    case Variant::kDecode: return launch_for_layout<Element, DecodeShape>(p, plan, workspace, stream);
+    case Variant::kMid: return launch_for_layout<Element, MidShape>(p, plan, workspace, stream);
+    default: return launch_for_layout<Element, PrefillShape>(p, plan, workspace, stream);
+  }
 }
 
 }  // namespace
 }  // namespace tile_gemm_detail
 
 int tile_gemm_tile_m(const TileGemmParams& p) {
-  return tile_gemm_detail::tile_m_of(tile_gemm_detail::variant_for(p.m));
+  return tile_gemm_detail::tile_m_of(tile_gemm_detail::variant_for(p));
 }
 
 int tile_gemm_tile_n(const TileGemmParams& p) {
-  return tile_gemm_detail::tile_n_of(tile_gemm_detail::variant_for(p.m));
+  return tile_gemm_detail::tile_n_of(tile_gemm_detail::variant_for(p));
 }
 
 size_t tile_gemm_workspace_bytes(const TileGemmParams& p) {

@@ -17,13 +17,16 @@
 //   CTA = producer warp group (warp 0 issues the TMA loads of A and B)
 //       + 1 or 2 consumer warp groups (wgmma, then the epilogue of the tile)
 //
-// Two configurations, chosen by M:
+// Two configurations, chosen by M (TileGemmParams::tile_shape may name any of
+// the three):
 //   decode  (M <= 128): 64 x 128 x 64 tile, 1 consumer warp group. Few output
 //           tiles and B streamed from HBM dominates, so the K loop of the tiles
 //           is spread over all CTAs (stream-K) and every SM streams B.
 //   prefill (M >  128): 128 x 256 x 64 tile, 2 consumer warp groups
 //           (cooperative); data-parallel, with a stream-K tail when whole waves
 //           of tiles would leave SMs idle.
+//   mid     (asked for only): 128 x 128 x 64 tile, 2 consumer warp groups; twice
+//           the prefill tiles, so a pair exchange has a shorter last wave.
 //
 // Per-tile sequence of the CTA that finishes a tile
 // --------------------------------------------------
@@ -65,12 +68,15 @@
 // wave. The stream-K tiles are the last numbers: their K range is split evenly
 // over all G CTAs and each is published by whichever CTA finishes it last.
 //
-// Pair exchange (two ranks; tile_pair_exchange.cuh)
-// -------------------------------------------------
+// Tile exchange (tile_pair_exchange.cuh, tile_owner_exchange.cuh)
+// ----------------------------------------------------------------
 // With TileGemmParams::exchange_output set, warps 1-3 of the producer warp group
-// (idle otherwise) push every tile of their CTA to the peer as the consumers store
-// it and write the rank-order sum of both ranks' tiles to exchange_output. The plan
-// is then data-parallel (no split tiles: both ranks' CTA c compute the same tiles,
+// (idle otherwise) all-reduce every tile of their CTA as the consumers store it and
+// write the rank-order sum of all ranks' tiles to exchange_output: two ranks push
+// their tiles to each other and both sum (pair exchange); with
+// exchange_through_owners, any number of ranks push to each tile's owner, which
+// sums and is pulled from. The plan
+// is then data-parallel (no split tiles: every rank's CTA c computes the same tiles,
 // whole, in the same order; `whole_tiles` asks for that plan without the exchange),
 // and a one-thread kernel after the GEMM reports a wait of the exchange that timed
 // out (the GEMM kernel makes no function call, printf's included: a call would

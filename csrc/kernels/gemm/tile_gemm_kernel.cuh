@@ -12,6 +12,7 @@
 #include <cutlass/pipeline/pipeline.hpp>
 
 #include "tile_gemm.h"
+#include "tile_owner_exchange.cuh"
 #include "tile_pair_exchange.cuh"
 
 namespace distfuse {
@@ -103,7 +104,7 @@ struct KernelParams {
   uint32_t* tile_flags;      // null: no flags
   uint32_t* split_counters;  // per split tile: units arrived (zero between launches)
   float* split_partials;     // 2 * num_ctas slots of tile_m * tile_n floats
-  TilePairExchange exchange;  // output null: none (then data-parallel plans only)
+  TileExchange exchange;  // output null: none (then data-parallel plans only)
 };
 
 // After the warp that issued the TMA stores of a tile has committed them: wait
@@ -290,24 +291,31 @@ struct TileGemmKernel {
     }
   }
 
-  // The exchange warps (tile_pair_exchange.cuh): every tile of this CTA, as the
-  // consumers store it. Data-parallel plans only, so both ranks' CTA c take the
-  // same tiles in the same order.
+  // The exchange warps (tile_pair_exchange.cuh, tile_owner_exchange.cuh): every
+  // tile of this CTA, as the consumers store it. Data-parallel plans only, so every
+  // rank's CTA c takes the same tiles in the same order.
   __device__ static void exchange_tiles(const Params& params, SharedStorage& shared, int x) {
     using namespace cute;
     constexpr int kTileM = int(size<0>(TileShape{})), kTileN = int(size<1>(TileShape{}));
+    constexpr int kLanesPerRow = kTileN / Pack<ExchangeElement, 16>::kElems;
     const TileSchedule& s = params.schedule;
-    exchange_tiles_with_peer<ExchangeElement, kTileM, kTileN / Pack<ExchangeElement, 16>::kElems>(
-        params.exchange, get<0>(params.problem), get<1>(params.problem), s.dp_tiles,
-        &shared.exchange, shared.exchange_staging, x,
-        [&](int tile, int* t, int64_t* row0, int64_t* col0) {
-          int tm, tn;
-          tile_gemm_tile_coord(tile, s.tiles_m, s.tiles_n, &tm, &tn, s.group_rows);
-          *t = tm * s.tiles_n + tn;
-          *row0 = int64_t(tm) * kTileM;
-          *col0 = int64_t(tn) * kTileN;
-        },
-        [] { cutlass::arch::NamedBarrier::sync(kPairExchangeThreads, kExchangeBarrier); });
+    auto tile_coord = [&](int tile, int* t, int64_t* row0, int64_t* col0) {
+      int tm, tn;
+      tile_gemm_tile_coord(tile, s.tiles_m, s.tiles_n, &tm, &tn, s.group_rows);
+      *t = tm * s.tiles_n + tn;
+      *row0 = int64_t(tm) * kTileM;
+      *col0 = int64_t(tn) * kTileN;
+    };
+    auto sync = [] { cutlass::arch::NamedBarrier::sync(kPairExchangeThreads, kExchangeBarrier); };
+    if (params.exchange.through_owners) {
+      exchange_tiles_through_owners<ExchangeElement, kTileM, kLanesPerRow>(
+          params.exchange, get<0>(params.problem), get<1>(params.problem), s.dp_tiles, &shared.exchange,
+          shared.exchange_staging, x, tile_coord, sync);
+    } else {
+      exchange_tiles_with_peer<ExchangeElement, kTileM, kLanesPerRow>(
+          params.exchange, get<0>(params.problem), get<1>(params.problem), s.dp_tiles, &shared.exchange,
+          shared.exchange_staging, x, tile_coord, sync);
+    }
   }
 
   // Split tile: store this unit's partial sums, arrive on the tile's counter.

@@ -45,10 +45,11 @@
 namespace distfuse {
 
 // What the exchange warps of every CTA need; output == nullptr: no exchange.
-struct TilePairExchange {
-  void* output;      // [M, N], ld = N
-  const void* bias;  // [N] or null
-  CommHandle comm;   // two ranks; D is this rank's tile partial in its workspace
+struct TileExchange {
+  void* output;         // [M, N], ld = N
+  const void* bias;     // [N] or null
+  CommHandle comm;      // D is this rank's tile partial in its workspace
+  bool through_owners;  // any W: tile owners sum (tile_owner_exchange.cuh); else W = 2, both sum
 };
 
 constexpr int kPairExchangeThreads = 96;  // warps 1..3 of the producer warp group
@@ -95,6 +96,39 @@ __device__ __forceinline__ void pair_exchange_check(const CommHandle& c) {
                  int(record[2]), record[3], record[4]);
 }
 
+// Thread 0 of the exchange warps: waits until `flag` reaches `epoch`; at the timeout,
+// records the wait (when several time out, any one record is enough to report) and
+// stops the CTA's exchange, returning false.
+__device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, volatile PairExchangeCtaState* cta,
+                                                       const uint32_t* flag, uint32_t epoch, uint32_t what,
+                                                       int index, int peer) {
+  uint32_t seen;
+  if (poll_flag_reached(flag, epoch, c.timeout_ns, &seen)) return true;
+  uint32_t* record = exchange_timeout_record(c);
+  record[1] = uint32_t(index);
+  record[2] = uint32_t(peer);
+  record[3] = epoch;
+  record[4] = seen;
+  __threadfence();
+  record[0] = what;
+  cta->aborted = 1;
+  return false;
+}
+
+// After the CTA's last tile: the last CTA to finish publishes the epoch to the next
+// call on the stream.
+template <typename Sync>
+__device__ __forceinline__ void finish_exchange_call(const CallEpoch& ce, uint32_t epoch, Sync sync, int x) {
+  sync();
+  if (x == 0) {
+    __threadfence();
+    if (atomicAdd(ce.done, 1u) == gridDim.x - 1) {
+      *ce.done = 0;
+      *ce.value = epoch;
+    }
+  }
+}
+
 // The exchange warps of one CTA (thread x of kPairExchangeThreads), for the tiles
 // blockIdx.x, blockIdx.x + gridDim.x, ... below `tiles` (the data-parallel plan);
 // tile_coord(i, &t, &row0, &col0) gives tile i's flag index and origin in D; `sync`
@@ -106,7 +140,7 @@ __device__ __forceinline__ void pair_exchange_check(const CommHandle& c) {
 // stops; the kernel after the GEMM (pair_exchange_check) reports it and traps, as
 // this kernel may not print (see poll_flag_reached).
 template <typename T, int kTileM, int kLanesPerRow, typename TileCoord, typename Sync>
-__device__ void exchange_tiles_with_peer(const TilePairExchange& e, int64_t m, int64_t n, int tiles,
+__device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64_t n, int tiles,
                                          volatile PairExchangeCtaState* cta, uint4* staging, int x,
                                          TileCoord tile_coord, Sync sync) {
   constexpr int kThreads = kPairExchangeThreads;
@@ -130,17 +164,7 @@ __device__ void exchange_tiles_with_peer(const TilePairExchange& e, int64_t m, i
   const int64_t step = kRowStep * n;
   // Thread 0 only; false (and the CTA's exchange stopped) after a timeout.
   auto wait_for_peer = [&](const uint32_t* flag, uint32_t what, int index) {
-    uint32_t seen;
-    if (poll_flag_reached(flag, epoch, c.timeout_ns, &seen)) return true;
-    uint32_t* record = exchange_timeout_record(c);
-    record[1] = uint32_t(index);
-    record[2] = uint32_t(peer);
-    record[3] = epoch;
-    record[4] = seen;
-    __threadfence();
-    record[0] = what;
-    cta->aborted = 1;
-    return false;
+    return wait_or_record_timeout(c, cta, flag, epoch, what, index, peer);
   };
 
   if (x == 0) {
@@ -207,15 +231,7 @@ __device__ void exchange_tiles_with_peer(const TilePairExchange& e, int64_t m, i
     }
   }
 
-  // The last CTA to finish publishes the epoch to the next call on the stream.
-  sync();
-  if (x == 0) {
-    __threadfence();
-    if (atomicAdd(ce.done, 1u) == gridDim.x - 1) {
-      *ce.done = 0;
-      *ce.value = epoch;
-    }
-  }
+  finish_exchange_call(ce, epoch, sync, x);
 }
 
 }  // namespace distfuse

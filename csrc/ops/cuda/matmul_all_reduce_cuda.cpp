@@ -18,6 +18,8 @@
 //   pair_exchange  two ranks: one tile GEMM kernel on all SMs whose idle producer warps push
 //                each finished tile to the peer and sum the peer's copy in rank order
 //                (kernels/gemm/tile_pair_exchange.cuh); forced at W != 2 it runs band_pull
+//   owner_exchange  any group size: the same kernel; each tile's owner rank sums what the
+//                others pushed and they pull the sum back (kernels/gemm/tile_owner_exchange.cuh)
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
@@ -420,12 +422,13 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   return with_leading_dims(ob.out, a);
 }
 
-// Pair exchange (two ranks): one tile GEMM kernel on the main stream that also writes
-// the rank-order sum. Serialized: the same GEMM into the output, then the distfuse
+// Tile exchange: one tile GEMM kernel on the main stream that also writes the
+// rank-order sum, by the pair exchange (two ranks) or through tile owners (any
+// group size). Serialized: the same GEMM into the output, then the distfuse
 // all-reduce (the same rank-order fp32 sum, rounded once).
-at::Tensor pair_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                         const std::optional<at::Tensor>& bias, Overlap overlap) {
-  TORCH_INTERNAL_ASSERT(ws.world() == 2);
+at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                         const std::optional<at::Tensor>& bias, Overlap overlap, bool through_owners) {
+  TORCH_INTERNAL_ASSERT(through_owners || ws.world() == 2);
   const GemmOperands g = gemm_operands(a, b);
   const int device = ws.device();
   const OutputAndBias ob = output_and_bias(g, a, bias);
@@ -433,11 +436,20 @@ at::Tensor pair_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
   TileGemmParams gp = serialized ? tile_gemm_params(g, a.scalar_type(), ob.out.data_ptr())
                                  : tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   gp.tile_flags = nullptr;
-  gp.sm_count = sm_count(device);
+  gp.tile_shape = exchange_tile_shape(g.m, ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_tiles")));
+  TORCH_CHECK(gp.tile_shape >= 0 && gp.tile_shape <= 3,
+              "matmul_all_reduce.exchange_tiles must be 0 (by M), 1 (64x128), 2 (128x128) or 3 (128x256), got ",
+              gp.tile_shape);
+  const int ctas = exchange_ctas(g.m, ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_ctas")));
+  gp.sm_count = ctas > 0 ? std::min(ctas, sm_count(device)) : sm_count(device);
   gp.whole_tiles = true;  // the exchange's plan, also when serialized (same bits)
+  TORCH_CHECK(output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp)) <= tile_all_reduce_max_tiles(),
+              "matmul_all_reduce: the tile exchange's tiles exceed the flag region (exchange_tiles=", gp.tile_shape,
+              ", M=", g.m, ", N=", g.n, ")");
   if (!serialized) {
     gp.exchange_output = ob.out.data_ptr();
     gp.exchange_bias = ob.bias_ptr();
+    gp.exchange_through_owners = through_owners;
     gp.comm = ws.handle();
   }
   C10_CUDA_CHECK(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)));
@@ -521,19 +533,22 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
         m, k, ws.world(), gpu_class(ws.gpu_name()), get_tuning("matmul_all_reduce.fused_min_m"),
         get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"),
-        get_tuning("matmul_all_reduce.decode_max_m"), get_tuning("matmul_all_reduce.pair_exchange_min_m"));
+        get_tuning("matmul_all_reduce.decode_max_m"), get_tuning("matmul_all_reduce.pair_exchange_min_m"),
+        get_tuning("matmul_all_reduce.owner_exchange_min_m"));
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
     if (forced == "band_pull") algo = MatmulAllReduceAlgo::kBandPull;
     if (forced == "pair_exchange")
       algo = ws.world() == 2 ? MatmulAllReduceAlgo::kPairExchange : MatmulAllReduceAlgo::kBandPull;
+    if (forced == "owner_exchange") algo = MatmulAllReduceAlgo::kOwnerExchange;
     // "serialized" runs the schedule auto would pick, without the overlap.
     const bool serialized = forced == "serialized";
     const Overlap overlap = serialized ? Overlap::kSerialized : Overlap::kOverlapped;
-    if (algo == MatmulAllReduceAlgo::kPairExchange) {
-      at::Tensor out = pair_exchange(ws, a, b, bias, overlap);
-      record_path(kOp, serialized ? "serialized" : "pair_exchange");
+    if (algo == MatmulAllReduceAlgo::kPairExchange || algo == MatmulAllReduceAlgo::kOwnerExchange) {
+      const bool owners = algo == MatmulAllReduceAlgo::kOwnerExchange;
+      at::Tensor out = tile_exchange(ws, a, b, bias, overlap, owners);
+      record_path(kOp, serialized ? "serialized" : owners ? "owner_exchange" : "pair_exchange");
       return out;
     }
     if (algo == MatmulAllReduceAlgo::kBandPull || algo == MatmulAllReduceAlgo::kCopyEngine) {
