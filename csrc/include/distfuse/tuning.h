@@ -149,7 +149,10 @@ inline int64_t band_pull_min_k(int world) {
 inline int64_t pair_exchange_min_m(int world) { return world == 2 ? 1024 : INT64_MAX; }
 
 // The owner exchange (any group size: the tile GEMM's idle producer warps push every
-// finished tile to its owner rank, which sums and is pulled from). Untuned: forced only.
+// finished tile to its owner rank, which sums and is pulled from): forced only. 4 x H200,
+// W = 4 (benchmarks/NOTES.md, v18): o_proj M = 2048 / 8192 437.0 / 1658.1 us against
+// sequential 254.1 and band_pull 769.0; down_proj M = 8192 1799.6 against band_pull 1458.5;
+// at W = 2 slower than the pair exchange (o_proj M = 2048 338.9 against 247.3).
 inline int64_t owner_exchange_min_m(int world) {
   (void)world;
   return INT64_MAX;
