@@ -46,36 +46,29 @@ constexpr size_t kSplitCounterBytes = 2 * kMaxCtas * sizeof(uint32_t);
 
 enum class Variant { kDecode, kMid, kPrefill };
 
-struct DecodeShape {
-  static constexpr int kStages = 8;  // pipeline stages the shared memory must hold
-  static constexpr int kTileM = 64;
-  static constexpr int kTileN = 128;
+// A tile configuration: tile shape, the pipeline stages the shared memory must
+// hold, and the schedules that select the builder's TiledMma and epilogue (the
+// kernel is ours).
+template <int kTileM_, int kTileN_, int kStages_, class MainloopSchedule_, class EpilogueSchedule_>
+struct TileConfig {
+  static constexpr int kStages = kStages_;
+  static constexpr int kTileM = kTileM_;
+  static constexpr int kTileN = kTileN_;
   using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
-  // Only selects the builder's 1-warp-group TiledMma; the kernel is ours.
-  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+  using MainloopSchedule = MainloopSchedule_;
+  using EpilogueSchedule = EpilogueSchedule_;
 };
 
-// Half the prefill tile's columns: twice the tiles, so a pair exchange has more
-// waves to hide behind (only when TileGemmParams::tile_shape asks for it).
-struct MidShape {
-  static constexpr int kStages = 6;
-  static constexpr int kTileM = 128;
-  static constexpr int kTileN = 128;
-  using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
-  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-};
-
-struct PrefillShape {
-  static constexpr int kStages = 4;
-  static constexpr int kTileM = 128;
-  static constexpr int kTileN = 256;
-  using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
-  // The builder's TiledMma of 2 warp groups splitting the tile's 128 rows.
-  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-};
+// 1 consumer warp group (the builder's 1-warp-group TiledMma).
+using DecodeShape = TileConfig<64, 128, 8, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                               cutlass::epilogue::TmaWarpSpecialized>;
+// Half the prefill tile's columns: twice the tiles, so a tile exchange has a shorter
+// last wave (only when TileGemmParams::tile_shape asks for it).
+using MidShape = TileConfig<128, 128, 6, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                            cutlass::epilogue::TmaWarpSpecializedCooperative>;
+// The builder's TiledMma of 2 warp groups splitting the tile's 128 rows.
+using PrefillShape = TileConfig<128, 256, 4, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
 template <class Element_, bool kBTransposed, class ShapeConfig>
 struct Config {
