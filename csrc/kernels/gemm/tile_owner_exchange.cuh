@@ -35,6 +35,10 @@
 //
 // Slots, flags, epochs, the entry handshake and the timeout record are the pair
 // exchange's (kernels/allreduce/tile_slots.cuh).
+//
+// Measured 2-4x slower than the band schedule at W = 4 and than the pair exchange at
+// W = 2 (benchmarks/NOTES.md, v18): 15 KB in flight per SM and a three-hop chain per
+// step cannot keep up with the GEMM, so the dispatcher takes it only when forced.
 #pragma once
 
 #include <cstdint>
