@@ -6,27 +6,8 @@
 
 namespace distfuse {
 
-// Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors x, plus the
-// bias vector at `bias` when given, rounded once.
-template <typename T, int W>
-__device__ __forceinline__ uint4 sum_in_rank_order(const uint4 (&x)[W], const T* bias) {
-  constexpr int kVec = 16 / sizeof(T);
-  float acc[kVec];
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
-#pragma unroll
-  for (int src = 0; src < W; ++src) accumulate<T, 16>(acc, to_pack<T>(x[src]));
-  if (bias) {
-    const Pack<T, 16> b = to_pack<T>(load_plain(bias));
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
-  }
-  return from_pack<T>(round_pack<T, 16>(acc));
-}
-
-// The same sum for a group size known at run time: the W vectors x[0], x[stride],
-// ..., x[(W - 1) * stride], with the same operations in the same order as
-// sum_in_rank_order, so both give the same bits.
+// Σ over ranks 0..w-1 (in that order, fp32) of the 16-byte vectors x[0], x[stride],
+// ..., x[(w - 1) * stride], plus the bias vector at `bias` when given, rounded once.
 template <typename T>
 __device__ __forceinline__ uint4 sum_strided_in_rank_order(const uint4* x, int stride, int w, const T* bias) {
   constexpr int kVec = 16 / sizeof(T);
@@ -40,6 +21,12 @@ __device__ __forceinline__ uint4 sum_strided_in_rank_order(const uint4* x, int s
     for (int e = 0; e < kVec; ++e) acc[e] += to_float(b.elem(e));
   }
   return from_pack<T>(round_pack<T, 16>(acc));
+}
+
+// The same sum of the W vectors x (a group size known at compile time).
+template <typename T, int W>
+__device__ __forceinline__ uint4 sum_in_rank_order(const uint4 (&x)[W], const T* bias) {
+  return sum_strided_in_rank_order<T>(x, 1, W, bias);
 }
 
 // For the vectors v = base + u * kThreads (u < U, v < count) of one thread:

@@ -1,7 +1,8 @@
 // Where the tile all-reduces of GEMM outputs keep their data and flags in the
 // workspace (torch-free): shared by the owner schedule (tile_all_reduce.h) and the
-// pair exchange inside the tile GEMM (kernels/gemm/tile_pair_exchange.cuh), which
-// take turns on the same regions and one call-epoch sequence.
+// tile exchanges inside the tile GEMM (kernels/gemm/tile_pair_exchange.cuh,
+// tile_owner_exchange.cuh), which take turns on the same regions and one call-epoch
+// sequence.
 //
 //   tile region of rank r (mn = M·N elements, each part laid out like D):
 //     D_r at 0 | slot[parity 0][src 0..W-1] | slot[parity 1][src 0..W-1]
@@ -10,7 +11,7 @@
 //   kChannelTilesReceived flags:  per (tile t, source rank): the call epoch, stored by
 //                                 the source once its data for tile t landed here
 //   kChannelTiles counters:       [0] the last call's epoch, [1] CTAs done with this call,
-//                                 [2, 7) the first timeout of a pair exchange (below)
+//                                 [2, 7) the first timeout of a tile exchange (below)
 #pragma once
 
 #include <cstdint>
@@ -55,7 +56,7 @@ __device__ __forceinline__ CallEpoch call_epoch(const CommHandle& c) {
   return {base, base + 1};
 }
 
-// Where a pair exchange records a wait that timed out (it may not print from the
+// Where a tile exchange records a wait that timed out (it may not print from the
 // GEMM kernel): [0] what (0 none, kExchangeTimeoutEntry, kExchangeTimeoutTile),
 // [1] CTA or tile, [2] peer, [3] expected epoch, [4] value seen.
 constexpr uint32_t kExchangeTimeoutEntry = 1;

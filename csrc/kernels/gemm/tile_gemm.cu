@@ -87,10 +87,10 @@ struct Config {
       typename ShapeConfig::EpilogueSchedule>::CollectiveOp;
 
   // The kernel's shared storage beyond the epilogue's: pipeline barriers,
-  // alignment padding, the split-tile broadcast words and the pair exchange's
+  // alignment padding, the split-tile broadcast words and the tile exchanges'
   // staging buffer (which fits the space whole pipeline stages leave over: 4
   // stages of 128 x 256 x 64 tiles, 8 of 64 x 128 x 64 ones, 6 of 128 x 128 x 64).
-  static constexpr int kKernelSmemBytes = 2048 + kPairExchangeStagingBytes;
+  static constexpr int kKernelSmemBytes = 2048 + kExchangeStagingBytes;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -149,7 +149,7 @@ Plan make_plan(const TileGemmParams& p) {
 
   const int64_t waves = ceil_div(tiles, ctas);
   const double wave_efficiency = double(tiles) / double(waves * ctas);
-  // The pair exchange needs every tile computed whole by a CTA known on both ranks.
+  // The tile exchanges need every tile computed whole by a CTA known on every rank.
   const bool whole_tiles = p.whole_tiles || p.exchange_output != nullptr;
   if (whole_tiles || wave_efficiency >= kMinWaveEfficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
     s.num_ctas = tiles < ctas ? tiles : ctas;
@@ -170,7 +170,7 @@ Plan make_plan(const TileGemmParams& p) {
   return plan;
 }
 
-__global__ void pair_exchange_check_kernel(const CommHandle comm) { pair_exchange_check(comm); }
+__global__ void exchange_timeout_check_kernel(const CommHandle comm) { exchange_timeout_check(comm); }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
@@ -246,7 +246,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   kernel<<<plan.schedule.num_ctas, Kernel::kThreads, kSmemBytes, stream>>>(params);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.exchange_output == nullptr) return err;
-  pair_exchange_check_kernel<<<1, 1, 0, stream>>>(p.comm);
+  exchange_timeout_check_kernel<<<1, 1, 0, stream>>>(p.comm);
   return cudaGetLastError();
 }
 

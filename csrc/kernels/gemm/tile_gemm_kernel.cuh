@@ -167,8 +167,8 @@ struct TileGemmKernel {
     // rewritten only after a barrier that every reader of its last value passed.
     uint32_t split_others_arrived;
     uint32_t split_is_last;
-    PairExchangeCtaState exchange;
-    alignas(16) uint4 exchange_staging[kPairExchangeStagingBytes / 16];
+    ExchangeCtaState exchange;
+    alignas(16) uint4 exchange_staging[kExchangeStagingBytes / 16];
   };
 
   static_assert(kThreads == 256 || kThreads == 384, "1 producer + 1 or 2 consumer warp groups");
@@ -306,7 +306,7 @@ struct TileGemmKernel {
       *row0 = int64_t(tm) * kTileM;
       *col0 = int64_t(tn) * kTileN;
     };
-    auto sync = [] { cutlass::arch::NamedBarrier::sync(kPairExchangeThreads, kExchangeBarrier); };
+    auto sync = [] { cutlass::arch::NamedBarrier::sync(kExchangeThreads, kExchangeBarrier); };
     if (params.exchange.through_owners) {
       exchange_tiles_through_owners<ExchangeElement, kTileM, kLanesPerRow>(
           params.exchange, get<0>(params.problem), get<1>(params.problem), s.dp_tiles, &shared.exchange,

@@ -49,13 +49,13 @@ namespace distfuse {
 
 template <typename T, int kTileM, int kLanesPerRow, typename TileCoord, typename Sync>
 __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, int64_t n, int tiles,
-                                              volatile PairExchangeCtaState* cta, uint4* staging, int x,
+                                              volatile ExchangeCtaState* cta, uint4* staging, int x,
                                               TileCoord tile_coord, Sync sync) {
-  constexpr int kThreads = kPairExchangeThreads;
-  constexpr int kCopy = kPairExchangeBatch;
-  constexpr int kRowStep = kPairExchangeThreads / kLanesPerRow;
-  static_assert(kPairExchangeThreads % kLanesPerRow == 0, "whole rows per pass");
-  static_assert(kPairExchangeBatch >= kMaxWorld, "a sum stages every rank's vector of a row");
+  constexpr int kThreads = kExchangeThreads;
+  constexpr int kCopy = kExchangeBatch;
+  constexpr int kRowStep = kExchangeThreads / kLanesPerRow;
+  static_assert(kExchangeThreads % kLanesPerRow == 0, "whole rows per pass");
+  static_assert(kExchangeBatch >= kMaxWorld, "a sum stages every rank's vector of a row");
   const CommHandle& c = e.comm;
   const int world = c.world, rank = c.rank;
   const CallEpoch ce = call_epoch(c);
@@ -67,7 +67,7 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
   const T* bias = static_cast<const T*>(e.bias);
   const int lane = x % kLanesPerRow;
   const int64_t step = kRowStep * n;
-  const int sum_rows = kPairExchangeBatch / world;  // rows of a sum batch, every rank's vector staged
+  const int sum_rows = kExchangeBatch / world;  // rows of a sum batch, every rank's vector staged
   uint4* slot = staging + x;                        // this thread's slots: slot[k * kThreads]
   auto wait_for = [&](const uint32_t* flag, uint32_t what, int index, int peer) {
     return wait_or_record_timeout(c, cta, flag, epoch, what, index, peer);

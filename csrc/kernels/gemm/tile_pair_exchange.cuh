@@ -52,17 +52,17 @@ struct TileExchange {
   bool through_owners;  // any W: tile owners sum (tile_owner_exchange.cuh); else W = 2, both sum
 };
 
-constexpr int kPairExchangeThreads = 96;  // warps 1..3 of the producer warp group
+constexpr int kExchangeThreads = 96;  // warps 1..3 of the producer warp group
 // The producer warp group runs on 40 registers (the consumers need the rest), too
 // few to keep many loads in flight; the exchange warps load through shared memory
-// with cp.async instead: each thread owns kPairExchangeBatch 16-byte slots of a
+// with cp.async instead: each thread owns kExchangeBatch 16-byte slots of a
 // staging buffer (the shared memory the GEMM's pipeline stages leave over).
-constexpr int kPairExchangeStagingBytes = 15 * 1024;
-constexpr int kPairExchangeBatch = kPairExchangeStagingBytes / 16 / kPairExchangeThreads;  // 10
-static_assert(kPairExchangeBatch % 2 == 0, "the sum stages two sources");
+constexpr int kExchangeStagingBytes = 15 * 1024;
+constexpr int kExchangeBatch = kExchangeStagingBytes / 16 / kExchangeThreads;  // 10
+static_assert(kExchangeBatch % 2 == 0, "the sum stages two sources");
 
 // Words of shared memory the consumers and the exchange warps of a CTA share.
-struct PairExchangeCtaState {
+struct ExchangeCtaState {
   uint32_t published;  // tiles the consumers stored so far
   uint32_t aborted;    // a wait of the exchange timed out: it stops
 };
@@ -79,7 +79,7 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // Consumer warp 0, after it committed the TMA stores of the CTA's `count`-th tile:
 // wait until they are complete, order them before generic-proxy accesses, then
 // tell the exchange warps of this CTA.
-__device__ __forceinline__ void publish_tile_in_cta(volatile PairExchangeCtaState* cta, uint32_t count) {
+__device__ __forceinline__ void publish_tile_in_cta(volatile ExchangeCtaState* cta, uint32_t count) {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   asm volatile("fence.proxy.async.global;" ::: "memory");
   __threadfence();
@@ -88,7 +88,7 @@ __device__ __forceinline__ void publish_tile_in_cta(volatile PairExchangeCtaStat
 
 // After the GEMM kernel on the same stream (one thread): traps with the message of
 // a wait of the exchange that timed out, if any.
-__device__ __forceinline__ void pair_exchange_check(const CommHandle& c) {
+__device__ __forceinline__ void exchange_timeout_check(const CommHandle& c) {
   const volatile uint32_t* record = exchange_timeout_record(c);
   const uint32_t what = record[0];
   if (what != 0)
@@ -99,7 +99,7 @@ __device__ __forceinline__ void pair_exchange_check(const CommHandle& c) {
 // Thread 0 of the exchange warps: waits until `flag` reaches `epoch`; at the timeout,
 // records the wait (when several time out, any one record is enough to report) and
 // stops the CTA's exchange, returning false.
-__device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, volatile PairExchangeCtaState* cta,
+__device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, volatile ExchangeCtaState* cta,
                                                        const uint32_t* flag, uint32_t epoch, uint32_t what,
                                                        int index, int peer) {
   uint32_t seen;
@@ -129,7 +129,7 @@ __device__ __forceinline__ void finish_exchange_call(const CallEpoch& ce, uint32
   }
 }
 
-// The exchange warps of one CTA (thread x of kPairExchangeThreads), for the tiles
+// The exchange warps of one CTA (thread x of kExchangeThreads), for the tiles
 // blockIdx.x, blockIdx.x + gridDim.x, ... below `tiles` (the data-parallel plan);
 // tile_coord(i, &t, &row0, &col0) gives tile i's flag index and origin in D; `sync`
 // is a barrier of the exchange warps. kLanesPerRow threads cover a tile row
@@ -137,16 +137,16 @@ __device__ __forceinline__ void finish_exchange_call(const CallEpoch& ce, uint32
 // in one column and its offsets advance by a constant.
 //
 // A wait that times out is recorded (exchange_timeout_record) and the exchange
-// stops; the kernel after the GEMM (pair_exchange_check) reports it and traps, as
+// stops; the kernel after the GEMM (exchange_timeout_check) reports it and traps, as
 // this kernel may not print (see poll_flag_reached).
 template <typename T, int kTileM, int kLanesPerRow, typename TileCoord, typename Sync>
 __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64_t n, int tiles,
-                                         volatile PairExchangeCtaState* cta, uint4* staging, int x,
+                                         volatile ExchangeCtaState* cta, uint4* staging, int x,
                                          TileCoord tile_coord, Sync sync) {
-  constexpr int kThreads = kPairExchangeThreads;
-  constexpr int kPush = kPairExchangeBatch, kSum = kPairExchangeBatch / 2;
-  constexpr int kRowStep = kPairExchangeThreads / kLanesPerRow;
-  static_assert(kPairExchangeThreads % kLanesPerRow == 0, "whole rows per pass");
+  constexpr int kThreads = kExchangeThreads;
+  constexpr int kPush = kExchangeBatch, kSum = kExchangeBatch / 2;
+  constexpr int kRowStep = kExchangeThreads / kLanesPerRow;
+  static_assert(kExchangeThreads % kLanesPerRow == 0, "whole rows per pass");
   const CommHandle& c = e.comm;
   const int rank = c.rank, peer = 1 - c.rank;
   const CallEpoch ce = call_epoch(c);
