@@ -52,7 +52,6 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
                                               volatile ExchangeCtaState* cta, uint4* staging, int x,
                                               TileCoord tile_coord, Sync sync) {
   constexpr int kThreads = kExchangeThreads;
-  constexpr int kCopy = kExchangeBatch;
   constexpr int kRowStep = kExchangeThreads / kLanesPerRow;
   static_assert(kExchangeThreads % kLanesPerRow == 0, "whole rows per pass");
   static_assert(kExchangeBatch >= kMaxWorld, "a sum stages every rank's vector of a row");
@@ -101,21 +100,9 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
     g.first_off = (row0 + x / kLanesPerRow) * n + g.col;
     return g;
   };
-  // from[tile] -> to[tile], kCopy rows a batch through the staging slots.
+  // from[tile] -> to[tile] through the staging slots.
   auto copy_tile = [&](const TileRows& g, const T* from, T* to) {
-    if (!g.active) return;
-    for (int r = x / kLanesPerRow; r < g.rows; r += kCopy * kRowStep) {
-      const int64_t off = g.first_off + int64_t(r - x / kLanesPerRow) * n;
-      const T* src = from + off;
-#pragma unroll
-      for (int k = 0; k < kCopy; ++k, src += step)
-        if (r + k * kRowStep < g.rows) cp_async_16(slot + k * kThreads, src);
-      cp_async_wait_all();
-      T* dst = to + off;
-#pragma unroll
-      for (int k = 0; k < kCopy; ++k, dst += step)
-        if (r + k * kRowStep < g.rows) store_plain(dst, slot[k * kThreads]);
-    }
+    if (g.active) copy_tile_through_staging<T, kLanesPerRow>(from, to, g.first_off, g.rows, n, slot, x);
   };
   // The owner's sum of the tile into out and its own slot, sum_rows rows a batch.
   auto sum_tile = [&](const TileRows& g) {

@@ -129,6 +129,28 @@ __device__ __forceinline__ void finish_exchange_call(const CallEpoch& ce, uint32
   }
 }
 
+// Thread x's part of one tile, from[] -> to[]: its rows r0 = x / kLanesPerRow, r0 +
+// kRowStep, ... below `rows`, at offsets first_off + (r - r0) * n, kExchangeBatch rows
+// a batch loaded into its staging slots (slot[k * kExchangeThreads]) and stored.
+template <typename T, int kLanesPerRow>
+__device__ __forceinline__ void copy_tile_through_staging(const T* from, T* to, int64_t first_off, int rows,
+                                                          int64_t n, uint4* slot, int x) {
+  constexpr int kRowStep = kExchangeThreads / kLanesPerRow;
+  const int64_t step = kRowStep * n;
+  for (int r = x / kLanesPerRow; r < rows; r += kExchangeBatch * kRowStep) {
+    const int64_t off = first_off + int64_t(r - x / kLanesPerRow) * n;
+    const T* src = from + off;
+#pragma unroll
+    for (int k = 0; k < kExchangeBatch; ++k, src += step)
+      if (r + k * kRowStep < rows) cp_async_16(slot + k * kExchangeThreads, src);
+    cp_async_wait_all();
+    T* dst = to + off;
+#pragma unroll
+    for (int k = 0; k < kExchangeBatch; ++k, dst += step)
+      if (r + k * kRowStep < rows) store_plain(dst, slot[k * kExchangeThreads]);
+  }
+}
+
 // The exchange warps of one CTA (thread x of kExchangeThreads), for the tiles
 // blockIdx.x, blockIdx.x + gridDim.x, ... below `tiles` (the data-parallel plan);
 // tile_coord(i, &t, &row0, &col0) gives tile i's flag index and origin in D; `sync`
@@ -144,7 +166,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
                                          volatile ExchangeCtaState* cta, uint4* staging, int x,
                                          TileCoord tile_coord, Sync sync) {
   constexpr int kThreads = kExchangeThreads;
-  constexpr int kPush = kExchangeBatch, kSum = kExchangeBatch / 2;
+  constexpr int kSum = kExchangeBatch / 2;
   constexpr int kRowStep = kExchangeThreads / kLanesPerRow;
   static_assert(kExchangeThreads % kLanesPerRow == 0, "whole rows per pass");
   const CommHandle& c = e.comm;
@@ -186,20 +208,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
     const bool active = col0 + int64_t(lane) * Pack<T, 16>::kElems < n;
     const int64_t first_off = (row0 + x / kLanesPerRow) * n + col0 + int64_t(lane) * Pack<T, 16>::kElems;
     uint4* slot = staging + x;  // this thread's slots: slot[k * kThreads]
-    if (active) {  // push: kPush rows a batch, loaded into the slots, stored to the peer
-      for (int r = x / kLanesPerRow; r < rows; r += kPush * kRowStep) {
-        const int64_t off = first_off + int64_t(r - x / kLanesPerRow) * n;
-        const T* from = mine + off;
-#pragma unroll
-        for (int k = 0; k < kPush; ++k, from += step)
-          if (r + k * kRowStep < rows) cp_async_16(slot + k * kThreads, from);
-        cp_async_wait_all();
-        T* to = to_peer + off;
-#pragma unroll
-        for (int k = 0; k < kPush; ++k, to += step)
-          if (r + k * kRowStep < rows) store_plain(to, slot[k * kThreads]);
-      }
-    }
+    if (active) copy_tile_through_staging<T, kLanesPerRow>(mine, to_peer, first_off, rows, n, slot, x);  // push
     sync();  // every push of the tile precedes the release
     if (x == 0) {
       store_release_sys(received_flag(c, peer, t, rank), epoch);
