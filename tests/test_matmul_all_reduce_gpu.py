@@ -326,7 +326,8 @@ def body_tile_exchanges_mixed(rank, world, group_name):
     schedule and the band schedule on the same workspace (they share its tile slots,
     flags and call epochs), with shapes
     that change every call, partial tiles (M, N not multiples of the tile), odd M, each
-    tile shape and fewer CTAs than tiles: exact on integer inputs, the same bits as the
+    tile shape, fewer CTAs than tiles, and the pair exchange's last tiles taken by the
+    consumer warps or by the exchange warps: exact on integer inputs, the same bits as the
     unfused order, identical across ranks; then a CUDA graph of it replayed between
     eager calls of the others."""
     import distfuse
@@ -347,7 +348,8 @@ def body_tile_exchanges_mixed(rank, world, group_name):
         # Tile shape (0 by M, 64x128, 128x128, 128x256) and CTAs (0: one per SM).
         exchange = path.endswith("_exchange") and _expected_path(path, m, n, world) == path
         knobs = {"matmul_all_reduce.exchange_tiles": i % 4,
-                 "matmul_all_reduce.exchange_ctas": (0, 7, 64)[i % 3]} if exchange else {}
+                 "matmul_all_reduce.exchange_ctas": (0, 7, 64)[i % 3],
+                 "matmul_all_reduce.exchange_consumer_tail": (1, 2)[(i // 3) % 2]} if exchange else {}
         # What makes auto pick the same exchange (for "serialized").
         picked = {"pair_exchange": {"matmul_all_reduce.pair_exchange_min_m": 1},
                   "owner_exchange": {"matmul_all_reduce.owner_exchange_min_m": 1, **NO_PAIR_EXCHANGE}}.get(path, {})

@@ -130,7 +130,7 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);  // W = 2 down_proj
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);  // W = 2 down_proj
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
   EXPECT_TRUE(band_pull_persistent());
 
@@ -219,7 +219,8 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, kH100, 0, kNever, 0, 0, kNever),
             MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(4), 4, kH100, 0, kNever), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, kH100, 512), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 4, kH100, 512), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, kH100, 512, 0, 0, 0, kNever), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_GT(consumer_blocks(4, 2048), 0);
   EXPECT_EQ(consumer_blocks(4, 2048, 7), 7);
   EXPECT_GE(owner_group_tiles(4, 7168), 1);
@@ -332,15 +333,15 @@ TEST(Check, ThrowsWithFileLineAndValues) {
 
 
 TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
-  // W = 2: from M = 1024 where the band schedule does not run (o_proj M = 1024, 2048;
-  // down_proj M = 1024), never at other world sizes, never below M = 1024.
-  EXPECT_EQ(choose_matmul_all_reduce(1024, 4096, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, GpuClass::kH200), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(1024, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
+  // W = 2: from M = 512 where the band schedule does not run (o_proj and down_proj
+  // M = 512-4095), never at other world sizes, never below M = 512.
+  for (int64_t k : {4096, 14336})
+    for (int64_t m : {512, 1023, 1024, 2048, 4095})
+      EXPECT_EQ(choose_matmul_all_reduce(m, k, 2, GpuClass::kH200), MatmulAllReduceAlgo::kPairExchange);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(512, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(1023, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(511, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(128, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);
   for (int world : {3, 4, 8})
     for (int64_t m : {1024, 2048, 3000}) EXPECT_NE(choose_matmul_all_reduce(m, 4096, world, kH100), MatmulAllReduceAlgo::kPairExchange);
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
@@ -358,8 +359,20 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeOnlyWhereAsked) {
   EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
   EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandPull);
+  // 128x128 tiles where 128x256 ones make one wave (M = 512-1023), else by M.
   EXPECT_EQ(exchange_tile_shape(2048, 2), 0);
+  EXPECT_EQ(exchange_tile_shape(1024, 2), 0);
+  EXPECT_EQ(exchange_tile_shape(511, 2), 0);
+  EXPECT_EQ(exchange_tile_shape(512, 2), 2);
+  EXPECT_EQ(exchange_tile_shape(1023, 2), 2);
+  EXPECT_EQ(exchange_tile_shape(512, 2, 3), 3);
   EXPECT_EQ(exchange_ctas(128, 2, 64), 64);
+}
+
+TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {
+  EXPECT_TRUE(exchange_last_tile_in_consumers());
+  EXPECT_TRUE(exchange_last_tile_in_consumers(1));
+  EXPECT_FALSE(exchange_last_tile_in_consumers(2));
 }
 
 }  // namespace

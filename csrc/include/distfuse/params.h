@@ -67,10 +67,12 @@ struct TileGemmParams {
   // tile_flags is null, and the kernel also writes exchange_output [M, N] (ld = N)
   // = the rank-order sum of both ranks' D (+ exchange_bias [N], added once).
   // exchange_through_owners: the same for any group size, through tile owners
-  // (kernels/gemm/tile_owner_exchange.cuh).
+  // (kernels/gemm/tile_owner_exchange.cuh). exchange_last_tile_in_consumers (pair
+  // exchange only): each CTA's consumer warp groups exchange its last tile themselves.
   void* exchange_output;
   const void* exchange_bias;
   bool exchange_through_owners;
+  bool exchange_last_tile_in_consumers;
   CommHandle comm;
 };
 

@@ -126,27 +126,28 @@ inline int64_t fused_max_k(int world) {
 // (4 x H200), but M = 4096 451 vs 445 (H100), 436 vs 431 (H200); W = 2 o_proj M = 4096
 // 473 vs fused_tiles 494 (H100), 442 vs 482 (H200); W = 2 down_proj M = 4096 1368 vs
 // sequential 1403 (H100), 1333 vs 1402 (H200). At M = 2048 it loses (W = 4 o_proj
-// 278 vs sequential 252, down_proj 589 vs 458), except at W = 2 with K_r >= 14336
-// with the last GEMM wave's bands after the GEMM (band_tail_bands): W = 2 down_proj
-// 684 vs 706 (4 x H100). W > 4: untuned, same rule as W = 4.
-inline int64_t band_pull_min_m(int world, int64_t k) {
-  if (world <= 2 && k >= 14336) return 2048;
-  return world >= 4 && k < 4096 ? 8192 : 4096;
-}
+// 278 vs sequential 252, down_proj 589 vs 458); at W = 2 down_proj (K_r >= 14336) with
+// the last GEMM wave's bands after the GEMM (band_tail_bands) it beat sequential (684 vs
+// 706 us, 4 x H100), but the pair exchange with its last tiles in the consumers beats it
+// there (v19, 2 x H200: 680.3 vs 692.4). W > 4: untuned, same rule as W = 4.
+inline int64_t band_pull_min_m(int world, int64_t k) { return world >= 4 && k < 4096 ? 8192 : 4096; }
 inline int64_t band_pull_min_k(int world) {
   (void)world;
   return 2048;
 }
 
 // The pair exchange (two ranks: the tile GEMM's idle producer warps exchange every
-// finished tile with the peer, no SM taken from the GEMM) from M = 1024 where the band
+// finished tile with the peer, no SM taken from the GEMM) from M = 512 where the band
 // schedule does not run. Forced columns, same runs (benchmarks/NOTES.md, v17), W = 2:
 // o_proj M = 1024 / 2048 / 4096 144.2 / 247.4 / 448.3 us vs sequential 151.9 / 286.5 /
 // 544.5 and band_pull 202.3 / 313.2 / 438.9 (2 x H200); M = 2048 / 8192 261.5 / 920.3 vs
-// sequential 290.5 / 1109.1, band_pull 351.0 / 896.5 (2 x H100); down_proj M = 1024 /
-// 2048 351.0 / 672.6 vs sequential 359.0, band_pull 668.9 (2 x H200). At M = 512 (one
-// wave of tiles: nothing to overlap) it loses (83.8 vs 77.2).
-inline int64_t pair_exchange_min_m(int world) { return world == 2 ? 1024 : INT64_MAX; }
+// sequential 290.5 / 1109.1, band_pull 351.0 / 896.5 (2 x H100). With each CTA's last
+// tile exchanged by its consumers (v19, 2 x H200): o_proj M = 512 74.6 us (128 x 128
+// tiles) vs sequential 77.1, M = 1024 / 2048 140.4 / 245.8 vs 152.3 / 288.0; down_proj
+// M = 512 191.3 vs 195.5, M = 2048 680.3 vs band_pull 692.4 and sequential 716.7 (band_pull
+// from M = 4096: 1309.0 vs 1345.9). M = 128 (one wave of 64 x 128 tiles): 34.3 vs 33.0,
+// so not below 512 (M = 129-511 unmeasured). H100: from the H200 rows.
+inline int64_t pair_exchange_min_m(int world) { return world == 2 ? 512 : INT64_MAX; }
 
 // The owner exchange (any group size: the tile GEMM's idle producer warps push every
 // finished tile to its owner rank, which sums and is pulled from): forced only. 4 x H200,
@@ -163,17 +164,29 @@ inline int64_t owner_exchange_min_m(int world) {
 // 2 x H200, W = 2, pair exchange (benchmarks/NOTES.md, v18): o_proj M = 128 at 128 / 64 /
 // 43 / 32 CTAs 37.1 / 42.8 / 54.0 / 65.6 us (the weights stream at the rate of the SMs
 // that read them); 128x128 tiles against 128x256 at o_proj M = 512 / 1024 / 2048 79.4 /
-// 147.7 / 277.4 vs 84.9 / 145.9 / 251.0. So: by M, one CTA per SM.
+// 147.7 / 277.4 vs 84.9 / 145.9 / 251.0; with the last tiles in the consumers (v19) 74.6 /
+// 141.6 / 265.9 vs 80.4 / 140.4 / 245.8, down_proj M = 512 191.3 vs 195.9. So: 128x128
+// tiles from M = 512 (two waves of them where 128x256 makes one) below M = 1024, else by
+// M; one CTA per SM.
 inline int exchange_tile_shape(int64_t m, int world, int override_value = 0) {
-  (void)m;
   (void)world;
-  return override_value;
+  if (override_value > 0) return override_value;
+  return m >= 512 && m < 1024 ? 2 : 0;
 }
 inline int exchange_ctas(int64_t m, int world, int override_ctas = 0) {
   (void)m;
   (void)world;
   return override_ctas;
 }
+
+// Pair exchange: each CTA's consumer warp groups exchange its last tile themselves
+// once their last MMA is done (the whole tile in flight at once) instead of leaving it
+// to the exchange warps (15 KB of staging a round trip), which then take every other
+// tile. 2 x H200, W = 2, same runs, on / off (benchmarks/NOTES.md, v19): o_proj M = 128 /
+// 512 / 1024 / 2048 / 4096 / 8192 34.3 / 74.6 / 140.4 / 245.8 / 447.8 / 880.8 us vs 37.8 /
+// 77.0 / 144.7 / 249.3 / 453.3 / 887.8; down_proj M = 512 / 2048 191.3 / 680.3 vs 193.8 /
+// 685.8. Override: 1 on, 2 off.
+inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return override_value != 2; }
 
 // GPUs as far as the dispatch table tells them apart (from the name all members of
 // the group share; "mixed" and unknown names are kOther).

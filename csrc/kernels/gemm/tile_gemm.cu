@@ -184,7 +184,7 @@ cudaError_t check_params(const TileGemmParams& p) {
   const int max_world = p.exchange_through_owners ? kMaxWorld : 2;
   if (p.exchange_output != nullptr &&
       (p.comm.world < 2 || p.comm.world > max_world || p.comm.rank < 0 || p.comm.rank >= p.comm.world ||
-       p.tile_flags != nullptr ||
+       p.tile_flags != nullptr || (p.exchange_through_owners && p.exchange_last_tile_in_consumers) ||
        !aligned16(p.exchange_output) || !aligned16(p.exchange_bias) || p.ldd != p.n)) {
     return cudaErrorInvalidValue;
   }
@@ -236,7 +236,8 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
       p.tile_flags,
       reinterpret_cast<uint32_t*>(workspace_bytes),
       reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes),
-      TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners}};
+      TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
+                   p.exchange_last_tile_in_consumers}};
 
   const auto kernel = tile_gemm_kernel<Kernel>;
   constexpr int kSmemBytes = int(sizeof(typename Kernel::SharedStorage));

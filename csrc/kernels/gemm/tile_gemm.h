@@ -25,8 +25,9 @@
 //   prefill (M >  128): 128 x 256 x 64 tile, 2 consumer warp groups
 //           (cooperative); data-parallel, with a stream-K tail when whole waves
 //           of tiles would leave SMs idle.
-//   mid     (asked for only): 128 x 128 x 64 tile, 2 consumer warp groups; twice
-//           the prefill tiles, so a pair exchange has a shorter last wave.
+//   mid     (asked for: the tile exchanges at M = 512-1023): 128 x 128 x 64 tile,
+//           2 consumer warp groups; twice the prefill tiles, so a tile exchange has
+//           a shorter last wave.
 //
 // Per-tile sequence of the CTA that finishes a tile
 // --------------------------------------------------
@@ -75,7 +76,9 @@
 // write the rank-order sum of all ranks' tiles to exchange_output: two ranks push
 // their tiles to each other and both sum (pair exchange); with
 // exchange_through_owners, any number of ranks push to each tile's owner, which
-// sums and is pulled from. The plan
+// sums and is pulled from. In the pair exchange the consumer warp groups may take
+// each CTA's last tile themselves once their last MMA is done
+// (exchange_last_tile_in_consumers). The plan
 // is then data-parallel (no split tiles: every rank's CTA c computes the same tiles,
 // whole, in the same order; `whole_tiles` asks for that plan without the exchange),
 // and a one-thread kernel after the GEMM reports a wait of the exchange that timed

@@ -143,7 +143,9 @@ struct TileGemmKernel {
 
   static constexpr int kMmaThreads = int(cute::size(TiledMma{}));
   static constexpr int kThreads = cutlass::NumThreadsPerWarpGroup + kMmaThreads;
-  static constexpr int kTileElems = int(cute::size<0>(TileShape{}) * cute::size<1>(TileShape{}));
+  static constexpr int kTileM = int(cute::size<0>(TileShape{}));
+  static constexpr int kTileN = int(cute::size<1>(TileShape{}));
+  static constexpr int kTileElems = kTileM * kTileN;
   // The producer needs few registers; the consumers hold up to a 64x256 fp32
   // slice of the tile per warp group plus the epilogue's registers.
   static constexpr uint32_t kProducerRegisters = 40;
@@ -152,9 +154,12 @@ struct TileGemmKernel {
   // the exchange warps; user ids start after the ones CUTLASS's collectives reserve.
   static constexpr uint32_t kSplitBarrier = 0;
   static constexpr uint32_t kExchangeBarrier = 1;
+  static constexpr uint32_t kConsumerExchangeBarrier = 2;
   // The exchange's element type (cuda_fp16 / cuda_bf16 types of the same layout).
   using ExchangeElement = std::conditional_t<std::is_same_v<typename Mainloop::ElementA, cutlass::half_t>,
                                              __half, __nv_bfloat16>;
+  // Threads of the exchanges that cover one tile row, a 16-byte vector each.
+  static constexpr int kExchangeLanesPerRow = kTileN / Pack<ExchangeElement, 16>::kElems;
 
   struct SharedStorage {
     // Swizzled TMA buffers: 1024-byte alignment keeps the swizzle pattern on
@@ -185,6 +190,14 @@ struct TileGemmKernel {
       Epilogue::prefetch_tma_descriptors(params.epilogue);
       shared.exchange.published = 0;
       shared.exchange.aborted = 0;
+      if (params.exchange.output != nullptr) {
+        shared.exchange.epoch = next_epoch(*call_epoch(params.exchange.comm).value);
+        // This CTA's tiles are blockIdx.x, + gridDim.x, ... below dp_tiles; the last one
+        // is the consumers' when they take it. (Computed here: a division costs the
+        // exchange warps' 40 registers spills.)
+        const int dp = params.schedule.dp_tiles, cta = int(blockIdx.x), ctas = int(gridDim.x);
+        shared.exchange.tiles_end = params.exchange.last_tile_in_consumers ? cta + (dp - 1 - cta) / ctas * ctas : dp;
+      }
     }
 
     typename MainloopPipeline::Params mainloop_pipeline_params;
@@ -252,6 +265,7 @@ struct TileGemmKernel {
     auto epilogue_store_state = cutlass::make_producer_start_state<EpilogueStorePipeline>();
     bool stored_any_tile = false;
     uint32_t tiles_stored = 0;
+    int last_tile = -1;
 
     while (work.next(unit)) {
       auto accum = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
@@ -275,6 +289,7 @@ struct TileGemmKernel {
       epilogue_load_state = load_state_next;
       epilogue_store_state = store_state_next;
       stored_any_tile = true;
+      last_tile = unit.tile;
 
       // Consumer warp 0 issued and committed the tile's TMA stores.
       ++tiles_stored;
@@ -289,6 +304,25 @@ struct TileGemmKernel {
       epilogue.store_tail(epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
                           epilogue_store_state);
     }
+    if (params.exchange.output != nullptr && params.exchange.last_tile_in_consumers && last_tile >= 0) {
+      // Consumer warp 0 published the tile (its stores complete); the barrier inside
+      // orders that before every consumer's loads of it.
+      exchange_last_tile_in_consumers<ExchangeElement, kTileM, kExchangeLanesPerRow, kMmaThreads>(
+          params.exchange, get<0>(params.problem), get<1>(params.problem), last_tile, &shared.exchange,
+          mma_thread_idx, exchange_tile_coord(params.schedule),
+          [] { cutlass::arch::NamedBarrier::sync(kMmaThreads, kConsumerExchangeBarrier); });
+    }
+  }
+
+  // tile number -> (flag index, first row, first column) of the tile in D.
+  __device__ static auto exchange_tile_coord(const TileSchedule& s) {
+    return [&s](int tile, int* t, int64_t* row0, int64_t* col0) {
+      int tm, tn;
+      tile_gemm_tile_coord(tile, s.tiles_m, s.tiles_n, &tm, &tn, s.group_rows);
+      *t = tm * s.tiles_n + tn;
+      *row0 = int64_t(tm) * kTileM;
+      *col0 = int64_t(tn) * kTileN;
+    };
   }
 
   // The exchange warps (tile_pair_exchange.cuh, tile_owner_exchange.cuh): every
@@ -296,25 +330,17 @@ struct TileGemmKernel {
   // rank's CTA c takes the same tiles in the same order.
   __device__ static void exchange_tiles(const Params& params, SharedStorage& shared, int x) {
     using namespace cute;
-    constexpr int kTileM = int(size<0>(TileShape{})), kTileN = int(size<1>(TileShape{}));
-    constexpr int kLanesPerRow = kTileN / Pack<ExchangeElement, 16>::kElems;
     const TileSchedule& s = params.schedule;
-    auto tile_coord = [&](int tile, int* t, int64_t* row0, int64_t* col0) {
-      int tm, tn;
-      tile_gemm_tile_coord(tile, s.tiles_m, s.tiles_n, &tm, &tn, s.group_rows);
-      *t = tm * s.tiles_n + tn;
-      *row0 = int64_t(tm) * kTileM;
-      *col0 = int64_t(tn) * kTileN;
-    };
+    const auto tile_coord = exchange_tile_coord(s);
     auto sync = [] { cutlass::arch::NamedBarrier::sync(kExchangeThreads, kExchangeBarrier); };
     if (params.exchange.through_owners) {
-      exchange_tiles_through_owners<ExchangeElement, kTileM, kLanesPerRow>(
+      exchange_tiles_through_owners<ExchangeElement, kTileM, kExchangeLanesPerRow>(
           params.exchange, get<0>(params.problem), get<1>(params.problem), s.dp_tiles, &shared.exchange,
           shared.exchange_staging, x, tile_coord, sync);
     } else {
-      exchange_tiles_with_peer<ExchangeElement, kTileM, kLanesPerRow>(
-          params.exchange, get<0>(params.problem), get<1>(params.problem), s.dp_tiles, &shared.exchange,
-          shared.exchange_staging, x, tile_coord, sync);
+      exchange_tiles_with_peer<ExchangeElement, kTileM, kExchangeLanesPerRow>(
+          params.exchange, get<0>(params.problem), get<1>(params.problem), shared.exchange.tiles_end,
+          &shared.exchange, shared.exchange_staging, x, tile_coord, sync);
     }
   }
 

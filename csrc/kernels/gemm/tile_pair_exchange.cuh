@@ -24,6 +24,19 @@
 // spread over the whole GEMM; after the last MMA only the last wave's tiles are
 // left to exchange.
 //
+// That last tile is the one the whole call waits for, and after their last MMA the
+// consumer warp groups have nothing left to do, with registers to hold the whole
+// tile: with TileExchange::last_tile_in_consumers they exchange their CTA's last
+// tile themselves (one load of it, one batch of stores, one wait, one load of the
+// peer's copy: one round trip each instead of a few per 15 KB of staging), beside
+// the exchange warps that may still be on the tile before it:
+//
+//   consumers:  ... [mma t(n-2)][epi]▸ [mma t(n-1)][epi] [push t(n-1)][wait][Σ t(n-1)]
+//   exchange:   ...                    [push t(n-2)][wait][Σ t(n-2)]
+//
+// With one wave of tiles (one tile per CTA) the consumers exchange every tile and the
+// exchange warps only make the entry handshake.
+//
 // Slots, flags and the call epoch are the owner schedule's (kernels/allreduce/
 // tile_slots.cuh), so the two schedules can follow each other on one workspace:
 // received flags carry the call epoch, slots are double-buffered by its parity,
@@ -46,10 +59,11 @@ namespace distfuse {
 
 // What the exchange warps of every CTA need; output == nullptr: no exchange.
 struct TileExchange {
-  void* output;         // [M, N], ld = N
-  const void* bias;     // [N] or null
-  CommHandle comm;      // D is this rank's tile partial in its workspace
-  bool through_owners;  // any W: tile owners sum (tile_owner_exchange.cuh); else W = 2, both sum
+  void* output;                 // [M, N], ld = N
+  const void* bias;             // [N] or null
+  CommHandle comm;              // D is this rank's tile partial in its workspace
+  bool through_owners;          // any W: tile owners sum (tile_owner_exchange.cuh); else W = 2, both sum
+  bool last_tile_in_consumers;  // pair exchange: each CTA's consumers exchange its last tile
 };
 
 constexpr int kExchangeThreads = 96;  // warps 1..3 of the producer warp group
@@ -65,6 +79,9 @@ static_assert(kExchangeBatch % 2 == 0, "the sum stages two sources");
 struct ExchangeCtaState {
   uint32_t published;  // tiles the consumers stored so far
   uint32_t aborted;    // a wait of the exchange timed out: it stops
+  uint32_t epoch;      // this call's, read at the kernel's start (the last CTA to finish
+                       // rewrites the counter)
+  int tiles_end;       // the pair exchange warps take this CTA's tiles below it
 };
 
 __device__ __forceinline__ void cp_async_16(uint4* smem, const void* gmem) {
@@ -241,6 +258,84 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
   }
 
   finish_exchange_call(ce, epoch, sync, x);
+}
+
+// The consumer warp groups of one CTA (thread y of kThreads), after their last tile
+// `tile` is stored and published in the CTA: its exchange with the peer, each thread
+// loading its kTileM / kRowStep vectors of the tile at once (the consumers run on far
+// more registers than the exchange warps), then both copies of half as many per pass. `sync` is a barrier of the consumers.
+// The same sum as exchange_tiles_with_peer's, so the same bits.
+template <typename T, int kTileM, int kLanesPerRow, int kThreads, typename TileCoord, typename Sync>
+__device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m, int64_t n, int tile,
+                                                volatile ExchangeCtaState* cta, int y, TileCoord tile_coord,
+                                                Sync sync) {
+  constexpr int kRowStep = kThreads / kLanesPerRow;
+  constexpr int kVectors = kTileM / kRowStep;
+  constexpr int kSumVectors = kVectors < 8 ? kVectors : 8;
+  static_assert(kVectors % kSumVectors == 0, "whole sum passes");
+  static_assert(kThreads % kLanesPerRow == 0 && kTileM % kRowStep == 0, "whole rows per pass");
+  const CommHandle& c = e.comm;
+  const int rank = c.rank, peer = 1 - c.rank;
+  const uint32_t epoch = cta->epoch;
+  // No byte before the peer entered this call (its CTA 0 tells every CTA here; the
+  // exchange warps wait for the same flag).
+  if (y == 0)
+    wait_or_record_timeout(c, cta, c.flags(rank, kChannelTiles) + kTileEntrySlot + peer, epoch,
+                           kExchangeTimeoutEntry, int(blockIdx.x), peer);
+  sync();
+  if (cta->aborted) return;
+  const int64_t mn = m * n;
+  const int parity = int(epoch & 1);
+
+  int t;
+  int64_t row0, col0;
+  tile_coord(tile, &t, &row0, &col0);
+  const int rows = int(min(int64_t(kTileM), m - row0));
+  const int r0 = y / kLanesPerRow;
+  const int64_t col = col0 + int64_t(y % kLanesPerRow) * Pack<T, 16>::kElems;
+  const bool active = col < n;
+  const int64_t first_off = (row0 + r0) * n + col;
+  const int64_t step = kRowStep * n;
+
+  if (active) {  // push: the whole tile in flight
+    const T* from = partial_of<T>(c, rank) + first_off;
+    T* to = receive_slot<T>(c, peer, mn, parity, rank) + first_off;
+    uint4 mine[kVectors];
+#pragma unroll
+    for (int k = 0; k < kVectors; ++k)
+      if (r0 + k * kRowStep < rows) mine[k] = load_cg(from + k * step);
+#pragma unroll
+    for (int k = 0; k < kVectors; ++k)
+      if (r0 + k * kRowStep < rows) store_plain(to + k * step, mine[k]);
+  }
+  sync();  // every push of the tile precedes the release
+  if (y == 0) {
+    store_release_sys(received_flag(c, peer, t, rank), epoch);
+    wait_or_record_timeout(c, cta, received_flag(c, rank, t, peer), epoch, kExchangeTimeoutTile, t, peer);
+  }
+  sync();
+  if (cta->aborted || !active) return;
+  // Sum: both copies of kSumVectors rows a pass (as many registers as the push).
+  const T* mine = partial_of<T>(c, rank) + first_off;
+  const T* from_peer = receive_slot<T>(c, rank, mn, parity, peer) + first_off;
+  const T* first = rank == 0 ? mine : from_peer;  // rank order of the sum
+  const T* second = rank == 0 ? from_peer : mine;
+  const T* bias_vec = e.bias ? static_cast<const T*>(e.bias) + col : nullptr;
+  T* out = static_cast<T*>(e.output) + first_off;
+#pragma unroll
+  for (int k0 = 0; k0 < kVectors; k0 += kSumVectors) {
+    uint4 pairs[kSumVectors][2];
+#pragma unroll
+    for (int k = 0; k < kSumVectors; ++k)
+      if (r0 + (k0 + k) * kRowStep < rows) {
+        pairs[k][0] = load_cg(first + (k0 + k) * step);
+        pairs[k][1] = load_cg(second + (k0 + k) * step);
+      }
+#pragma unroll
+    for (int k = 0; k < kSumVectors; ++k)
+      if (r0 + (k0 + k) * kRowStep < rows)
+        store_plain(out + (k0 + k) * step, sum_in_rank_order<T, 2>(pairs[k], bias_vec));
+  }
 }
 
 }  // namespace distfuse

@@ -450,6 +450,9 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
     gp.exchange_output = ob.out.data_ptr();
     gp.exchange_bias = ob.bias_ptr();
     gp.exchange_through_owners = through_owners;
+    gp.exchange_last_tile_in_consumers =
+        !through_owners &&
+        exchange_last_tile_in_consumers(get_tuning("matmul_all_reduce.exchange_consumer_tail"));
     gp.comm = ws.handle();
   }
   C10_CUDA_CHECK(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)));
