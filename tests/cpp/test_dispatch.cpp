@@ -129,7 +129,8 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(choose_matmul_all_reduce(4096, 7168, 4, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);  // W = 2 down_proj
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
   EXPECT_TRUE(band_pull_persistent());
@@ -211,14 +212,15 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_FALSE(decode_ll128(4, 8, true, 2));
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4, kH100), MatmulAllReduceAlgo::kFusedTiles);
-  // Where the band schedule and the pair exchange are off (their smallest M raised), the
+  // Where the band schedule and the tile exchanges are off (their smallest M raised), the
   // owner schedule up to fused_max_k.
   constexpr int64_t kNever = int64_t(1) << 40;
   EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, kH100, 0, kNever, 0, 0, kNever),
             MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, kH100, 0, kNever, 0, 0, kNever),
             MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(4), 4, kH100, 0, kNever), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(4), 4, kH100, 0, kNever, 0, 0, 0, kNever),
+            MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 4, kH100, 512), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, kH100, 512, 0, 0, 0, kNever), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_GT(consumer_blocks(4, 2048), 0);
@@ -349,12 +351,23 @@ TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
   EXPECT_EQ(pair_exchange_min_m(4), INT64_MAX);
 }
 
-TEST(MatmulAllReduceDispatch, OwnerExchangeOnlyWhereAsked) {
+TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   const GpuClass kH100 = GpuClass::kH100;
-  // Forced (or its threshold overridden) only, at any group size; the band schedule and
-  // the pair exchange keep their ranges.
+  // At W >= 3 with K_r >= 7168 from M = 2048 up to the band schedule's range; never with
+  // a shorter K, never at W = 2 (the pair exchange), never below M = 2048.
   for (int world : {2, 4, 8})
     for (int64_t m : {1, 512, 2048, 16384}) EXPECT_NE(choose_matmul_all_reduce(m, 2048, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+  for (int world : {3, 4, 8}) {
+    for (int64_t k : {7168, 14336}) {
+      EXPECT_EQ(choose_matmul_all_reduce(2048, k, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k) - 1, k, world, kH100),
+                MatmulAllReduceAlgo::kOwnerExchange);
+      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k), k, world, kH100), MatmulAllReduceAlgo::kBandPull);
+      EXPECT_NE(choose_matmul_all_reduce(2047, k, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+    }
+    EXPECT_NE(choose_matmul_all_reduce(2048, 7160, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+  }
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kOwnerExchange);
   EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);

@@ -150,14 +150,16 @@ inline int64_t band_pull_min_k(int world) {
 inline int64_t pair_exchange_min_m(int world) { return world == 2 ? 512 : INT64_MAX; }
 
 // The owner exchange (any group size: the tile GEMM's idle producer warps push every
-// finished tile to its owner rank, which sums and is pulled from): forced only. 4 x H200,
-// W = 4 (benchmarks/NOTES.md, v18): o_proj M = 2048 / 8192 437.0 / 1658.1 us against
-// sequential 254.1 and band_pull 769.0; down_proj M = 8192 1799.6 against band_pull 1458.5;
-// at W = 2 slower than the pair exchange (o_proj M = 2048 338.9 against 247.3).
-inline int64_t owner_exchange_min_m(int world) {
-  (void)world;
-  return INT64_MAX;
-}
+// finished tile to its owner rank, which sums and is pulled from) at W >= 3 where the
+// GEMM dominates (K_r >= 7168: down_proj) from M = 2048, below the band schedule's range.
+// 4 x H200, W = 4, forced columns, three runs of this build (benchmarks/NOTES.md, v19):
+// down_proj M = 2048 448.4 / 450.1 / 449.8 us against sequential 464.6 / 478.7 / 477.0,
+// band_pull 493.6 / 496.4 / 497.5; it loses at M = 512 (149 against 125) and wherever the
+// all-reduce dominates (o_proj M = 2048 345 against 254, M = 8192 1215 against band_pull
+// 770), and to the band schedule from M = 4096 (down_proj M = 8192 1593-1601 against
+// 1434-1442). At W = 2 the pair exchange is faster (o_proj M = 2048 245.8 against 303.2).
+// M = 1024-2047 unmeasured; H100: from the H200 rows. W > 4: untuned, same rule.
+inline int64_t owner_exchange_min_m(int world, int64_t k) { return world >= 3 && k >= 7168 ? 2048 : INT64_MAX; }
 
 // Both tile exchanges: output tile (TileGemmParams::tile_shape: 0 by M, 1 64x128, 2
 // 128x128, 3 128x256) and CTAs (0: one per SM; fewer give each CTA more tiles). Sweeps,
@@ -258,7 +260,7 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
   if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world)))
     return MatmulAllReduceAlgo::kPairExchange;
-  if (m >= (override_oe_min_m > 0 ? override_oe_min_m : owner_exchange_min_m(world)))
+  if (m >= (override_oe_min_m > 0 ? override_oe_min_m : owner_exchange_min_m(world, k)))
     return MatmulAllReduceAlgo::kOwnerExchange;
   if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
