@@ -36,9 +36,11 @@
 // Slots, flags, epochs, the entry handshake and the timeout record are the pair
 // exchange's (kernels/allreduce/tile_slots.cuh).
 //
-// Measured 2-4x slower than the band schedule at W = 4 and than the pair exchange at
-// W = 2 (benchmarks/NOTES.md, v18): 15 KB in flight per SM and a three-hop chain per
-// step cannot keep up with the GEMM, so the dispatcher takes it only when forced.
+// 15 KB in flight per SM and a three-hop chain per step keep it at ~115-150 GB/s beside
+// the GEMM (benchmarks/NOTES.md, v18-v19): slower than the band schedule where the
+// all-reduce dominates and than the pair exchange at W = 2, so the dispatcher takes it
+// only where the GEMM dominates below the band schedule's range (tuning.h,
+// owner_exchange_min_m).
 #pragma once
 
 #include <cstdint>

@@ -16,7 +16,8 @@
 //                summed by R CTAs, the peers' sums pulled back while the next band is
 //                summed (kernels/allreduce/band_all_reduce.h draws both band schedules)
 //   pair_exchange  two ranks: one tile GEMM kernel on all SMs whose idle producer warps push
-//                each finished tile to the peer and sum the peer's copy in rank order
+//                each finished tile to the peer and sum the peer's copy in rank order, each
+//                CTA's last tile by its consumer warps once their MMAs are done
 //                (kernels/gemm/tile_pair_exchange.cuh); forced at W != 2 it runs band_pull
 //   owner_exchange  any group size: the same kernel; each tile's owner rank sums what the
 //                others pushed and they pull the sum back (kernels/gemm/tile_owner_exchange.cuh)
