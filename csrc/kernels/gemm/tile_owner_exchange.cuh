@@ -74,14 +74,7 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
     return wait_or_record_timeout(c, cta, flag, epoch, what, index, peer);
   };
 
-  if (x == 0) {
-    for (int q = 0; q < world; ++q)
-      if (q != rank && blockIdx.x == 0) store_release_sys(c.flags(q, kChannelTiles) + kTileEntrySlot + rank, epoch);
-    for (int q = 0; q < world; ++q)
-      if (q != rank &&
-          !wait_for(c.flags(rank, kChannelTiles) + kTileEntrySlot + q, kExchangeTimeoutEntry, int(blockIdx.x), q))
-        break;
-  }
+  if (x == 0) enter_exchange_call(c, cta, epoch, blockIdx.x == 0);
   sync();
   if (cta->aborted) return;
 

@@ -132,6 +132,21 @@ __device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, vola
   return false;
 }
 
+// Thread 0 of a CTA's exchange: the call-entry handshake, so that no byte is pushed to a
+// peer still in an earlier call. With `announce` (CTA 0's exchange warps) tell every peer
+// that this rank entered the call; then wait until every peer did (each peer's CTA 0
+// tells every CTA here). False, with the CTA's exchange stopped, after a timeout.
+__device__ __forceinline__ bool enter_exchange_call(const CommHandle& c, volatile ExchangeCtaState* cta,
+                                                    uint32_t epoch, bool announce) {
+  for (int q = 0; q < c.world; ++q)
+    if (q != c.rank && announce) store_release_sys(c.flags(q, kChannelTiles) + kTileEntrySlot + c.rank, epoch);
+  for (int q = 0; q < c.world; ++q)
+    if (q != c.rank && !wait_or_record_timeout(c, cta, c.flags(c.rank, kChannelTiles) + kTileEntrySlot + q, epoch,
+                                               kExchangeTimeoutEntry, int(blockIdx.x), q))
+      return false;
+  return true;
+}
+
 // After the CTA's last tile: the last CTA to finish publishes the epoch to the next
 // call on the stream.
 template <typename Sync>
@@ -201,15 +216,8 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
   const T* bias = static_cast<const T*>(e.bias);
   const int lane = x % kLanesPerRow;
   const int64_t step = kRowStep * n;
-  // Thread 0 only; false (and the CTA's exchange stopped) after a timeout.
-  auto wait_for_peer = [&](const uint32_t* flag, uint32_t what, int index) {
-    return wait_or_record_timeout(c, cta, flag, epoch, what, index, peer);
-  };
 
-  if (x == 0) {
-    if (blockIdx.x == 0) store_release_sys(c.flags(peer, kChannelTiles) + kTileEntrySlot + rank, epoch);
-    wait_for_peer(c.flags(rank, kChannelTiles) + kTileEntrySlot + peer, kExchangeTimeoutEntry, int(blockIdx.x));
-  }
+  if (x == 0) enter_exchange_call(c, cta, epoch, blockIdx.x == 0);
   sync();
   if (cta->aborted) return;
 
@@ -229,7 +237,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
     sync();  // every push of the tile precedes the release
     if (x == 0) {
       store_release_sys(received_flag(c, peer, t, rank), epoch);
-      wait_for_peer(received_flag(c, rank, t, peer), kExchangeTimeoutTile, t);
+      wait_or_record_timeout(c, cta, received_flag(c, rank, t, peer), epoch, kExchangeTimeoutTile, t, peer);
     }
     sync();
     if (cta->aborted) return;
@@ -277,11 +285,8 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
   const CommHandle& c = e.comm;
   const int rank = c.rank, peer = 1 - c.rank;
   const uint32_t epoch = cta->epoch;
-  // No byte before the peer entered this call (its CTA 0 tells every CTA here; the
-  // exchange warps wait for the same flag).
-  if (y == 0)
-    wait_or_record_timeout(c, cta, c.flags(rank, kChannelTiles) + kTileEntrySlot + peer, epoch,
-                           kExchangeTimeoutEntry, int(blockIdx.x), peer);
+  // No byte before the peer entered this call (the exchange warps announce it).
+  if (y == 0) enter_exchange_call(c, cta, epoch, false);
   sync();
   if (cta->aborted) return;
   const int64_t mn = m * n;
