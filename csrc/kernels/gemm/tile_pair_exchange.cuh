@@ -27,9 +27,9 @@
 // That last tile is the one the whole call waits for, and after their last MMA the
 // consumer warp groups have nothing left to do, with registers to hold the whole
 // tile: with TileExchange::last_tile_in_consumers they exchange their CTA's last
-// tile themselves (one load of it, one batch of stores, one wait, one load of the
-// peer's copy: one round trip each instead of a few per 15 KB of staging), beside
-// the exchange warps that may still be on the tile before it:
+// tile themselves (the whole push in one batch of loads and stores, one wait, the sum
+// in one or two batches, instead of a round trip per 15 KB of staging), beside the
+// exchange warps that may still be on the tile before it:
 //
 //   consumers:  ... [mma t(n-2)][epi]▸ [mma t(n-1)][epi] [push t(n-1)][wait][Σ t(n-1)]
 //   exchange:   ...                    [push t(n-2)][wait][Σ t(n-2)]
@@ -269,10 +269,11 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
 }
 
 // The consumer warp groups of one CTA (thread y of kThreads), after their last tile
-// `tile` is stored and published in the CTA: its exchange with the peer, each thread
-// loading its kTileM / kRowStep vectors of the tile at once (the consumers run on far
-// more registers than the exchange warps), then both copies of half as many per pass. `sync` is a barrier of the consumers.
-// The same sum as exchange_tiles_with_peer's, so the same bits.
+// `tile` is stored and published in the CTA: its exchange with the peer. Each thread
+// pushes its kTileM / kRowStep vectors of the tile in one batch (the consumers run on
+// far more registers than the exchange warps), then sums both copies of up to 8 of
+// them a batch. `sync` is a barrier of the consumers. The same sum as
+// exchange_tiles_with_peer's, so the same bits.
 template <typename T, int kTileM, int kLanesPerRow, int kThreads, typename TileCoord, typename Sync>
 __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m, int64_t n, int tile,
                                                 volatile ExchangeCtaState* cta, int y, TileCoord tile_coord,
