@@ -14,8 +14,7 @@ pytestmark = pytest.mark.multigpu
 TILE_GEMM_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange",
                    "owner_exchange")  # also row-major B
 ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "owner_exchange", "serialized",
-             "sequential",
-             "chunked", "reference", "auto")
+             "sequential", "chunked", "reference", "auto")
 # Tuning that keeps auto off the pair exchange (so that it picks the band schedule).
 NO_PAIR_EXCHANGE = {"matmul_all_reduce.pair_exchange_min_m": 1 << 40}
 
@@ -233,8 +232,7 @@ def body_graphs_survive_growth(rank, world, group_name):
     distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
     captured = [(path, m, _captured_call(group_name, path, m, 256, 1024, dev))
                 for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("pair_exchange", 1000),
-                                ("owner_exchange", 1000), ("sequential", 8),
-                                ("auto", 4),
+                                ("owner_exchange", 1000), ("sequential", 8), ("auto", 4),
                                 ("decode_push", 4), ("decode_push", 40))]
     for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000), ("pair_exchange", 4097),
                     ("owner_exchange", 4097)):
