@@ -21,7 +21,8 @@ OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_m
 PATHS = {
     "all_reduce": ("auto", "reference", "one_shot", "two_shot", "two_shot_ll", "two_shot_ll128"),
     "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized",
-                          "chunked", "copy_engine", "band_pull", "pair_exchange", "owner_exchange"),
+                          "chunked", "copy_engine", "band_pull", "pair_exchange", "owner_exchange",
+                          "band_scatter"),
 }
 
 # Entries of the dispatch table (csrc/include/distfuse/tuning.h) that can be overridden.
@@ -51,6 +52,7 @@ TUNING_KEYS = (
     "matmul_all_reduce.decode_ctas",       # decode schedule: CTAs (0: one per SM)
     "matmul_all_reduce.pair_exchange_min_m",  # smallest M that takes the pair exchange (W = 2)
     "matmul_all_reduce.owner_exchange_min_m",  # smallest M that takes the owner exchange
+    "matmul_all_reduce.band_scatter_min_m",  # smallest M that takes the owner-scatter band schedule
     "matmul_all_reduce.exchange_tiles",    # both exchanges: output tile 1 64x128, 2 128x128, 3 128x256 (0: by M)
     "matmul_all_reduce.exchange_ctas",     # both exchanges: CTAs (0: one per SM)
     "matmul_all_reduce.exchange_consumer_tail",  # pair exchange: consumers exchange each CTA's last tile: 1 on, 2 off

@@ -12,9 +12,9 @@ from dist_harness import gpu_world_sizes, run_capturing_device_stdout, run_distr
 pytestmark = pytest.mark.multigpu
 
 TILE_GEMM_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange",
-                   "owner_exchange")  # also row-major B
-ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "owner_exchange", "serialized",
-             "sequential", "chunked", "reference", "auto")
+                   "owner_exchange", "band_scatter")  # also row-major B
+ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "owner_exchange", "band_scatter",
+             "serialized", "sequential", "chunked", "reference", "auto")
 # Tuning that keeps auto off the pair exchange (so that it picks the band schedule).
 NO_PAIR_EXCHANGE = {"matmul_all_reduce.pair_exchange_min_m": 1 << 40}
 
@@ -90,9 +90,10 @@ def body_paths(rank, world, group_name):
                 lowered = {"band_pull": {"matmul_all_reduce.band_pull_min_m": 1,
                                          "matmul_all_reduce.band_pull_min_k": 8, **NO_PAIR_EXCHANGE},
                            "pair_exchange": {"matmul_all_reduce.pair_exchange_min_m": 1},
-                           "owner_exchange": {"matmul_all_reduce.owner_exchange_min_m": 1, **NO_PAIR_EXCHANGE}}
-                for path in ("band_pull", "pair_exchange", "owner_exchange") if world == 2 else ("band_pull",
-                                                                                                 "owner_exchange"):
+                           "owner_exchange": {"matmul_all_reduce.owner_exchange_min_m": 1, **NO_PAIR_EXCHANGE},
+                           "band_scatter": {"matmul_all_reduce.band_scatter_min_m": 1,
+                                            "matmul_all_reduce.band_pull_min_k": 8}}
+                for path in ("band_pull", "owner_exchange", "band_scatter") + (("pair_exchange",) if world == 2 else ()):
                     with distfuse.tuning(lowered[path]):
                         by_auto = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
                         assert last_path("matmul_all_reduce") == path
@@ -101,7 +102,7 @@ def body_paths(rank, world, group_name):
                     assert torch.equal(by_auto, serialized), (path, m, k, n)
                     assert torch.equal(by_auto, outs[(path, "weight_t")]), (path, m, k, n)
                 for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange",
-                             "owner_exchange", "sequential", "chunked", "auto"):
+                             "owner_exchange", "band_scatter", "sequential", "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
                         assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)
     # Leading batch dims, a shape the fused GEMM cannot take (K % 8 != 0), device mismatch.
@@ -134,7 +135,7 @@ def body_exact_random_m(rank, world, group_name):
     for i in range(1000):
         m = int(torch.randint(1, 700, (1,), generator=g))
         path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange",
-                "owner_exchange")[i % 8]
+                "owner_exchange", "band_scatter")[i % 9]
         gen = torch.Generator(device="cpu").manual_seed(1_000_000 + i)
         a_all = torch.randint(-1, 2, (world, m, k), generator=gen).to(dev, torch.float16)
         w_all = torch.randint(-1, 2, (world, n, k), generator=gen).to(dev, torch.float16)
@@ -216,8 +217,8 @@ def body_graphs(rank, world, group_name):
     k, n = 256, 2048
     for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("copy_engine", 1500),
                     ("copy_engine", 3), ("band_pull", 1500), ("band_pull", 3), ("pair_exchange", 1500),
-                    ("pair_exchange", 3), ("owner_exchange", 1500), ("owner_exchange", 3), ("auto", 1), ("auto", 1024),
-                    ("auto", 2100)):
+                    ("pair_exchange", 3), ("owner_exchange", 1500), ("owner_exchange", 3), ("band_scatter", 1500),
+                    ("band_scatter", 3), ("auto", 1), ("auto", 1024), ("auto", 2100)):
         graph, tensors = _captured_call(group_name, path, m, k, n, dev)
         _replays_are_exact(graph, tensors, rank, world, 20, (path, m))
 
@@ -232,10 +233,10 @@ def body_graphs_survive_growth(rank, world, group_name):
     distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
     captured = [(path, m, _captured_call(group_name, path, m, 256, 1024, dev))
                 for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("pair_exchange", 1000),
-                                ("owner_exchange", 1000), ("sequential", 8), ("auto", 4),
+                                ("owner_exchange", 1000), ("band_scatter", 1000), ("sequential", 8), ("auto", 4),
                                 ("decode_push", 4), ("decode_push", 40))]
     for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000), ("pair_exchange", 4097),
-                    ("owner_exchange", 4097)):
+                    ("owner_exchange", 4097), ("band_scatter", 4097)):
         a = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
         w = torch.randn(4096, 1024, dtype=torch.bfloat16, device=dev)
         with force_path("matmul_all_reduce", path):
@@ -279,11 +280,12 @@ def body_decode_variants(rank, world, group_name):
 def body_band_variants(rank, world, group_name):
     """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
     bands in a second kernel of 2 to 40 CTAs after the GEMM; 1 to 3 bands summed ahead
-    of a gather) and as one kernel per band, with 1 to 40 CTAs and 1 to 16 bands, back
-    to back in mixed order (so the band sequences of the persistent kernels' flags run
-    on across calls of different shapes, CTA, band and tail counts): exact on integer
-    inputs, the same bits as the unfused order, identical across ranks; then CUDA
-    graphs of the three, replayed in turns."""
+    of a gather) and as one kernel per band, and every third call its owner-scatter form
+    (the GEMM stores each tile into its owner), with 1 to 40 CTAs and 1 to 16 bands, back
+    to back in mixed order (so the band sequences of the persistent kernels' flags and
+    the tile slots run on across calls of different shapes, CTA, band and tail counts):
+    exact on integer inputs, the same bits as the unfused order, identical across ranks;
+    then CUDA graphs of the four, replayed in turns."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -299,29 +301,33 @@ def body_band_variants(rank, world, group_name):
                  "matmul_all_reduce.band_tail": (1, 2, 4)[(i // 2) % 3],
                  "matmul_all_reduce.band_tail_blocks": (2, 16, 40)[(i // 7) % 3],
                  "matmul_all_reduce.band_sum_ahead": (1, 2, 3)[(i // 11) % 3], **lowered}
+        path = "band_scatter" if i % 3 == 2 else "band_pull"
+        if path == "band_scatter":
+            knobs["matmul_all_reduce.band_scatter_min_m"] = 1
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 7000 + i,
                                                         row_major=i % 7 == 0, with_bias=i % 4 == 1)
         with distfuse.tuning(knobs):
             _poison_allocator(m * n, dtype, dev)
             out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
-            assert last_path("matmul_all_reduce") == "band_pull"
+            assert last_path("matmul_all_reduce") == path
             with force_path("matmul_all_reduce", "serialized"):
                 unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, knobs))
     graphs = []
-    for persistent, tail in ((1, 1), (2, 1), (1, 3)):
+    for path, persistent, tail in (("band_pull", 1, 1), ("band_pull", 2, 1), ("band_pull", 1, 3),
+                                   ("band_scatter", 1, 3)):
         knobs = {"matmul_all_reduce.band_persistent": persistent, "matmul_all_reduce.band_tail": tail}
         with distfuse.tuning(knobs):
-            graphs.append((knobs, _captured_call(group_name, "band_pull", 1500, 256, 2048, dev)))
+            graphs.append((path, knobs, _captured_call(group_name, path, 1500, 256, 2048, dev)))
     for turn in range(4):
-        for knobs, (graph, tensors) in graphs:
-            _replays_are_exact(graph, tensors, rank, world, 3, ("band_pull", knobs, turn), seed=1000 * turn)
+        for path, knobs, (graph, tensors) in graphs:
+            _replays_are_exact(graph, tensors, rank, world, 3, (path, knobs, turn), seed=1000 * turn)
 
 
 def body_tile_exchanges_mixed(rank, world, group_name):
     """The pair exchange (two ranks) and the owner exchange between calls of the owner
-    schedule and the band schedule on the same workspace (they share its tile slots,
+    schedule and the band schedules (pulled and scattered) on the same workspace (they share its tile slots,
     flags and call epochs), with shapes
     that change every call, partial tiles (M, N not multiples of the tile), odd M, each
     tile shape, fewer CTAs than tiles, and the pair exchange's last tiles taken by the
@@ -334,7 +340,7 @@ def body_tile_exchanges_mixed(rank, world, group_name):
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     for i in range(45):
         path = ("pair_exchange", "owner_exchange", "fused_tiles", "owner_exchange", "band_pull",
-                "pair_exchange")[i % 6]
+                "pair_exchange", "band_scatter")[i % 7]
         m = (1, 3, 129, 1000, 2048, 4097, 300, 77, 2500)[i % 9]
         k = (64, 520, 1024)[i % 3]
         n = (8, 264, 1032, 4096, 2048)[(i // 2) % 5]
@@ -366,7 +372,7 @@ def body_tile_exchanges_mixed(rank, world, group_name):
             _replays_are_exact(graph, tensors, rank, world, 3, (path, turn), seed=500 * turn)
         a, b, bias, partials, exact = _integer_operands(rank, world, 700, 256, 1024, torch.float16, dev, 77 + turn,
                                                         row_major=False, with_bias=False)
-        with force_path("matmul_all_reduce", ("fused_tiles", "band_pull", "pair_exchange", "owner_exchange")[turn]):
+        with force_path("matmul_all_reduce", ("fused_tiles", "band_scatter", "pair_exchange", "owner_exchange")[turn]):
             out = distfuse.matmul_all_reduce(a, b, group_name)
         assert torch.equal(out.double(), exact), turn
 

@@ -43,7 +43,7 @@ GRAPH_MAX_M = 512                           # --graph auto: graph rows for M <= 
 SHAPES = ("o_proj", "down_proj")
 ROW_MAJOR_SHAPE = "o_proj"                  # also measured with a row-major b
 FORCED_PATHS = ("sequential", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange",
-                "owner_exchange")
+                "owner_exchange", "band_scatter")
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
 

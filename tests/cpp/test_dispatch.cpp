@@ -304,6 +304,54 @@ TEST(BandGeometry, BandsAndShardsCoverEveryRowOnce) {
   }
 }
 
+TEST(BandGeometry, ScatteredShardsAreWholeTileRowsOfTheirOwners) {
+  // With scattered tiles the GEMM sends tile row tm to scatter_owner_of_tile_row, and the
+  // band kernel of that rank sums (and its peers gather) exactly the shard holding it.
+  for (int world = 2; world <= kMaxWorld; ++world) {
+    for (int tile_m : {64, 128}) {
+      for (int64_t m : {1, 3, 127, 128, 1000, 2048, 4097, 8192}) {
+        const int64_t tiles_m = (m + tile_m - 1) / tile_m;
+        const int band_rows = scatter_band_tile_rows(tiles_m, world);
+        EXPECT_EQ(band_rows % world, 0) << "world " << world << " m " << m;
+        BandAllReduceParams p{};
+        p.m = m;
+        p.n = 264;
+        p.tile_m = tile_m;
+        p.band_rows = int64_t(band_rows) * tile_m;
+        p.comm.world = world;
+        p.tiles_scattered = true;
+        for (int64_t tm = 0; tm < tiles_m; ++tm) {
+          const int owner = scatter_owner_of_tile_row(tm, tiles_m, band_rows, world);
+          ASSERT_GE(owner, 0);
+          ASSERT_LT(owner, world);
+          const RowRange s = band_shard(p, tm * tile_m / p.band_rows, owner);
+          EXPECT_EQ(s.row0 % tile_m, 0);
+          EXPECT_LE(s.row0, tm * tile_m) << "world " << world << " m " << m << " tm " << tm;
+          EXPECT_GT(s.row0 + s.rows, tm * tile_m) << "world " << world << " m " << m << " tm " << tm;
+        }
+        // Full bands give every rank the same number of tile rows.
+        if (m >= p.band_rows)
+          for (int owner = 0; owner < world; ++owner)
+            EXPECT_EQ(band_shard(p, 0, owner).rows, p.band_rows / world);
+      }
+    }
+  }
+}
+
+TEST(MatmulAllReduceDispatch, BandScatterOnlyWhereAsked) {
+  const GpuClass kH200 = GpuClass::kH200;
+  for (int world : {2, 4, 8})
+    for (int64_t m : {1, 2048, 8192, 16384})
+      for (int64_t k : {1024, 2048, 7168, 14336})
+        EXPECT_NE(choose_matmul_all_reduce(m, k, world, kH200), MatmulAllReduceAlgo::kBandScatter);
+  // The override: from its M, with the band schedules' K floor.
+  EXPECT_EQ(choose_matmul_all_reduce(100, 2048, 4, kH200, 0, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandScatter);
+  EXPECT_NE(choose_matmul_all_reduce(99, 2048, 4, kH200, 0, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandScatter);
+  EXPECT_NE(choose_matmul_all_reduce(100, 1024, 4, kH200, 0, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandScatter);
+  EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandScatter, 4, 8192, 2048),
+            band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 2048));
+}
+
 TEST(BandGeometry, SlotsFitTheTileRegion) {
   static unsigned char buffer[64];
   for (int world = 2; world <= kMaxWorld; ++world) {

@@ -74,6 +74,16 @@ struct TileGemmParams {
   bool exchange_through_owners;
   bool exchange_last_tile_in_consumers;
   CommHandle comm;
+  // Owner scatter (the band_scatter schedule, kernels/allreduce/band_all_reduce.h): when
+  // scatter_world > 0 the epilogue stores tile (tm, tn) straight into its owner rank's
+  // buffer, scatter_d[owner] (laid out like D, ld = ldd), and publishes its flag at
+  // scatter_flags[owner][tm * tiles_n + tn], where the owner is the shard of tile row tm
+  // in its band of scatter_band_tile_rows tile rows (scatter_owner_of_tile_row,
+  // band_geometry.h). d and tile_flags are then unused.
+  int scatter_world;
+  int scatter_band_tile_rows;
+  void* scatter_d[kMaxWorld];
+  uint32_t* scatter_flags[kMaxWorld];
 };
 
 // Decode-sized matmul_all_reduce in one kernel (kernels/gemm/decode_matmul_all_reduce.h):

@@ -100,7 +100,7 @@ namespace distfuse {
 
 enum class MatmulAllReduceAlgo : int {
   kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4, kPairExchange = 5,
-  kOwnerExchange = 6
+  kOwnerExchange = 6, kBandScatter = 7
 };
 
 // Measured on 4 x H200 at W = 2 and 4 (Llama-3-70B o_proj and down_proj rows,
@@ -245,18 +245,29 @@ inline bool decode_ll128(int world, int64_t m, bool allowed_and_fits, int64_t ov
 // at the rate of the SMs that read them).
 inline int decode_ctas(int override_ctas = 0) { return override_ctas > 0 ? override_ctas : 0; }
 
+// The owner-scatter band schedule (the GEMM's epilogue stores every tile into its owner
+// rank's workspace; the band kernel sums local copies and gathers): forced only until
+// measured (benchmarks/NOTES.md, v20).
+inline int64_t band_scatter_min_m(int world, int64_t k) {
+  (void)world;
+  (void)k;
+  return INT64_MAX;
+}
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
-// band_pull_min_k, decode_max_m, pair_exchange_min_m (which applies at W = 2 only) and
-// owner_exchange_min_m.
+// band_pull_min_k (which also bounds the owner scatter), decode_max_m, pair_exchange_min_m
+// (which applies at W = 2 only), owner_exchange_min_m and band_scatter_min_m.
 inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world, GpuClass gpu,
                                                     int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
                                                     int64_t override_bp_min_k = 0,
                                                     int64_t override_decode_max_m = 0,
                                                     int64_t override_pe_min_m = 0,
-                                                    int64_t override_oe_min_m = 0) {
+                                                    int64_t override_oe_min_m = 0,
+                                                    int64_t override_bs_min_m = 0) {
   const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k);
   const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
+  if (m >= (override_bs_min_m > 0 ? override_bs_min_m : band_scatter_min_m(world, k)) && k >= bp_min_k)
+    return MatmulAllReduceAlgo::kBandScatter;
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
   if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world)))
     return MatmulAllReduceAlgo::kPairExchange;
@@ -307,6 +318,13 @@ inline int band_tile_rows(int64_t tiles_m, int world, int64_t override_bands = 0
   const int64_t rows = (tiles_m + bands - 1) / bands;
   return int(rows < 1 ? 1 : rows > 8 ? 8 : rows);
 }
+// The owner-scatter schedule's bands: the same, rounded up to a multiple of W tile rows,
+// so that every rank owns as many tile rows of each full band (its shard, whole tile
+// rows) and takes as many of the tiles the GEMM scatters.
+inline int scatter_band_tile_rows(int64_t tiles_m, int world, int64_t override_bands = 0) {
+  const int rows = band_tile_rows(tiles_m, world, override_bands);
+  return (rows + world - 1) / world * world;
+}
 
 // Band schedules: CTAs of each band's sum (the GEMM keeps the other SMs). SM-pull,
 // best of {4, 6, 8, 12, 16, 24, 32, 48}, 4 x H100 unless noted: the longer the GEMM
@@ -322,7 +340,7 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
                               int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
   (void)world;
-  if (algo != MatmulAllReduceAlgo::kBandPull) return 16;
+  if (algo != MatmulAllReduceAlgo::kBandPull && algo != MatmulAllReduceAlgo::kBandScatter) return 16;
   if (k >= 14336) return 4;
   return k >= 7168 && m >= 8192 ? 8 : 16;
 }

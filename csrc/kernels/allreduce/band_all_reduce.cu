@@ -55,18 +55,44 @@ __device__ __forceinline__ RowRange band_tiles(const BandAllReduceParams& p, int
   return {tm0 * tiles_n, (tm1 - tm0) * tiles_n};
 }
 
-// Waits until this rank's GEMM published every tile that overlaps the band in
-// this call (the GEMM bumps ready[t] once per call; seen[t] counts the calls
-// consumed, shared with the tile consumers; `consume`: count this call as consumed
-// for the band's tiles, else the caller does it later).
+// The tile flags (kChannelTiles slots of this rank, and their seen counters) that a
+// band's sum waits for: this rank's tiles of the band, or, with scattered tiles, every
+// rank's tiles of this rank's shard of it (rank src's tile t at slot src·T + t, T the
+// tiles of D).
+struct BandTileSlots {
+  int64_t first, count;    // tiles t of one source: first .. first + count - 1
+  int64_t sources, stride;  // sources, and the slots between two sources' tile t
+  __device__ int64_t size() const { return count * sources; }
+  __device__ int64_t slot(int64_t i) const { return first + i % count + i / count * stride; }
+  // The source rank of slot i.
+  __device__ int source(int64_t i, int rank) const { return sources == 1 ? rank : int(i / count); }
+};
+__device__ __forceinline__ BandTileSlots band_tile_slots(const BandAllReduceParams& p, int band) {
+  if (!p.tiles_scattered) {
+    const RowRange t = band_tiles(p, band);
+    return {t.row0, t.rows, 1, 0};
+  }
+  const int64_t tiles_n = (p.n + p.tile_n - 1) / p.tile_n, tiles_m = (p.m + p.tile_m - 1) / p.tile_m;
+  const RowRange s = band_shard(p, band, p.comm.rank);
+  // An empty shard (the last band may have fewer tile rows than ranks) waits for no tile.
+  const int64_t tm0 = s.row0 / p.tile_m, tm1 = s.rows > 0 ? (s.row0 + s.rows + p.tile_m - 1) / p.tile_m : tm0;
+  return {tm0 * tiles_n, (tm1 - tm0) * tiles_n, p.comm.world, tiles_m * tiles_n};
+}
+
+// Waits until the band's tiles (band_tile_slots) are published in this call (the GEMM
+// bumps each slot once per call; seen[slot] counts the calls consumed, shared with the
+// tile consumers; `consume`: count this call as consumed for them, else the caller
+// does it later).
 __device__ void wait_band_tiles(const BandAllReduceParams& p, int band, bool consume) {
   const CommHandle& c = p.comm;
-  const RowRange tiles = band_tiles(p, band);
+  const BandTileSlots slots = band_tile_slots(p, band);
   const uint32_t* ready = c.flags(c.rank, kChannelTiles);
   uint32_t* seen = c.tile_seen();
-  for (int t = int(tiles.row0) + threadIdx.x; t < tiles.row0 + tiles.rows; t += blockDim.x) {
+  for (int64_t i = threadIdx.x; i < slots.size(); i += blockDim.x) {
+    const int64_t t = slots.slot(i);
     const uint32_t expected = seen[t] + 1;
-    wait_flag_reached(ready + t, expected, c.timeout_ns, kOpMatmulAllReduce, "tile", t, c.rank);
+    wait_flag_reached(ready + t, expected, c.timeout_ns, kOpMatmulAllReduce, "tile", int(t),
+                      slots.source(i, c.rank));
     if (consume) seen[t] = expected;
   }
 }
@@ -227,9 +253,12 @@ __device__ void sum_shard_vectors(const BandAllReduceParams& p, int band, int64_
   const int64_t off0 = band_shard(p, band, rank).row0 * p.n;
   T* out = static_cast<T*>(p.output) + off0;
   T* red = static_cast<T*>(band_region(p, rank, band_slot_offset(p, rank) + off0));
-  const T* rows_of[W];  // every rank's D at this shard
+  const T* rows_of[W];  // every rank's partial of this shard: its D (scattered: landed here)
 #pragma unroll
-  for (int k = 0; k < W; ++k) rows_of[k] = static_cast<const T*>(band_region(p, k, off0));
+  for (int k = 0; k < W; ++k)
+    rows_of[k] = static_cast<const T*>(
+        p.tiles_scattered ? band_region(p, rank, (k == rank ? 0 : band_slot_offset(p, k)) + off0)
+                          : band_region(p, k, off0));
   for (int64_t v0 = first; v0 < end; v0 += stride)
     sum_batch_in_rank_order<T, W, kReduceUnroll<W>, kReduceThreads>(
         v0, end, [&](int src, int64_t v) { return rows_of[src] + v * kVec; }, static_cast<const T*>(p.bias),
@@ -346,18 +375,19 @@ __device__ __forceinline__ void gather_peer_slices(const BandAllReduceParams& p,
 // look at each, no wait); the same answer for the whole CTA.
 __device__ bool band_tiles_published(const BandAllReduceParams& p, int band) {
   const CommHandle& c = p.comm;
-  const RowRange tiles = band_tiles(p, band);
+  const BandTileSlots slots = band_tile_slots(p, band);
   const uint32_t* ready = c.flags(c.rank, kChannelTiles);
   const uint32_t* seen = c.tile_seen();
   bool published = true;
-  for (int t = int(tiles.row0) + threadIdx.x; t < tiles.row0 + tiles.rows && published; t += blockDim.x)
-    published = epoch_reached(load_relaxed_sys(ready + t), seen[t] + 1);
+  for (int64_t i = threadIdx.x; i < slots.size() && published; i += blockDim.x)
+    published = epoch_reached(load_relaxed_sys(ready + slots.slot(i)), seen[slots.slot(i)] + 1);
   return __syncthreads_and(published);
 }
 
 // Slice `cta` of this rank's shard of `band`, once this rank's tiles of the band are
-// published and every peer's CTA `cta` says the same of its own: Σ in rank order,
-// then flagged to every peer's CTA `cta`.
+// published and every peer's CTA `cta` says the same of its own (scattered tiles: once
+// every rank's tiles of the shard landed here): Σ in rank order, then flagged to every
+// peer's CTA `cta`.
 template <typename T, int W>
 __device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int64_t slots, int band,
                                               uint32_t seq) {
@@ -365,9 +395,11 @@ __device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int6
   const CommHandle& c = p.comm;
   const int rank = c.rank, cta = blockIdx.x;
   wait_band_tiles(p, band, /*consume=*/false);
-  __syncthreads();  // the acquires of every tile precede the releases
-  if (int(threadIdx.x) < W) store_release_sys(persistent_ready_flag(c, slots, threadIdx.x, rank, cta), seq);
-  wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_ready_flag(c, slots, rank, src, cta); });
+  __syncthreads();  // the acquires of every tile precede the releases (and the CTA's loads)
+  if (!p.tiles_scattered) {
+    if (int(threadIdx.x) < W) store_release_sys(persistent_ready_flag(c, slots, threadIdx.x, rank, cta), seq);
+    wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_ready_flag(c, slots, rank, src, cta); });
+  }
   const RowRange mine = cta_slice(shard_vectors<T>(p, band, rank), cta, gridDim.x);
   sum_shard_vectors<T, W>(p, band, mine.row0 + threadIdx.x, mine.row0 + mine.rows, int64_t(U) * kReduceThreads);
   __syncthreads();  // every sum of the slice precedes the releases
@@ -413,18 +445,32 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
   __syncthreads();
   if (!s_last) return;
-  const RowRange first = band_tiles(p, first_band), last = band_tiles(p, end_band - 1);
   uint32_t* seen = c.tile_seen();
-  for (int64_t t = first.row0 + threadIdx.x; t < last.row0 + last.rows; t += blockDim.x) seen[t] += 1;
+  for (int band = first_band; band < end_band; ++band) {
+    const BandTileSlots tiles = band_tile_slots(p, band);
+    for (int64_t i = threadIdx.x; i < tiles.size(); i += blockDim.x) seen[tiles.slot(i)] += 1;
+  }
   if (threadIdx.x == 0) {
     *lane_done(c, lane) = 0;
     *lane_sequence(c, lane) = base + uint32_t(end_band - first_band);
   }
 }
 
-bool valid(const BandAllReduceParams& p, int band) {
+// kChannelBandPull flags [kScatterEntrySlot, + W): the band_scatter schedule's entry handshake.
+constexpr int64_t kScatterEntrySlot = kPersistentReadySlot + kPersistentLanes * kPersistentLaneSlots;
+static_assert(kScatterEntrySlot + kMaxWorld <= int64_t(kFlagsPerChannel), "band flags overflow the channel");
+
+// Before a GEMM that stores into peers' workspace: every rank entered this call. The
+// call's number is lane 0's band sequence plus one: the same on every rank, and larger
+// in every call (each call's lane 0 kernel advances it, after this kernel).
+__global__ void __launch_bounds__(kSignalThreads) band_scatter_entry_kernel(BandAllReduceParams p) {
+  enter_call(p.comm, kChannelBandPull, kScatterEntrySlot, *lane_sequence(p.comm, 0) + 1u, kOpMatmulAllReduce);
+}
+
+// Scattered tiles are for the persistent SM-pull kernel only (`scattered_ok`).
+bool valid(const BandAllReduceParams& p, int band, bool scattered_ok = false) {
   return p.dtype != DType::kFloat32 && p.n % 8 == 0 && p.band_rows > 0 && p.band_rows % p.tile_m == 0 &&
-         band >= 0 && band < band_count(p) && band_count(p) <= kMaxBands;
+         band >= 0 && band < band_count(p) && band_count(p) <= kMaxBands && (scattered_ok || !p.tiles_scattered);
 }
 
 }  // namespace
@@ -460,7 +506,8 @@ cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks,
 
 cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, int lane, int first_band,
                                         int end_band, int sum_ahead, cudaStream_t stream) {
-  if (!valid(p, 0) || blocks <= 0 || blocks > kMaxBlocks || lane < 0 || lane >= kPersistentLanes ||
+  if (!valid(p, 0, /*scattered_ok=*/true) || blocks <= 0 || blocks > kMaxBlocks || lane < 0 ||
+      lane >= kPersistentLanes ||
       first_band < 0 || first_band >= end_band || end_band > band_count(p) || sum_ahead < 1)
     return cudaErrorInvalidValue;
   return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
@@ -468,6 +515,13 @@ cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks
         <<<blocks, kReduceThreads, 0, stream>>>(p, lane, first_band, end_band, sum_ahead);
     return cudaGetLastError();
   });
+}
+
+cudaError_t launch_band_scatter_entry(const BandAllReduceParams& p, cudaStream_t stream) {
+  if (!valid(p, 0, /*scattered_ok=*/true) || !p.tiles_scattered || p.comm.world > kSignalThreads)
+    return cudaErrorInvalidValue;
+  band_scatter_entry_kernel<<<1, kSignalThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_band_wait_reduced(const BandAllReduceParams& p, int band, cudaStream_t stream) {

@@ -92,6 +92,32 @@
 // Reuse by the next call: as below, with "every peer's CTA j of the lane" for "every
 // peer" (a lane's ready flag of call e+1 is raised after the peer's call e ended).
 //
+// Owner-scatter schedule (band_scatter): the same persistent kernel, but the GEMM's
+// epilogue has already done the reduce-scatter half. Its TMA stores put every tile
+// straight into the owner of the tile's rows (the shard of its band, whole tile rows
+// per shard) — rank src's partial into the owner's recv[src], the owner's own into its
+// D — and the tile's flag is raised on the owner (slot src·T + t of its tile flags),
+// once the stores completed (published before the CTA's next tile is stored, so the
+// NVLink writes overlap the next tile's MMAs). The band kernel then sums W local copies
+// and does the all-gather half by pulls, as before; NVLink carries the same bytes as a
+// two-shot all-reduce, half of them moved by the GEMM's TMA units instead of the
+// kernel's SMs:
+//
+//   rank r, tile of band s in shard p:
+//     GEMM epilogue:  TMA store ─▶ recv_p[r] (p ≠ r) or D_p (p = r) ─ wait ─ flag(p, r·T + t)
+//   CTA j of rank r, band s:
+//     sum(s):    wait every rank's tiles of shard r of s (local flags) ─ Σ in rank order
+//                (+ bias) of slice j of the W local copies ─▶ out and red_r ─ flag
+//                summed_j(s) to every peer
+//     gather(s): as above
+//
+//   main: ─[entry]─fork─[ tile GEMM on SMs - R, stores scattered to owners ...... ]─join─▶
+//   side:              [sum 0][gather 0][sum 1][gather 1] ... [sum B-1][gather B-1]─┘
+//
+// Entry: the GEMM writes into peers' workspace, so a one-block kernel before it makes
+// the handshake (enter_call) on the main stream: no peer is still in an earlier call
+// that reads its region (of another layout: another shape or schedule).
+//
 // Entry (copy-engine schedule): band 0's wait on stream A starts with a handshake
 // (enter_call): no copy goes to a peer before it entered the same call, so a peer
 // still reading the previous call's data (of another shape or schedule over the
@@ -126,6 +152,9 @@ cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks,
 // SM: the GEMM leaves `blocks` SMs free.
 cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, int lane, int first_band,
                                         int end_band, int sum_ahead, cudaStream_t stream);
+
+// The owner-scatter schedule's entry handshake (p.tiles_scattered), before its GEMM.
+cudaError_t launch_band_scatter_entry(const BandAllReduceParams& p, cudaStream_t stream);
 
 // The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
 // shard p of `band` to every peer p, or pull every peer's sum into the output.

@@ -20,6 +20,9 @@ struct BandAllReduceParams {
   int64_t band_rows;   // rows per band, a multiple of tile_m
   DType dtype;         // kBFloat16 or kFloat16
   CommHandle comm;
+  // The GEMM stored every rank's partial of this rank's shards here (band_scatter):
+  // rank src's at recv[src], this rank's own at D. Shards are then whole tile rows.
+  bool tiles_scattered;
 };
 
 // Rows [row0, row0 + rows) of D.
@@ -41,10 +44,24 @@ DF_BAND_HD inline RowRange band_rows_of(const BandAllReduceParams& p, int64_t ba
   const int64_t end = row0 + p.band_rows < p.m ? row0 + p.band_rows : p.m;
   return {row0, end - row0};
 }
-// Shard `owner` of `band`: ceil(rows / W) rows each, the last ones shorter or empty.
+// Whole tile rows per shard of a band of `band_tile_rows` tile rows (scattered tiles).
+DF_BAND_HD inline int64_t tile_rows_per_shard(int64_t band_tile_rows, int world) {
+  return (band_tile_rows + world - 1) / world;
+}
+// The rank that owns tile row `tm` when the GEMM scatters its tiles (bands of
+// `band_tile_rows` tile rows, the last one shorter): the shard of its band holding it.
+DF_BAND_HD inline int scatter_owner_of_tile_row(int64_t tm, int64_t tiles_m, int64_t band_tile_rows, int world) {
+  const int64_t first = tm / band_tile_rows * band_tile_rows;
+  const int64_t rows = tiles_m - first < band_tile_rows ? tiles_m - first : band_tile_rows;
+  return int((tm - first) / tile_rows_per_shard(rows, world));
+}
+// Shard `owner` of `band`: ceil(rows / W) rows each (whole tile rows each with scattered
+// tiles, as scatter_owner_of_tile_row), the last ones shorter or empty.
 DF_BAND_HD inline RowRange band_shard(const BandAllReduceParams& p, int64_t band, int owner) {
   const RowRange b = band_rows_of(p, band);
-  const int64_t per = (b.rows + p.comm.world - 1) / p.comm.world;
+  const int64_t per =
+      p.tiles_scattered ? tile_rows_per_shard((b.rows + p.tile_m - 1) / p.tile_m, p.comm.world) * p.tile_m
+                        : (b.rows + p.comm.world - 1) / p.comm.world;
   const int64_t first = per * owner < b.rows ? per * owner : b.rows;
   const int64_t last = per * (owner + 1) < b.rows ? per * (owner + 1) : b.rows;
   return {b.row0 + first, last - first};

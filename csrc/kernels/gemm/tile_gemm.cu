@@ -188,6 +188,14 @@ cudaError_t check_params(const TileGemmParams& p) {
        !aligned16(p.exchange_output) || !aligned16(p.exchange_bias) || p.ldd != p.n)) {
     return cudaErrorInvalidValue;
   }
+  if (p.scatter_world != 0) {
+    if (p.scatter_world < 2 || p.scatter_world > kMaxWorld || p.scatter_band_tile_rows < 1 ||
+        p.exchange_output != nullptr)
+      return cudaErrorInvalidValue;
+    for (int r = 0; r < p.scatter_world; ++r)
+      if (p.scatter_d[r] == nullptr || p.scatter_flags[r] == nullptr || !aligned16(p.scatter_d[r]))
+        return cudaErrorInvalidValue;
+  }
   if ((p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) || p.k % kAlignment != 0 ||
       p.n % kAlignment != 0 || p.lda % kAlignment != 0 || p.ldb % kAlignment != 0 ||
       p.ldd % kAlignment != 0 || !aligned16(p.a) || !aligned16(p.b) || !aligned16(p.d)) {
@@ -216,28 +224,39 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
       cute::make_stride(p.lda, cute::Int<1>{}, int64_t(p.m) * p.lda),
       static_cast<const Element*>(p.b), stride_b};
 
-  typename Epilogue::Arguments epilogue_args{};
-  epilogue_args.thread.alpha = 1.f;
-  epilogue_args.thread.beta = 0.f;
-  epilogue_args.ptr_D = static_cast<const Element*>(p.d);
-  epilogue_args.dD = cute::make_stride(p.ldd, cute::Int<1>{}, int64_t(p.m) * p.ldd);
-
+  // The epilogue's TMA store into `d` (laid out like D).
+  auto epilogue_into = [&](const void* d) {
+    typename Epilogue::Arguments args{};
+    args.thread.alpha = 1.f;
+    args.thread.beta = 0.f;
+    args.ptr_D = static_cast<const Element*>(d);
+    args.dD = cute::make_stride(p.ldd, cute::Int<1>{}, int64_t(p.m) * p.ldd);
+    return args;
+  };
+  const void* d = p.scatter_world > 0 ? p.scatter_d[0] : p.d;
   if (!Mainloop::can_implement(problem, mainloop_args) ||
-      !Epilogue::can_implement(problem, epilogue_args)) {
+      !Epilogue::can_implement(problem, epilogue_into(d))) {
     return cudaErrorNotSupported;
   }
 
   auto* workspace_bytes = static_cast<unsigned char*>(workspace);
-  const typename Kernel::Params params{
-      Mainloop::to_underlying_arguments(problem, mainloop_args, nullptr),
-      Epilogue::to_underlying_arguments(problem, epilogue_args, nullptr),
-      problem,
-      plan.schedule,
-      p.tile_flags,
-      reinterpret_cast<uint32_t*>(workspace_bytes),
-      reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes),
-      TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
-                   p.exchange_last_tile_in_consumers}};
+  typename Kernel::Params params{};
+  params.mainloop = Mainloop::to_underlying_arguments(problem, mainloop_args, nullptr);
+  params.epilogue[0] = Epilogue::to_underlying_arguments(problem, epilogue_into(d), nullptr);
+  for (int r = 1; r < kMaxWorld; ++r)
+    params.epilogue[r] = r < p.scatter_world
+                             ? Epilogue::to_underlying_arguments(problem, epilogue_into(p.scatter_d[r]), nullptr)
+                             : params.epilogue[0];
+  params.problem = problem;
+  params.schedule = plan.schedule;
+  params.tile_flags = p.tile_flags;
+  params.split_counters = reinterpret_cast<uint32_t*>(workspace_bytes);
+  params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
+  params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
+                                 p.exchange_last_tile_in_consumers};
+  params.scatter_world = p.scatter_world;
+  params.scatter_band_tile_rows = p.scatter_band_tile_rows;
+  for (int r = 0; r < p.scatter_world; ++r) params.scatter_flags[r] = p.scatter_flags[r];
 
   const auto kernel = tile_gemm_kernel<Kernel>;
   constexpr int kSmemBytes = int(sizeof(typename Kernel::SharedStorage));

@@ -11,6 +11,7 @@
 #include <cutlass/cutlass.h>
 #include <cutlass/pipeline/pipeline.hpp>
 
+#include "kernels/allreduce/band_geometry.h"
 #include "tile_gemm.h"
 #include "tile_owner_exchange.cuh"
 #include "tile_pair_exchange.cuh"
@@ -98,13 +99,18 @@ class CtaWork {
 template <class Mainloop, class Epilogue>
 struct KernelParams {
   typename Mainloop::Params mainloop;
-  typename Epilogue::Params epilogue;
+  // Where the epilogue stores: [0] D; with an owner scatter, [p] owner p's buffer.
+  typename Epilogue::Params epilogue[kMaxWorld];
   cute::Shape<int, int, int, int> problem;  // M, N, K, 1
   TileSchedule schedule;
   uint32_t* tile_flags;      // null: no flags
   uint32_t* split_counters;  // per split tile: units arrived (zero between launches)
   float* split_partials;     // 2 * num_ctas slots of tile_m * tile_n floats
   TileExchange exchange;  // output null: none (then data-parallel plans only)
+  // Owner scatter (TileGemmParams::scatter_*): 0 ranks for none.
+  int scatter_world;
+  int scatter_band_tile_rows;
+  uint32_t* scatter_flags[kMaxWorld];
 };
 
 // After the warp that issued the TMA stores of a tile has committed them: wait
@@ -187,7 +193,8 @@ struct TileGemmKernel {
 
     if (thread_idx == 0) {
       Mainloop::prefetch_tma_descriptors(params.mainloop);
-      Epilogue::prefetch_tma_descriptors(params.epilogue);
+      for (int p = 0; p < (params.scatter_world > 0 ? params.scatter_world : 1); ++p)
+        Epilogue::prefetch_tma_descriptors(params.epilogue[p]);
       shared.exchange.published = 0;
       shared.exchange.aborted = 0;
       if (params.exchange.output != nullptr) {
@@ -220,7 +227,7 @@ struct TileGemmKernel {
     epilogue_load_params.dst_blockid = 0;
     epilogue_load_params.producer_arv_count = cutlass::NumThreadsPerWarp;
     epilogue_load_params.consumer_arv_count = kMmaThreads;
-    epilogue_load_params.transaction_bytes = params.epilogue.tma_transaction_bytes;
+    epilogue_load_params.transaction_bytes = params.epilogue[0].tma_transaction_bytes;
     EpilogueLoadPipeline epilogue_load_pipeline(shared.epilogue_load_pipeline, epilogue_load_params);
 
     typename EpilogueStorePipeline::Params epilogue_store_params;
@@ -259,13 +266,16 @@ struct TileGemmKernel {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
     const int mma_thread_idx = thread_idx - cutlass::NumThreadsPerWarpGroup;
     TiledMma tiled_mma;
-    Epilogue epilogue(params.epilogue, shared.epilogue);
+    Epilogue epilogue(params.epilogue[0], shared.epilogue);
     typename Mainloop::PipelineState read_state;
     typename Epilogue::LoadPipelineState epilogue_load_state;
     auto epilogue_store_state = cutlass::make_producer_start_state<EpilogueStorePipeline>();
     bool stored_any_tile = false;
     uint32_t tiles_stored = 0;
     int last_tile = -1;
+    // Owner scatter: the flag of the tile stored last, published before the next
+    // tile's stores (its stores to a peer had this tile's MMAs to land).
+    uint32_t* unpublished_flag = nullptr;
 
     while (work.next(unit)) {
       auto accum = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
@@ -282,7 +292,15 @@ struct TileGemmKernel {
       int tm, tn;
       tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
                              params.schedule.group_rows);
-      auto [load_state_next, store_state_next] = epilogue.store(
+      const int flag_index = tm * params.schedule.tiles_n + tn;
+      int owner = 0;
+      if (params.scatter_world > 0) {
+        owner = scatter_owner_of_tile_row(tm, params.schedule.tiles_m, params.scatter_band_tile_rows,
+                                          params.scatter_world);
+        if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)
+          publish_tile_flag(unpublished_flag);
+      }
+      auto [load_state_next, store_state_next] = Epilogue(params.epilogue[owner], shared.epilogue).store(
           epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
           epilogue_store_state, params.problem, TileShape{}, make_coord(tm, tn, _, 0), accum,
           tiled_mma, mma_thread_idx, shared.epilogue);
@@ -293,13 +311,17 @@ struct TileGemmKernel {
 
       // Consumer warp 0 issued and committed the tile's TMA stores.
       ++tiles_stored;
-      if (params.tile_flags != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
-        publish_tile_flag(params.tile_flags + tm * params.schedule.tiles_n + tn);
+      if (params.scatter_world > 0) {
+        unpublished_flag = params.scatter_flags[owner] + flag_index;
+      } else if (params.tile_flags != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
+        publish_tile_flag(params.tile_flags + flag_index);
       }
       if (params.exchange.output != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
         publish_tile_in_cta(&shared.exchange, tiles_stored);
       }
     }
+    if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)
+      publish_tile_flag(unpublished_flag);
     if (stored_any_tile) {
       epilogue.store_tail(epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
                           epilogue_store_state);

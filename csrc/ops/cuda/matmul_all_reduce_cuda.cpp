@@ -21,6 +21,9 @@
 //                (kernels/gemm/tile_pair_exchange.cuh); forced at W != 2 it runs band_pull
 //   owner_exchange  any group size: the same kernel; each tile's owner rank sums what the
 //                others pushed and they pull the sum back (kernels/gemm/tile_owner_exchange.cuh)
+//   band_scatter band_pull whose GEMM epilogue stores every tile straight into the rank that
+//                owns its rows (the reduce-scatter by the GEMM's TMA stores); R CTAs sum the
+//                local copies and pull the peers' sums back
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
@@ -266,7 +269,9 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   const int tile_m = tile_gemm_tile_m(gp);
   const int64_t tiles_m = (g.m + tile_m - 1) / tile_m;
-  gp.group_rows = band_tile_rows(tiles_m, ws.world(), get_tuning("matmul_all_reduce.bands"));
+  const int64_t bands_knob = get_tuning("matmul_all_reduce.bands");
+  gp.group_rows = algo == MatmulAllReduceAlgo::kBandScatter ? scatter_band_tile_rows(tiles_m, ws.world(), bands_knob)
+                                                           : band_tile_rows(tiles_m, ws.world(), bands_knob);
   bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.m, g.k,
                                                        static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"))),
                                     sm_count(device) / 2));
@@ -285,9 +290,32 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   bp.dtype = gp.dtype;
   bp.comm = ws.handle();
 
+  if (algo == MatmulAllReduceAlgo::kBandScatter) {
+    // Tile t of rank src lands on the owner at recv[src] (its own at D), flagged at slot src·T + t.
+    const CommHandle& c = bp.comm;
+    const int64_t tiles = output_tiles(g.m, g.n, tile_m, bp.tile_n);
+    bp.tiles_scattered = true;
+    gp.tile_flags = nullptr;
+    gp.scatter_world = c.world;
+    gp.scatter_band_tile_rows = static_cast<int>(bp.band_rows / tile_m);
+    for (int p = 0; p < c.world; ++p) {
+      gp.scatter_d[p] = band_region(bp, p, p == c.rank ? 0 : band_slot_offset(bp, c.rank));
+      gp.scatter_flags[p] = c.flags(p, kChannelTiles) + c.rank * tiles;
+    }
+  }
   const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
   bc.scratch = scratch_bytes ? ws.gemm_scratch(scratch_bytes, kOp) : nullptr;
   return bc;
+}
+
+// Whether the owner scatter's flags fit: a tile slot per rank and tile (seen counters and
+// the tile flag channel).
+bool band_scatter_fits(const at::Tensor& a, const at::Tensor& b, int world) {
+  const int64_t k = a.size(-1), m = a.numel() / k, n = b.size(1);
+  TileGemmParams shape{};
+  shape.m = static_cast<int>(m);
+  const int64_t slots = world * output_tiles(m, n, tile_gemm_tile_m(shape), tile_gemm_tile_n(shape));
+  return slots <= kMaxTiles && slots <= int64_t(kFlagsPerChannel);
 }
 
 // SM-pull band schedule (kernels/allreduce/band_all_reduce.h): one persistent kernel
@@ -297,13 +325,23 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
 //
 //   main: ─fork─[ tile GEMM on SMs - R ................................ ][bands B-T.. (R' CTAs)]─join─▶
 //   side:       [Σ b0][Σ b1, gather b0][Σ b2, gather b1] ... [gather b(B-T-1)]─────────────────┘
+//
+// Owner scatter (`scatter`): the GEMM stores each tile into the rank that owns its rows and
+// the band kernel sums local copies; always the persistent kernel, after an entry handshake
+// (band_all_reduce.h):
+//
+//   main: ─[entry]─fork─[ tile GEMM on SMs - R, tiles stored to their owners ... ][tail]─join─▶
+//   side:              [Σ b0 (local)][gather b0][Σ b1 (local)][gather b1] ... ────────────┘
 at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                     const std::optional<at::Tensor>& bias, Overlap overlap) {
-  const BandCall bc = band_call(ws, a, b, bias, MatmulAllReduceAlgo::kBandPull, /*spare_sms=*/0);
+                     const std::optional<at::Tensor>& bias, Overlap overlap, bool scatter) {
+  const BandCall bc = band_call(ws, a, b, bias,
+                                scatter ? MatmulAllReduceAlgo::kBandScatter : MatmulAllReduceAlgo::kBandPull,
+                                /*spare_sms=*/0);
   const int device = ws.device();
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& side = side_stream(device, 0);
   const bool overlapped = overlap == Overlap::kOverlapped;
+  if (scatter) C10_CUDA_CHECK(launch_band_scatter_entry(bc.bands, main));
   if (overlapped) C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
   // GEMM first: it never waits on anything (see fused()).
   C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
@@ -312,7 +350,7 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   const int bands = static_cast<int>(band_count(bc.bands));
   const int sum_ahead = band_sum_ahead(static_cast<int>(get_tuning("matmul_all_reduce.band_sum_ahead")));
   int tail = 0;
-  if (band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
+  if (scatter || band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
     const int64_t tiles_n = (bc.bands.n + bc.bands.tile_n - 1) / bc.bands.tile_n;
     const int64_t wave_tile_rows = (bc.gemm.sm_count + tiles_n - 1) / tiles_n;
     tail = band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows,
@@ -538,7 +576,7 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
         m, k, ws.world(), gpu_class(ws.gpu_name()), get_tuning("matmul_all_reduce.fused_min_m"),
         get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"),
         get_tuning("matmul_all_reduce.decode_max_m"), get_tuning("matmul_all_reduce.pair_exchange_min_m"),
-        get_tuning("matmul_all_reduce.owner_exchange_min_m"));
+        get_tuning("matmul_all_reduce.owner_exchange_min_m"), get_tuning("matmul_all_reduce.band_scatter_min_m"));
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
@@ -546,6 +584,10 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     if (forced == "pair_exchange")
       algo = ws.world() == 2 ? MatmulAllReduceAlgo::kPairExchange : MatmulAllReduceAlgo::kBandPull;
     if (forced == "owner_exchange") algo = MatmulAllReduceAlgo::kOwnerExchange;
+    if (forced == "band_scatter") algo = MatmulAllReduceAlgo::kBandScatter;
+    // Too many tiles for a flag slot per rank and tile: the same bands, pulled.
+    if (algo == MatmulAllReduceAlgo::kBandScatter && !band_scatter_fits(a, b, ws.world()))
+      algo = MatmulAllReduceAlgo::kBandPull;
     // "serialized" runs the schedule auto would pick, without the overlap.
     const bool serialized = forced == "serialized";
     const Overlap overlap = serialized ? Overlap::kSerialized : Overlap::kOverlapped;
@@ -555,10 +597,15 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
       record_path(kOp, serialized ? "serialized" : owners ? "owner_exchange" : "pair_exchange");
       return out;
     }
-    if (algo == MatmulAllReduceAlgo::kBandPull || algo == MatmulAllReduceAlgo::kCopyEngine) {
-      const bool pull = algo == MatmulAllReduceAlgo::kBandPull;
-      at::Tensor out = pull ? band_pull(ws, a, b, bias, overlap) : copy_engine(ws, a, b, bias, overlap);
-      record_path(kOp, serialized ? "serialized" : pull ? "band_pull" : "copy_engine");
+    if (algo == MatmulAllReduceAlgo::kBandPull || algo == MatmulAllReduceAlgo::kBandScatter) {
+      const bool scatter = algo == MatmulAllReduceAlgo::kBandScatter;
+      at::Tensor out = band_pull(ws, a, b, bias, overlap, scatter);
+      record_path(kOp, serialized ? "serialized" : scatter ? "band_scatter" : "band_pull");
+      return out;
+    }
+    if (algo == MatmulAllReduceAlgo::kCopyEngine) {
+      at::Tensor out = copy_engine(ws, a, b, bias, overlap);
+      record_path(kOp, serialized ? "serialized" : "copy_engine");
       return out;
     }
     if (algo == MatmulAllReduceAlgo::kFusedTiles && !owner_schedule_fits(a, b, ws.world()))
