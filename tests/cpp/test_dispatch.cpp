@@ -180,9 +180,9 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(decode_max_m(2, kH100), 0);
-  EXPECT_EQ(choose_matmul_all_reduce(32, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(33, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
-  // The decode schedule only where it was measured to win: H100 up to M = 32, H200 up to 16.
+  EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(17, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  // The decode schedule only where it was measured to win: up to M = 16 on H100 and H200.
   EXPECT_EQ(gpu_class("NVIDIA H100 80GB HBM3"), GpuClass::kH100);
   EXPECT_EQ(gpu_class("NVIDIA H200"), GpuClass::kH200);
   EXPECT_EQ(gpu_class("mixed"), GpuClass::kOther);
@@ -397,6 +397,11 @@ TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(pair_exchange_min_m(4), INT64_MAX);
+  // H100: M = 512 lost there, so from 1024.
+  EXPECT_EQ(choose_matmul_all_reduce(1023, 14336, 2, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(1024, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(pair_exchange_min_m(2, kH100), 1024);
+  EXPECT_EQ(pair_exchange_min_m(2, GpuClass::kH200), 512);
 }
 
 TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {

@@ -102,6 +102,13 @@ enum class MatmulAllReduceAlgo : int {
   kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4, kPairExchange = 5,
   kOwnerExchange = 6, kBandScatter = 7
 };
+// GPUs as far as the dispatch table tells them apart (from the name all members of
+// the group share; "mixed" and unknown names are kOther).
+enum class GpuClass : int { kH100 = 0, kOther = 1, kH200 = 2 };
+inline GpuClass gpu_class(const std::string& name) {
+  if (name.find("H100") != std::string::npos) return GpuClass::kH100;
+  return name.find("H200") != std::string::npos ? GpuClass::kH200 : GpuClass::kOther;
+}
 
 // Measured on 4 x H200 at W = 2 and 4 (Llama-3-70B o_proj and down_proj rows,
 // benchmarks/NOTES.md): for M <= 512 both overlapped schedules are slower than
@@ -146,8 +153,14 @@ inline int64_t band_pull_min_k(int world) {
 // tiles) vs sequential 77.1, M = 1024 / 2048 140.4 / 245.8 vs 152.3 / 288.0; down_proj
 // M = 512 191.3 vs 195.5, M = 2048 680.3 vs band_pull 692.4 and sequential 716.7 (band_pull
 // from M = 4096: 1309.0 vs 1345.9). M = 128 (one wave of 64 x 128 tiles): 34.3 vs 33.0,
-// so not below 512 (M = 129-511 unmeasured). H100: from the H200 rows.
-inline int64_t pair_exchange_min_m(int world) { return world == 2 ? 512 : INT64_MAX; }
+// so not below 512 (M = 129-511 unmeasured). H100 (4 x H100 run of record, build of v19):
+// M = 512 loses (down_proj 206.1 vs sequential 195.3, o_proj 80.2 vs 80.8), M = 2048 wins
+// (o_proj 251.1 vs 292.2, down_proj 696.0 vs band_pull 710.4): from 1024 there (M = 1024
+// from the H200 rows).
+inline int64_t pair_exchange_min_m(int world, GpuClass gpu = GpuClass::kH200) {
+  if (world != 2) return INT64_MAX;
+  return gpu == GpuClass::kH100 ? 1024 : 512;
+}
 
 // The owner exchange (any group size: the tile GEMM's idle producer warps push every
 // finished tile to its owner rank, which sums and is pulled from) at W >= 3 where the
@@ -190,13 +203,6 @@ inline int exchange_ctas(int64_t m, int world, int override_ctas = 0) {
 // 685.8. Override: 1 on, 2 off.
 inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return override_value != 2; }
 
-// GPUs as far as the dispatch table tells them apart (from the name all members of
-// the group share; "mixed" and unknown names are kOther).
-enum class GpuClass : int { kH100 = 0, kOther = 1, kH200 = 2 };
-inline GpuClass gpu_class(const std::string& name) {
-  if (name.find("H100") != std::string::npos) return GpuClass::kH100;
-  return name.find("H200") != std::string::npos ? GpuClass::kH200 : GpuClass::kOther;
-}
 
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
 // M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse
@@ -208,10 +214,13 @@ inline GpuClass gpu_class(const std::string& name) {
 // GEMM ~1.5 us above it). 4 x H200, W = 4, same kind of run: o_proj M = 1 / 8 / 16 / 32
 // 15.0 / 16.4 / 18.5 / 22.8 vs 16.1 / 18.1 / 20.7 / 23.2, down_proj 33.7 / 35.4 / 39.5 / 48.9
 // vs 35.2 / 37.1 / 39.7 / 43.1 (with 64-deep stages it lost on H200: M = 1 17.7 vs 16.0
-// and 43.8 vs 35.6). Other GPUs: never (unmeasured). W > 4: untuned, same as W = 4.
+// and 43.8 vs 35.6). Since the all-reduce's LL128 two-shot, the unfused order caught up at
+// M = 32 on H100 too (4 x H100 run of record, build of v19: o_proj 24.3 vs 23.4, down_proj
+// 51.9 vs 51.7; M = 8 still 19.0 vs 21.6): 16 on both. Other GPUs: never (unmeasured).
+// W > 4: untuned, same as W = 4.
 inline int64_t decode_max_m(int world, GpuClass gpu) {
   if (world < 3) return 0;
-  return gpu == GpuClass::kH100 ? 32 : gpu == GpuClass::kH200 ? 16 : 0;
+  return gpu == GpuClass::kH100 || gpu == GpuClass::kH200 ? 16 : 0;
 }
 
 // Decode schedule: push on LL lines (data and flag in one 16-byte store: no fence,
@@ -269,7 +278,7 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
   if (m >= (override_bs_min_m > 0 ? override_bs_min_m : band_scatter_min_m(world, k)) && k >= bp_min_k)
     return MatmulAllReduceAlgo::kBandScatter;
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
-  if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world)))
+  if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world, gpu)))
     return MatmulAllReduceAlgo::kPairExchange;
   if (m >= (override_oe_min_m > 0 ? override_oe_min_m : owner_exchange_min_m(world, k)))
     return MatmulAllReduceAlgo::kOwnerExchange;
