@@ -262,6 +262,12 @@ inline int64_t band_scatter_min_m(int world, int64_t k) {
   (void)k;
   return INT64_MAX;
 }
+// Owner scatter: the 128 x 256 tile GEMM stages whole tiles for the epilogue's stores to
+// the owners (a pipeline stage fewer) rather than 128 x 32 slices two at a time (whose
+// stores to a peer hold the epilogue until NVLink drained them: the GEMM beside the band
+// kernel took 645 µs there against 447 for band_pull's, 4 x H100, W = 4 o_proj M = 8192).
+// Override: 1 whole tiles, 2 slices.
+inline bool scatter_whole_tile(int64_t override_value = 0) { return override_value != 2; }
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
 // band_pull_min_k (which also bounds the owner scatter), decode_max_m, pair_exchange_min_m
