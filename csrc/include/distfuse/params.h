@@ -82,9 +82,6 @@ struct TileGemmParams {
   // band_geometry.h). d and tile_flags are then unused.
   int scatter_world;
   int scatter_band_tile_rows;
-  // With 128 x 256 tiles: stage whole tiles for the epilogue's stores (a pipeline stage
-  // fewer), so that a tile's stores to a peer drain during the next tile's MMAs.
-  bool scatter_whole_tile;
   void* scatter_d[kMaxWorld];
   uint32_t* scatter_flags[kMaxWorld];
 };

@@ -255,19 +255,16 @@ inline bool decode_ll128(int world, int64_t m, bool allowed_and_fits, int64_t ov
 inline int decode_ctas(int override_ctas = 0) { return override_ctas > 0 ? override_ctas : 0; }
 
 // The owner-scatter band schedule (the GEMM's epilogue stores every tile into its owner
-// rank's workspace; the band kernel sums local copies and gathers): forced only until
-// measured (benchmarks/NOTES.md, v20).
+// rank's workspace; the band kernel sums local copies and gathers): never (forced only).
+// 4 x H100, forced columns, same runs (benchmarks/NOTES.md, v20): slower than band_pull
+// at every measured row, W = 4 o_proj M = 8192 874.9 vs 793.6 us, down_proj M = 8192
+// 1630.2 vs 1465.7, W = 2 o_proj M = 8192 1012.1 vs 919.7: the GEMM's TMA stores to a
+// peer slow the GEMM by more than the band kernel saves (645 vs 447 us beside it).
 inline int64_t band_scatter_min_m(int world, int64_t k) {
   (void)world;
   (void)k;
   return INT64_MAX;
 }
-// Owner scatter: the 128 x 256 tile GEMM stages whole tiles for the epilogue's stores to
-// the owners (a pipeline stage fewer) rather than 128 x 32 slices two at a time (whose
-// stores to a peer hold the epilogue until NVLink drained them: the GEMM beside the band
-// kernel took 645 µs there against 447 for band_pull's, 4 x H100, W = 4 o_proj M = 8192).
-// Override: 1 whole tiles, 2 slices.
-inline bool scatter_whole_tile(int64_t override_value = 0) { return override_value != 2; }
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
 // band_pull_min_k (which also bounds the owner scatter), decode_max_m, pair_exchange_min_m

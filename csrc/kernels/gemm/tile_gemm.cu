@@ -44,13 +44,12 @@ constexpr int kMinBlocksPerRange = 4;
 constexpr int kMaxCtas = 1024;
 constexpr size_t kSplitCounterBytes = 2 * kMaxCtas * sizeof(uint32_t);
 
-enum class Variant { kDecode, kMid, kPrefill, kPrefillScatter };
+enum class Variant { kDecode, kMid, kPrefill };
 
 // A tile configuration: tile shape, the pipeline stages the shared memory must
 // hold, and the schedules that select the builder's TiledMma and epilogue (the
 // kernel is ours).
-template <int kTileM_, int kTileN_, int kStages_, class MainloopSchedule_, class EpilogueSchedule_,
-          class EpilogueTile_ = cutlass::epilogue::collective::EpilogueTileAuto>
+template <int kTileM_, int kTileN_, int kStages_, class MainloopSchedule_, class EpilogueSchedule_>
 struct TileConfig {
   static constexpr int kStages = kStages_;
   static constexpr int kTileM = kTileM_;
@@ -58,8 +57,6 @@ struct TileConfig {
   using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
   using MainloopSchedule = MainloopSchedule_;
   using EpilogueSchedule = EpilogueSchedule_;
-  using EpilogueTile = EpilogueTile_;
-  static constexpr bool kFixedStages = false;  // true: kStages exactly, not what the carveout leaves
 };
 
 // 1 consumer warp group (the builder's 1-warp-group TiledMma).
@@ -72,17 +69,6 @@ using MidShape = TileConfig<128, 128, 6, cutlass::gemm::KernelTmaWarpSpecialized
 // The builder's TiledMma of 2 warp groups splitting the tile's 128 rows.
 using PrefillShape = TileConfig<128, 256, 4, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
-// The prefill tile for an owner scatter: the epilogue stages the whole tile in shared
-// memory (two 128 x 128 halves) for a pipeline stage fewer, so that the TMA stores to a
-// peer, slower than the MMAs could issue them, drain during the next tile's MMAs
-// instead of holding the epilogue (TileGemmParams::scatter_whole_tile).
-// (The carveout estimate leaves 56 bytes short of a third stage; the exact size is
-// checked below.)
-struct PrefillScatterShape
-    : TileConfig<128, 256, 3, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                 cutlass::epilogue::TmaWarpSpecializedCooperative, cute::Shape<cute::_128, cute::_128>> {
-  static constexpr bool kFixedStages = true;
-};
 
 template <class Element_, bool kBTransposed, class ShapeConfig>
 struct Config {
@@ -95,7 +81,7 @@ struct Config {
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      typename ShapeConfig::EpilogueTile, float, float,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, cutlass::layout::RowMajor, kAlignment,        // no source operand C
       Element, cutlass::layout::RowMajor, kAlignment,     // D
       typename ShapeConfig::EpilogueSchedule>::CollectiveOp;
@@ -110,9 +96,8 @@ struct Config {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       Element, cutlass::layout::RowMajor, kAlignment,
       Element, LayoutB, kAlignment, float, Tile, Cluster,
-      std::conditional_t<ShapeConfig::kFixedStages, cutlass::gemm::collective::StageCount<ShapeConfig::kStages>,
-                         cutlass::gemm::collective::StageCountAutoCarveout<
-                             int(sizeof(typename Epilogue::SharedStorage)) + kKernelSmemBytes>>,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          int(sizeof(typename Epilogue::SharedStorage)) + kKernelSmemBytes>,
       typename ShapeConfig::MainloopSchedule>::CollectiveOp;
 
   using Kernel = TileGemmKernel<Mainloop, Epilogue>;
@@ -133,14 +118,12 @@ struct Plan {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 Variant variant_for(const TileGemmParams& p) {
-  Variant v;
   switch (p.tile_shape) {
-    case 1: v = Variant::kDecode; break;
-    case 2: v = Variant::kMid; break;
-    case 3: v = Variant::kPrefill; break;
-    default: v = p.m <= kDecodeMaxM ? Variant::kDecode : Variant::kPrefill;
+    case 1: return Variant::kDecode;
+    case 2: return Variant::kMid;
+    case 3: return Variant::kPrefill;
+    default: return p.m <= kDecodeMaxM ? Variant::kDecode : Variant::kPrefill;
   }
-  return v == Variant::kPrefill && p.scatter_world > 0 && p.scatter_whole_tile ? Variant::kPrefillScatter : v;
 }
 
 int tile_m_of(Variant v) {
@@ -301,7 +284,6 @@ cudaError_t launch_for_dtype(const TileGemmParams& p, const Plan& plan, void* wo
   switch (plan.variant) {
     case Variant::kDecode: return launch_for_layout<Element, DecodeShape>(p, plan, workspace, stream);
     case Variant::kMid: return launch_for_layout<Element, MidShape>(p, plan, workspace, stream);
-    case Variant::kPrefillScatter: return launch_for_layout<Element, PrefillScatterShape>(p, plan, workspace, stream);
     default: return launch_for_layout<Element, PrefillShape>(p, plan, workspace, stream);
   }
 }

@@ -69,6 +69,13 @@
 // wave. The stream-K tiles are the last numbers: their K range is split evenly
 // over all G CTAs and each is published by whichever CTA finishes it last.
 //
+// Owner scatter (TileGemmParams::scatter_*)
+// ----------------------------------------
+// The epilogue's TMA stores of tile (tm, tn) go to the rank that owns tile row tm
+// (another rank's workspace, mapped here) and the flag is raised there, by the same
+// wait, fence and release, but only before the CTA's next tile is stored (or after its
+// last), so that the stores to a peer have that tile's MMAs to complete.
+//
 // Tile exchange (tile_pair_exchange.cuh, tile_owner_exchange.cuh)
 // ----------------------------------------------------------------
 // With TileGemmParams::exchange_output set, warps 1-3 of the producer warp group

@@ -298,7 +298,6 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
     gp.tile_flags = nullptr;
     gp.scatter_world = c.world;
     gp.scatter_band_tile_rows = static_cast<int>(bp.band_rows / tile_m);
-    gp.scatter_whole_tile = scatter_whole_tile(get_tuning("matmul_all_reduce.scatter_epilogue"));
     for (int p = 0; p < c.world; ++p) {
       gp.scatter_d[p] = band_region(bp, p, p == c.rank ? 0 : band_slot_offset(bp, c.rank));
       gp.scatter_flags[p] = c.flags(p, kChannelTiles) + c.rank * tiles;
