@@ -64,7 +64,8 @@ struct BandTileSlots {
   int64_t sources, stride;  // sources, and the slots between two sources' tile t
   __device__ int64_t size() const { return count * sources; }
   __device__ int64_t slot(int64_t i) const { return first + i % count + i / count * stride; }
-  // The source rank of slot i.
+  // The tile and the source rank of the i-th slot.
+  __device__ int tile(int64_t i) const { return int(first + i % count); }
   __device__ int source(int64_t i, int rank) const { return sources == 1 ? rank : int(i / count); }
 };
 __device__ __forceinline__ BandTileSlots band_tile_slots(const BandAllReduceParams& p, int band) {
@@ -91,7 +92,7 @@ __device__ void wait_band_tiles(const BandAllReduceParams& p, int band, bool con
   for (int64_t i = threadIdx.x; i < slots.size(); i += blockDim.x) {
     const int64_t t = slots.slot(i);
     const uint32_t expected = seen[t] + 1;
-    wait_flag_reached(ready + t, expected, c.timeout_ns, kOpMatmulAllReduce, "tile", int(t),
+    wait_flag_reached(ready + t, expected, c.timeout_ns, kOpMatmulAllReduce, "tile", slots.tile(i),
                       slots.source(i, c.rank));
     if (consume) seen[t] = expected;
   }
