@@ -129,7 +129,8 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(choose_matmul_all_reduce(4096, 7168, 4, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, GpuClass::kH200), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);  // W = 2 down_proj
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
@@ -405,26 +406,26 @@ TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
 }
 
 TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
-  const GpuClass kH100 = GpuClass::kH100;
+  const GpuClass kH200 = GpuClass::kH200;
   // At W >= 3 with K_r >= 7168 from M = 2048 up to the band schedule's range; never with
   // a shorter K, never at W = 2 (the pair exchange), never below M = 2048.
   for (int world : {2, 4, 8})
-    for (int64_t m : {1, 512, 2048, 16384}) EXPECT_NE(choose_matmul_all_reduce(m, 2048, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+    for (int64_t m : {1, 512, 2048, 16384}) EXPECT_NE(choose_matmul_all_reduce(m, 2048, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
   for (int world : {3, 4, 8}) {
     for (int64_t k : {7168, 14336}) {
-      EXPECT_EQ(choose_matmul_all_reduce(2048, k, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
-      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k) - 1, k, world, kH100),
+      EXPECT_EQ(choose_matmul_all_reduce(2048, k, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
+      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k) - 1, k, world, kH200),
                 MatmulAllReduceAlgo::kOwnerExchange);
-      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k), k, world, kH100), MatmulAllReduceAlgo::kBandPull);
-      EXPECT_NE(choose_matmul_all_reduce(2047, k, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k), k, world, kH200), MatmulAllReduceAlgo::kBandPull);
+      EXPECT_NE(choose_matmul_all_reduce(2047, k, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
     }
-    EXPECT_NE(choose_matmul_all_reduce(2048, 7160, world, kH100), MatmulAllReduceAlgo::kOwnerExchange);
+    EXPECT_NE(choose_matmul_all_reduce(2048, 7160, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
   }
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kOwnerExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 4, kH100, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 2, kH200), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 4, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandPull);
   // 128x128 tiles where 128x256 ones make one wave (M = 512-1023), else by M.
   EXPECT_EQ(exchange_tile_shape(2048, 2), 0);
   EXPECT_EQ(exchange_tile_shape(1024, 2), 0);
@@ -433,6 +434,9 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   EXPECT_EQ(exchange_tile_shape(1023, 2), 2);
   EXPECT_EQ(exchange_tile_shape(512, 2, 3), 3);
   EXPECT_EQ(exchange_ctas(128, 2, 64), 64);
+  // H100: never (it tied or lost there to the unfused order).
+  for (int world : {3, 4, 8}) EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, world, GpuClass::kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(owner_exchange_min_m(4, 7168, GpuClass::kH100), INT64_MAX);
 }
 
 TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {

@@ -171,8 +171,12 @@ inline int64_t pair_exchange_min_m(int world, GpuClass gpu = GpuClass::kH200) {
 // all-reduce dominates (o_proj M = 2048 345 against 254, M = 8192 1215 against band_pull
 // 770), and to the band schedule from M = 4096 (down_proj M = 8192 1593-1601 against
 // 1434-1442). At W = 2 the pair exchange is faster (o_proj M = 2048 245.8 against 303.2).
-// M = 1024-2047 unmeasured; H100: from the H200 rows. W > 4: untuned, same rule.
-inline int64_t owner_exchange_min_m(int world, int64_t k) { return world >= 3 && k >= 7168 ? 2048 : INT64_MAX; }
+// M = 1024-2047 unmeasured. H100 (4 x H100, W = 4, three runs of the v20 build): down_proj
+// M = 2048 466.4 / 465.9 / 464.3 against sequential 464.9 / 459.8 / 462.5, so never there.
+// W > 4: untuned, same rule.
+inline int64_t owner_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
+  return world >= 3 && k >= 7168 && gpu != GpuClass::kH100 ? 2048 : INT64_MAX;
+}
 
 // Both tile exchanges: output tile (TileGemmParams::tile_shape: 0 by M, 1 64x128, 2
 // 128x128, 3 128x256) and CTAs (0: one per SM; fewer give each CTA more tiles). Sweeps,
@@ -283,7 +287,7 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
   if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world, gpu)))
     return MatmulAllReduceAlgo::kPairExchange;
-  if (m >= (override_oe_min_m > 0 ? override_oe_min_m : owner_exchange_min_m(world, k)))
+  if (m >= (override_oe_min_m > 0 ? override_oe_min_m : owner_exchange_min_m(world, k, gpu)))
     return MatmulAllReduceAlgo::kOwnerExchange;
   if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
