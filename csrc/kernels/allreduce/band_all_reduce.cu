@@ -258,7 +258,7 @@ __device__ void sum_shard_vectors(const BandAllReduceParams& p, int band, int64_
 #pragma unroll
   for (int k = 0; k < W; ++k)
     rows_of[k] = static_cast<const T*>(
-        p.tiles_scattered ? band_region(p, rank, (k == rank ? 0 : band_slot_offset(p, k)) + off0)
+        p.tiles_scattered ? band_region(p, rank, scattered_partial_offset(p, k, rank) + off0)
                           : band_region(p, k, off0));
   for (int64_t v0 = first; v0 < end; v0 += stride)
     sum_batch_in_rank_order<T, W, kReduceUnroll<W>, kReduceThreads>(

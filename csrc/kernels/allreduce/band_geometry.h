@@ -72,6 +72,11 @@ DF_BAND_HD inline RowRange band_shard(const BandAllReduceParams& p, int64_t band
 DF_BAND_HD inline int64_t band_slot_offset(const BandAllReduceParams& p, int src) {
   return (1 + src) * p.m * p.n;
 }
+// Element offset, in its owner's tile region, of rank src's partial of the owner's
+// shards with scattered tiles: recv[src], the owner's own at D.
+DF_BAND_HD inline int64_t scattered_partial_offset(const BandAllReduceParams& p, int src, int owner) {
+  return src == owner ? 0 : band_slot_offset(p, src);
+}
 // Address of element `offset` of rank `rank`'s tile region (mapped here).
 DF_BAND_HD inline void* band_region(const BandAllReduceParams& p, int rank, int64_t offset) {
   return p.comm.peer_base[rank] + p.comm.layout.tiles_offset +

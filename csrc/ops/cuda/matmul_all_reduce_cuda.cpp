@@ -190,6 +190,13 @@ int64_t output_tiles(int64_t m, int64_t n, int tile_m, int tile_n) {
   return (m + tile_m - 1) / tile_m * ((n + tile_n - 1) / tile_n);
 }
 
+// Output tiles of the tile GEMM of [M, N] with the tile shape it picks by M.
+int64_t output_tiles_by_m(int64_t m, int64_t n) {
+  TileGemmParams shape{};
+  shape.m = static_cast<int>(m);
+  return output_tiles(m, n, tile_gemm_tile_m(shape), tile_gemm_tile_n(shape));
+}
+
 // Shapes the tile GEMM and the tile consumers take (others run sequentially).
 bool fused_gemm_supported(const at::Tensor& a, const at::Tensor& b) {
   const int64_t k = a.size(-1), n = b.size(1);
@@ -197,10 +204,7 @@ bool fused_gemm_supported(const at::Tensor& a, const at::Tensor& b) {
   if (!((a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) && k % 8 == 0 &&
         n % 8 == 0 && k > 0 && m > 0 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX))
     return false;
-  TileGemmParams shape{};
-  shape.m = static_cast<int>(m);
-  return output_tiles(m, n, tile_gemm_tile_m(shape), tile_gemm_tile_n(shape)) <=
-         tile_all_reduce_max_tiles();
+  return output_tiles_by_m(m, n) <= tile_all_reduce_max_tiles();
 }
 
 // The tile GEMM of A @ B into d (row-major, ld = N), without flags; sm_count is left
@@ -299,7 +303,7 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
     gp.scatter_world = c.world;
     gp.scatter_band_tile_rows = static_cast<int>(bp.band_rows / tile_m);
     for (int p = 0; p < c.world; ++p) {
-      gp.scatter_d[p] = band_region(bp, p, p == c.rank ? 0 : band_slot_offset(bp, c.rank));
+      gp.scatter_d[p] = band_region(bp, p, scattered_partial_offset(bp, c.rank, p));
       gp.scatter_flags[p] = c.flags(p, kChannelTiles) + c.rank * tiles;
     }
   }
@@ -308,14 +312,12 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   return bc;
 }
 
-// Whether the owner scatter's flags fit: a tile slot per rank and tile (seen counters and
-// the tile flag channel).
+// Whether the owner scatter's flags fit: a tile slot per rank and tile (seen counters,
+// and as many tile flags).
+static_assert(kMaxTiles <= int64_t(kFlagsPerChannel), "a seen counter per tile flag");
 bool band_scatter_fits(const at::Tensor& a, const at::Tensor& b, int world) {
-  const int64_t k = a.size(-1), m = a.numel() / k, n = b.size(1);
-  TileGemmParams shape{};
-  shape.m = static_cast<int>(m);
-  const int64_t slots = world * output_tiles(m, n, tile_gemm_tile_m(shape), tile_gemm_tile_n(shape));
-  return slots <= kMaxTiles && slots <= int64_t(kFlagsPerChannel);
+  const int64_t k = a.size(-1);
+  return world * output_tiles_by_m(a.numel() / k, b.size(1)) <= kMaxTiles;
 }
 
 // SM-pull band schedule (kernels/allreduce/band_all_reduce.h): one persistent kernel
@@ -535,10 +537,8 @@ at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
 
 // The owner schedule of fused_tiles needs an output tile per rank.
 bool owner_schedule_fits(const at::Tensor& a, const at::Tensor& b, int world) {
-  const int64_t k = a.size(-1), m = a.numel() / k, n = b.size(1);
-  TileGemmParams shape{};
-  shape.m = static_cast<int>(m);
-  return output_tiles(m, n, tile_gemm_tile_m(shape), tile_gemm_tile_n(shape)) >= world;
+  const int64_t k = a.size(-1);
+  return output_tiles_by_m(a.numel() / k, b.size(1)) >= world;
 }
 
 #endif  // DISTFUSE_NO_GEMM
