@@ -279,8 +279,8 @@ def body_decode_variants(rank, world, group_name):
 
 def body_band_variants(rank, world, group_name):
     """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
-    bands in a second kernel of 2 to 40 CTAs after the GEMM; 1 to 3 bands summed ahead
-    of a gather) and as one kernel per band, and every third call its owner-scatter form
+    bands in a second kernel of 2 to 40 CTAs or in the two-shot all-reduce after the GEMM;
+    1 to 3 bands summed ahead of a gather) and as one kernel per band, and every third call its owner-scatter form
     (the GEMM stores each tile into its owner), with 1 to 40 CTAs and 1 to 16 bands, back
     to back in mixed order (so the band sequences of the persistent kernels' flags and
     the tile slots run on across calls of different shapes, CTA, band and tail counts):
@@ -300,6 +300,7 @@ def body_band_variants(rank, world, group_name):
                  "matmul_all_reduce.bands": (1, 2, 8, 16)[(i // 5) % 4],
                  "matmul_all_reduce.band_tail": (1, 2, 4)[(i // 2) % 3],
                  "matmul_all_reduce.band_tail_blocks": (2, 16, 40)[(i // 7) % 3],
+                 "matmul_all_reduce.band_tail_two_shot": (2, 1)[(i // 13) % 2],
                  "matmul_all_reduce.band_sum_ahead": (1, 2, 3)[(i // 11) % 3], **lowered}
         path = "band_scatter" if i % 3 == 2 else "band_pull"
         if path == "band_scatter":
@@ -315,9 +316,10 @@ def body_band_variants(rank, world, group_name):
                 unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, knobs))
     graphs = []
-    for path, persistent, tail in (("band_pull", 1, 1), ("band_pull", 2, 1), ("band_pull", 1, 3),
-                                   ("band_scatter", 1, 3)):
-        knobs = {"matmul_all_reduce.band_persistent": persistent, "matmul_all_reduce.band_tail": tail}
+    for path, persistent, tail, two_shot in (("band_pull", 1, 1, 2), ("band_pull", 2, 1, 2), ("band_pull", 1, 3, 2),
+                                             ("band_pull", 1, 3, 1), ("band_scatter", 1, 3, 1)):
+        knobs = {"matmul_all_reduce.band_persistent": persistent, "matmul_all_reduce.band_tail": tail,
+                 "matmul_all_reduce.band_tail_two_shot": two_shot}
         with distfuse.tuning(knobs):
             graphs.append((path, knobs, _captured_call(group_name, path, 1500, 256, 2048, dev)))
     for turn in range(4):

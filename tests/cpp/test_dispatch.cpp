@@ -117,21 +117,25 @@ TEST(AllReduceChoice, TwoShotBlocksFitTheRegion) {
 TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   for (int world = 2; world <= kMaxWorld; ++world) {
     for (int64_t k : {band_pull_min_k(world), int64_t(7168), int64_t(14336)}) {
-      const int64_t min_m = band_pull_min_m(world, k);
+      const int64_t min_m = band_pull_min_m(world, k, kH100);
       EXPECT_EQ(choose_matmul_all_reduce(min_m, k, world, kH100), MatmulAllReduceAlgo::kBandPull);
       EXPECT_NE(choose_matmul_all_reduce(min_m - 1, k, world, kH100), MatmulAllReduceAlgo::kBandPull);
     }
     EXPECT_NE(choose_matmul_all_reduce(16384, band_pull_min_k(world) - 8, world, kH100), MatmulAllReduceAlgo::kBandPull);
   }
-  // Llama-3-70B: every M >= 8192 row; at M = 4096 all but o_proj at W = 4 (K_r = 2048).
+  // Llama-3-70B: every M >= 4096 row; on H200 also o_proj at W = 4 M = 2048 (K_r = 2048,
+  // its last bands in the two-shot all-reduce).
   for (int64_t k : {2048, 4096, 7168, 14336}) EXPECT_EQ(choose_matmul_all_reduce(8192, k, 4, kH100), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, 2048, 4, kH100), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 2048, 4, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 7168, 4, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, GpuClass::kH200), MatmulAllReduceAlgo::kOwnerExchange);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(2047, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 3, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);  // W = 3: untuned
   EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);  // W = 2 down_proj
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
   EXPECT_TRUE(band_pull_persistent());
@@ -161,6 +165,24 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(band_tail_bands(2048, 8, 8, 4), 0);  // all-reduce-bound: none
   EXPECT_EQ(band_tail_blocks(), 16);
   EXPECT_EQ(band_tail_blocks(24), 24);
+  // The two-shot tail where the GEMM does not hide the all-reduce (K_r < 7168).
+  EXPECT_TRUE(band_tail_two_shot(2048));
+  EXPECT_TRUE(band_tail_two_shot(4096));
+  EXPECT_FALSE(band_tail_two_shot(7168));
+  EXPECT_TRUE(band_tail_two_shot(14336, 1));
+  EXPECT_FALSE(band_tail_two_shot(2048, 2));
+  EXPECT_EQ(band_two_shot_tail_bands(4, 8), 3);
+  EXPECT_EQ(band_two_shot_tail_bands(4, 16), 6);
+  EXPECT_EQ(band_two_shot_tail_bands(2, 16), 1);
+  EXPECT_EQ(band_two_shot_tail_bands(4, 8, 5), 4);
+  for (int world : {2, 3, 4, 8})
+    for (int64_t bands : {1, 2, 3, 8, 16})
+      for (int64_t override_value : {0, 1, 2, 100}) {
+        const int tail = band_two_shot_tail_bands(world, bands, override_value);
+        EXPECT_GE(tail, 0);
+        EXPECT_LE(tail, bands - 1);
+        if (override_value == 1) EXPECT_EQ(tail, 0);
+      }
   EXPECT_EQ(band_sum_ahead(), 1);
   EXPECT_EQ(band_sum_ahead(3), 3);
   for (int world : {2, 4})
@@ -211,11 +233,11 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_TRUE(decode_ll128(2, 8, true, 3));
   EXPECT_FALSE(decode_ll128(4, 8, true, 1));
   EXPECT_FALSE(decode_ll128(4, 8, true, 2));
-  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4, kH100), MatmulAllReduceAlgo::kFusedTiles);
   // Where the band schedule and the tile exchanges are off (their smallest M raised), the
-  // owner schedule up to fused_max_k.
+  // owner schedule from fused_min_m up to fused_max_k.
   constexpr int64_t kNever = int64_t(1) << 40;
+  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4, kH100, 0, kNever), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4, kH100, 0, kNever), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, kH100, 0, kNever, 0, 0, kNever),
             MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, kH100, 0, kNever, 0, 0, kNever),
@@ -414,9 +436,9 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   for (int world : {3, 4, 8}) {
     for (int64_t k : {7168, 14336}) {
       EXPECT_EQ(choose_matmul_all_reduce(2048, k, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
-      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k) - 1, k, world, kH200),
+      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k, kH200) - 1, k, world, kH200),
                 MatmulAllReduceAlgo::kOwnerExchange);
-      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k), k, world, kH200), MatmulAllReduceAlgo::kBandPull);
+      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k, kH200), k, world, kH200), MatmulAllReduceAlgo::kBandPull);
       EXPECT_NE(choose_matmul_all_reduce(2047, k, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
     }
     EXPECT_NE(choose_matmul_all_reduce(2048, 7160, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);

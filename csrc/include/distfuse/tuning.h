@@ -127,7 +127,12 @@ inline int64_t fused_max_k(int world) {
 }
 
 // The SM-pull band schedule (one persistent kernel, v13) from M = 4096 with K_r >= 2048,
-// except at M < 8192 where the all-reduce dominates (W >= 4, K_r < 4096). Forced
+// and where the all-reduce dominates (W >= 4, K_r < 4096), since its last bands go to the
+// two-shot all-reduce (band_tail_two_shot, v21), from M = 2048 on H200 and 4096 elsewhere:
+// W = 4 o_proj M = 2048 / 4096 242.3 / 416.9 us vs sequential 255.0 / 495.1 and fused_tiles
+// 259.6 / 437.7 (4 x H200, forced columns, same run); 4 x H100 run of record: 264.5 / 432.4
+// vs sequential 260.8 / 495.5 and fused_tiles 265.1 / 446.4 (M = 2048 loses there).
+// Before that tail (v13), forced
 // sweeps (benchmarks/NOTES.md, v13), same runs: W = 4 o_proj (K_r = 2048) M = 8192 /
 // 16384 781 / 1472 us vs fused_tiles 819 / 1558 (4 x H100), 770 / 1456 vs 795 / 1541
 // (4 x H200), but M = 4096 451 vs 445 (H100), 436 vs 431 (H200); W = 2 o_proj M = 4096
@@ -137,7 +142,9 @@ inline int64_t fused_max_k(int world) {
 // the last GEMM wave's bands after the GEMM (band_tail_bands) it beat sequential (684 vs
 // 706 us, 4 x H100), but the pair exchange with its last tiles in the consumers beats it
 // there (v19, 2 x H200: 680.3 vs 692.4). W > 4: untuned, same rule as W = 4.
-inline int64_t band_pull_min_m(int world, int64_t k) { return world >= 4 && k < 4096 ? 8192 : 4096; }
+inline int64_t band_pull_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
+  return world >= 4 && k < 4096 && gpu == GpuClass::kH200 ? 2048 : 4096;
+}
 inline int64_t band_pull_min_k(int world) {
   (void)world;
   return 2048;
@@ -280,7 +287,7 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
                                                     int64_t override_pe_min_m = 0,
                                                     int64_t override_oe_min_m = 0,
                                                     int64_t override_bs_min_m = 0) {
-  const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k);
+  const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k, gpu);
   const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
   if (m >= (override_bs_min_m > 0 ? override_bs_min_m : band_scatter_min_m(world, k)) && k >= bp_min_k)
     return MatmulAllReduceAlgo::kBandScatter;
@@ -384,6 +391,29 @@ inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int
                            int64_t override_value = 0) {
   const int64_t wave_bands = band_tile_rows > 0 ? (wave_tile_rows + band_tile_rows - 1) / band_tile_rows : 1;
   const int64_t tail = override_value > 0 ? override_value - 1 : k >= 7168 ? wave_bands : 0;
+  return int(tail < bands - 1 ? tail : bands - 1);
+}
+// Or the last bands all-reduced by the two-shot all-reduce (pushes, two_shot_blocks CTAs on
+// the SMs the GEMM frees), which moves more than the band kernel on any CTA count (4 x H100,
+// W = 4, 128 MB: ~327 against ~276 GB/s): where the all-reduce is not hidden by a long GEMM
+// (K_r < 7168). 4 x H200, forced columns, same runs (benchmarks/NOTES.md, v21), W = 4 o_proj
+// (8 bands) M = 2048 / 4096 with the last 3: 242.3 / 416.9 us vs 269.4 / 445.7 without, and
+// vs sequential 255.0 and fused_tiles 437.7; M = 8192 782.3 vs 784.3; M = 16384 (16 bands)
+// with the last 6: 1467.7 vs 1481.4. W = 2 o_proj with the last 1 (16 bands): M = 4096 /
+// 8192 / 16384 455.9 / 887.0 / 1764.8 vs 467.4 / 907.6 / 1791.8. Where the GEMM is the
+// bottleneck (down_proj) the second band kernel (band_tail_bands) is as fast: W = 4 M = 8192
+// 1463.1 vs 1465.5. Override: 1 on, 2 off.
+inline bool band_tail_two_shot(int64_t k, int64_t override_value = 0) {
+  if (override_value > 0) return override_value == 1;
+  return k < 7168;
+}
+// How many: at W >= 3 three eighths of the bands (the all-reduce is ~1.6x the GEMM: the band
+// kernel keeps up with the first bands beside it; more in the tail leave its CTAs idle, fewer
+// leave it behind: W = 4 o_proj M = 4096, the last 2 / 3 / 4 / 6 of 8: 425.4 / 416.9 / 421.8 /
+// 466.9 us), at W = 2 one (M = 8192, 1 / 2 / 4 of 16: 887.0 / 913.9 / 957.8). At most all bands
+// but one. Override: N > 0 for the last N - 1 (the band_tail key).
+inline int band_two_shot_tail_bands(int world, int64_t bands, int64_t override_value = 0) {
+  const int64_t tail = override_value > 0 ? override_value - 1 : world <= 2 ? 1 : (3 * bands + 4) / 8;
   return int(tail < bands - 1 ? tail : bands - 1);
 }
 // CTAs of that kernel (the band kernel alone moves most at 16: W = 4 o_proj M = 8192 on

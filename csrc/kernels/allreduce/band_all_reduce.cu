@@ -457,6 +457,14 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
+// After the GEMM (stream order): this rank's tiles of bands [first_band, end_band)
+// counted as consumed, for a tail that the two-shot all-reduce took (their flags are
+// up, so the waits return at once; they still catch a missing tile).
+__global__ void __launch_bounds__(kWaitThreads)
+    band_consume_tiles_kernel(BandAllReduceParams p, int first_band, int end_band) {
+  for (int band = first_band; band < end_band; ++band) wait_band_tiles(p, band, /*consume=*/true);
+}
+
 // kChannelBandPull flags [kScatterEntrySlot, + W): the band_scatter schedule's entry handshake.
 constexpr int64_t kScatterEntrySlot = kPersistentReadySlot + kPersistentLanes * kPersistentLaneSlots;
 static_assert(kScatterEntrySlot + kMaxWorld <= int64_t(kFlagsPerChannel), "band flags overflow the channel");
@@ -516,6 +524,14 @@ cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks
         <<<blocks, kReduceThreads, 0, stream>>>(p, lane, first_band, end_band, sum_ahead);
     return cudaGetLastError();
   });
+}
+
+cudaError_t launch_band_consume_tiles(const BandAllReduceParams& p, int first_band, int end_band,
+                                      cudaStream_t stream) {
+  if (!valid(p, 0) || first_band < 0 || first_band >= end_band || end_band > band_count(p))
+    return cudaErrorInvalidValue;
+  band_consume_tiles_kernel<<<1, kWaitThreads, 0, stream>>>(p, first_band, end_band);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_band_scatter_entry(const BandAllReduceParams& p, cudaStream_t stream) {

@@ -82,6 +82,14 @@
 //   main: ─fork─[ tile GEMM on SMs - R ............... ][lane 1: bands B-T..B-1]─join─▶
 //   side:       [lane 0: sum 0][gather 0][sum 1] ... [gather B-T-1]────────────┘
 //
+// Or the last T bands go to the two-shot all-reduce (all_reduce.h) after the GEMM: its
+// pushes from 128 CTAs move more than any band kernel, and it reads this rank's D rows
+// of those bands directly (after the GEMM, in stream order: no tile flag is needed, a
+// one-block kernel then counts those tiles as consumed). The peers never read D there:
+//
+//   main: ─fork─[ tile GEMM on SMs - R ............... ][two-shot of rows of B-T..B-1][consume]─join─▶
+//   side:       [lane 0: sum 0][gather 0][sum 1] ... [gather B-T-1]──────────────────────────┘
+//
 // Flags carry band numbers of a sequence kept per lane in the channel's counters:
 // the lane's band first + s of a call whose base is b is b + 1 + s, and the lane's
 // last CTA stores b + (its bands) and counts their tiles as consumed. One slot per
@@ -152,6 +160,11 @@ cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks,
 // SM: the GEMM leaves `blocks` SMs free.
 cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks, int lane, int first_band,
                                         int end_band, int sum_ahead, cudaStream_t stream);
+
+// After the GEMM: this rank's tiles of bands [first_band, end_band) counted as consumed
+// (the two-shot tail all-reduced them from D without the tile flags).
+cudaError_t launch_band_consume_tiles(const BandAllReduceParams& p, int first_band, int end_band,
+                                      cudaStream_t stream);
 
 // The owner-scatter schedule's entry handshake (p.tiles_scattered), before its GEMM.
 cudaError_t launch_band_scatter_entry(const BandAllReduceParams& p, cudaStream_t stream);

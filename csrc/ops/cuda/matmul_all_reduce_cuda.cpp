@@ -323,7 +323,8 @@ bool band_scatter_fits(const at::Tensor& a, const at::Tensor& b, int world) {
 // SM-pull band schedule (kernels/allreduce/band_all_reduce.h): one persistent kernel
 // of R CTAs (or one kernel of R CTAs per band) on a side stream, beside the tile GEMM
 // on the other SMs; the last T bands (if any) in a second persistent kernel after the
-// GEMM.
+// GEMM, or (K_r < 7168: band_tail_two_shot) the two-shot all-reduce of their rows of D on
+// the SMs the GEMM frees.
 //
 //   main: ─fork─[ tile GEMM on SMs - R ................................ ][bands B-T.. (R' CTAs)]─join─▶
 //   side:       [Σ b0][Σ b1, gather b0][Σ b2, gather b1] ... [gather b(B-T-1)]─────────────────┘
@@ -351,17 +352,31 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   if (overlapped) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, side.fork, 0));
   const int bands = static_cast<int>(band_count(bc.bands));
   const int sum_ahead = band_sum_ahead(static_cast<int>(get_tuning("matmul_all_reduce.band_sum_ahead")));
+  const bool two_shot_tail =
+      !scatter && band_tail_two_shot(bc.gemm.k, get_tuning("matmul_all_reduce.band_tail_two_shot"));
   int tail = 0;
   if (scatter || band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
     const int64_t tiles_n = (bc.bands.n + bc.bands.tile_n - 1) / bc.bands.tile_n;
     const int64_t wave_tile_rows = (bc.gemm.sm_count + tiles_n - 1) / tiles_n;
-    tail = band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows,
-                           get_tuning("matmul_all_reduce.band_tail"));
+    tail = two_shot_tail ? band_two_shot_tail_bands(ws.world(), bands, get_tuning("matmul_all_reduce.band_tail"))
+                         : band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows,
+                                           get_tuning("matmul_all_reduce.band_tail"));
     C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, sum_ahead, stream));
   } else {
     for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
   }
-  if (tail > 0) {
+  if (tail > 0 && two_shot_tail) {
+    // After the GEMM, beside what lane 0 has left on its R SMs: the tail's rows of this
+    // rank's D (whole rows, so the bias columns line up) by the two-shot all-reduce.
+    const int64_t row0 = band_rows_of(bc.bands, bands - tail).row0;
+    const int64_t numel = (bc.bands.m - row0) * bc.bands.n;
+    const at::Tensor partial = at::from_blob(band_region(bc.bands, ws.rank(), row0 * bc.bands.n), {numel},
+                                             bc.ob.out.options());
+    at::Tensor out_rows = bc.ob.out.view({-1}).narrow(0, row0 * bc.bands.n, numel);
+    run_all_reduce(ws, partial, out_rows, bc.ob.bias.defined() ? &bc.ob.bias : nullptr, AllReducePath::kTwoShot,
+                   kOpMatmulAllReduce);
+    C10_CUDA_CHECK(launch_band_consume_tiles(bc.bands, bands - tail, bands, main));
+  } else if (tail > 0) {
     // After the GEMM, beside what lane 0 has left on its R SMs.
     const int blocks = std::min(band_tail_blocks(static_cast<int>(get_tuning("matmul_all_reduce.band_tail_blocks"))),
                                 sm_count(device) - bc.reducers);
