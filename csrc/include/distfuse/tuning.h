@@ -399,10 +399,11 @@ inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int
 // (K_r < 7168). 4 x H200, forced columns, same runs (benchmarks/NOTES.md, v21), W = 4 o_proj
 // (8 bands) M = 2048 / 4096 with the last 3: 242.3 / 416.9 us vs 269.4 / 445.7 without, and
 // vs sequential 255.0 and fused_tiles 437.7; M = 8192 782.3 vs 784.3; M = 16384 (16 bands)
-// with the last 6: 1467.7 vs 1481.4. W = 2 o_proj with the last 1 (16 bands): M = 4096 /
+// with the last 6: 1467.7 vs 1481.4. W = 2 o_proj with the last 1 (8 or 16 bands): M = 4096 /
 // 8192 / 16384 455.9 / 887.0 / 1764.8 vs 467.4 / 907.6 / 1791.8. Where the GEMM is the
 // bottleneck (down_proj) the second band kernel (band_tail_bands) is as fast: W = 4 M = 8192
-// 1463.1 vs 1465.5. Override: 1 on, 2 off.
+// 1463.1 vs 1465.5. Across hosts the W = 2 gain is within their spread (the H200 runs of
+// record: level with the record before). Override: 1 on, 2 off.
 inline bool band_tail_two_shot(int64_t k, int64_t override_value = 0) {
   if (override_value > 0) return override_value == 1;
   return k < 7168;

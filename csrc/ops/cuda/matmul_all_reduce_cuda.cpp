@@ -329,6 +329,10 @@ bool band_scatter_fits(const at::Tensor& a, const at::Tensor& b, int world) {
 //   main: ─fork─[ tile GEMM on SMs - R ................................ ][bands B-T.. (R' CTAs)]─join─▶
 //   side:       [Σ b0][Σ b1, gather b0][Σ b2, gather b1] ... [gather b(B-T-1)]─────────────────┘
 //
+//   two-shot tail:
+//   main: ─fork─[ tile GEMM on SMs - R ..................... ][two-shot of rows of B-T..][consume]─join─▶
+//   side:       [Σ b0][gather b0][Σ b1] ... [gather b(B-T-1)]─────────────────────────────────┘
+//
 // Owner scatter (`scatter`): the GEMM stores each tile into the rank that owns its rows and
 // the band kernel sums local copies; always the persistent kernel, after an entry handshake
 // (band_all_reduce.h):
