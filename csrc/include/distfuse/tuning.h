@@ -387,10 +387,14 @@ inline bool band_pull_persistent(int64_t override_value = 0) { return override_v
 // 684. o_proj (all-reduce-bound, 16 CTAs already) gains nothing (W = 2 M = 4096 / 8192:
 // 465 / 889 with none, 469 / 889 with one): none. Override: N > 0 for the last N - 1
 // bands (1: none); at most all bands but one.
+// The split between the two tails below: where the GEMM hides the band all-reduce
+// (K_r >= 7168: down_proj) the second band kernel takes the last wave's bands, elsewhere
+// the two-shot all-reduce takes a share of the bands.
+inline bool gemm_hides_band_all_reduce(int64_t k) { return k >= 7168; }
 inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int64_t wave_tile_rows,
                            int64_t override_value = 0) {
   const int64_t wave_bands = band_tile_rows > 0 ? (wave_tile_rows + band_tile_rows - 1) / band_tile_rows : 1;
-  const int64_t tail = override_value > 0 ? override_value - 1 : k >= 7168 ? wave_bands : 0;
+  const int64_t tail = override_value > 0 ? override_value - 1 : gemm_hides_band_all_reduce(k) ? wave_bands : 0;
   return int(tail < bands - 1 ? tail : bands - 1);
 }
 // Or the last bands all-reduced by the two-shot all-reduce (pushes, two_shot_blocks CTAs on
@@ -406,7 +410,7 @@ inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int
 // record: level with the record before). Override: 1 on, 2 off.
 inline bool band_tail_two_shot(int64_t k, int64_t override_value = 0) {
   if (override_value > 0) return override_value == 1;
-  return k < 7168;
+  return !gemm_hides_band_all_reduce(k);
 }
 // How many: at W >= 3 three eighths of the bands (the all-reduce is ~1.6x the GEMM: the band
 // kernel keeps up with the first bands beside it; more in the tail leave its CTAs idle, fewer
