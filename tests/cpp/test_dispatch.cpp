@@ -149,6 +149,10 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168));
   EXPECT_LT(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 7168),
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 4096, 7168));
+  EXPECT_LT(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 2, 16384, 4096),
+            band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 2, 8192, 4096));
+  EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 16384, 2048),
+            band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 2048));
   // The tail kernel takes at most all bands but one, and none when told 1.
   for (int64_t bands : {1, 2, 8, 16})
     for (int64_t override_value : {0, 1, 2, 4, 100}) {
@@ -455,7 +459,22 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   EXPECT_EQ(exchange_tile_shape(512, 2), 2);
   EXPECT_EQ(exchange_tile_shape(1023, 2), 2);
   EXPECT_EQ(exchange_tile_shape(512, 2, 3), 3);
-  EXPECT_EQ(exchange_ctas(128, 2, 64), 64);
+  // The CTAs: whole waves (as few CTAs as the waves of one per SM need), or as told.
+  EXPECT_EQ(exchange_ctas(512, 132), 128);
+  EXPECT_EQ(exchange_ctas(256, 132), 128);
+  EXPECT_EQ(exchange_ctas(128, 132), 128);
+  EXPECT_EQ(exchange_ctas(100, 132), 100);
+  EXPECT_EQ(exchange_ctas(133, 132), 67);
+  EXPECT_EQ(exchange_ctas(2049, 132), 129);
+  EXPECT_EQ(exchange_ctas(1, 132), 1);
+  EXPECT_EQ(exchange_ctas(512, 132, 64), 64);
+  EXPECT_EQ(exchange_ctas(512, 132, 200), 132);
+  for (int64_t tiles = 1; tiles < 3000; tiles += 7) {
+    const int ctas = exchange_ctas(tiles, 132);
+    EXPECT_GE(ctas, 1);
+    EXPECT_LE(ctas, 132);
+    EXPECT_EQ((tiles + ctas - 1) / ctas, (tiles + 131) / 132) << tiles;  // no extra wave
+  }
   // H100: never (it tied or lost there to the unfused order).
   for (int world : {3, 4, 8}) EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, world, GpuClass::kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(owner_exchange_min_m(4, 7168, GpuClass::kH100), INT64_MAX);

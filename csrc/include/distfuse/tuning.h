@@ -193,16 +193,22 @@ inline int64_t owner_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClas
 // 147.7 / 277.4 vs 84.9 / 145.9 / 251.0; with the last tiles in the consumers (v19) 74.6 /
 // 141.6 / 265.9 vs 80.4 / 140.4 / 245.8, down_proj M = 512 191.3 vs 195.9. So: 128x128
 // tiles from M = 512 (two waves of them where 128x256 makes one) below M = 1024, else by
-// M; one CTA per SM.
+// M.
 inline int exchange_tile_shape(int64_t m, int world, int override_value = 0) {
   (void)world;
   if (override_value > 0) return override_value;
   return m >= 512 && m < 1024 ? 2 : 0;
 }
-inline int exchange_ctas(int64_t m, int world, int override_ctas = 0) {
-  (void)m;
-  (void)world;
-  return override_ctas;
+// CTAs: as few as take the tiles in as many waves as one per SM would, so that every
+// wave is whole and every CTA's last tile ends with the others' (512 tiles on 132 SMs:
+// 128 CTAs of 4 tiles, not 116 of 4 and 16 of 3). 4 x H200, W = 2, same run, 128 / 132
+// CTAs (benchmarks/NOTES.md, v22): o_proj M = 512 / 2048 75.2 / 243.8 us vs 75.5 / 246.6,
+// down_proj 203.1 / 688.6 vs 204.2 / 692.6. Override: the CTAs (at most one per SM).
+inline int exchange_ctas(int64_t tiles, int sms, int override_ctas = 0) {
+  if (override_ctas > 0) return override_ctas < sms ? override_ctas : sms;
+  if (tiles <= 0 || sms <= 0) return sms > 0 ? sms : 1;
+  const int64_t waves = (tiles + sms - 1) / sms;
+  return int((tiles + waves - 1) / waves);
 }
 
 // Pair exchange: each CTA's consumer warp groups exchange its last tile themselves
@@ -356,16 +362,19 @@ inline int scatter_band_tile_rows(int64_t tiles_m, int world, int64_t override_b
 //       2752 / 5394 at 6 and 2703 / 5579 at 8)
 //   8   K_r >= 7168 and M >= 8192 (down_proj W = 4 M = 8192: 1438 vs 1490 at 12, 1579
 //       at 6, 1930 at 4)
+//   14  W = 2, K_r < 7168, M >= 16384 (o_proj: bands of 8 tile rows, twice the GEMM per
+//       band of M = 8192; 4 x H200, two runs: 1712.8 / 1718.0 us vs 1724.2 / 1727.7 at 12
+//       and 1766.8 / 1777.6 at 16; at M = 8192 16 stays ahead, 883 vs 899 at 14)
 //   16  elsewhere: M = 4096 (down_proj W = 4: 760 vs 768 at 12, 815 at 8) and o_proj
 //       (W = 2: 882 vs 1072 at 8, 908 at 24; W = 4: 884 at 16 and 24, 890 at 32).
 // The copy-engine schedule: 16. W > 4: untuned.
 inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, int64_t k,
                               int override_blocks = 0) {
   if (override_blocks > 0) return override_blocks;
-  (void)world;
   if (algo != MatmulAllReduceAlgo::kBandPull && algo != MatmulAllReduceAlgo::kBandScatter) return 16;
   if (k >= 14336) return 4;
-  return k >= 7168 && m >= 8192 ? 8 : 16;
+  if (k >= 7168) return m >= 8192 ? 8 : 16;
+  return world <= 2 && m >= 16384 ? 14 : 16;
 }
 
 // SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no

@@ -500,10 +500,10 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
   TORCH_CHECK(gp.tile_shape >= 0 && gp.tile_shape <= 3,
               "matmul_all_reduce.exchange_tiles must be 0 (by M), 1 (64x128), 2 (128x128) or 3 (128x256), got ",
               gp.tile_shape);
-  const int ctas = exchange_ctas(g.m, ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_ctas")));
-  gp.sm_count = ctas > 0 ? std::min(ctas, sm_count(device)) : sm_count(device);
+  const int64_t tiles = output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp));
+  gp.sm_count = exchange_ctas(tiles, sm_count(device), static_cast<int>(get_tuning("matmul_all_reduce.exchange_ctas")));
   gp.whole_tiles = true;  // the exchange's plan, also when serialized (same bits)
-  TORCH_CHECK(output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp)) <= tile_all_reduce_max_tiles(),
+  TORCH_CHECK(tiles <= tile_all_reduce_max_tiles(),
               "matmul_all_reduce: the tile exchange's tiles exceed the flag region (exchange_tiles=", gp.tile_shape,
               ", M=", g.m, ", N=", g.n, ")");
   if (!serialized) {
