@@ -460,13 +460,9 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   EXPECT_EQ(exchange_tile_shape(1023, 2), 2);
   EXPECT_EQ(exchange_tile_shape(512, 2, 3), 3);
   // The CTAs: whole waves (as few CTAs as the waves of one per SM need), or as told.
-  EXPECT_EQ(exchange_ctas(512, 132), 128);
-  EXPECT_EQ(exchange_ctas(256, 132), 128);
-  EXPECT_EQ(exchange_ctas(128, 132), 128);
-  EXPECT_EQ(exchange_ctas(100, 132), 100);
-  EXPECT_EQ(exchange_ctas(133, 132), 67);
-  EXPECT_EQ(exchange_ctas(2049, 132), 129);
-  EXPECT_EQ(exchange_ctas(1, 132), 1);
+  const struct { int64_t tiles; int ctas; } whole_waves[] = {
+      {512, 128}, {256, 128}, {128, 128}, {100, 100}, {133, 67}, {2049, 129}, {1, 1}};
+  for (const auto& c : whole_waves) EXPECT_EQ(exchange_ctas(c.tiles, 132), c.ctas) << c.tiles;
   EXPECT_EQ(exchange_ctas(512, 132, 64), 64);
   EXPECT_EQ(exchange_ctas(512, 132, 200), 132);
   for (int64_t tiles = 1; tiles < 3000; tiles += 7) {
