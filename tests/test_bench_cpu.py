@@ -209,11 +209,11 @@ def _order_of_calls(interleave):
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        cfg = TimingConfig(iters=3, warmup=1, min_iters=1, max_seconds=60.0, interleave=interleave)
+        cfg = TimingConfig(iters=8, warmup=1, min_iters=1, max_seconds=60.0, interleave=interleave)
         timings = Timer(dist.group.WORLD, cfg, torch.device("cpu")).run_all([method("a"), method("b")])
     finally:
         dist.destroy_process_group()
-    assert [t.samples for t in timings.values()] == [3, 3]
+    assert [t.samples for t in timings.values()] == [8, 8]
     assert all(t.us is not None and t.us > 0 and t.output is not None for t in timings.values())
     # Each method's info describes its own call, though the other method ran after it.
     assert {name: t.info for name, t in timings.items()} == {"a": {"last_call": "a"}, "b": {"last_call": "b"}}
@@ -221,6 +221,23 @@ def _order_of_calls(interleave):
 
 
 def test_timer_takes_the_samples_round_the_methods():
-    # set-up call, warm-up, 3 samples, correctness run
-    assert _order_of_calls(interleave=True) == ["a", "b", "a", "b"] + ["a", "b"] * 3 + ["a", "b"]
-    assert _order_of_calls(interleave=False) == ["a"] * 6 + ["b"] * 6
+    # set-up calls, warm-ups, 8 rounds of samples (each method once per round, in an
+    # order that changes between rounds), correctness runs
+    calls = _order_of_calls(interleave=True)
+    assert calls[:4] == ["a", "b", "a", "b"] and calls[-2:] == ["a", "b"]
+    rounds = [tuple(calls[4 + 2 * i:6 + 2 * i]) for i in range(8)]
+    assert all(sorted(r) == ["a", "b"] for r in rounds), rounds
+    assert set(rounds) == {("a", "b"), ("b", "a")}, rounds
+    assert _order_of_calls(interleave=False) == ["a"] * 11 + ["b"] * 11
+
+
+def test_sample_order_is_a_shuffle_fixed_by_the_round():
+    from distfuse.bench.timing import sample_order
+    items = list(range(14))
+    orders = [sample_order(items, i) for i in range(50)]
+    assert all(sorted(o) == items for o in orders)
+    assert orders == [sample_order(items, i) for i in range(50)]  # the same on every rank
+    # No column always follows the same one.
+    for j in items:
+        before = {o[o.index(j) - 1] for o in orders if o.index(j) > 0}
+        assert len(before) > 3, (j, before)
