@@ -203,7 +203,8 @@ inline int exchange_tile_shape(int64_t m, int world, int override_value = 0) {
 // wave is whole and every CTA's last tile ends with the others' (512 tiles on 132 SMs:
 // 128 CTAs of 4 tiles, not 116 of 4 and 16 of 3). 4 x H200, W = 2, same run, 128 / 132
 // CTAs (benchmarks/NOTES.md, v22): o_proj M = 512 / 2048 75.2 / 243.8 us vs 75.5 / 246.6,
-// down_proj 203.1 / 688.6 vs 204.2 / 692.6. Override: the CTAs (at most one per SM).
+// down_proj 203.1 / 688.6 vs 204.2 / 692.6 (2 x H100: down_proj 205.1 / 679.6 vs 207.3 /
+// 684.9). Override: the CTAs (at most one per SM).
 inline int exchange_ctas(int64_t tiles, int sms, int override_ctas = 0) {
   if (override_ctas > 0) return override_ctas < sms ? override_ctas : sms;
   if (tiles <= 0 || sms <= 0) return sms > 0 ? sms : 1;
@@ -364,7 +365,8 @@ inline int scatter_band_tile_rows(int64_t tiles_m, int world, int64_t override_b
 //       at 6, 1930 at 4)
 //   14  W = 2, K_r < 7168, M >= 16384 (o_proj: bands of 8 tile rows, twice the GEMM per
 //       band of M = 8192; 4 x H200, two runs: 1712.8 / 1718.0 us vs 1724.2 / 1727.7 at 12
-//       and 1766.8 / 1777.6 at 16; at M = 8192 16 stays ahead, 883 vs 899 at 14)
+//       and 1766.8 / 1777.6 at 16; 2 x H100 1738.6 / 1742.7 vs 1754.9 / 1758.7 at 16; at
+//       M = 8192 16 stays ahead, 883 vs 899 at 14)
 //   16  elsewhere: M = 4096 (down_proj W = 4: 760 vs 768 at 12, 815 at 8) and o_proj
 //       (W = 2: 882 vs 1072 at 8, 908 at 24; W = 4: 884 at 16 and 24, 890 at 32).
 // The copy-engine schedule: 16. W > 4: untuned.
