@@ -280,12 +280,13 @@ def body_decode_variants(rank, world, group_name):
 def body_band_variants(rank, world, group_name):
     """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
     bands in a second kernel of 2 to 40 CTAs or in the two-shot all-reduce after the GEMM;
-    1 to 3 bands summed ahead of a gather) and as one kernel per band, and every third call its owner-scatter form
-    (the GEMM stores each tile into its owner), with 1 to 40 CTAs and 1 to 16 bands, back
-    to back in mixed order (so the band sequences of the persistent kernels' flags and
-    the tile slots run on across calls of different shapes, CTA, band and tail counts):
-    exact on integer inputs, the same bits as the unfused order, identical across ranks;
-    then CUDA graphs of the four, replayed in turns."""
+    1 to 3 bands summed ahead of a gather) and as one kernel per band, and every third
+    call its owner-scatter form (the GEMM stores each tile into its owner), with 1 to 40
+    CTAs and 1 to 16 bands, back to back in mixed order (so the band sequences of the
+    persistent kernels' flags and the tile slots run on across calls of different shapes,
+    CTA, band and tail counts): exact on integer inputs, the same bits as the unfused
+    order, identical across ranks; then CUDA graphs of five of these forms, replayed in
+    turns."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -329,13 +330,12 @@ def body_band_variants(rank, world, group_name):
 
 def body_tile_exchanges_mixed(rank, world, group_name):
     """The pair exchange (two ranks) and the owner exchange between calls of the owner
-    schedule and the band schedules (pulled and scattered) on the same workspace (they share its tile slots,
-    flags and call epochs), with shapes
-    that change every call, partial tiles (M, N not multiples of the tile), odd M, each
-    tile shape, fewer CTAs than tiles, and the pair exchange's last tiles taken by the
-    consumer warps or by the exchange warps: exact on integer inputs, the same bits as the
-    unfused order, identical across ranks; then a CUDA graph of it replayed between
-    eager calls of the others."""
+    schedule and the band schedules (pulled and scattered) on the same workspace (they
+    share its tile slots, flags and call epochs), with shapes that change every call,
+    partial tiles (M, N not multiples of the tile), odd M, each tile shape, fewer CTAs
+    than tiles, and the pair exchange's last tiles taken by the consumer warps or by the
+    exchange warps: exact on integer inputs, the same bits as the unfused order, identical
+    across ranks; then a CUDA graph of it replayed between eager calls of the others."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())

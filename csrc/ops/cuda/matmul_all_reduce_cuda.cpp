@@ -360,11 +360,14 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
       !scatter && band_tail_two_shot(bc.gemm.k, get_tuning("matmul_all_reduce.band_tail_two_shot"));
   int tail = 0;
   if (scatter || band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
-    const int64_t tiles_n = (bc.bands.n + bc.bands.tile_n - 1) / bc.bands.tile_n;
-    const int64_t wave_tile_rows = (bc.gemm.sm_count + tiles_n - 1) / tiles_n;
-    tail = two_shot_tail ? band_two_shot_tail_bands(ws.world(), bands, get_tuning("matmul_all_reduce.band_tail"))
-                         : band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows,
-                                           get_tuning("matmul_all_reduce.band_tail"));
+    const int64_t tail_knob = get_tuning("matmul_all_reduce.band_tail");
+    if (two_shot_tail) {
+      tail = band_two_shot_tail_bands(ws.world(), bands, tail_knob);
+    } else {
+      const int64_t tiles_n = (bc.bands.n + bc.bands.tile_n - 1) / bc.bands.tile_n;
+      const int64_t wave_tile_rows = (bc.gemm.sm_count + tiles_n - 1) / tiles_n;
+      tail = band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows, tail_knob);
+    }
     C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, sum_ahead, stream));
   } else {
     for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
