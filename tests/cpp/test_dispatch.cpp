@@ -482,11 +482,5 @@ TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {
   EXPECT_FALSE(exchange_last_tile_in_consumers(2));
 }
 
-TEST(MatmulAllReduceDispatch, EvictFirstOnlyWhereTurnedOn) {
-  EXPECT_FALSE(evict_first_beside_gemm());
-  EXPECT_TRUE(evict_first_beside_gemm(1));
-  EXPECT_FALSE(evict_first_beside_gemm(2));
-}
-
 }  // namespace
 }  // namespace distfuse

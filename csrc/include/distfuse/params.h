@@ -73,7 +73,6 @@ struct TileGemmParams {
   const void* exchange_bias;
   bool exchange_through_owners;
   bool exchange_last_tile_in_consumers;
-  bool exchange_evict_first;  // both exchanges: read-once bytes with L2 evict_first
   CommHandle comm;
   // Owner scatter (the band_scatter schedule, kernels/allreduce/band_all_reduce.h): when
   // scatter_world > 0 the epilogue stores tile (tm, tn) straight into its owner rank's

@@ -221,12 +221,6 @@ inline int exchange_ctas(int64_t tiles, int sms, int override_ctas = 0) {
 // 685.8. Override: 1 on, 2 off.
 inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return override_value != 2; }
 
-// Tile exchanges and band schedules: the bytes their all-reduce reads for the last
-// time (partials, pushed copies, peers' sums) and the sums it stores for the output
-// go through L2 with the policy evict_first, so that beside the GEMM they leave L2
-// before its operand tiles. Untuned: off until measured. Override: 1 on, 2 off.
-inline bool evict_first_beside_gemm(int64_t override_value = 0) { return override_value == 1; }
-
 
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
 // M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse

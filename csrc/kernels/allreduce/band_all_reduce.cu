@@ -199,21 +199,19 @@ __device__ __forceinline__ uint32_t* pull_summed_flag(const CommHandle& c, int d
 constexpr int kPullUnroll = 8;  // 16-byte loads in flight per thread: NVLink needs ~1 MB per GPU
 
 // The 16-byte vectors first + u·kReduceThreads (u < kPullUnroll), then the same
-// `stride` further on, ... < end, of one thread: copied from `from` to `to`, both
-// with the L2 policy `policy` (read once, stored for the caller).
+// `stride` further on, ... < end, of one thread: copied from `from` to `to`.
 template <typename T>
-__device__ __forceinline__ void pull_vectors(const T* from, T* to, int64_t first, int64_t end, int64_t stride,
-                                             uint64_t policy) {
+__device__ __forceinline__ void pull_vectors(const T* from, T* to, int64_t first, int64_t end, int64_t stride) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kUnroll = kPullUnroll;
   for (int64_t v0 = first; v0 < end; v0 += stride) {
     uint4 x[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (v0 + u * kReduceThreads < end) x[u] = load_cg(from + (v0 + u * kReduceThreads) * kVec, policy);
+      if (v0 + u * kReduceThreads < end) x[u] = load_cg(from + (v0 + u * kReduceThreads) * kVec);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (v0 + u * kReduceThreads < end) store_plain(to + (v0 + u * kReduceThreads) * kVec, x[u], policy);
+      if (v0 + u * kReduceThreads < end) store_plain(to + (v0 + u * kReduceThreads) * kVec, x[u]);
   }
 }
 
@@ -241,14 +239,13 @@ __device__ void gather_peer_sums(const BandAllReduceParams& p, int band, uint32_
   for (int k = 1; k < W; ++k) {
     const PeerSums<T> s = peer_sums<T>(p, band, rank + k < W ? rank + k : rank + k - W);
     pull_vectors(s.from, s.to, int64_t(blockIdx.x) * kPullUnroll * kReduceThreads + threadIdx.x, s.vectors,
-                 int64_t(gridDim.x) * kPullUnroll * kReduceThreads, l2_policy(p.evict_first));
+                 int64_t(gridDim.x) * kPullUnroll * kReduceThreads);
   }
 }
 
 // Σ in rank order (+ bias) of this rank's shard of `band`, vectors first, first +
 // stride, ... < end of one thread (U per step), every rank's rows loaded from its D
-// (peers' over NVLink): to the output and to red_r (which the peers pull soon: no
-// evict_first there).
+// (peers' over NVLink): to the output and to red_r.
 template <typename T, int W>
 __device__ void sum_shard_vectors(const BandAllReduceParams& p, int band, int64_t first, int64_t end,
                                   int64_t stride) {
@@ -263,16 +260,14 @@ __device__ void sum_shard_vectors(const BandAllReduceParams& p, int band, int64_
     rows_of[k] = static_cast<const T*>(
         p.tiles_scattered ? band_region(p, rank, scattered_partial_offset(p, k, rank) + off0)
                           : band_region(p, k, off0));
-  const uint64_t policy = l2_policy(p.evict_first);
   for (int64_t v0 = first; v0 < end; v0 += stride)
     sum_batch_in_rank_order<T, W, kReduceUnroll<W>, kReduceThreads>(
         v0, end, [&](int src, int64_t v) { return rows_of[src] + v * kVec; }, static_cast<const T*>(p.bias),
         [&](int64_t v) { return (off0 + v * kVec) % p.n; },
         [&](int64_t v, uint4 r) {
-          store_plain(out + v * kVec, r, policy);
+          store_plain(out + v * kVec, r);
           store_plain(red + v * kVec, r);
-        },
-        &policy);
+        });
 }
 template <typename T>
 __device__ __forceinline__ int64_t shard_vectors(const BandAllReduceParams& p, int band, int owner) {
@@ -373,7 +368,7 @@ __device__ __forceinline__ void gather_peer_slices(const BandAllReduceParams& p,
     const PeerSums<T> from = peer_sums<T>(p, band, rank + k < W ? rank + k : rank + k - W);
     const RowRange mine = cta_slice(from.vectors, cta, gridDim.x);
     pull_vectors(from.from, from.to, mine.row0 + threadIdx.x, mine.row0 + mine.rows,
-                 int64_t(kPullUnroll) * kReduceThreads, l2_policy(p.evict_first));
+                 int64_t(kPullUnroll) * kReduceThreads);
   }
 }
 

@@ -23,9 +23,6 @@ struct BandAllReduceParams {
   // The GEMM stored every rank's partial of this rank's shards here (band_scatter):
   // rank src's at recv[src], this rank's own at D. Shards are then whole tile rows.
   bool tiles_scattered;
-  // Partials read and sums stored for the output with the L2 policy evict_first
-  // (l2_policy, vec.cuh), so that they do not displace the GEMM's operands beside.
-  bool evict_first;
 };
 
 // Rows [row0, row0 + rows) of D.

@@ -32,20 +32,18 @@ __device__ __forceinline__ uint4 sum_in_rank_order(const uint4 (&x)[W], const T*
 // For the vectors v = base + u * kThreads (u < U, v < count) of one thread:
 // Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at
 // source(src, v), plus bias at column bias_col(v) when given, rounded once,
-// handed to sink(v, result). All U x W loads are issued before the first use, with
-// the L2 policy `*load_policy` when given.
+// handed to sink(v, result). All U x W loads are issued before the first use.
 template <typename T, int W, int U, int kThreads, typename Index, typename Source, typename BiasCol,
           typename Sink>
 __device__ __forceinline__ void sum_batch_in_rank_order(Index base, Index count, Source source,
-                                                        const T* bias, BiasCol bias_col, Sink sink,
-                                                        const uint64_t* load_policy = nullptr) {
+                                                        const T* bias, BiasCol bias_col, Sink sink) {
   uint4 x[U][W];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const Index v = base + u * kThreads;
 #pragma unroll
     for (int src = 0; src < W; ++src)
-      if (v < count) x[u][src] = load_policy ? load_cg(source(src, v), *load_policy) : load_cg(source(src, v));
+      if (v < count) x[u][src] = load_cg(source(src, v));
   }
 #pragma unroll
   for (int u = 0; u < U; ++u) {

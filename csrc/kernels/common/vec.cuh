@@ -68,31 +68,6 @@ __device__ __forceinline__ uint4 load_plain(const void* p) {
 }
 __device__ __forceinline__ void store_plain(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
-// L2 eviction policies for the bytes an all-reduce beside a GEMM touches once
-// (partials read for the last time, sums stored for the caller): with evict_first
-// they leave L2 before the GEMM's operand tiles, which the GEMM reloads from HBM
-// when evicted. evict_normal is what an access without a hint does.
-__device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
-  uint64_t policy;
-  if (evict_first)
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  else
-    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ uint4 load_cg(const void* p, uint64_t policy) {
-  uint4 v;
-  asm volatile("ld.global.cg.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p), "l"(policy));
-  return v;
-}
-__device__ __forceinline__ void store_plain(void* p, uint4 v, uint64_t policy) {
-  asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(p), "r"(v.x), "r"(v.y),
-               "r"(v.z), "r"(v.w), "l"(policy)
-               : "memory");
-}
-
 __device__ __forceinline__ uint4 as_uint4(const Pack<float, 16>& p) {
   return make_uint4(p.w[0], p.w[1], p.w[2], p.w[3]);
 }

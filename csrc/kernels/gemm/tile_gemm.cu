@@ -253,7 +253,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.split_counters = reinterpret_cast<uint32_t*>(workspace_bytes);
   params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
   params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
-                                 p.exchange_last_tile_in_consumers, p.exchange_evict_first};
+                                 p.exchange_last_tile_in_consumers};
   params.scatter_world = p.scatter_world;
   params.scatter_band_tile_rows = p.scatter_band_tile_rows;
   for (int r = 0; r < p.scatter_world; ++r) params.scatter_flags[r] = p.scatter_flags[r];

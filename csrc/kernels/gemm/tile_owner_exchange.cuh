@@ -70,9 +70,6 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
   const int64_t step = kRowStep * n;
   const int sum_rows = kExchangeBatch / world;  // rows of a sum batch, every rank's vector staged
   uint4* slot = staging + x;                        // this thread's slots: slot[k * kThreads]
-  // Every byte here is touched once more at most, but the owner's own slot, which
-  // its peers pull (no hint there).
-  const uint64_t once = l2_policy(e.evict_first);
   auto wait_for = [&](const uint32_t* flag, uint32_t what, int index, int peer) {
     return wait_or_record_timeout(c, cta, flag, epoch, what, index, peer);
   };
@@ -100,7 +97,7 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
   };
   // from[tile] -> to[tile] through the staging slots.
   auto copy_tile = [&](const TileRows& g, const T* from, T* to) {
-    if (g.active) copy_tile_through_staging<T, kLanesPerRow>(from, to, g.first_off, g.rows, n, slot, x, &once, &once);
+    if (g.active) copy_tile_through_staging<T, kLanesPerRow>(from, to, g.first_off, g.rows, n, slot, x);
   };
   // The owner's sum of the tile into out and its own slot, sum_rows rows a batch.
   auto sum_tile = [&](const TileRows& g) {
@@ -112,11 +109,11 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
       for (int k = 0; k < sum_rows && r + k * kRowStep < g.rows; ++k)
         for (int src = 0; src < world; ++src)
           cp_async_16(slot + (k * world + src) * kThreads,
-                      (src == rank ? mine : receive_slot<T>(c, rank, mn, parity, src)) + off + k * step, once);
+                      (src == rank ? mine : receive_slot<T>(c, rank, mn, parity, src)) + off + k * step);
       cp_async_wait_all();
       for (int k = 0; k < sum_rows && r + k * kRowStep < g.rows; ++k) {
         const uint4 sum = sum_strided_in_rank_order<T>(slot + k * world * kThreads, kThreads, world, bias_vec);
-        store_plain(out + off + k * step, sum, once);
+        store_plain(out + off + k * step, sum);
         store_plain(own_slot + off + k * step, sum);
       }
     }

@@ -64,8 +64,6 @@ struct TileExchange {
   CommHandle comm;              // D is this rank's tile partial in its workspace
   bool through_owners;          // any W: tile owners sum (tile_owner_exchange.cuh); else W = 2, both sum
   bool last_tile_in_consumers;  // pair exchange: each CTA's consumers exchange its last tile
-  bool evict_first;             // partials read for the last time and the sums stored for the
-                                // output with the L2 policy evict_first (l2_policy, vec.cuh)
 };
 
 constexpr int kExchangeThreads = 96;  // warps 1..3 of the producer warp group
@@ -89,11 +87,6 @@ struct ExchangeCtaState {
 __device__ __forceinline__ void cp_async_16(uint4* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_16(uint4* smem, const void* gmem, uint64_t policy) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "l"(policy)
-               : "memory");
 }
 // Waits for every cp.async this thread issued.
 __device__ __forceinline__ void cp_async_wait_all() {
@@ -171,13 +164,10 @@ __device__ __forceinline__ void finish_exchange_call(const CallEpoch& ce, uint32
 
 // Thread x's part of one tile, from[] -> to[]: its rows r0 = x / kLanesPerRow, r0 +
 // kRowStep, ... below `rows`, at offsets first_off + (r - r0) * n, kExchangeBatch rows
-// a batch loaded into its staging slots (slot[k * kExchangeThreads]) and stored, with
-// the L2 policies *load_policy and *store_policy where given.
+// a batch loaded into its staging slots (slot[k * kExchangeThreads]) and stored.
 template <typename T, int kLanesPerRow>
 __device__ __forceinline__ void copy_tile_through_staging(const T* from, T* to, int64_t first_off, int rows,
-                                                          int64_t n, uint4* slot, int x,
-                                                          const uint64_t* load_policy,
-                                                          const uint64_t* store_policy) {
+                                                          int64_t n, uint4* slot, int x) {
   constexpr int kRowStep = kExchangeThreads / kLanesPerRow;
   const int64_t step = kRowStep * n;
   for (int r = x / kLanesPerRow; r < rows; r += kExchangeBatch * kRowStep) {
@@ -185,22 +175,12 @@ __device__ __forceinline__ void copy_tile_through_staging(const T* from, T* to, 
     const T* src = from + off;
 #pragma unroll
     for (int k = 0; k < kExchangeBatch; ++k, src += step)
-      if (r + k * kRowStep < rows) {
-        if (load_policy)
-          cp_async_16(slot + k * kExchangeThreads, src, *load_policy);
-        else
-          cp_async_16(slot + k * kExchangeThreads, src);
-      }
+      if (r + k * kRowStep < rows) cp_async_16(slot + k * kExchangeThreads, src);
     cp_async_wait_all();
     T* dst = to + off;
 #pragma unroll
     for (int k = 0; k < kExchangeBatch; ++k, dst += step)
-      if (r + k * kRowStep < rows) {
-        if (store_policy)
-          store_plain(dst, slot[k * kExchangeThreads], *store_policy);
-        else
-          store_plain(dst, slot[k * kExchangeThreads]);
-      }
+      if (r + k * kRowStep < rows) store_plain(dst, slot[k * kExchangeThreads]);
   }
 }
 
@@ -237,9 +217,6 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
   const T* bias = static_cast<const T*>(e.bias);
   const int lane = x % kLanesPerRow;
   const int64_t step = kRowStep * n;
-  // Own partial: read again by the sum (no hint); the copy pushed to the peer, the
-  // operands of the sum and the sums: touched once more at most.
-  const uint64_t once = l2_policy(e.evict_first);
 
   if (x == 0) enter_exchange_call(c, cta, epoch, blockIdx.x == 0);
   sync();
@@ -257,7 +234,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
     const bool active = col0 + int64_t(lane) * Pack<T, 16>::kElems < n;
     const int64_t first_off = (row0 + x / kLanesPerRow) * n + col0 + int64_t(lane) * Pack<T, 16>::kElems;
     uint4* slot = staging + x;  // this thread's slots: slot[k * kThreads]
-    if (active) copy_tile_through_staging<T, kLanesPerRow>(mine, to_peer, first_off, rows, n, slot, x, nullptr, &once);  // push
+    if (active) copy_tile_through_staging<T, kLanesPerRow>(mine, to_peer, first_off, rows, n, slot, x);  // push
     sync();  // every push of the tile precedes the release
     if (x == 0) {
       store_release_sys(received_flag(c, peer, t, rank), epoch);
@@ -274,8 +251,8 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
 #pragma unroll
         for (int k = 0; k < kSum; ++k, a += step, b += step)
           if (r + k * kRowStep < rows) {
-            cp_async_16(slot + k * kThreads, a, once);
-            cp_async_16(slot + (kSum + k) * kThreads, b, once);
+            cp_async_16(slot + k * kThreads, a);
+            cp_async_16(slot + (kSum + k) * kThreads, b);
           }
         cp_async_wait_all();
         T* to = out + off;
@@ -283,7 +260,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
         for (int k = 0; k < kSum; ++k, to += step)
           if (r + k * kRowStep < rows) {
             const uint4 pair[2] = {slot[k * kThreads], slot[(kSum + k) * kThreads]};
-            store_plain(to, sum_in_rank_order<T, 2>(pair, bias_vec), once);
+            store_plain(to, sum_in_rank_order<T, 2>(pair, bias_vec));
           }
       }
     }
@@ -326,7 +303,6 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
   const bool active = col < n;
   const int64_t first_off = (row0 + r0) * n + col;
   const int64_t step = kRowStep * n;
-  const uint64_t once = l2_policy(e.evict_first);  // as in exchange_tiles_with_peer
 
   if (active) {  // push: the whole tile in flight
     const T* from = partial_of<T>(c, rank) + first_off;
@@ -337,7 +313,7 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
       if (r0 + k * kRowStep < rows) mine[k] = load_cg(from + k * step);
 #pragma unroll
     for (int k = 0; k < kVectors; ++k)
-      if (r0 + k * kRowStep < rows) store_plain(to + k * step, mine[k], once);
+      if (r0 + k * kRowStep < rows) store_plain(to + k * step, mine[k]);
   }
   sync();  // every push of the tile precedes the release
   if (y == 0) {
@@ -359,13 +335,13 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
 #pragma unroll
     for (int k = 0; k < kSumVectors; ++k)
       if (r0 + (k0 + k) * kRowStep < rows) {
-        pairs[k][0] = load_cg(first + (k0 + k) * step, once);
-        pairs[k][1] = load_cg(second + (k0 + k) * step, once);
+        pairs[k][0] = load_cg(first + (k0 + k) * step);
+        pairs[k][1] = load_cg(second + (k0 + k) * step);
       }
 #pragma unroll
     for (int k = 0; k < kSumVectors; ++k)
       if (r0 + (k0 + k) * kRowStep < rows)
-        store_plain(out + (k0 + k) * step, sum_in_rank_order<T, 2>(pairs[k], bias_vec), once);
+        store_plain(out + (k0 + k) * step, sum_in_rank_order<T, 2>(pairs[k], bias_vec));
   }
 }
 

@@ -293,7 +293,6 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   while (band_count(bp) > kMaxBands) bp.band_rows *= 2;  // keeps whole groups per band
   bp.dtype = gp.dtype;
   bp.comm = ws.handle();
-  bp.evict_first = evict_first_beside_gemm(get_tuning("matmul_all_reduce.evict_first"));
 
   if (algo == MatmulAllReduceAlgo::kBandScatter) {
     // Tile t of rank src lands on the owner at recv[src] (its own at D), flagged at slot src·T + t.
@@ -517,7 +516,6 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
     gp.exchange_last_tile_in_consumers =
         !through_owners &&
         exchange_last_tile_in_consumers(get_tuning("matmul_all_reduce.exchange_consumer_tail"));
-    gp.exchange_evict_first = evict_first_beside_gemm(get_tuning("matmul_all_reduce.evict_first"));
     gp.comm = ws.handle();
   }
   C10_CUDA_CHECK(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)));
