@@ -379,6 +379,23 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
   return world <= 2 && m >= 16384 ? 14 : 16;
 }
 
+// Where the GEMM hides the band all-reduce (K_r >= 7168: down_proj; the long GEMM per
+// band keeps the band CTAs ahead of it) and 8 or more band CTAs run: one fewer where
+// that saves the GEMM a wave of tiles (`tiles` output tiles, each CTA taking every G-th,
+// G = `sms` - CTAs; `sms`: the GEMM's and the band kernel's). W = 4 down_proj M = 16384
+// on 132 SMs: 7 CTAs leave 125 for 4096 tiles, 33 waves, where 8 leave 124, 34 waves;
+// 4 x H100, forced, two runs (benchmarks/NOTES.md, v24): 2776.0 / 2782.8 us vs 2804.2 /
+// 2835.2 at 8, 2882.2 at 6 (33 waves too: too few CTAs), 2847.3 at 11 (34 waves). Where
+// no wave is saved, one fewer only adds to the tail: M = 8192 (17 waves at 7 and 8)
+// 1449.1 vs 1444.7. Where the all-reduce is the bottleneck (o_proj) every band CTA counts
+// more than a wave: never there. No change with an override.
+inline bool gemm_hides_band_all_reduce(int64_t k) { return k >= 7168; }
+inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, int sms, int override_blocks = 0) {
+  if (override_blocks > 0 || blocks < 8 || !gemm_hides_band_all_reduce(k) || tiles <= 0) return blocks;
+  auto waves = [&](int gemm_ctas) { return gemm_ctas > 0 ? (tiles + gemm_ctas - 1) / gemm_ctas : INT64_MAX; };
+  return waves(sms - blocks + 1) < waves(sms - blocks) ? blocks - 1 : blocks;
+}
+
 // SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no
 // launch or grid-wide arrival per band) rather than one kernel per band (v13; same
 // runs, 8 bands, persistent vs per band: W = 4 o_proj M = 8192 / 16384 781 / 1472 vs
@@ -401,7 +418,6 @@ inline bool band_pull_persistent(int64_t override_value = 0) { return override_v
 // The split between the two tails below: where the GEMM hides the band all-reduce
 // (K_r >= 7168: down_proj) the second band kernel takes the last wave's bands, elsewhere
 // the two-shot all-reduce takes a share of the bands.
-inline bool gemm_hides_band_all_reduce(int64_t k) { return k >= 7168; }
 inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int64_t wave_tile_rows,
                            int64_t override_value = 0) {
   const int64_t wave_bands = band_tile_rows > 0 ? (wave_tile_rows + band_tile_rows - 1) / band_tile_rows : 1;

@@ -276,10 +276,12 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   const int64_t bands_knob = get_tuning("matmul_all_reduce.bands");
   gp.group_rows = algo == MatmulAllReduceAlgo::kBandScatter ? scatter_band_tile_rows(tiles_m, ws.world(), bands_knob)
                                                            : band_tile_rows(tiles_m, ws.world(), bands_knob);
-  bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.m, g.k,
-                                                       static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"))),
-                                    sm_count(device) / 2));
-  gp.sm_count = sm_count(device) - bc.reducers - spare_sms;
+  const int blocks_knob = static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"));
+  const int sms = sm_count(device) - spare_sms;  // the GEMM's and the band kernel's
+  bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.m, g.k, blocks_knob), sm_count(device) / 2));
+  bc.reducers = band_reduce_blocks_for_waves(bc.reducers, g.k, output_tiles(g.m, g.n, tile_m, tile_gemm_tile_n(gp)),
+                                             sms, blocks_knob);
+  gp.sm_count = sms - bc.reducers;
 
   bc.ob = output_and_bias(g, a, bias);
   BandAllReduceParams& bp = bc.bands;
