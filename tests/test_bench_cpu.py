@@ -146,6 +146,21 @@ def test_bars_of_committed_results_are_recomputable():
     assert checked > 0
 
 
+def test_forced_columns_name_the_schedule_that_ran():
+    """A forced schedule that falls back shows the one that ran; the pair exchange is a
+    column at W = 2 only."""
+    import types
+
+    from distfuse.bench.matmul_all_reduce import forced_cell, forced_paths
+    assert forced_cell("2773.7", "band_scatter", "band_pull") == "2773.7 (band_pull)"
+    assert forced_cell("2773.7", "band_pull", "band_pull") == "2773.7"
+    assert forced_cell("n/a", "band_pull", None) == "n/a"
+    given = {"paths": ["band_pull", "pair_exchange"]}
+    assert forced_paths(types.SimpleNamespace(options=given, world=2)) == ("band_pull", "pair_exchange")
+    assert forced_paths(types.SimpleNamespace(options=given, world=4)) == ("band_pull",)
+    assert "pair_exchange" not in forced_paths(types.SimpleNamespace(options={}, world=8))
+
+
 def test_tune_sweep_variants_and_errors():
     """--tune KEY=V1,V2: one column per combination of the op's keys; bad keys or values fail early."""
     import types

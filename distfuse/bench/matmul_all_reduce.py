@@ -48,9 +48,20 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
 
 def forced_paths(ctx):
-    """The forced-path columns of this run (--paths, else every schedule)."""
+    """The forced-path columns of this run (--paths, else every schedule); the pair exchange
+    only at W = 2, the one group size it exists for."""
     given = ctx.options.get("paths")
-    return tuple(p for p in FORCED_PATHS if p in given) if given else FORCED_PATHS
+    paths = tuple(p for p in FORCED_PATHS if p in given) if given else FORCED_PATHS
+    return tuple(p for p in paths if p != "pair_exchange" or ctx.world == 2)
+
+
+def forced_cell(us: str, forced: str, ran: Optional[str]) -> str:
+    """A forced column's cell: its time, and the schedule that ran where the op took another
+    one (a forced schedule that does not fit the shape falls back), so that no column shows
+    one schedule's time under another's name."""
+    if ran is None or ran == forced:
+        return us
+    return f"{us} ({ran})"
 
 
 def shape_dims(ctx: BenchContext, name: str) -> Tuple[int, int]:
@@ -291,7 +302,7 @@ def _table(ctx, rows, errors_seen, notes, tol) -> Table:
                  "graph" if r["graph"] else "eager", fmt(t["matmul"]), fmt(t["ar_best"]),
                  str(r["ar_best_method"] or "n/a").replace("ar_", ""), fmt(t.get(f"matmul+{b}")),
                  fmt(t.get("matmul+distfuse_ar"))]
-        cells += [fmt(t.get(f)) for f in forced]
+        cells += [forced_cell(fmt(t.get(f)), f.split(":", 1)[1].split("[", 1)[0], r["paths"].get(f)) for f in forced]
         cells += [fmt(t.get("distfuse")), str(r["path"] or "n/a"), fmt(t.get("ideal")),
                   (f"{100 * r['hidden_share']:.0f}%" if r["hidden_share"] is not None else "n/a"),
                   (f"{r['speedup']:.2f}x" if r["speedup"] is not None else "n/a"),
