@@ -128,7 +128,8 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   for (int64_t k : {2048, 4096, 7168, 14336}) EXPECT_EQ(choose_matmul_all_reduce(8192, k, 4, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 2048, 4, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 7168, 4, kH100), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(16384, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 2, kH100), MatmulAllReduceAlgo::kPairExchange);  // W = 2 o_proj
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, GpuClass::kH200), MatmulAllReduceAlgo::kOwnerExchange);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
@@ -410,12 +411,16 @@ TEST(Check, ThrowsWithFileLineAndValues) {
 
 
 TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
-  // W = 2: from M = 512 where the band schedule does not run (o_proj and down_proj
-  // M = 512-4095), never at other world sizes, never below M = 512.
+  // W = 2: from M = 512 where the band schedule does not run (o_proj M = 512-16383,
+  // down_proj M = 512-4095), never at other world sizes, never below M = 512.
   for (int64_t k : {4096, 14336})
     for (int64_t m : {512, 1023, 1024, 2048, 4095})
       EXPECT_EQ(choose_matmul_all_reduce(m, k, 2, GpuClass::kH200), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
+  for (int64_t m : {4096, 8192, 16383}) {
+    EXPECT_EQ(choose_matmul_all_reduce(m, 4096, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
+    EXPECT_EQ(choose_matmul_all_reduce(m, 4096, 2, GpuClass::kH200), MatmulAllReduceAlgo::kPairExchange);
+  }
+  EXPECT_EQ(choose_matmul_all_reduce(16384, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(511, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(128, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);

@@ -142,7 +142,14 @@ inline int64_t fused_max_k(int world) {
 // the last GEMM wave's bands after the GEMM (band_tail_bands) it beat sequential (684 vs
 // 706 us, 4 x H100), but the pair exchange with its last tiles in the consumers beats it
 // there (v19, 2 x H200: 680.3 vs 692.4). W > 4: untuned, same rule as W = 4.
+// At W = 2 with K_r < 7168 (o_proj) the pair exchange keeps all SMs for the GEMM and
+// beats the band schedule below M = 16384 (benchmarks/NOTES.md, v25; forced columns,
+// same runs, w.t(), M = 4096 / 8192, µs): 4 x H100 443.6 / 854.4 vs 469.2 / 892.3 and
+// 454.9 / 896.0 vs 480.1 / 917.9; 4 x H200 433.7 / 843.1 vs 442.8 / 849.6 and - / 864.5
+// vs - / 874.2. At M = 16384 the band schedule ties or wins (H100 1700.5 vs 1701.6 and
+// 1767.8 vs 1790.8; H200 1671.4 vs 1680.6). Measured at K_r = 4096 only.
 inline int64_t band_pull_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
+  if (world == 2 && k < 7168) return 16384;
   return world >= 4 && k < 4096 && gpu == GpuClass::kH200 ? 2048 : 4096;
 }
 inline int64_t band_pull_min_k(int world) {
@@ -152,7 +159,7 @@ inline int64_t band_pull_min_k(int world) {
 
 // The pair exchange (two ranks: the tile GEMM's idle producer warps exchange every
 // finished tile with the peer, no SM taken from the GEMM) from M = 512 where the band
-// schedule does not run. Forced columns, same runs (benchmarks/NOTES.md, v17), W = 2:
+// schedule does not run (o_proj below M = 16384, down_proj below 4096). Forced columns, same runs (benchmarks/NOTES.md, v17), W = 2:
 // o_proj M = 1024 / 2048 / 4096 144.2 / 247.4 / 448.3 us vs sequential 151.9 / 286.5 /
 // 544.5 and band_pull 202.3 / 313.2 / 438.9 (2 x H200); M = 2048 / 8192 261.5 / 920.3 vs
 // sequential 290.5 / 1109.1, band_pull 351.0 / 896.5 (2 x H100). With each CTA's last
