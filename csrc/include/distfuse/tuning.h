@@ -146,8 +146,9 @@ inline int64_t fused_max_k(int world) {
 // beats the band schedule below M = 16384 (benchmarks/NOTES.md, v25; forced columns,
 // same runs, w.t(), M = 4096 / 8192, µs): 4 x H100 443.6 / 854.4 vs 469.2 / 892.3 and
 // 454.9 / 896.0 vs 480.1 / 917.9; 4 x H200 433.7 / 843.1 vs 442.8 / 849.6 and - / 864.5
-// vs - / 874.2. At M = 16384 the band schedule ties or wins (H100 1700.5 vs 1701.6 and
-// 1767.8 vs 1790.8; H200 1671.4 vs 1680.6). Measured at K_r = 4096 only.
+// vs - / 874.2. At M = 16384 the two are within 1 % either way (band vs pair: H100 1700.5
+// vs 1701.6, 1767.8 vs 1790.8, 1714.2 vs 1698.5; H200 1671.4 vs 1680.6): the band schedule
+// stays there. Measured at K_r = 4096 only.
 inline int64_t band_pull_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
   if (world == 2 && k < 7168) return 16384;
   return world >= 4 && k < 4096 && gpu == GpuClass::kH200 ? 2048 : 4096;
@@ -159,8 +160,8 @@ inline int64_t band_pull_min_k(int world) {
 
 // The pair exchange (two ranks: the tile GEMM's idle producer warps exchange every
 // finished tile with the peer, no SM taken from the GEMM) from M = 512 where the band
-// schedule does not run (o_proj below M = 16384, down_proj below 4096). Forced columns, same runs (benchmarks/NOTES.md, v17), W = 2:
-// o_proj M = 1024 / 2048 / 4096 144.2 / 247.4 / 448.3 us vs sequential 151.9 / 286.5 /
+// schedule does not run (o_proj below M = 16384, down_proj below 4096). Forced columns,
+// same runs (benchmarks/NOTES.md, v17), W = 2: o_proj M = 1024 / 2048 / 4096 144.2 / 247.4 / 448.3 us vs sequential 151.9 / 286.5 /
 // 544.5 and band_pull 202.3 / 313.2 / 438.9 (2 x H200); M = 2048 / 8192 261.5 / 920.3 vs
 // sequential 290.5 / 1109.1, band_pull 351.0 / 896.5 (2 x H100). With each CTA's last
 // tile exchanged by its consumers (v19, 2 x H200): o_proj M = 512 74.6 us (128 x 128
