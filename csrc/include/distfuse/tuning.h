@@ -161,9 +161,10 @@ inline int64_t band_pull_min_k(int world) {
 // The pair exchange (two ranks: the tile GEMM's idle producer warps exchange every
 // finished tile with the peer, no SM taken from the GEMM) from M = 512 where the band
 // schedule does not run (o_proj below M = 16384, down_proj below 4096). Forced columns,
-// same runs (benchmarks/NOTES.md, v17), W = 2: o_proj M = 1024 / 2048 / 4096 144.2 / 247.4 / 448.3 us vs sequential 151.9 / 286.5 /
-// 544.5 and band_pull 202.3 / 313.2 / 438.9 (2 x H200); M = 2048 / 8192 261.5 / 920.3 vs
-// sequential 290.5 / 1109.1, band_pull 351.0 / 896.5 (2 x H100). With each CTA's last
+// same runs (benchmarks/NOTES.md, v17), W = 2: o_proj M = 1024 / 2048 / 4096 144.2 /
+// 247.4 / 448.3 us vs sequential 151.9 / 286.5 / 544.5 and band_pull 202.3 / 313.2 /
+// 438.9 (2 x H200); M = 2048 / 8192 261.5 / 920.3 vs sequential 290.5 / 1109.1, band_pull
+// 351.0 / 896.5 (2 x H100). With each CTA's last
 // tile exchanged by its consumers (v19, 2 x H200): o_proj M = 512 74.6 us (128 x 128
 // tiles) vs sequential 77.1, M = 1024 / 2048 140.4 / 245.8 vs 152.3 / 288.0; down_proj
 // M = 512 191.3 vs 195.5, M = 2048 680.3 vs band_pull 692.4 and sequential 716.7 (band_pull
