@@ -405,12 +405,6 @@ inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, in
   return waves(sms - blocks + 1) < waves(sms - blocks) ? blocks - 1 : blocks;
 }
 
-// Band schedules: the GEMM's last waves by stream-K whenever its last wave is partial
-// (the band CTAs leave it a CTA count that rarely divides the tiles: W = 4 down_proj M =
-// 8192, 2048 tiles on 124 CTAs, 17 waves for 16.5 of work), not only below 90 % wave
-// efficiency. Untuned: off until measured. Override: 1 on, 2 off.
-inline bool band_split_partial_wave(int64_t override_value = 0) { return override_value == 1; }
-
 // SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no
 // launch or grid-wide arrival per band) rather than one kernel per band (v13; same
 // runs, 8 bands, persistent vs per band: W = 4 o_proj M = 8192 / 16384 781 / 1472 vs

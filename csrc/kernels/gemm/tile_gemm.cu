@@ -151,8 +151,7 @@ Plan make_plan(const TileGemmParams& p) {
   const double wave_efficiency = double(tiles) / double(waves * ctas);
   // The tile exchanges need every tile computed whole by a CTA known on every rank.
   const bool whole_tiles = p.whole_tiles || p.exchange_output != nullptr;
-  const double min_efficiency = p.split_partial_wave ? 1.0 : kMinWaveEfficiency;
-  if (whole_tiles || wave_efficiency >= min_efficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
+  if (whole_tiles || wave_efficiency >= kMinWaveEfficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
     s.num_ctas = tiles < ctas ? tiles : ctas;
     s.dp_tiles = tiles;
     return plan;

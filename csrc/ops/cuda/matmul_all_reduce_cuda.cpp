@@ -282,7 +282,6 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   bc.reducers = band_reduce_blocks_for_waves(bc.reducers, g.k, output_tiles(g.m, g.n, tile_m, tile_gemm_tile_n(gp)),
                                              sms, blocks_knob);
   gp.sm_count = sms - bc.reducers;
-  gp.split_partial_wave = band_split_partial_wave(get_tuning("matmul_all_reduce.band_split_partial_wave"));
 
   bc.ob = output_and_bias(g, a, bias);
   BandAllReduceParams& bp = bc.bands;
