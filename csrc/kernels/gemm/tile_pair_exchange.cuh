@@ -136,7 +136,8 @@ __device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, vola
 // peer still in an earlier call. enter_call's protocol (comm/signal.cuh) in one thread
 // and without its trap or block-wide barrier, which the GEMM kernel may not use. With
 // `announce` (CTA 0's exchange warps) tell every peer that this rank entered the call;
-// then wait until every peer did (each peer's CTA 0 tells every CTA here). False, with the CTA's exchange stopped, after a timeout.
+// then wait until every peer did (each peer's CTA 0 tells every CTA here). False, with
+// the CTA's exchange stopped, after a timeout.
 __device__ __forceinline__ bool enter_exchange_call(const CommHandle& c, volatile ExchangeCtaState* cta,
                                                     uint32_t epoch, bool announce) {
   for (int q = 0; q < c.world; ++q)

@@ -276,11 +276,11 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   const int64_t bands_knob = get_tuning("matmul_all_reduce.bands");
   gp.group_rows = algo == MatmulAllReduceAlgo::kBandScatter ? scatter_band_tile_rows(tiles_m, ws.world(), bands_knob)
                                                            : band_tile_rows(tiles_m, ws.world(), bands_knob);
+  const int64_t tiles = output_tiles(g.m, g.n, tile_m, tile_gemm_tile_n(gp));
   const int blocks_knob = static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"));
   const int sms = sm_count(device) - spare_sms;  // the GEMM's and the band kernel's
   bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.m, g.k, blocks_knob), sm_count(device) / 2));
-  bc.reducers = band_reduce_blocks_for_waves(bc.reducers, g.k, output_tiles(g.m, g.n, tile_m, tile_gemm_tile_n(gp)),
-                                             sms, blocks_knob);
+  bc.reducers = band_reduce_blocks_for_waves(bc.reducers, g.k, tiles, sms, blocks_knob);
   gp.sm_count = sms - bc.reducers;
 
   bc.ob = output_and_bias(g, a, bias);
@@ -299,7 +299,6 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   if (algo == MatmulAllReduceAlgo::kBandScatter) {
     // Tile t of rank src lands on the owner at recv[src] (its own at D), flagged at slot src·T + t.
     const CommHandle& c = bp.comm;
-    const int64_t tiles = output_tiles(g.m, g.n, tile_m, bp.tile_n);
     bp.tiles_scattered = true;
     gp.tile_flags = nullptr;
     gp.scatter_world = c.world;
