@@ -46,6 +46,7 @@ TUNING_KEYS = (
     "matmul_all_reduce.band_persistent",   # SM-pull band schedule in one persistent kernel: 1 on, 2 off
     "matmul_all_reduce.band_tail",         # ... its last N - 1 bands in a second kernel after the GEMM (1: none)
     "matmul_all_reduce.band_tail_blocks",  # ... CTAs of that second kernel
+    "matmul_all_reduce.band_last_wave",    # ... the GEMM's last wave as a band of its own: 1 on, 2 off
     "matmul_all_reduce.band_tail_two_shot",  # ... or those bands by the two-shot all-reduce (1 on, 2 off)
     "matmul_all_reduce.band_sum_ahead",    # ... bands a CTA may sum before it gathers the oldest
     "matmul_all_reduce.decode_max_m",      # largest M that takes the one-kernel decode schedule

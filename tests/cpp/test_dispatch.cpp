@@ -2,12 +2,15 @@
 // evaluate identically.
 #include <gtest/gtest.h>
 
+#include <vector>
+
 #include "distfuse/check.h"
 #include "distfuse/comm/handle.h"
 #include "distfuse/params.h"
 #include "distfuse/tuning.h"
 #include "kernels/allreduce/band_geometry.h"
 #include "kernels/gemm/decode_matmul_all_reduce.h"
+#include "kernels/gemm/tile_order.h"
 
 namespace distfuse {
 namespace {
@@ -332,6 +335,38 @@ TEST(BandGeometry, BandsAndShardsCoverEveryRowOnce) {
   }
 }
 
+TEST(BandGeometry, ASeparateLastBandHoldsItsRowsAndTheOthersCoverTheRest) {
+  for (int world : {2, 4})
+    for (int64_t m : {129, 1000, 4097, 8192})
+      for (int64_t last_tile_rows : {1, 2, 3}) {
+        const int tile_m = 128;
+        const int64_t tiles_m = (m + tile_m - 1) / tile_m;
+        if (last_tile_rows >= tiles_m) continue;
+        BandAllReduceParams p{};
+        p.m = m;
+        p.n = 264;
+        p.tile_m = tile_m;
+        p.band_rows = 8 * tile_m;
+        p.last_band_row0 = (tiles_m - last_tile_rows) * tile_m;
+        p.comm.world = world;
+        const int64_t bands = band_count(p);
+        EXPECT_EQ(bands, (p.last_band_row0 + p.band_rows - 1) / p.band_rows + 1);
+        int64_t next_row = 0;
+        for (int64_t band = 0; band < bands; ++band) {
+          const RowRange b = band_rows_of(p, band);
+          EXPECT_EQ(b.row0, next_row) << "m " << m << " band " << band;
+          EXPECT_GT(b.rows, 0);
+          EXPECT_LE(b.rows, p.band_rows);
+          int64_t shard_row = b.row0;
+          for (int owner = 0; owner < world; ++owner) shard_row += band_shard(p, band, owner).rows;
+          EXPECT_EQ(shard_row, b.row0 + b.rows);
+          next_row = b.row0 + b.rows;
+        }
+        EXPECT_EQ(next_row, m);
+        EXPECT_EQ(band_rows_of(p, bands - 1).row0, p.last_band_row0);
+      }
+}
+
 TEST(BandGeometry, ScatteredShardsAreWholeTileRowsOfTheirOwners) {
   // With scattered tiles the GEMM sends tile row tm to scatter_owner_of_tile_row, and the
   // band kernel of that rank sums (and its peers gather) exactly the shard holding it.
@@ -497,6 +532,80 @@ TEST(MatmulAllReduceDispatch, OneBandCtaFewerWhereThatSavesTheGemmAWave) {
   }
   // The dispatcher's own CTA count feeds it.
   EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 16384, 7168), 8);
+}
+
+TEST(MatmulAllReduceDispatch, TheGemmsLastWaveIsABandOfItsOwnWhereTheGemmHidesTheAllReduce) {
+  // W = 4 down_proj (K_r = 7168), 32 tiles per tile row, bands of 8 tile rows, 8 band CTAs.
+  EXPECT_EQ(last_wave_band_tile_rows(7168, 2048, 124, 32, 8, 4, 8), 2);  // M = 8192: 64 tiles in the 17th wave
+  EXPECT_EQ(last_wave_band_tile_rows(7168, 1024, 116, 32, 4, 4, 16), 3);  // M = 4096, bands of 4 rows
+  EXPECT_EQ(last_wave_band_tile_rows(14336, 4096, 128, 32, 8, 2, 4), 4);  // W = 2 down_proj M = 16384
+  // M = 16384 on 7 band CTAs (the wave rule's count): none at W >= 3.
+  EXPECT_EQ(last_wave_band_tile_rows(7168, 4096, 125, 32, 8, 4, 7), 0);
+  EXPECT_EQ(last_wave_band_tile_rows(7168, 4096, 125, 32, 8, 4, 7, 1), 3);  // 96 tiles in the 33rd wave
+  // None where the last wave fills whole bands, or the all-reduce is the bottleneck.
+  EXPECT_EQ(last_wave_band_tile_rows(14336, 2048, 128, 32, 4, 2, 4), 0);
+  EXPECT_EQ(last_wave_band_tile_rows(7168, 100, 124, 32, 8, 4, 8), 0);  // one wave, all rows
+  EXPECT_EQ(last_wave_band_tile_rows(2048, 2048, 116, 32, 8, 4, 16), 0);
+  // Overrides: 1 on at any K, 2 off.
+  EXPECT_EQ(last_wave_band_tile_rows(2048, 2048, 116, 32, 8, 4, 16, 1), 3);  // 76 tiles in the 18th wave
+  EXPECT_EQ(last_wave_band_tile_rows(7168, 2048, 124, 32, 8, 4, 8, 2), 0);
+  // Always fewer rows than a band and than the tile rows, and at least the last wave's.
+  for (int64_t tiles_n : {1, 5, 32})
+    for (int64_t tiles_m : {1, 2, 9, 64, 128})
+      for (int ctas : {1, 7, 124, 132})
+        for (int64_t band_rows : {1, 4, 8}) {
+          const int64_t tiles = tiles_m * tiles_n;
+          const int rows = last_wave_band_tile_rows(7168, tiles, ctas, tiles_n, band_rows, 4, 8);
+          EXPECT_GE(rows, 0);
+          EXPECT_LT(rows, tiles_m);
+          if (rows > 0) {
+            EXPECT_LT(rows, band_rows);
+            EXPECT_GE(rows * tiles_n, tiles - (tiles - 1) / ctas * ctas);
+          }
+        }
+}
+
+TEST(TileOrder, EveryTileOnceGroupByGroupAndTheLastGroupLast) {
+  for (int tiles_m : {1, 2, 9, 10, 64})
+    for (int tiles_n : {1, 4, 32})
+      for (int group_rows : {1, 4, 8})
+        for (int last_group_row0 : {0, 1, 6, 8, 62}) {
+          if (last_group_row0 >= tiles_m) continue;
+          std::vector<int> seen(tiles_m * tiles_n, 0);
+          int previous_group_row0 = 0;
+          for (int index = 0; index < tiles_m * tiles_n; ++index) {
+            int tm = -1, tn = -1;
+            tile_gemm_tile_coord(index, tiles_m, tiles_n, &tm, &tn, group_rows, last_group_row0);
+            ASSERT_TRUE(tm >= 0 && tm < tiles_m && tn >= 0 && tn < tiles_n)
+                << index << " of " << tiles_m << " x " << tiles_n << ", last group " << last_group_row0;
+            ++seen[tm * tiles_n + tn];
+            // The last group holds exactly the last tile numbers; groups come in row order.
+            if (last_group_row0 > 0) EXPECT_EQ(tm >= last_group_row0, index >= last_group_row0 * tiles_n);
+            const int group_row0 = last_group_row0 > 0 && tm >= last_group_row0 ? last_group_row0
+                                                                                 : tm / group_rows * group_rows;
+            EXPECT_GE(group_row0, previous_group_row0);
+            previous_group_row0 = group_row0;
+          }
+          for (int count : seen) EXPECT_EQ(count, 1);
+        }
+  // Column by column inside a group: the example of kernels/gemm/tile_gemm.h.
+  int tm = -1, tn = -1;
+  tile_gemm_tile_coord(9, 10, 4, &tm, &tn, 8);
+  EXPECT_EQ(tm, 1);
+  EXPECT_EQ(tn, 1);
+  tile_gemm_tile_coord(35, 10, 4, &tm, &tn, 8);
+  EXPECT_EQ(tm, 9);
+  EXPECT_EQ(tn, 1);
+  // The same grid with rows 7-9 as the last group: rows 0-6 first, then 7-9.
+  tile_gemm_tile_coord(27, 10, 4, &tm, &tn, 8, 7);
+  EXPECT_EQ(tm, 6);
+  EXPECT_EQ(tn, 3);
+  tile_gemm_tile_coord(28, 10, 4, &tm, &tn, 8, 7);
+  EXPECT_EQ(tm, 7);
+  EXPECT_EQ(tn, 0);
+  tile_gemm_tile_coord(32, 10, 4, &tm, &tn, 8, 7);
+  EXPECT_EQ(tm, 8);
+  EXPECT_EQ(tn, 1);
 }
 
 TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {

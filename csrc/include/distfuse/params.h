@@ -59,6 +59,7 @@ struct TileGemmParams {
   uint32_t* tile_flags;   // may be null: no flags are published
   int sm_count;           // CTAs of the persistent grid (the SMs this GEMM may occupy)
   int group_rows;         // tile rows per group of the tile order (0: kTileGemmGroupRows)
+  int last_group_row0;    // > 0: the tile rows from this one form one last group of the order
   bool whole_tiles;       // every tile computed whole by one CTA (no stream-K), as with the exchange
   int tile_shape;         // output tile: 0 by M (64x128 up to M = 128, else 128x256), 1 64x128,
                           // 2 128x128, 3 128x256

@@ -432,6 +432,32 @@ inline int band_tail_bands(int64_t k, int64_t bands, int64_t band_tile_rows, int
   const int64_t tail = override_value > 0 ? override_value - 1 : gemm_hides_band_all_reduce(k) ? wave_bands : 0;
   return int(tail < bands - 1 ? tail : bands - 1);
 }
+// The GEMM's last wave as a band of its own (and the tile order's last group): where the
+// GEMM hides the band all-reduce (K_r >= 7168), all that is left after the GEMM is the
+// band holding its last tiles (band_tail_bands), and with bands of band_tile_rows rows
+// that band also holds tiles that ended a wave or two earlier. With the last wave's tile
+// rows as the last band, the band before it ends a wave before the GEMM and is summed
+// beside it. `tiles` output tiles, `tiles_n` per tile row, each of `gemm_ctas` CTAs taking
+// every G-th. Returns the last band's tile rows, or 0 (none: the last wave fills whole
+// bands, or the all-reduce is the bottleneck, or at W >= 3 fewer than 8 band CTAs run).
+// 4 x H200, forced band_pull, two runs on two hosts, off / on (benchmarks/NOTES.md, v29):
+// W = 4 down_proj M = 4096 744.9 / 738.1 and 751.7 / 744.0 us, M = 8192 1423.3 / 1410.3 and
+// 1428.9 / 1418.2, W = 2 down_proj M = 16384 5409.5 / 5372.5; but W = 4 M = 16384 (7 band
+// CTAs) 2740.5 / 2756.5, 2855.4 / 2869.5 and 2846.0 / 2894.4: there the band kernel beside
+// the GEMM (lane 0) keeps up with too little slack to take the band before the last in the
+// GEMM's last wave, and ends ~100 us after the GEMM either way. Override: 1 on (any K and
+// CTAs), 2 off.
+inline int last_wave_band_tile_rows(int64_t k, int64_t tiles, int gemm_ctas, int64_t tiles_n,
+                                    int64_t band_tile_rows, int world, int band_ctas,
+                                    int64_t override_value = 0) {
+  if (override_value == 2) return 0;
+  if (override_value != 1 && (!gemm_hides_band_all_reduce(k) || (world >= 3 && band_ctas < 8))) return 0;
+  if (tiles <= 0 || gemm_ctas <= 0 || tiles_n <= 0) return 0;
+  const int64_t last_wave_tiles = tiles - (tiles - 1) / gemm_ctas * gemm_ctas;
+  const int64_t rows = (last_wave_tiles + tiles_n - 1) / tiles_n;
+  return rows < band_tile_rows && rows < tiles / tiles_n ? int(rows) : 0;
+}
+
 // Or the last bands all-reduced by the two-shot all-reduce (pushes, two_shot_blocks CTAs on
 // the SMs the GEMM frees), which moves more than the band kernel on any CTA count (4 x H100,
 // W = 4, 128 MB: ~327 against ~276 GB/s): where the all-reduce is not hidden by a long GEMM

@@ -476,10 +476,14 @@ __global__ void __launch_bounds__(kSignalThreads) band_scatter_entry_kernel(Band
   enter_call(p.comm, kChannelBandPull, kScatterEntrySlot, *lane_sequence(p.comm, 0) + 1u, kOpMatmulAllReduce);
 }
 
-// Scattered tiles are for the persistent SM-pull kernel only (`scattered_ok`).
+// Scattered tiles are for the persistent SM-pull kernel only (`scattered_ok`), and
+// their owners are for bands of equal rows only (no separate last band).
 bool valid(const BandAllReduceParams& p, int band, bool scattered_ok = false) {
+  const bool last_band_ok = p.last_band_row0 == 0 || (p.last_band_row0 > 0 && p.last_band_row0 < p.m &&
+                                                      p.last_band_row0 % p.tile_m == 0 && !p.tiles_scattered);
   return p.dtype != DType::kFloat32 && p.n % 8 == 0 && p.band_rows > 0 && p.band_rows % p.tile_m == 0 &&
-         band >= 0 && band < band_count(p) && band_count(p) <= kMaxBands && (scattered_ok || !p.tiles_scattered);
+         last_band_ok && band >= 0 && band < band_count(p) && band_count(p) <= kMaxBands &&
+         (scattered_ok || !p.tiles_scattered);
 }
 
 }  // namespace

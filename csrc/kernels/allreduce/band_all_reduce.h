@@ -82,6 +82,16 @@
 //   main: ─fork─[ tile GEMM on SMs - R ............... ][lane 1: bands B-T..B-1]─join─▶
 //   side:       [lane 0: sum 0][gather 0][sum 1] ... [gather B-T-1]────────────┘
 //
+// There the last band is the GEMM's last wave alone (BandAllReduceParams::last_band_row0,
+// with the same rows as the tile order's last group), so the band before it is complete
+// a wave before the GEMM ends and lane 0 sums it beside that wave; lane 1 is left with
+// the last wave's rows only, not a whole band of which most ended a wave or two before:
+//
+//   tile rows: [band 0: 8] ... [band B-3: 8][band B-2: 6][band B-1: 2]   (M = 8192 on 124 CTAs)
+//   GEMM:      ... wave 15 ends band B-2 ─────────────────┘[wave 16]┘
+//   lane 0:    ...            [sum B-2][gather B-2] (beside wave 16)
+//   lane 1:                                                  [band B-1 after the GEMM]
+//
 // Or the last T bands go to the two-shot all-reduce (all_reduce.h) after the GEMM: its
 // pushes from 128 CTAs move more than any band kernel, and it reads this rank's D rows
 // of those bands directly (after the GEMM, in stream order: no tile flag is needed, a

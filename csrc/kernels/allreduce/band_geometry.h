@@ -18,6 +18,10 @@ struct BandAllReduceParams {
   int64_t m, n;        // GEMM output shape (N multiple of 8)
   int tile_m, tile_n;  // the GEMM's tile shape
   int64_t band_rows;   // rows per band, a multiple of tile_m
+  // > 0: rows [last_band_row0, m) form one last band of their own (the GEMM's last wave,
+  // tile rows that TileGemmParams::last_group_row0 makes the tile order's last group),
+  // and the rows before it are cut into bands of band_rows. A multiple of tile_m, < m.
+  int64_t last_band_row0;
   DType dtype;         // kBFloat16 or kFloat16
   CommHandle comm;
   // The GEMM stored every rank's partial of this rank's shards here (band_scatter):
@@ -36,12 +40,18 @@ struct RowRange {
 #define DF_BAND_HD
 #endif
 
+// Rows cut into bands of band_rows: all but a separate last band.
+DF_BAND_HD inline int64_t uniform_band_rows(const BandAllReduceParams& p) {
+  return p.last_band_row0 > 0 ? p.last_band_row0 : p.m;
+}
 DF_BAND_HD inline int64_t band_count(const BandAllReduceParams& p) {
-  return (p.m + p.band_rows - 1) / p.band_rows;
+  return (uniform_band_rows(p) + p.band_rows - 1) / p.band_rows + (p.last_band_row0 > 0 ? 1 : 0);
 }
 DF_BAND_HD inline RowRange band_rows_of(const BandAllReduceParams& p, int64_t band) {
+  const int64_t uniform_rows = uniform_band_rows(p);
   const int64_t row0 = band * p.band_rows;
-  const int64_t end = row0 + p.band_rows < p.m ? row0 + p.band_rows : p.m;
+  if (row0 >= uniform_rows) return {p.last_band_row0, p.m - p.last_band_row0};  // the separate last band
+  const int64_t end = row0 + p.band_rows < uniform_rows ? row0 + p.band_rows : uniform_rows;
   return {row0, end - row0};
 }
 // Whole tile rows per shard of a band of `band_tile_rows` tile rows (scattered tiles).

@@ -143,6 +143,7 @@ Plan make_plan(const TileGemmParams& p) {
   s.tiles_m = int(ceil_div(p.m, plan.tile_m));
   s.tiles_n = int(ceil_div(p.n, plan.tile_n));
   s.group_rows = p.group_rows > 0 ? p.group_rows : kTileGemmGroupRows;
+  s.last_group_row0 = p.last_group_row0;
   s.k_tiles = int(ceil_div(p.k, kTileK));
   const int tiles = s.tiles_m * s.tiles_n;
   const int ctas = p.sm_count;
@@ -181,6 +182,8 @@ cudaError_t check_params(const TileGemmParams& p) {
       p.ldb < (p.b_transposed ? p.k : p.n)) {
     return cudaErrorInvalidValue;
   }
+  if (p.last_group_row0 < 0 || p.last_group_row0 >= ceil_div(p.m, tile_m_of(variant_for(p))))
+    return cudaErrorInvalidValue;
   const int max_world = p.exchange_through_owners ? kMaxWorld : 2;
   if (p.exchange_output != nullptr &&
       (p.comm.world < 2 || p.comm.world > max_world || p.comm.rank < 0 || p.comm.rank >= p.comm.world ||

@@ -64,6 +64,10 @@
 //     tm=8  [ 32  34  36  38 ]  -+ group 1: the 2 remaining rows
 //     tm=9  [ 33  35  37  39 ]  -+
 //
+// TileGemmParams::last_group_row0 > 0 makes the rows from there one last group of
+// their own (the band schedules' last band: the GEMM's last wave, kernels/allreduce/
+// band_all_reduce.h); the rows before it are grouped as above.
+//
 // CTA c of a grid of G computes the data-parallel tiles c, c+G, c+2G, ...
 // (whole tiles), so the tiles are published roughly in number order, wave by
 // wave. The stream-K tiles are the last numbers: their K range is split evenly
@@ -107,17 +111,9 @@
 #include <cuda_runtime_api.h>
 
 #include "distfuse/params.h"
-
-#if defined(__CUDACC__)
-#define DF_TILE_GEMM_HD __host__ __device__
-#else
-#define DF_TILE_GEMM_HD
-#endif
+#include "kernels/gemm/tile_order.h"
 
 namespace distfuse {
-
-// Rows of tiles in one group of the tile order, unless TileGemmParams::group_rows says.
-constexpr int kTileGemmGroupRows = 8;
 
 // Tile shape the launch for these parameters uses (depends on p.m only).
 int tile_gemm_tile_m(const TileGemmParams& p);
@@ -128,8 +124,9 @@ size_t tile_gemm_workspace_bytes(const TileGemmParams& p);
 
 // Enqueues D = A @ B on `stream`. Returns
 //   cudaErrorInvalidValue   missing pointers, M/N/K < 1, leading dimension too
-//                           small, sm_count outside [1, 1024], or workspace
-//                           null (or not 16-byte aligned) when needed;
+//                           small, sm_count outside [1, 1024], last_group_row0
+//                           outside [0, tile rows), or workspace null (or not
+//                           16-byte aligned) when needed;
 //   cudaErrorNotSupported   a GEMM this engine does not run (the caller falls
 //                           back to cuBLAS): dtype other than bf16/fp16, K or N
 //                           or a leading dimension not a multiple of 8, a
@@ -138,18 +135,4 @@ size_t tile_gemm_workspace_bytes(const TileGemmParams& p);
 cudaError_t launch_tile_gemm(const TileGemmParams& p, cudaStream_t stream,
                              void* workspace = nullptr);
 
-// (tm, tn) of tile number `index` in the tile order described above.
-DF_TILE_GEMM_HD inline void tile_gemm_tile_coord(int index, int tiles_m, int tiles_n, int* tm,
-                                                 int* tn, int group_rows = kTileGemmGroupRows) {
-  const int tiles_per_group = group_rows * tiles_n;
-  const int group = index / tiles_per_group;
-  const int first_row = group * group_rows;
-  const int rows_in_group = tiles_m - first_row < group_rows ? tiles_m - first_row : group_rows;
-  const int index_in_group = index - group * tiles_per_group;
-  *tm = first_row + index_in_group % rows_in_group;
-  *tn = index_in_group / rows_in_group;
-}
-
 }  // namespace distfuse
-
-#undef DF_TILE_GEMM_HD

@@ -34,6 +34,7 @@ struct TileSchedule {
   int tiles_m;
   int tiles_n;
   int group_rows;  // tile rows per group of the tile order
+  int last_group_row0;  // > 0: the tile rows from this one form the order's last group
   int k_tiles;  // K blocks per tile
   int num_ctas;
   int dp_tiles;
@@ -252,7 +253,7 @@ struct TileGemmKernel {
       while (work.next(unit)) {
         int tm, tn;
         tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
-                             params.schedule.group_rows);
+                             params.schedule.group_rows, params.schedule.last_group_row0);
         auto k_tile_iter = make_coord_iterator(idx2crd(unit.k_begin, k_tile_shape), k_tile_shape);
         mainloop.load(params.mainloop, mainloop_pipeline, write_state, load_inputs,
                       make_coord(tm, tn, _, 0), k_tile_iter, unit.k_count,
@@ -291,7 +292,7 @@ struct TileGemmKernel {
 
       int tm, tn;
       tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
-                             params.schedule.group_rows);
+                             params.schedule.group_rows, params.schedule.last_group_row0);
       const int flag_index = tm * params.schedule.tiles_n + tn;
       int owner = 0;
       if (params.scatter_world > 0) {
@@ -340,7 +341,7 @@ struct TileGemmKernel {
   __device__ static auto exchange_tile_coord(const TileSchedule& s) {
     return [&s](int tile, int* t, int64_t* row0, int64_t* col0) {
       int tm, tn;
-      tile_gemm_tile_coord(tile, s.tiles_m, s.tiles_n, &tm, &tn, s.group_rows);
+      tile_gemm_tile_coord(tile, s.tiles_m, s.tiles_n, &tm, &tn, s.group_rows, s.last_group_row0);
       *t = tm * s.tiles_n + tn;
       *row0 = int64_t(tm) * kTileM;
       *col0 = int64_t(tn) * kTileN;

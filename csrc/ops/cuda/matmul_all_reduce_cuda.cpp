@@ -293,6 +293,16 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   bp.tile_n = tile_gemm_tile_n(gp);
   bp.band_rows = int64_t(gp.group_rows) * tile_m;
   while (band_count(bp) > kMaxBands) bp.band_rows *= 2;  // keeps whole groups per band
+  if (algo == MatmulAllReduceAlgo::kBandPull) {
+    // The GEMM's last wave as the last band and the last group of the tile order.
+    const int last_rows =
+        last_wave_band_tile_rows(g.k, tiles, gp.sm_count, (g.n + bp.tile_n - 1) / bp.tile_n, bp.band_rows / tile_m,
+                                 ws.world(), bc.reducers, get_tuning("matmul_all_reduce.band_last_wave"));
+    if (last_rows > 0) {
+      gp.last_group_row0 = static_cast<int>(tiles_m - last_rows);
+      bp.last_band_row0 = int64_t(gp.last_group_row0) * tile_m;
+    }
+  }
   bp.dtype = gp.dtype;
   bp.comm = ws.handle();
 
