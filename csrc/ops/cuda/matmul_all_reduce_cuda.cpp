@@ -298,7 +298,7 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
     const int last_rows =
         last_wave_band_tile_rows(g.k, tiles, gp.sm_count, (g.n + bp.tile_n - 1) / bp.tile_n, bp.band_rows / tile_m,
                                  ws.world(), bc.reducers, get_tuning("matmul_all_reduce.band_last_wave"));
-    if (last_rows > 0) {
+    if (last_rows > 0 && band_count(bp) < kMaxBands) {  // one band more
       gp.last_group_row0 = static_cast<int>(tiles_m - last_rows);
       bp.last_band_row0 = int64_t(gp.last_group_row0) * tile_m;
     }
