@@ -289,11 +289,12 @@ def _progress(row) -> str:
 
 def _table(ctx, rows, errors_seen, notes, tol) -> Table:
     b = ctx.backend
-    forced = [f"distfuse:{p}" for p in forced_paths(ctx)] if not ctx.cpu else []
-    forced += [tuned_method_name(ctx.tune_path("fused_tiles"), o) for o in ctx.tune_variants(OP)]
-    short = {f: "df:" + f.split(":", 1)[1] for f in forced}
+    # (method name, the schedule it forces) of each forced column
+    forced = [(f"distfuse:{p}", p) for p in forced_paths(ctx)] if not ctx.cpu else []
+    tune_path = ctx.tune_path("fused_tiles")
+    forced += [(tuned_method_name(tune_path, o), tune_path) for o in ctx.tune_variants(OP)]
     heads = ["shape", "M", "K", "N", "b", "mode", "mm us", "AR best us", "AR best", f"mm+{b} us",
-             "mm+df AR us"] + [f"{short[f]} us" for f in forced] + \
+             "mm+df AR us"] + [f"df:{f.split(':', 1)[1]} us" for f, _ in forced] + \
             ["distfuse us", "path", "ideal us", "hidden", "speedup", "rel_err"]
     table = Table(heads)
     for r in rows:
@@ -302,7 +303,7 @@ def _table(ctx, rows, errors_seen, notes, tol) -> Table:
                  "graph" if r["graph"] else "eager", fmt(t["matmul"]), fmt(t["ar_best"]),
                  str(r["ar_best_method"] or "n/a").replace("ar_", ""), fmt(t.get(f"matmul+{b}")),
                  fmt(t.get("matmul+distfuse_ar"))]
-        cells += [forced_cell(fmt(t.get(f)), f.split(":", 1)[1].split("[", 1)[0], r["paths"].get(f)) for f in forced]
+        cells += [forced_cell(fmt(t.get(f)), path, r["paths"].get(f)) for f, path in forced]
         cells += [fmt(t.get("distfuse")), str(r["path"] or "n/a"), fmt(t.get("ideal")),
                   (f"{100 * r['hidden_share']:.0f}%" if r["hidden_share"] is not None else "n/a"),
                   (f"{r['speedup']:.2f}x" if r["speedup"] is not None else "n/a"),
