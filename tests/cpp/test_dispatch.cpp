@@ -516,19 +516,25 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   EXPECT_EQ(owner_exchange_min_m(4, 7168, GpuClass::kH100), INT64_MAX);
 }
 
-TEST(MatmulAllReduceDispatch, OneBandCtaFewerWhereThatSavesTheGemmAWave) {
+TEST(MatmulAllReduceDispatch, BandCtasFitTheGemmsWaves) {
   // W = 4 down_proj (K_r = 7168), 32 tiles per tile row, 132 SMs.
   EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 4096, 132), 7);  // M = 16384: 34 -> 33 waves
-  EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 2048, 132), 8);  // M = 8192: 17 waves either way
+  EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 2048, 132), 10);  // M = 8192: 17 waves on 124 to 122
+  EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 3072, 132), 9);   // M = 12288: 25 waves on 124 to 123
   EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 4096, 132, 8), 8);  // an override stands
-  // Never where the all-reduce is the bottleneck (o_proj) or below 8 CTAs.
+  // Never where the all-reduce is the bottleneck (o_proj) or below 8 CTAs, never above 10.
   EXPECT_EQ(band_reduce_blocks_for_waves(16, 2048, 4064, 132), 16);
   EXPECT_EQ(band_reduce_blocks_for_waves(4, 14336, 4096 + 32, 132), 4);
-  // Never more waves, never fewer than one CTA less, over every tile count.
+  EXPECT_EQ(band_reduce_blocks_for_waves(16, 7168, 1024, 132), 16);
+  // Never more waves than at 8 CTAs: one fewer only where that saves one, more only
+  // where they cost none, over every tile count.
   for (int64_t tiles = 1; tiles <= 8192; ++tiles) {
     const int blocks = band_reduce_blocks_for_waves(8, 7168, tiles, 132);
-    EXPECT_TRUE(blocks == 7 || blocks == 8) << tiles;
-    if (blocks == 7) EXPECT_LT((tiles + 124) / 125, (tiles + 123) / 124) << tiles;
+    EXPECT_TRUE(blocks >= 7 && blocks <= kWaveFreeBandCtas) << tiles;
+    const int64_t waves_at_8 = (tiles + 123) / 124, waves = (tiles + 131 - blocks) / (132 - blocks);
+    if (blocks == 7) EXPECT_LT(waves, waves_at_8) << tiles;
+    else EXPECT_EQ(waves, waves_at_8) << tiles;
+    if (blocks > 7 && blocks < kWaveFreeBandCtas) EXPECT_GT((tiles + 130 - blocks) / (131 - blocks), waves) << tiles;
   }
   // The dispatcher's own CTA count feeds it.
   EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 16384, 7168), 8);

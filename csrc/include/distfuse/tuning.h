@@ -395,13 +395,23 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
 // 4 x H100, forced, two runs (benchmarks/NOTES.md, v24): 2776.0 / 2782.8 us vs 2804.2 /
 // 2835.2 at 8, 2882.2 at 6 (33 waves too: too few CTAs), 2847.3 at 11 (34 waves). Where
 // no wave is saved, one fewer only adds to the tail: M = 8192 (17 waves at 7 and 8)
-// 1449.1 vs 1444.7. Where the all-reduce is the bottleneck (o_proj) every band CTA counts
-// more than a wave: never there. No change with an override.
+// 1449.1 vs 1444.7. Otherwise more, up to kWaveFreeBandCtas, while they cost the GEMM no
+// wave: the band kernel beside the GEMM then falls less far behind it. W = 4 down_proj
+// M = 8192: 122 GEMM CTAs take the 2048 tiles in the same 17 waves as 124; 4 x H200,
+// forced, same run, 10 vs 8 CTAs (benchmarks/NOTES.md, v30): 1421.6 / 1423.4 / 1421.1 vs
+// 1441.0 / 1438.5 / 1426.0-1468.0 us over three tail variants; v29's sweep, another host:
+// 11 vs 8 1397.9 vs 1418.2 with the last-wave band (the default), but 1433.3 vs 1428.9
+// without it and 1411.7 vs 1403.7 with 16 bands, so 10 at most. Where the all-reduce is
+// the bottleneck (o_proj) every band CTA counts more than a wave: never there. No change
+// with an override.
 inline bool gemm_hides_band_all_reduce(int64_t k) { return k >= 7168; }
+constexpr int kWaveFreeBandCtas = 10;
 inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, int sms, int override_blocks = 0) {
   if (override_blocks > 0 || blocks < 8 || !gemm_hides_band_all_reduce(k) || tiles <= 0) return blocks;
   auto waves = [&](int gemm_ctas) { return gemm_ctas > 0 ? (tiles + gemm_ctas - 1) / gemm_ctas : INT64_MAX; };
-  return waves(sms - blocks + 1) < waves(sms - blocks) ? blocks - 1 : blocks;
+  if (waves(sms - blocks + 1) < waves(sms - blocks)) return blocks - 1;
+  while (blocks < kWaveFreeBandCtas && waves(sms - blocks - 1) == waves(sms - blocks)) ++blocks;
+  return blocks;
 }
 
 // SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no
