@@ -31,6 +31,7 @@ from .ops import (  # noqa: E402
     all_reduce,
     all_reduce_rms_norm,
     attention_all_gather,
+    check_calls,
     force_path,
     last_path,
     matmul_all_reduce,
@@ -47,5 +48,5 @@ def built_with_cuda() -> bool:
 __all__ = [
     "all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul",
     "attention_all_gather", "all_reduce_rms_norm", "init_workspace", "destroy_workspace",
-    "workspace_info", "force_path", "last_path", "tuning", "built_with_cuda",
+    "workspace_info", "force_path", "last_path", "tuning", "check_calls", "built_with_cuda",
 ]

@@ -7,6 +7,7 @@ reduction; results are bitwise identical on every rank.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
@@ -61,6 +62,11 @@ TUNING_KEYS = (
 )
 
 
+# Whether each call first checks that every rank of its group makes the same call
+# (check_calls); DISTFUSE_CHECK_CALLS=1 turns it on for the whole process.
+_call_checks = os.environ.get("DISTFUSE_CHECK_CALLS", "0") not in ("", "0")
+
+
 def group_name(group: GroupLike) -> str:
     """The registered name of ``group`` (a ProcessGroup, a name, or None for WORLD)."""
     if isinstance(group, str):
@@ -72,8 +78,57 @@ def group_name(group: GroupLike) -> str:
     return group.group_name
 
 
+def _described(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return repr(value)
+
+
+def _check_same_call(op: str, group: GroupLike, **arguments) -> None:
+    """Raises ValueError on every rank of ``group`` unless all of them call ``op`` with the
+    same shapes, dtypes and other arguments, the same forced path and the same dispatch
+    overrides: the kernels of one call exchange data and flags laid out by these, so a
+    rank that differs would read wrong bytes or wait for flags that never come."""
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return  # a host collective can run in neither; the call is checked when it runs eagerly
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    pg = _resolve_process_group(group_name(group))
+    call = ", ".join(f"{name} {_described(value)}" for name, value in arguments.items())
+    forced = torch.ops.distfuse._forced_path(op)
+    if forced and forced != "auto":
+        call += f", forced path {forced}"
+    overrides = [f"{key}={torch.ops.distfuse._get_tuning(key)}" for key in TUNING_KEYS
+                 if key.startswith(op + ".") and torch.ops.distfuse._get_tuning(key) != 0]
+    if overrides:
+        call += f", tuning {' '.join(overrides)}"
+    calls = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(calls, call, group=pg)
+    if len(set(calls)) > 1:
+        each = "; ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
+        raise ValueError(f"distfuse.{op}: the ranks of group {group_name(group)!r} did not make the same call: {each}")
+
+
+@contextlib.contextmanager
+def check_calls(enabled: bool = True) -> Iterator[None]:
+    """Within the block every op first checks that all ranks of its group make the same
+    call (shapes, dtypes, other arguments, forced path, dispatch overrides) and raises
+    ValueError on every rank, naming each rank's call, when they do not. It costs a host
+    collective per call, so it is for debugging; calls inside a CUDA graph capture or a
+    torch.compile trace are not checked. ``DISTFUSE_CHECK_CALLS=1`` turns it on for the
+    whole process. Without it, a mismatched call fails only by the kernels' timeouts, or
+    not at all."""
+    global _call_checks
+    previous, _call_checks = _call_checks, enabled
+    try:
+        yield
+    finally:
+        _call_checks = previous
+
+
 def all_reduce(x: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
     """Σ_r x_r over the group (a new tensor, contiguous, same shape and dtype)."""
+    if _call_checks:
+        _check_same_call("all_reduce", group, x=x)
     return torch.ops.distfuse.all_reduce(x, group_name(group))
 
 
@@ -87,16 +142,22 @@ def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None,
     This is the row-parallel linear layer: each GEMM tile's all-reduce starts as
     soon as the tile is written.
     """
+    if _call_checks:
+        _check_same_call("matmul_all_reduce", group, a=a, b=b, bias=bias)
     return torch.ops.distfuse.matmul_all_reduce(a, b, group_name(group), bias=bias)
 
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
     """Rows [r·M/W, (r+1)·M/W) of Σ_r a_r @ b_r, where M = prod(a.shape[:-1]) -> [M/W, N]."""
+    if _call_checks:
+        _check_same_call("matmul_reduce_scatter", group, a=a, b=b)
     return torch.ops.distfuse.matmul_reduce_scatter(a, b, group_name(group))
 
 
 def all_gather_matmul(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
     """concat_r(a_r) @ b: a [M/W, K] (this rank's rows), b [K, N_r] -> [M, N_r]."""
+    if _call_checks:
+        _check_same_call("all_gather_matmul", group, a=a, b=b)
     return torch.ops.distfuse.all_gather_matmul(a, b, group_name(group))
 
 
@@ -105,6 +166,8 @@ def attention_all_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
     """Context-parallel attention: rank r holds tokens [r·S/W, (r+1)·S/W) of q, k and v
     ([B, H, S/W, D]); returns softmax(q Kᵀ·scale) V over the whole gathered sequence,
     causal in global positions when ``is_causal``; [B, Hq, S/W, D]."""
+    if _call_checks:
+        _check_same_call("attention_all_gather", group, q=q, k=k, v=v, is_causal=is_causal, scale=scale)
     return torch.ops.distfuse.attention_all_gather(q, k, v, group_name(group), is_causal=is_causal,
                                                    scale=scale)
 
@@ -112,6 +175,8 @@ def attention_all_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         group: GroupLike = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(Σ_r x_r + residual) · weight, Σ_r x_r + residual)."""
+    if _call_checks:
+        _check_same_call("all_reduce_rms_norm", group, x=x, residual=residual, weight=weight, eps=eps)
     return torch.ops.distfuse.all_reduce_rms_norm(x, residual, weight, eps, group_name(group))
 
 

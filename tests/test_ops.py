@@ -648,6 +648,38 @@ def _fake_compile_body(rank, world, group_name):
     torch._dynamo.reset()
 
 
+def _call_checks_body(rank, world, group_name, from_env):
+    import distfuse
+    from distfuse import ops
+    assert ops._call_checks == from_env  # DISTFUSE_CHECK_CALLS=1 turns the checks on at import
+    a, b, bias = torch.full((3, 4), float(rank + 1)), torch.ones(4, 2), torch.arange(2.0)
+    total = float(4 * world * (world + 1) // 2)
+    with distfuse.check_calls():
+        # The same call on every rank: checked, then run as without the check.
+        got = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
+        assert torch.equal(got, torch.full((3, 2), total) + bias), got
+        assert torch.equal(distfuse.all_reduce(a, group_name), torch.full((3, 4), float(world * (world + 1) // 2)))
+        # The last rank passes another M: every rank raises, naming each rank's shapes.
+        rows = 4 if rank == world - 1 else 3
+        with pytest.raises(ValueError) as info:
+            distfuse.matmul_all_reduce(torch.ones(rows, 4), b, group_name, bias=bias)
+        msg = str(info.value)
+        assert f"distfuse.matmul_all_reduce: the ranks of group {group_name!r} did not make the same call" in msg, msg
+        assert "rank 0: a (3, 4) float32, b (4, 2) float32, bias (2,) float32" in msg, msg
+        assert f"rank {world - 1}: a (4, 4) float32" in msg, msg
+        # Another dtype, or bias on one rank only, or a path forced on one rank only.
+        with pytest.raises(ValueError, match="rank 0: x \\(5,\\) float32"):
+            distfuse.all_reduce(torch.ones(5, dtype=torch.float32 if rank == 0 else torch.bfloat16), group_name)
+        with pytest.raises(ValueError, match="bias None"):
+            distfuse.matmul_all_reduce(a, b, group_name, bias=bias if rank == 0 else None)
+        with distfuse.force_path("all_reduce", "reference" if rank == 0 else "auto"):
+            with pytest.raises(ValueError, match="forced path reference"):
+                distfuse.all_reduce(a, group_name)
+        # Every rank took the same decision, so the group still works.
+        assert torch.equal(distfuse.all_reduce(a, group_name), torch.full((3, 4), float(world * (world + 1) // 2)))
+    assert ops._call_checks == from_env  # restored on leaving the block
+
+
 def _w8_body(rank, world, group_name):
     assert world == 8
     for dtype in (torch.float32, torch.bfloat16):
@@ -674,6 +706,15 @@ def test_errors():
 
 def test_fake_kernels_and_compile():
     run_distributed(_fake_compile_body, 2)
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_call_checks_name_each_ranks_call(from_env):
+    """distfuse.check_calls (or DISTFUSE_CHECK_CALLS=1): a call whose shapes, dtypes,
+    arguments or forced path differ between ranks raises ValueError on every rank,
+    naming each rank's call, instead of reaching the kernels."""
+    run_distributed(_call_checks_body, 3, args=(from_env,),
+                    env={"DISTFUSE_CHECK_CALLS": "1"} if from_env else None)
 
 
 def test_world_8():
