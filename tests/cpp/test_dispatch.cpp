@@ -526,6 +526,7 @@ TEST(MatmulAllReduceDispatch, BandCtasFitTheGemmsWaves) {
   EXPECT_EQ(band_reduce_blocks_for_waves(16, 2048, 4064, 132), 16);
   EXPECT_EQ(band_reduce_blocks_for_waves(4, 14336, 4096 + 32, 132), 4);
   EXPECT_EQ(band_reduce_blocks_for_waves(16, 7168, 1024, 132), 16);
+  EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 8, 18), 9);  // a small GPU: half its SMs at most
   // Never more waves than at 8 CTAs: one fewer only where that saves one, more only
   // where they cost none, over every tile count.
   for (int64_t tiles = 1; tiles <= 8192; ++tiles) {
