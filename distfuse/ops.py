@@ -97,8 +97,9 @@ def _check_same_call(op: str, group: GroupLike, **arguments) -> None:
     forced = torch.ops.distfuse._forced_path(op)
     if forced and forced != "auto":
         call += f", forced path {forced}"
+    # Every override: a fused op may run the all-reduce's kernels too.
     overrides = [f"{key}={torch.ops.distfuse._get_tuning(key)}" for key in TUNING_KEYS
-                 if key.startswith(op + ".") and torch.ops.distfuse._get_tuning(key) != 0]
+                 if torch.ops.distfuse._get_tuning(key) != 0]
     if overrides:
         call += f", tuning {' '.join(overrides)}"
     calls = [None] * dist.get_world_size(pg)

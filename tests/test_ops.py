@@ -667,7 +667,7 @@ def _call_checks_body(rank, world, group_name, from_env):
         assert f"distfuse.matmul_all_reduce: the ranks of group {group_name!r} did not make the same call" in msg, msg
         assert "rank 0: a (3, 4) float32, b (4, 2) float32, bias (2,) float32" in msg, msg
         assert f"rank {world - 1}: a (4, 4) float32" in msg, msg
-        # Another dtype, or bias on one rank only, or a path forced on one rank only.
+        # Another dtype, or bias, a forced path or a tuning override on one rank only.
         with pytest.raises(ValueError, match="rank 0: x \\(5,\\) float32"):
             distfuse.all_reduce(torch.ones(5, dtype=torch.float32 if rank == 0 else torch.bfloat16), group_name)
         with pytest.raises(ValueError, match="bias None"):
@@ -675,6 +675,9 @@ def _call_checks_body(rank, world, group_name, from_env):
         with distfuse.force_path("all_reduce", "reference" if rank == 0 else "auto"):
             with pytest.raises(ValueError, match="forced path reference"):
                 distfuse.all_reduce(a, group_name)
+        with distfuse.tuning({"all_reduce.two_shot_blocks": 8 if rank == 0 else 0}):
+            with pytest.raises(ValueError, match="tuning all_reduce.two_shot_blocks=8"):
+                distfuse.matmul_all_reduce(a, b, group_name)
         # Every rank took the same decision, so the group still works.
         assert torch.equal(distfuse.all_reduce(a, group_name), torch.full((3, 4), float(world * (world + 1) // 2)))
     assert ops._call_checks == from_env  # restored on leaving the block
@@ -711,8 +714,8 @@ def test_fake_kernels_and_compile():
 @pytest.mark.parametrize("from_env", [False, True])
 def test_call_checks_name_each_ranks_call(from_env):
     """distfuse.check_calls (or DISTFUSE_CHECK_CALLS=1): a call whose shapes, dtypes,
-    arguments or forced path differ between ranks raises ValueError on every rank,
-    naming each rank's call, instead of reaching the kernels."""
+    arguments, forced path or tuning overrides differ between ranks raises ValueError on
+    every rank, naming each rank's call, instead of reaching the kernels."""
     run_distributed(_call_checks_body, 3, args=(from_env,),
                     env={"DISTFUSE_CHECK_CALLS": "1"} if from_env else None)
 
