@@ -80,15 +80,15 @@ def group_name(group: GroupLike) -> str:
 
 def _described(value) -> str:
     if isinstance(value, torch.Tensor):
-        return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+        return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')} {value.device.type}"
     return repr(value)
 
 
 def _check_same_call(op: str, group: GroupLike, **arguments) -> None:
     """Raises ValueError on every rank of ``group`` unless all of them call ``op`` with the
-    same shapes, dtypes and other arguments, the same forced path and the same dispatch
-    overrides: the kernels of one call exchange data and flags laid out by these, so a
-    rank that differs would read wrong bytes or wait for flags that never come."""
+    same shapes, dtypes, devices and other arguments, the same forced path and the same
+    dispatch overrides: the kernels of one call exchange data and flags laid out by these,
+    so a rank that differs would read wrong bytes or wait for flags that never come."""
     if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return  # a host collective can run in neither; the call is checked when it runs eagerly
     from torch.distributed.distributed_c10d import _resolve_process_group
@@ -112,7 +112,7 @@ def _check_same_call(op: str, group: GroupLike, **arguments) -> None:
 @contextlib.contextmanager
 def check_calls(enabled: bool = True) -> Iterator[None]:
     """Within the block every op first checks that all ranks of its group make the same
-    call (shapes, dtypes, other arguments, forced path, dispatch overrides) and raises
+    call (shapes, dtypes, devices, other arguments, forced path, dispatch overrides) and raises
     ValueError on every rank, naming each rank's call, when they do not. It costs a host
     collective per call, so it is for debugging; calls inside a CUDA graph capture or a
     torch.compile trace are not checked. ``DISTFUSE_CHECK_CALLS=1`` turns it on for the

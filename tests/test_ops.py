@@ -665,10 +665,10 @@ def _call_checks_body(rank, world, group_name, from_env):
             distfuse.matmul_all_reduce(torch.ones(rows, 4), b, group_name, bias=bias)
         msg = str(info.value)
         assert f"distfuse.matmul_all_reduce: the ranks of group {group_name!r} did not make the same call" in msg, msg
-        assert "rank 0: a (3, 4) float32, b (4, 2) float32, bias (2,) float32" in msg, msg
-        assert f"rank {world - 1}: a (4, 4) float32" in msg, msg
+        assert "rank 0: a (3, 4) float32 cpu, b (4, 2) float32 cpu, bias (2,) float32 cpu" in msg, msg
+        assert f"rank {world - 1}: a (4, 4) float32 cpu" in msg, msg
         # Another dtype, or bias, a forced path or a tuning override on one rank only.
-        with pytest.raises(ValueError, match="rank 0: x \\(5,\\) float32"):
+        with pytest.raises(ValueError, match="rank 0: x \\(5,\\) float32 cpu"):
             distfuse.all_reduce(torch.ones(5, dtype=torch.float32 if rank == 0 else torch.bfloat16), group_name)
         with pytest.raises(ValueError, match="bias None"):
             distfuse.matmul_all_reduce(a, b, group_name, bias=bias if rank == 0 else None)
@@ -714,7 +714,7 @@ def test_fake_kernels_and_compile():
 @pytest.mark.parametrize("from_env", [False, True])
 def test_call_checks_name_each_ranks_call(from_env):
     """distfuse.check_calls (or DISTFUSE_CHECK_CALLS=1): a call whose shapes, dtypes,
-    arguments, forced path or tuning overrides differ between ranks raises ValueError on
+    devices, arguments, forced path or tuning overrides differ between ranks raises ValueError on
     every rank, naming each rank's call, instead of reaching the kernels."""
     run_distributed(_call_checks_body, 3, args=(from_env,),
                     env={"DISTFUSE_CHECK_CALLS": "1"} if from_env else None)
