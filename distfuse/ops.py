@@ -112,12 +112,12 @@ def _check_same_call(op: str, group: GroupLike, **arguments) -> None:
 @contextlib.contextmanager
 def check_calls(enabled: bool = True) -> Iterator[None]:
     """Within the block every op first checks that all ranks of its group make the same
-    call (shapes, dtypes, devices, other arguments, forced path, dispatch overrides) and raises
-    ValueError on every rank, naming each rank's call, when they do not. It costs a host
-    collective per call, so it is for debugging; calls inside a CUDA graph capture or a
-    torch.compile trace are not checked. ``DISTFUSE_CHECK_CALLS=1`` turns it on for the
-    whole process. Without it, a mismatched call fails only by the kernels' timeouts, or
-    not at all."""
+    call (shapes, dtypes, devices, other arguments, forced path, dispatch overrides) and
+    raises ValueError on every rank, naming each rank's call, when they do not. It costs
+    a host collective per call, so it is for debugging; calls inside a CUDA graph capture
+    or a torch.compile trace are not checked. ``DISTFUSE_CHECK_CALLS=1`` turns it on for
+    the whole process. Without it, a mismatched call fails only by the kernels' timeouts,
+    or not at all."""
     global _call_checks
     previous, _call_checks = _call_checks, enabled
     try:
