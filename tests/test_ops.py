@@ -648,28 +648,35 @@ def _fake_compile_body(rank, world, group_name):
     torch._dynamo.reset()
 
 
-def _call_checks_body(rank, world, group_name, from_env):
+def check_call_checks(rank, world, group_name, device, dtype):
+    """Under distfuse.check_calls: matching calls run as without it; a call that differs
+    between ranks raises ValueError on every rank, naming each rank's call."""
     import distfuse
     from distfuse import ops
-    assert ops._call_checks == from_env  # DISTFUSE_CHECK_CALLS=1 turns the checks on at import
-    a, b, bias = torch.full((3, 4), float(rank + 1)), torch.ones(4, 2), torch.arange(2.0)
-    total = float(4 * world * (world + 1) // 2)
+    before = ops._call_checks
+    kind = f"{str(dtype).replace('torch.', '')} {device.type}"
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+
+    def full(shape, value):
+        return torch.full(shape, float(value), device=device, dtype=dtype)
+
+    a, b, bias = full((3, 4), rank + 1), full((4, 2), 1), torch.arange(2.0, device=device).to(dtype)
+    triangle = world * (world + 1) // 2
     with distfuse.check_calls():
         # The same call on every rank: checked, then run as without the check.
         got = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
-        assert torch.equal(got, torch.full((3, 2), total) + bias), got
-        assert torch.equal(distfuse.all_reduce(a, group_name), torch.full((3, 4), float(world * (world + 1) // 2)))
+        assert torch.equal(got, full((3, 2), 4 * triangle) + bias), got
+        assert torch.equal(distfuse.all_reduce(a, group_name), full((3, 4), triangle))
         # The last rank passes another M: every rank raises, naming each rank's shapes.
-        rows = 4 if rank == world - 1 else 3
         with pytest.raises(ValueError) as info:
-            distfuse.matmul_all_reduce(torch.ones(rows, 4), b, group_name, bias=bias)
+            distfuse.matmul_all_reduce(full((4 if rank == world - 1 else 3, 4), 1), b, group_name, bias=bias)
         msg = str(info.value)
         assert f"distfuse.matmul_all_reduce: the ranks of group {group_name!r} did not make the same call" in msg, msg
-        assert "rank 0: a (3, 4) float32 cpu, b (4, 2) float32 cpu, bias (2,) float32 cpu" in msg, msg
-        assert f"rank {world - 1}: a (4, 4) float32 cpu" in msg, msg
+        assert f"rank 0: a (3, 4) {kind}, b (4, 2) {kind}, bias (2,) {kind}" in msg, msg
+        assert f"rank {world - 1}: a (4, 4) {kind}" in msg, msg
         # Another dtype, or bias, a forced path or a tuning override on one rank only.
-        with pytest.raises(ValueError, match="rank 0: x \\(5,\\) float32 cpu"):
-            distfuse.all_reduce(torch.ones(5, dtype=torch.float32 if rank == 0 else torch.bfloat16), group_name)
+        with pytest.raises(ValueError, match=f"rank 0: x \\(5,\\) {kind}"):
+            distfuse.all_reduce(torch.ones(5, device=device, dtype=dtype if rank == 0 else other), group_name)
         with pytest.raises(ValueError, match="bias None"):
             distfuse.matmul_all_reduce(a, b, group_name, bias=bias if rank == 0 else None)
         with distfuse.force_path("all_reduce", "reference" if rank == 0 else "auto"):
@@ -679,8 +686,14 @@ def _call_checks_body(rank, world, group_name, from_env):
             with pytest.raises(ValueError, match="tuning all_reduce.two_shot_blocks=8"):
                 distfuse.matmul_all_reduce(a, b, group_name)
         # Every rank took the same decision, so the group still works.
-        assert torch.equal(distfuse.all_reduce(a, group_name), torch.full((3, 4), float(world * (world + 1) // 2)))
-    assert ops._call_checks == from_env  # restored on leaving the block
+        assert torch.equal(distfuse.all_reduce(a, group_name), full((3, 4), triangle))
+    assert ops._call_checks == before  # restored on leaving the block
+
+
+def _call_checks_body(rank, world, group_name, from_env):
+    from distfuse import ops
+    assert ops._call_checks == from_env  # DISTFUSE_CHECK_CALLS=1 turns the checks on at import
+    check_call_checks(rank, world, group_name, torch.device("cpu"), torch.float32)
 
 
 def _w8_body(rank, world, group_name):

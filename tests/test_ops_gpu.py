@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import gpu_world_sizes, run_distributed
-from test_ops import (Inputs, assert_close, assert_same_on_all_ranks, check_errors, check_global_semantics,
-                      check_integer_exact, check_random_vs_oracle, expect_error)
+from test_ops import (Inputs, assert_close, assert_same_on_all_ranks, check_call_checks, check_errors,
+                      check_global_semantics, check_integer_exact, check_random_vs_oracle, expect_error)
 
 pytestmark = pytest.mark.multigpu
 
@@ -128,6 +128,7 @@ def _gpu_body(rank, world, group_name):
         check_global_semantics(rank, world, group_name, cuda, dtype, cpu_group)
     check_errors(rank, world, group_name, cuda)
     _check_device_mismatch(rank, world, group_name)
+    check_call_checks(rank, world, group_name, cuda, torch.bfloat16)
     if distfuse.built_with_cuda():
         _check_forced_paths(rank, world, group_name, cpu_group)
     torch.cuda.synchronize()
