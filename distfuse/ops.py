@@ -91,15 +91,15 @@ def _check_same_call(op: str, group: GroupLike, **arguments) -> None:
     so a rank that differs would read wrong bytes or wait for flags that never come."""
     if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return  # a host collective can run in neither; the call is checked when it runs eagerly
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    pg = _resolve_process_group(group_name(group))
+    from ._reference import resolve_group
+    pg = resolve_group(group)
     call = ", ".join(f"{name} {_described(value)}" for name, value in arguments.items())
     forced = torch.ops.distfuse._forced_path(op)
     if forced and forced != "auto":
         call += f", forced path {forced}"
     # Every override: a fused op may run the all-reduce's kernels too.
-    overrides = [f"{key}={torch.ops.distfuse._get_tuning(key)}" for key in TUNING_KEYS
-                 if torch.ops.distfuse._get_tuning(key) != 0]
+    values = {key: torch.ops.distfuse._get_tuning(key) for key in TUNING_KEYS}
+    overrides = [f"{key}={value}" for key, value in values.items() if value != 0]
     if overrides:
         call += f", tuning {' '.join(overrides)}"
     calls = [None] * dist.get_world_size(pg)
