@@ -615,6 +615,43 @@ TEST(TileOrder, EveryTileOnceGroupByGroupAndTheLastGroupLast) {
   EXPECT_EQ(tn, 1);
 }
 
+// The 2 x 1 clusters of the tile GEMM rely on it: wherever tile_gemm_order_pairs_rows holds,
+// tile 2i and tile 2i + 1 are (tm, tn) and (tm + 1, tn), tm even; where it fails, some pair is not.
+TEST(TileOrder, PairsVerticallyAdjacentTilesForClusters) {
+  int checked = 0, failed = 0;
+  for (int tiles_m : {1, 2, 3, 6, 7, 10, 16, 33, 64})
+    for (int tiles_n : {1, 3, 4, 32})
+      for (int group_rows : {1, 2, 3, 4, 8})
+        for (int last_group_row0 = 0; last_group_row0 < tiles_m; ++last_group_row0) {
+          bool pairs = tiles_m * tiles_n % 2 == 0;
+          for (int index = 0; pairs && index + 1 < tiles_m * tiles_n; index += 2) {
+            int tm0, tn0, tm1, tn1;
+            tile_gemm_tile_coord(index, tiles_m, tiles_n, &tm0, &tn0, group_rows, last_group_row0);
+            tile_gemm_tile_coord(index + 1, tiles_m, tiles_n, &tm1, &tn1, group_rows, last_group_row0);
+            pairs = tm0 % 2 == 0 && tm1 == tm0 + 1 && tn1 == tn0;
+          }
+          if (tile_gemm_order_pairs_rows(tiles_m, group_rows, last_group_row0)) {
+            EXPECT_TRUE(pairs) << tiles_m << " x " << tiles_n << ", group rows " << group_rows << ", last group "
+                               << last_group_row0;
+            ++checked;
+          } else if (tiles_n > 1 && !pairs) {
+            ++failed;
+          }
+        }
+  EXPECT_GT(checked, 100);
+  EXPECT_GT(failed, 100);  // the condition is not vacuous: most other orders break a pair
+}
+
+TEST(MatmulAllReduceDispatch, BandGemmClustersWithEvenLastWaveBands) {
+  EXPECT_FALSE(band_gemm_clusters());
+  EXPECT_TRUE(band_gemm_clusters(1));
+  EXPECT_FALSE(band_gemm_clusters(2));
+  EXPECT_EQ(band_cluster_tile_rows(3, 64), 4);  // W = 4 down_proj M = 8192 on 122 CTAs
+  EXPECT_EQ(band_cluster_tile_rows(2, 64), 2);
+  EXPECT_EQ(band_cluster_tile_rows(0, 64), 0);
+  EXPECT_EQ(band_cluster_tile_rows(3, 4), 0);  // would cover every row
+}
+
 TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {
   EXPECT_TRUE(exchange_last_tile_in_consumers());
   EXPECT_TRUE(exchange_last_tile_in_consumers(1));

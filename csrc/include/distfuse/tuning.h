@@ -416,6 +416,17 @@ inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, in
   return blocks;
 }
 
+// Band schedules: the tile GEMM in 2 x 1 clusters that share each B tile (TileGemmParams::
+// cluster_m, kernels/gemm/tile_gemm.h), with an even CTA count and its groups and last-wave
+// band made an even number of tile rows. Override: 1 on, 2 off.
+inline bool band_gemm_clusters(int64_t override_value = 0) { return override_value == 1; }
+// Tile rows of the last-wave band with clusters: rounded up to even; a band that would
+// then cover all `tiles_m` rows is none (0).
+inline int band_cluster_tile_rows(int rows, int64_t tiles_m) {
+  const int even = rows + rows % 2;
+  return even < tiles_m ? even : 0;
+}
+
 // SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no
 // launch or grid-wide arrival per band) rather than one kernel per band (v13; same
 // runs, 8 bands, persistent vs per band: W = 4 o_proj M = 8192 / 16384 781 / 1472 vs
