@@ -281,12 +281,12 @@ def body_band_variants(rank, world, group_name):
     """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
     bands in a second kernel of 2 to 40 CTAs or in the two-shot all-reduce after the GEMM;
     1 to 3 bands summed ahead of a gather; the GEMM's last wave as a band of its own or
-    not; the GEMM in 2 x 1 clusters or not) and as one kernel per band, and every third call its owner-scatter form (the
+    not; the GEMM's last waves split by K or whole) and as one kernel per band, and every third call its owner-scatter form (the
     GEMM stores each tile into its owner), with 1 to 40 CTAs and 1 to 16 bands, back to
     back in mixed order (so the band sequences of the persistent kernels' flags and the
     tile slots run on across calls of different shapes, CTA, band and tail counts): exact
     on integer inputs, the same bits as the unfused order, identical across ranks; then
-    CUDA graphs of six of these forms, replayed in turns."""
+    CUDA graphs of five of these forms, replayed in turns."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -304,7 +304,7 @@ def body_band_variants(rank, world, group_name):
                  "matmul_all_reduce.band_tail_two_shot": (2, 1)[(i // 13) % 2],
                  "matmul_all_reduce.band_sum_ahead": (1, 2, 3)[(i // 11) % 3],
                  "matmul_all_reduce.band_last_wave": (1, 2)[(i // 6) % 2],
-                 "matmul_all_reduce.gemm_clusters": (1, 2)[(i // 9) % 2], **lowered}
+                 "matmul_all_reduce.band_whole_tiles": (1, 2)[(i // 9) % 2], **lowered}
         path = "band_scatter" if i % 3 == 2 else "band_pull"
         if path == "band_scatter":
             knobs["matmul_all_reduce.band_scatter_min_m"] = 1
@@ -319,11 +319,10 @@ def body_band_variants(rank, world, group_name):
                 unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, knobs))
     graphs = []
-    for path, persistent, tail, two_shot, clusters in (
-            ("band_pull", 1, 1, 2, 2), ("band_pull", 2, 1, 2, 2), ("band_pull", 1, 3, 2, 2), ("band_pull", 1, 3, 1, 2),
-            ("band_scatter", 1, 3, 1, 2), ("band_pull", 1, 2, 2, 1)):
+    for path, persistent, tail, two_shot in (("band_pull", 1, 1, 2), ("band_pull", 2, 1, 2), ("band_pull", 1, 3, 2),
+                                             ("band_pull", 1, 3, 1), ("band_scatter", 1, 3, 1)):
         knobs = {"matmul_all_reduce.band_persistent": persistent, "matmul_all_reduce.band_tail": tail,
-                 "matmul_all_reduce.band_tail_two_shot": two_shot, "matmul_all_reduce.gemm_clusters": clusters}
+                 "matmul_all_reduce.band_tail_two_shot": two_shot}
         with distfuse.tuning(knobs):
             graphs.append((path, knobs, _captured_call(group_name, path, 1500, 256, 2048, dev)))
     for turn in range(4):

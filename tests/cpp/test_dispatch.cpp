@@ -135,7 +135,8 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 2, kH100), MatmulAllReduceAlgo::kPairExchange);  // W = 2 o_proj
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, GpuClass::kH200), MatmulAllReduceAlgo::kOwnerExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kBandPull);  // v33
+  EXPECT_EQ(choose_matmul_all_reduce(2047, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(2047, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
@@ -511,8 +512,12 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
     EXPECT_LE(ctas, 132);
     EXPECT_EQ((tiles + ctas - 1) / ctas, (tiles + 131) / 132) << tiles;  // no extra wave
   }
-  // H100: never (it tied or lost there to the unfused order).
-  for (int world : {3, 4, 8}) EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, world, GpuClass::kH100), MatmulAllReduceAlgo::kSequential);
+  // H100: never (it tied or lost there to the unfused order); the band schedule from M = 2048
+  // at W >= 4 (v33), the unfused order below it.
+  for (int world : {3, 4, 8}) {
+    EXPECT_NE(choose_matmul_all_reduce(2048, 7168, world, GpuClass::kH100), MatmulAllReduceAlgo::kOwnerExchange);
+    EXPECT_EQ(choose_matmul_all_reduce(2000, 7168, world, GpuClass::kH100), MatmulAllReduceAlgo::kSequential);
+  }
   EXPECT_EQ(owner_exchange_min_m(4, 7168, GpuClass::kH100), INT64_MAX);
 }
 
@@ -522,20 +527,26 @@ TEST(MatmulAllReduceDispatch, BandCtasFitTheGemmsWaves) {
   EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 2048, 132), 10);  // M = 8192: 17 waves on 124 to 122
   EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 3072, 132), 9);   // M = 12288: 25 waves on 124 to 123
   EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 4096, 132, 8), 8);  // an override stands
-  // Never where the all-reduce is the bottleneck (o_proj) or below 8 CTAs, never above 10.
+  // Never where the all-reduce is the bottleneck (o_proj) or below 8 CTAs, never above 10
+  // unless the GEMM has 5 waves or fewer.
   EXPECT_EQ(band_reduce_blocks_for_waves(16, 2048, 4064, 132), 16);
   EXPECT_EQ(band_reduce_blocks_for_waves(4, 14336, 4096 + 32, 132), 4);
-  EXPECT_EQ(band_reduce_blocks_for_waves(16, 7168, 1024, 132), 16);
+  EXPECT_EQ(band_reduce_blocks_for_waves(16, 7168, 1024, 132), 16);  // M = 4096: 9 waves
+  // 5 waves or fewer: up to a quarter of the SMs while the waves stay (M = 2048: 5 on 103).
+  EXPECT_EQ(band_reduce_blocks_for_waves(16, 7168, 512, 132), 29);
+  EXPECT_EQ(band_reduce_blocks_for_waves(16, 7168, 256, 132), 33);  // 3 waves on 86 to 116: 33 at most
+  EXPECT_EQ(band_reduce_blocks_for_waves(16, 2048, 512, 132), 16);  // o_proj: never
   EXPECT_EQ(band_reduce_blocks_for_waves(8, 7168, 8, 18), 9);  // a small GPU: half its SMs at most
   // Never more waves than at 8 CTAs: one fewer only where that saves one, more only
   // where they cost none, over every tile count.
   for (int64_t tiles = 1; tiles <= 8192; ++tiles) {
     const int blocks = band_reduce_blocks_for_waves(8, 7168, tiles, 132);
-    EXPECT_TRUE(blocks >= 7 && blocks <= kWaveFreeBandCtas) << tiles;
+    const int most = (tiles + 123) / 124 <= kFewWaves ? 132 / 4 : kWaveFreeBandCtas;
+    EXPECT_TRUE(blocks >= 7 && blocks <= most) << tiles;
     const int64_t waves_at_8 = (tiles + 123) / 124, waves = (tiles + 131 - blocks) / (132 - blocks);
     if (blocks == 7) EXPECT_LT(waves, waves_at_8) << tiles;
     else EXPECT_EQ(waves, waves_at_8) << tiles;
-    if (blocks > 7 && blocks < kWaveFreeBandCtas) EXPECT_GT((tiles + 130 - blocks) / (131 - blocks), waves) << tiles;
+    if (blocks > 7 && blocks < most) EXPECT_GT((tiles + 130 - blocks) / (131 - blocks), waves) << tiles;
   }
   // The dispatcher's own CTA count feeds it.
   EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 16384, 7168), 8);
@@ -615,41 +626,10 @@ TEST(TileOrder, EveryTileOnceGroupByGroupAndTheLastGroupLast) {
   EXPECT_EQ(tn, 1);
 }
 
-// The 2 x 1 clusters of the tile GEMM rely on it: wherever tile_gemm_order_pairs_rows holds,
-// tile 2i and tile 2i + 1 are (tm, tn) and (tm + 1, tn), tm even; where it fails, some pair is not.
-TEST(TileOrder, PairsVerticallyAdjacentTilesForClusters) {
-  int checked = 0, failed = 0;
-  for (int tiles_m : {1, 2, 3, 6, 7, 10, 16, 33, 64})
-    for (int tiles_n : {1, 3, 4, 32})
-      for (int group_rows : {1, 2, 3, 4, 8})
-        for (int last_group_row0 = 0; last_group_row0 < tiles_m; ++last_group_row0) {
-          bool pairs = tiles_m * tiles_n % 2 == 0;
-          for (int index = 0; pairs && index + 1 < tiles_m * tiles_n; index += 2) {
-            int tm0, tn0, tm1, tn1;
-            tile_gemm_tile_coord(index, tiles_m, tiles_n, &tm0, &tn0, group_rows, last_group_row0);
-            tile_gemm_tile_coord(index + 1, tiles_m, tiles_n, &tm1, &tn1, group_rows, last_group_row0);
-            pairs = tm0 % 2 == 0 && tm1 == tm0 + 1 && tn1 == tn0;
-          }
-          if (tile_gemm_order_pairs_rows(tiles_m, group_rows, last_group_row0)) {
-            EXPECT_TRUE(pairs) << tiles_m << " x " << tiles_n << ", group rows " << group_rows << ", last group "
-                               << last_group_row0;
-            ++checked;
-          } else if (tiles_n > 1 && !pairs) {
-            ++failed;
-          }
-        }
-  EXPECT_GT(checked, 100);
-  EXPECT_GT(failed, 100);  // the condition is not vacuous: most other orders break a pair
-}
-
-TEST(MatmulAllReduceDispatch, BandGemmClustersWithEvenLastWaveBands) {
-  EXPECT_FALSE(band_gemm_clusters());
-  EXPECT_TRUE(band_gemm_clusters(1));
-  EXPECT_FALSE(band_gemm_clusters(2));
-  EXPECT_EQ(band_cluster_tile_rows(3, 64), 4);  // W = 4 down_proj M = 8192 on 122 CTAs
-  EXPECT_EQ(band_cluster_tile_rows(2, 64), 2);
-  EXPECT_EQ(band_cluster_tile_rows(0, 64), 0);
-  EXPECT_EQ(band_cluster_tile_rows(3, 4), 0);  // would cover every row
+TEST(MatmulAllReduceDispatch, BandGemmTakesWholeTilesUnlessTurnedOff) {
+  EXPECT_TRUE(band_gemm_whole_tiles());
+  EXPECT_TRUE(band_gemm_whole_tiles(1));
+  EXPECT_FALSE(band_gemm_whole_tiles(2));
 }
 
 TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {

@@ -63,10 +63,6 @@ struct TileGemmParams {
   bool whole_tiles;       // every tile computed whole by one CTA (no stream-K), as with the exchange
   int tile_shape;         // output tile: 0 by M (64x128 up to M = 128, else 128x256), 1 64x128,
                           // 2 128x128, 3 128x256
-  // 2: CTAs in pairs (2 x 1 clusters) on vertically adjacent tiles, each loading half of
-  // their shared B tile for both (TMA multicast); taken where the plan allows it
-  // (tile_gemm_cluster_m), else 1 CTA per cluster. 0 or 1: 1 CTA per cluster.
-  int cluster_m;
   // Pair exchange (two ranks; kernels/gemm/tile_pair_exchange.cuh): when
   // exchange_output is set, d is this rank's tile partial in `comm`'s workspace,
   // tile_flags is null, and the kernel also writes exchange_output [M, N] (ld = N)

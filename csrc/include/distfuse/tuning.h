@@ -149,7 +149,13 @@ inline int64_t fused_max_k(int world) {
 // vs - / 874.2. At M = 16384 the two are within 1 % either way (band vs pair: H100 1700.5
 // vs 1701.6, 1767.8 vs 1790.8, 1714.2 vs 1698.5; H200 1671.4 vs 1680.6): the band schedule
 // stays there. Measured at K_r = 4096 only.
+// On H100 at W >= 4 with K_r >= 7168 (down_proj) from M = 2048 since its GEMM takes whole
+// tiles (band_gemm_whole_tiles) and the band CTAs the GEMM's fifth wave leaves free
+// (band_reduce_blocks_for_waves): 4 x H100, forced columns, same runs (NOTES.md, v33):
+// 460.2 / 460.6 us at 16 CTAs and 453.7 at 29 against sequential 466.9 / 464.4 (570.4 with
+// stream-K). On H200 the owner exchange keeps M = 2048 (443.8 against sequential 461.7).
 inline int64_t band_pull_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
+  if (world >= 4 && k >= 7168 && gpu == GpuClass::kH100) return 2048;
   if (world == 2 && k < 7168) return 16384;
   return world >= 4 && k < 4096 && gpu == GpuClass::kH200 ? 2048 : 4096;
 }
@@ -403,29 +409,30 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
 // 11 vs 8 1397.9 vs 1418.2 with the last-wave band (the default), but 1433.3 vs 1428.9
 // without it and 1411.7 vs 1403.7 with 16 bands, so 10 at most. Where the all-reduce is
 // the bottleneck (o_proj) every band CTA counts more than a wave: never there. No change
-// with an override.
+// with an override. Where the GEMM has 5 waves or fewer, up to a quarter of the SMs: W = 4
+// down_proj M = 2048, 512 tiles take 5 waves on 103 to 127 CTAs; 4 x H100, forced, same run
+// (v33): 16 / 20 / 24 / 29 CTAs 461.3 / 458.9 / 456.8 / 453.7 us.
 inline bool gemm_hides_band_all_reduce(int64_t k) { return k >= 7168; }
 constexpr int kWaveFreeBandCtas = 10;
+constexpr int kFewWaves = 5;
 inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, int sms, int override_blocks = 0) {
   if (override_blocks > 0 || blocks < 8 || !gemm_hides_band_all_reduce(k) || tiles <= 0) return blocks;
   auto waves = [&](int gemm_ctas) { return gemm_ctas > 0 ? (tiles + gemm_ctas - 1) / gemm_ctas : INT64_MAX; };
   if (waves(sms - blocks + 1) < waves(sms - blocks)) return blocks - 1;
+  const int most = waves(sms - blocks) <= kFewWaves && sms / 4 > kWaveFreeBandCtas ? sms / 4 : kWaveFreeBandCtas;
   // At most half the SMs, as band_reduce_blocks' callers allow.
-  while (blocks < kWaveFreeBandCtas && 2 * (blocks + 1) <= sms && waves(sms - blocks - 1) == waves(sms - blocks))
-    ++blocks;
+  while (blocks < most && 2 * (blocks + 1) <= sms && waves(sms - blocks - 1) == waves(sms - blocks)) ++blocks;
   return blocks;
 }
 
-// Band schedules: the tile GEMM in 2 x 1 clusters that share each B tile (TileGemmParams::
-// cluster_m, kernels/gemm/tile_gemm.h), with an even CTA count and its groups and last-wave
-// band made an even number of tile rows. Override: 1 on, 2 off.
-inline bool band_gemm_clusters(int64_t override_value = 0) { return override_value == 1; }
-// Tile rows of the last-wave band with clusters: rounded up to even; a band that would
-// then cover all `tiles_m` rows is none (0).
-inline int band_cluster_tile_rows(int rows, int64_t tiles_m) {
-  const int even = rows + rows % 2;
-  return even < tiles_m ? even : 0;
-}
+// Band schedules: the tile GEMM computes every tile whole, however its tiles fill the waves
+// of its SMs - R CTAs, rather than split its last waves by K (stream-K): its split tiles
+// are the last tile numbers, so their bands are all-reduced after the GEMM (benchmarks/
+// NOTES.md, v27), and the split ranges read A and B at scattered K offsets, without the
+// L2 reuse of a wave of whole tiles (v32: K = 7168 M = 2048 on 116 CTAs 486.6 us split,
+// 369.1 whole). Of the benchmark rows only W = 4 M = 2048 (512 tiles on 116 CTAs) splits
+// otherwise (v33). Override: 1 on, 2 off.
+inline bool band_gemm_whole_tiles(int64_t override_value = 0) { return override_value != 2; }
 
 // SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no
 // launch or grid-wide arrival per band) rather than one kernel per band (v13; same

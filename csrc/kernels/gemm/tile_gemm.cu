@@ -70,12 +70,11 @@ using MidShape = TileConfig<128, 128, 6, cutlass::gemm::KernelTmaWarpSpecialized
 using PrefillShape = TileConfig<128, 256, 4, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
-template <class Element_, bool kBTransposed, class ShapeConfig, int kClusterM>
+template <class Element_, bool kBTransposed, class ShapeConfig>
 struct Config {
   using Element = Element_;
   using Tile = typename ShapeConfig::Tile;
-  // 2 x 1: the builder's mainloop then multicasts B (each CTA of a pair loads half).
-  using Cluster = cute::Shape<cute::Int<kClusterM>, _1, _1>;
+  using Cluster = cute::Shape<_1, _1, _1>;
   // B given as Bt [N, K] row-major is column-major [K, N]: K-major for wgmma.
   using LayoutB = std::conditional_t<kBTransposed, cutlass::layout::ColumnMajor,
                                      cutlass::layout::RowMajor>;
@@ -112,7 +111,6 @@ struct Plan {
   Variant variant;
   int tile_m;
   int tile_n;
-  int cluster_m;  // CTAs per cluster along M: 1 or 2
   TileSchedule schedule;
   size_t workspace_bytes;  // split-tile counters, then 2 partial-sum slots per CTA
 };
@@ -135,18 +133,6 @@ int tile_n_of(Variant v) {
   return v == Variant::kDecode ? DecodeShape::kTileN : v == Variant::kMid ? MidShape::kTileN : PrefillShape::kTileN;
 }
 
-// 2 x 1 clusters where asked for and the plan can pair its CTAs: the tiles of both
-// cooperative configurations, whole (no stream-K: its K ranges would have to be paired
-// too), no exchange or scatter (their warps walk the CTA's tiles), an even grid, and an
-// order of whole pairs once the tile rows are made even.
-int cluster_m_of(const TileGemmParams& p, const TileSchedule& s) {
-  const bool eligible = p.cluster_m == 2 && variant_for(p) != Variant::kDecode && p.exchange_output == nullptr &&
-                        p.scatter_world == 0 && p.sm_count >= 2 &&
-                        tile_gemm_order_pairs_rows(s.stored_tiles_m + s.stored_tiles_m % 2, s.group_rows,
-                                                   s.last_group_row0);
-  return eligible ? 2 : 1;
-}
-
 Plan make_plan(const TileGemmParams& p) {
   Plan plan{};
   plan.variant = variant_for(p);
@@ -154,23 +140,11 @@ Plan make_plan(const TileGemmParams& p) {
   plan.tile_n = tile_n_of(plan.variant);
 
   TileSchedule& s = plan.schedule;
-  s.stored_tiles_m = int(ceil_div(p.m, plan.tile_m));
+  s.tiles_m = int(ceil_div(p.m, plan.tile_m));
   s.tiles_n = int(ceil_div(p.n, plan.tile_n));
   s.group_rows = p.group_rows > 0 ? p.group_rows : kTileGemmGroupRows;
   s.last_group_row0 = p.last_group_row0;
   s.k_tiles = int(ceil_div(p.k, kTileK));
-  plan.cluster_m = cluster_m_of(p, s);
-  if (plan.cluster_m == 2) {
-    // Data-parallel on an even grid over an even number of tile rows: CTAs 2j and 2j + 1
-    // then take the pairs the order numbers 2i, 2i + 1 at every step.
-    s.tiles_m = s.stored_tiles_m + s.stored_tiles_m % 2;
-    const int tiles = s.tiles_m * s.tiles_n;
-    const int ctas = p.sm_count / 2 * 2;
-    s.num_ctas = tiles < ctas ? tiles : ctas;
-    s.dp_tiles = tiles;
-    return plan;
-  }
-  s.tiles_m = s.stored_tiles_m;
   const int tiles = s.tiles_m * s.tiles_n;
   const int ctas = p.sm_count;
 
@@ -197,46 +171,6 @@ Plan make_plan(const TileGemmParams& p) {
   return plan;
 }
 
-// Launches a grid of clusters of `cluster_size` CTAs along x. A persistent grid with more
-// clusters than fit at once would leave the extra ones for after the first to finish, so
-// the grid is cut to the clusters that fit (found once per device; the same on every rank
-// of a group of like GPUs) and the schedule's CTA stride follows it.
-template <class KernelFn, class Params>
-cudaError_t launch_clusters(KernelFn kernel, Params& params, int threads, int smem_bytes, int cluster_size,
-                            cudaStream_t stream) {
-  cudaLaunchAttribute cluster_dim{};
-  cluster_dim.id = cudaLaunchAttributeClusterDimension;
-  cluster_dim.val.clusterDim.x = unsigned(cluster_size);
-  cluster_dim.val.clusterDim.y = 1;
-  cluster_dim.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(params.schedule.num_ctas));
-  config.blockDim = dim3(unsigned(threads));
-  config.dynamicSmemBytes = size_t(smem_bytes);
-  config.stream = stream;
-  config.attrs = &cluster_dim;
-  config.numAttrs = 1;
-
-  constexpr int kMaxDevices = 64;
-  static int max_clusters[kMaxDevices] = {};  // 0: not yet known
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  int fit = device < kMaxDevices ? max_clusters[device] : 0;
-  if (fit == 0) {
-    err = cudaOccupancyMaxActiveClusters(&fit, kernel, &config);
-    if (err != cudaSuccess) return err;
-    if (fit < 1) return cudaErrorNotSupported;
-    if (device < kMaxDevices) max_clusters[device] = fit;
-  }
-  if (params.schedule.num_ctas > fit * cluster_size) {
-    params.schedule.num_ctas = fit * cluster_size;
-    config.gridDim = dim3(unsigned(params.schedule.num_ctas));
-  }
-  err = cudaLaunchKernelEx(&config, kernel, params);
-  return err != cudaSuccess ? err : cudaGetLastError();
-}
-
 __global__ void exchange_timeout_check_kernel(const CommHandle comm) { exchange_timeout_check(comm); }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -244,7 +178,6 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 cudaError_t check_params(const TileGemmParams& p) {
   if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
       p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.tile_shape < 0 || p.tile_shape > 3 ||
-      p.cluster_m < 0 || p.cluster_m > 2 ||
       p.lda < p.k || p.ldd < p.n ||
       p.ldb < (p.b_transposed ? p.k : p.n)) {
     return cudaErrorInvalidValue;
@@ -333,39 +266,28 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  if constexpr (Kernel::kClusterSize > 1) {
-    err = launch_clusters(kernel, params, Kernel::kThreads, kSmemBytes, Kernel::kClusterSize, stream);
-  } else {
-    kernel<<<plan.schedule.num_ctas, Kernel::kThreads, kSmemBytes, stream>>>(params);
-    err = cudaGetLastError();
-  }
+  kernel<<<plan.schedule.num_ctas, Kernel::kThreads, kSmemBytes, stream>>>(params);
+  err = cudaGetLastError();
   if (err != cudaSuccess || p.exchange_output == nullptr) return err;
   exchange_timeout_check_kernel<<<1, 1, 0, stream>>>(p.comm);
   return cudaGetLastError();
 }
 
-template <class Element, class ShapeConfig, int kClusterM>
+template <class Element, class ShapeConfig>
 cudaError_t launch_for_layout(const TileGemmParams& p, const Plan& plan, void* workspace,
                               cudaStream_t stream) {
   return p.b_transposed
-             ? launch<Config<Element, true, ShapeConfig, kClusterM>>(p, plan, workspace, stream)
-             : launch<Config<Element, false, ShapeConfig, kClusterM>>(p, plan, workspace, stream);
-}
-
-template <class Element, class ShapeConfig>
-cudaError_t launch_for_cluster(const TileGemmParams& p, const Plan& plan, void* workspace,
-                               cudaStream_t stream) {
-  return plan.cluster_m == 2 ? launch_for_layout<Element, ShapeConfig, 2>(p, plan, workspace, stream)
-                             : launch_for_layout<Element, ShapeConfig, 1>(p, plan, workspace, stream);
+             ? launch<Config<Element, true, ShapeConfig>>(p, plan, workspace, stream)
+             : launch<Config<Element, false, ShapeConfig>>(p, plan, workspace, stream);
 }
 
 template <class Element>
 cudaError_t launch_for_dtype(const TileGemmParams& p, const Plan& plan, void* workspace,
                              cudaStream_t stream) {
   switch (plan.variant) {
-    case Variant::kDecode: return launch_for_layout<Element, DecodeShape, 1>(p, plan, workspace, stream);
-    case Variant::kMid: return launch_for_cluster<Element, MidShape>(p, plan, workspace, stream);
-    default: return launch_for_cluster<Element, PrefillShape>(p, plan, workspace, stream);
+    case Variant::kDecode: return launch_for_layout<Element, DecodeShape>(p, plan, workspace, stream);
+    case Variant::kMid: return launch_for_layout<Element, MidShape>(p, plan, workspace, stream);
+    default: return launch_for_layout<Element, PrefillShape>(p, plan, workspace, stream);
   }
 }
 
@@ -378,11 +300,6 @@ int tile_gemm_tile_m(const TileGemmParams& p) {
 
 int tile_gemm_tile_n(const TileGemmParams& p) {
   return tile_gemm_detail::tile_n_of(tile_gemm_detail::variant_for(p));
-}
-
-int tile_gemm_cluster_m(const TileGemmParams& p) {
-  if (tile_gemm_detail::check_params(p) != cudaSuccess) return 0;
-  return tile_gemm_detail::make_plan(p).cluster_m;
 }
 
 size_t tile_gemm_workspace_bytes(const TileGemmParams& p) {

@@ -10,10 +10,9 @@
 // composed from CUTLASS's SM90 collectives: the TMA + wgmma mainloop
 // (CollectiveMma, MainloopSm90TmaGmmaWarpSpecialized) and the TMA-store epilogue
 // (Sm90TmaWarpSpecialized). Our kernel owns the tile schedule, the split-K
-// reduction and the flag. One CTA per SM (shared memory is sized so), grid <=
-// sm_count, clusters of 1 CTA or, where asked for, of 2 (below). CTAs of
-// different clusters never wait for each other, so the kernel completes whatever
-// subset of its clusters is resident at a time.
+// reduction and the flag. One CTA per SM (shared memory is sized so), cluster
+// 1x1x1, grid <= sm_count. CTAs never wait for each other, so the kernel
+// completes whatever subset of its CTAs is resident at a time.
 //
 //   CTA = producer warp group (warp 0 issues the TMA loads of A and B)
 //       + 1 or 2 consumer warp groups (wgmma, then the epilogue of the tile)
@@ -97,27 +96,6 @@
 // out (the GEMM kernel makes no function call, printf's included: a call would
 // serialize its wgmma pipeline).
 //
-// 2 x 1 clusters (TileGemmParams::cluster_m = 2)
-// ---------------------------------------------
-// Per K block a 128 x 256 tile reads 16 KB of A and 32 KB of B. CTAs 2j and 2j + 1
-// form a cluster and compute vertically adjacent tiles of one column at every step,
-// so they share B: each loads its A and one half of B, multicast into both CTAs'
-// shared memory (32 KB of loads per CTA and K block instead of 48):
-//
-//              tn                    the order numbers tiles 2i and 2i + 1 as
-//     tm   [ 2i     ]  CTA 2j        (tm, tn) and (tm + 1, tn), tm even
-//     tm+1 [ 2i + 1 ]  CTA 2j + 1    (tile_gemm_order_pairs_rows), and CTA c
-//              |                     takes tiles c, c + G, ... with G even
-//      B[:, tn-th 256 columns]: rows of K block split in two halves,
-//      half r loaded by CTA 2j + r and multicast to both
-//
-// Each consumer releases a pipeline stage to both producers. The tile rows are made
-// even: with an odd count the last row's partner row loads the last row's A again
-// and stores nothing and publishes no flag. Taken only for whole-tile plans of the
-// two cooperative configurations without exchange or scatter, on an even grid whose
-// group rows and last group row are even (tile_gemm_cluster_m tells); the grid is
-// cut to the clusters that fit on the GPU at once.
-//
 // Workspace
 // ---------
 // Stream-K needs an arrival counter per split tile and fp32 partial tiles:
@@ -140,11 +118,6 @@ namespace distfuse {
 // Tile shape the launch for these parameters uses (depends on p.m only).
 int tile_gemm_tile_m(const TileGemmParams& p);
 int tile_gemm_tile_n(const TileGemmParams& p);
-
-// CTAs per cluster along M the launch for these parameters uses: 2 where
-// p.cluster_m asks for it and the plan allows it (above), else 1; 0 for invalid
-// parameters.
-int tile_gemm_cluster_m(const TileGemmParams& p);
 
 // Device workspace the launch needs (0: none).
 size_t tile_gemm_workspace_bytes(const TileGemmParams& p);

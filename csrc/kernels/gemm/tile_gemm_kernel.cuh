@@ -31,9 +31,7 @@ namespace tile_gemm_detail {
 // its partial sums in its own workspace slot (2 per CTA: the first and the
 // last unit of its range) and the last to arrive adds them up.
 struct TileSchedule {
-  int tiles_m;         // tile rows of the order: stored_tiles_m, made even for 2 x 1 clusters
-  int stored_tiles_m;  // tile rows of D; a tile of a row past them (a cluster's partner of
-                       // the last row) loads the last row's A, computes and stores nothing
+  int tiles_m;
   int tiles_n;
   int group_rows;  // tile rows per group of the tile order
   int last_group_row0;  // > 0: the tile rows from this one form the order's last group
@@ -149,8 +147,6 @@ struct TileGemmKernel {
   using MainloopPipeline = typename Mainloop::MainloopPipeline;
   using EpilogueLoadPipeline = typename Epilogue::LoadPipeline;
   using EpilogueStorePipeline = typename Epilogue::StorePipeline;
-  using ClusterShape = typename Mainloop::DispatchPolicy::ClusterShape;
-  static constexpr int kClusterSize = int(cute::size(ClusterShape{}));
 
   static constexpr int kMmaThreads = int(cute::size(TiledMma{}));
   static constexpr int kThreads = cutlass::NumThreadsPerWarpGroup + kMmaThreads;
@@ -221,9 +217,8 @@ struct TileGemmKernel {
     mainloop_pipeline_params.num_consumers = kMmaThreads;
     mainloop_pipeline_params.num_producers = Mainloop::NumProducerThreadEvents;
     mainloop_pipeline_params.transaction_bytes = params.mainloop.tma_transaction_bytes;
-    // With 2 x 1 clusters each consumer releases a stage to both CTAs' producers (either
-    // may multicast its half of B into it).
-    MainloopPipeline mainloop_pipeline(shared.mainloop_pipeline, mainloop_pipeline_params, ClusterShape{});
+    MainloopPipeline mainloop_pipeline(shared.mainloop_pipeline, mainloop_pipeline_params,
+                                       Shape<_1, _1, _1>{});
 
     // D = acc has no source operand: the epilogue's load pipeline is never
     // filled but its store() takes one.
@@ -240,14 +235,7 @@ struct TileGemmKernel {
     epilogue_store_params.always_wait = true;
     EpilogueStorePipeline epilogue_store_pipeline(epilogue_store_params);
 
-    // Barrier initialization visible to every warp, and with clusters to the partner CTA,
-    // whose multicasts and releases arrive on this CTA's barriers.
-    if constexpr (kClusterSize > 1) {
-      cute::cluster_arrive_relaxed();
-      cute::cluster_wait();
-    } else {
-      __syncthreads();
-    }
+    __syncthreads();  // barrier initialization visible to every warp
 
     Mainloop mainloop;
     CtaWork work(params.schedule, int(blockIdx.x));
@@ -262,19 +250,14 @@ struct TileGemmKernel {
       auto load_inputs = mainloop.load_init(params.problem, params.mainloop);
       auto k_tile_shape = shape<3>(get<0>(load_inputs));
       auto write_state = cutlass::make_producer_start_state<MainloopPipeline>();
-      // The two CTAs of a cluster take tiles (tm, tn) and (tm + 1, tn) at every step (the
-      // order pairs them, tile_gemm_order_pairs_rows), so each loads its own A and half of
-      // their B, which the mainloop multicasts to both.
-      const uint32_t rank_in_cluster = kClusterSize > 1 ? cute::block_rank_in_cluster() : 0u;
       while (work.next(unit)) {
         int tm, tn;
         tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
                              params.schedule.group_rows, params.schedule.last_group_row0);
-        const int load_tm = tm < params.schedule.stored_tiles_m ? tm : params.schedule.stored_tiles_m - 1;
         auto k_tile_iter = make_coord_iterator(idx2crd(unit.k_begin, k_tile_shape), k_tile_shape);
         mainloop.load(params.mainloop, mainloop_pipeline, write_state, load_inputs,
-                      make_coord(load_tm, tn, _, 0), k_tile_iter, unit.k_count,
-                      cutlass::canonical_lane_idx(), rank_in_cluster, shared.mainloop);
+                      make_coord(tm, tn, _, 0), k_tile_iter, unit.k_count,
+                      cutlass::canonical_lane_idx(), 0u, shared.mainloop);
         write_state.advance(unit.k_count);
       }
       mainloop.load_tail(mainloop_pipeline, write_state);
@@ -310,7 +293,6 @@ struct TileGemmKernel {
       int tm, tn;
       tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
                              params.schedule.group_rows, params.schedule.last_group_row0);
-      if (tm >= params.schedule.stored_tiles_m) continue;  // a cluster's padding tile: not in D
       const int flag_index = tm * params.schedule.tiles_n + tn;
       int owner = 0;
       if (params.scatter_world > 0) {

@@ -35,15 +35,6 @@ DF_TILE_ORDER_HD inline void tile_gemm_tile_coord(int index, int tiles_m, int ti
   *tn = index_in_group / rows_in_group;
 }
 
-// Whether the order numbers each even tile and the next one as the two vertically adjacent
-// tiles (tm, tn) and (tm + 1, tn) of one column, tm even: then CTAs 2j and 2j + 1 of a grid
-// of even size G, taking tiles 2j, 2j + G, ... and 2j + 1, 2j + 1 + G, ..., always work on
-// such a pair (the 2 x 1 clusters of tile_gemm.h). Every group then has an even number of
-// rows, so each column of it is a run of whole pairs.
-DF_TILE_ORDER_HD inline bool tile_gemm_order_pairs_rows(int tiles_m, int group_rows, int last_group_row0) {
-  return tiles_m % 2 == 0 && group_rows % 2 == 0 && last_group_row0 % 2 == 0;
-}
-
 #undef DF_TILE_ORDER_HD
 
 }  // namespace distfuse

@@ -282,14 +282,7 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.m, g.k, blocks_knob), sm_count(device) / 2));
   bc.reducers = band_reduce_blocks_for_waves(bc.reducers, g.k, tiles, sms, blocks_knob);
   gp.sm_count = sms - bc.reducers;
-  // The scatter's epilogue cannot pair its CTAs (tile_gemm.h, 2 x 1 clusters).
-  const bool clusters = algo != MatmulAllReduceAlgo::kBandScatter &&
-                        band_gemm_clusters(get_tuning("matmul_all_reduce.gemm_clusters"));
-  if (clusters) {
-    gp.cluster_m = 2;
-    gp.sm_count -= gp.sm_count % 2;
-    gp.group_rows += gp.group_rows % 2;  // whole pairs in every group (a group may cover all rows)
-  }
+  gp.whole_tiles = band_gemm_whole_tiles(get_tuning("matmul_all_reduce.band_whole_tiles"));
 
   bc.ob = output_and_bias(g, a, bias);
   BandAllReduceParams& bp = bc.bands;
@@ -303,10 +296,9 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   while (band_count(bp) > kMaxBands) bp.band_rows *= 2;  // keeps whole groups per band
   if (algo == MatmulAllReduceAlgo::kBandPull) {
     // The GEMM's last wave as the last band and the last group of the tile order.
-    int last_rows =
+    const int last_rows =
         last_wave_band_tile_rows(g.k, tiles, gp.sm_count, (g.n + bp.tile_n - 1) / bp.tile_n, bp.band_rows / tile_m,
                                  ws.world(), bc.reducers, get_tuning("matmul_all_reduce.band_last_wave"));
-    if (clusters) last_rows = band_cluster_tile_rows(last_rows, tiles_m);
     if (last_rows > 0 && band_count(bp) < kMaxBands) {  // one band more
       gp.last_group_row0 = static_cast<int>(tiles_m - last_rows);
       bp.last_band_row0 = int64_t(gp.last_group_row0) * tile_m;

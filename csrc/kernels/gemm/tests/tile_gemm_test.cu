@@ -151,23 +151,14 @@ struct Case {
   int m, n, k;
   int sm_count;
   int pad;  // extra elements per row of A, B and D
-  int cluster_m = 0;        // TileGemmParams::cluster_m
-  int group_rows = 0;       // TileGemmParams::group_rows
-  int last_group_row0 = 0;  // TileGemmParams::last_group_row0
-  int expect_cluster_m = 1;  // what tile_gemm_cluster_m must say
 };
 
 std::string describe(const Case& c) {
-  char buf[200];
-  std::snprintf(buf, sizeof(buf), "%s %s M=%d N=%d K=%d sm_count=%d pad=%d", c.dtype == DType::kBFloat16 ? "bf16" : "fp16",
-                c.b_transposed ? "B^T" : "B", c.m, c.n, c.k, c.sm_count, c.pad);
-  std::string text = buf;
-  if (c.cluster_m != 0) {
-    std::snprintf(buf, sizeof(buf), " cluster_m=%d group_rows=%d last_group_row0=%d", c.cluster_m, c.group_rows,
-                  c.last_group_row0);
-    text += buf;
-  }
-  return text;
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "%s %s M=%d N=%d K=%d sm_count=%d pad=%d",
+                c.dtype == DType::kBFloat16 ? "bf16" : "fp16", c.b_transposed ? "B^T" : "B",
+                c.m, c.n, c.k, c.sm_count, c.pad);
+  return buf;
 }
 
 cudaDataType_t cuda_type(DType t) { return t == DType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F; }
@@ -214,14 +205,6 @@ bool run_case(const Device& dev, const Case& c, void* workspace, size_t workspac
   p.b_transposed = c.b_transposed;
   p.dtype = c.dtype;
   p.sm_count = c.sm_count;
-  p.cluster_m = c.cluster_m;
-  p.group_rows = c.group_rows;
-  p.last_group_row0 = c.last_group_row0;
-  if (distfuse::tile_gemm_cluster_m(p) != c.expect_cluster_m) {
-    failures.push_back(describe(c) + ": tile_gemm_cluster_m = " + std::to_string(distfuse::tile_gemm_cluster_m(p)) +
-                       ", expected " + std::to_string(c.expect_cluster_m));
-    return false;
-  }
 
   const int tiles = tiles_of(p);
   DeviceBuffer flags(size_t(tiles + kGuardFlags) * sizeof(uint32_t));
@@ -407,8 +390,9 @@ void run_benchmark(const Device& dev, int gemm_sms, const std::vector<int>& ms_l
   std::printf("\nTiming on %s: bf16, B given as Bt [N, K] (nn.Linear weight), median of 50, "
               "L2 flushed before each run; tile GEMM on %d of %d SMs\n", dev.name.c_str(),
               gemm_sms, dev.sm_count);
-  std::printf("%6s %5s %5s | %9s %8s %8s %9s %9s | %9s %8s %8s | %7s %7s\n", "M", "K", "N", "tile us", "TFLOP/s",
-              "GB/s", "noflag us", "2x1 us", "cuBLAS us", "TFLOP/s", "GB/s", "speedup", "2x1");
+  std::printf("%6s %5s %5s | %9s %8s %8s %9s | %9s %8s %8s | %7s\n", "M", "K", "N",
+              "tile us", "TFLOP/s", "GB/s", "noflag us", "cuBLAS us", "TFLOP/s", "GB/s",
+              "speedup");
   const size_t flush_bytes = size_t(512) << 20;
   DeviceBuffer flush(flush_bytes);
   CUDA_CHECK(cudaMemsetAsync(flush.ptr, 0, flush_bytes, dev.stream));
@@ -433,27 +417,21 @@ void run_benchmark(const Device& dev, int gemm_sms, const std::vector<int>& ms_l
       DeviceBuffer workspace(ws_bytes);
       CUDA_CHECK(cudaMemsetAsync(workspace.ptr, 0, ws_bytes, dev.stream));
 
-      auto launch_with = [&](uint32_t* tile_flags, int cluster_m = 0) {
+      auto launch_with = [&](uint32_t* tile_flags) {
         TileGemmParams q = p;
         q.tile_flags = tile_flags;
-        q.cluster_m = cluster_m;
         const cudaError_t err = distfuse::launch_tile_gemm(q, dev.stream, workspace.ptr);
         if (err != cudaSuccess) fatal("launch_tile_gemm", cudaGetErrorString(err), __FILE__, __LINE__);
       };
       const float ours = time_ms(dev, flush, flush_bytes, [&] { launch_with(flags.as<uint32_t>()); });
       const float no_flags = time_ms(dev, flush, flush_bytes, [&] { launch_with(nullptr); });
-      // 2 x 1 clusters where the plan takes them (else the same launch as `ours`).
-      TileGemmParams paired = p;
-      paired.cluster_m = 2;
-      const bool pairs = distfuse::tile_gemm_cluster_m(paired) == 2;
-      const float pair = time_ms(dev, flush, flush_bytes, [&] { launch_with(flags.as<uint32_t>(), 2); });
       const float cublas = time_ms(dev, flush, flush_bytes,
                                    [&] { cublas_gemm(dev, p, d.ptr, CUDA_R_16BF, n); });
       const double flop = 2.0 * m * n * k;
       const double bytes = 2.0 * (double(m) * k + double(k) * n + double(m) * n);
-      std::printf("%6d %5d %5d | %9.1f %8.1f %8.0f %9.1f %8.1f%s | %9.1f %8.1f %8.0f | %7.3f %7.3f\n", m, k, n,
-                  ours * 1e3, flop / ours * 1e-9, bytes / ours * 1e-6, no_flags * 1e3, pair * 1e3, pairs ? " " : "*",
-                  cublas * 1e3, flop / cublas * 1e-9, bytes / cublas * 1e-6, cublas / ours, cublas / pair);
+      std::printf("%6d %5d %5d | %9.1f %8.1f %8.0f %9.1f | %9.1f %8.1f %8.0f | %7.2f\n", m, k, n,
+                  ours * 1e3, flop / ours * 1e-9, bytes / ours * 1e-6, no_flags * 1e3,
+                  cublas * 1e3, flop / cublas * 1e-9, bytes / cublas * 1e-6, cublas / ours);
     }
   }
 }
@@ -489,22 +467,6 @@ int main(int argc, char** argv) {
       for (int m : {1, 128, 129, 256, 1000})
         for (auto nk : {std::pair{8192, 1024}, std::pair{264, 136}, std::pair{1024, 4096}})
           cases.push_back({DType::kBFloat16, bt, m, nk.first, nk.second, sms, 0});
-  // 2 x 1 clusters: even and odd tile rows (the padding row stores nothing and raises no
-  // flag: the guard flags check that), odd SM budgets, groups, and plans that cannot pair.
-  for (DType dtype : {DType::kBFloat16, DType::kFloat16})
-    for (bool bt : {false, true})
-      for (int m : {129, 300, 1000, 4097})
-        for (auto nk : {std::pair{8192, 2048}, std::pair{264, 136}})
-          cases.push_back({dtype, bt, m, nk.first, nk.second, dev.sm_count, 0, 2, 0, 0, 2});
-  for (int sms : {2, 5, 37, dev.sm_count - 10})
-    for (int m : {300, 4097})
-      cases.push_back({DType::kBFloat16, true, m, 8192, 1024, sms, 0, 2, 0, 0, 2});
-  cases.push_back({DType::kBFloat16, true, 4097, 8192, 1024, dev.sm_count - 10, 0, 2, 4, 6, 2});
-  cases.push_back({DType::kBFloat16, false, 4097, 264, 136, 37, 8, 2, 2, 30, 2});
-  cases.push_back({DType::kBFloat16, true, 4097, 8192, 1024, dev.sm_count, 0, 2, 3, 0, 1});   // odd groups
-  cases.push_back({DType::kBFloat16, true, 4097, 8192, 1024, dev.sm_count, 0, 2, 8, 31, 1});  // odd last group
-  cases.push_back({DType::kBFloat16, true, 8, 8192, 1024, dev.sm_count, 0, 2, 0, 0, 1});      // decode tile
-  cases.push_back({DType::kBFloat16, true, 1000, 8192, 1024, 1, 0, 2, 0, 0, 1});             // one CTA
   // Padded leading dimensions.
   for (DType dtype : {DType::kBFloat16, DType::kFloat16})
     for (bool bt : {false, true})
@@ -536,7 +498,7 @@ int main(int argc, char** argv) {
   if (bench && failures.empty()) {
     run_benchmark(dev, dev.sm_count, {1, 8, 32, 128, 512, 2048, 4096, 8192, 16384});
     // As in the fused ops, where some SMs run the communication kernels (the band
-    // schedules: 10 at W = 4 down_proj M = 8192, 16 at M = 4096).
+    // schedules: 10 at W = 4 down_proj M = 8192, 16 at M = 2048 and 4096).
     run_benchmark(dev, dev.sm_count - 10, {2048, 4096, 8192, 16384});
     run_benchmark(dev, dev.sm_count - 16, {1, 32, 128, 512, 2048, 4096});
   }
