@@ -281,12 +281,13 @@ def body_band_variants(rank, world, group_name):
     """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
     bands in a second kernel of 2 to 40 CTAs or in the two-shot all-reduce after the GEMM;
     1 to 3 bands summed ahead of a gather; the GEMM's last wave as a band of its own or
-    not; the GEMM's last waves split by K or whole) and as one kernel per band, and every third call its owner-scatter form (the
-    GEMM stores each tile into its owner), with 1 to 40 CTAs and 1 to 16 bands, back to
-    back in mixed order (so the band sequences of the persistent kernels' flags and the
-    tile slots run on across calls of different shapes, CTA, band and tail counts): exact
-    on integer inputs, the same bits as the unfused order, identical across ranks; then
-    CUDA graphs of five of these forms, replayed in turns."""
+    not; the GEMM's last waves split by K or whole) and as one kernel per band, and every
+    third call its owner-scatter form (the GEMM stores each tile into its owner), with 1
+    to 40 CTAs and 1 to 16 bands, back to back in mixed order (so the band sequences of
+    the persistent kernels' flags and the tile slots run on across calls of different
+    shapes, CTA, band and tail counts): exact on integer inputs, the same bits as the
+    unfused order, identical across ranks; then CUDA graphs of five of these forms,
+    replayed in turns."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())

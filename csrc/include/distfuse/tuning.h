@@ -3,6 +3,7 @@
 // extrapolations until measured on 8-GPU machines.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -419,7 +420,7 @@ inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, in
   if (override_blocks > 0 || blocks < 8 || !gemm_hides_band_all_reduce(k) || tiles <= 0) return blocks;
   auto waves = [&](int gemm_ctas) { return gemm_ctas > 0 ? (tiles + gemm_ctas - 1) / gemm_ctas : INT64_MAX; };
   if (waves(sms - blocks + 1) < waves(sms - blocks)) return blocks - 1;
-  const int most = waves(sms - blocks) <= kFewWaves && sms / 4 > kWaveFreeBandCtas ? sms / 4 : kWaveFreeBandCtas;
+  const int most = waves(sms - blocks) <= kFewWaves ? std::max(sms / 4, kWaveFreeBandCtas) : kWaveFreeBandCtas;
   // At most half the SMs, as band_reduce_blocks' callers allow.
   while (blocks < most && 2 * (blocks + 1) <= sms && waves(sms - blocks - 1) == waves(sms - blocks)) ++blocks;
   return blocks;
