@@ -14,6 +14,8 @@
 # DISTFUSE_TEST_TIMEOUT / DISTFUSE_BENCH_TIMEOUT (seconds; 900 / 1500),
 # DISTFUSE_TEST_WORLD_SIZES (e.g. "4": the multi-GPU tests at those W only; with
 # CUDA_VISIBLE_DEVICES two GPU pairs can run the W = 2 tests at once),
+# DISTFUSE_TEST_RANKS_PER_GPU (e.g. 2: W = 8 on 4 GPUs, ranks sharing GPUs over gloo;
+# correctness of the W-rank paths only, see tests/dist_harness.py),
 # DISTFUSE_TEST_ARGS (extra pytest arguments), DISTFUSE_RESULTS_DIR.
 #
 # Writes to $OUT (or /tmp/distfuse-gpu-run): tests.log, bench.log, results.tgz

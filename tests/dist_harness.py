@@ -10,6 +10,12 @@ Each rank initialises torch.distributed (file:// rendezvous in a fresh temporary
 directory), sets its CUDA device for nccl, imports distfuse, and calls
 body(rank, world, group_name, *args). Exceptions are sent back with their
 traceback; a rank that hangs past `timeout` s fails the test (no silent hang).
+
+More ranks than GPUs (DISTFUSE_TEST_RANKS_PER_GPU = r > 1, e.g. W = 8 on 4 GPUs):
+rank i runs on GPU i mod n, and the "nccl" tests run over gloo instead, since NCCL
+refuses two ranks on one GPU; the ranks of a GPU take turns on it (time-sliced), so
+this checks the W-rank code paths (flag layouts, rank loops, dispatch) for
+correctness only; its times mean nothing.
 """
 from __future__ import annotations
 
@@ -24,15 +30,34 @@ import torch.multiprocessing as mp
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def ranks_per_gpu() -> int:
+    """DISTFUSE_TEST_RANKS_PER_GPU (default 1): how many ranks may share one GPU."""
+    value = os.environ.get("DISTFUSE_TEST_RANKS_PER_GPU", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DISTFUSE_TEST_RANKS_PER_GPU must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def gpu_rank_slots() -> int:
+    """How many GPU ranks a test may start: the GPUs times ranks_per_gpu()."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return n * ranks_per_gpu()
+
+
 def _worker(rank, world, backend, init_file, body, args, queue, env):
     os.environ.update(SAFE_ENV)
     os.environ.update(env)
     import torch.distributed as dist
     try:
         if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
-                                    world_size=world, device_id=torch.device("cuda", torch.cuda.current_device()))
+            n_gpus = torch.cuda.device_count()
+            torch.cuda.set_device(rank % n_gpus)
+            if world > n_gpus:  # ranks share GPUs: NCCL refuses that, gloo does not
+                os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
+                dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+            else:
+                dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                        device_id=torch.device("cuda", torch.cuda.current_device()))
         else:
             dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                     world_size=world)
@@ -50,10 +75,11 @@ def _worker(rank, world, backend, init_file, body, args, queue, env):
 
 
 def gpu_world_sizes() -> list:
-    """World sizes the multi-GPU tests run at: 2, 4 and 8 where that many GPUs
-    exist ([2] without GPUs, so that the parametrized ids stay stable), narrowed by
-    DISTFUSE_TEST_WORLD_SIZES (e.g. "4") to split a test run across GPU subsets."""
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """World sizes the multi-GPU tests run at: 2, 4 and 8 where that many GPU rank
+    slots exist (gpu_rank_slots(); [2] without GPUs, so that the parametrized ids
+    stay stable), narrowed by DISTFUSE_TEST_WORLD_SIZES (e.g. "4") to split a test
+    run across GPU subsets."""
+    n = gpu_rank_slots()
     sizes = [w for w in (2, 4, 8) if w <= n] or [2]
     wanted = os.environ.get("DISTFUSE_TEST_WORLD_SIZES")
     if wanted:
@@ -63,7 +89,11 @@ def gpu_world_sizes() -> list:
 
 def run_distributed(body, world: int, args: tuple = (), backend: str = "gloo", timeout: float = 300,
                     env: dict | None = None) -> None:
-    """Run body on `world` ranks; raise AssertionError naming every failed rank."""
+    """Run body on `world` ranks; raise AssertionError naming every failed rank. A rank
+    that dies without reporting (a crash) ends the wait for the others 10 s later, so
+    that its peers, stuck in a collective with it, do not hold the test to `timeout`."""
+    import queue as queue_mod
+    import time
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,24 +104,36 @@ def run_distributed(body, world: int, args: tuple = (), backend: str = "gloo", t
         for p in procs:
             p.start()
         results = {}
-        import queue as queue_mod
+        deadline = time.monotonic() + timeout
+        crash_seen = None  # when a rank was first seen dead without a report
         try:
-            for _ in range(world):
-                rank, err = queue.get(timeout=timeout)
-                results[rank] = err
-        except queue_mod.Empty:
-            pass
+            while len(results) < world and time.monotonic() < deadline:
+                try:
+                    rank, err = queue.get(timeout=1)
+                    results[rank] = err
+                    continue
+                except queue_mod.Empty:
+                    pass
+                if crash_seen is None and any(p.exitcode is not None and r not in results
+                                              for r, p in enumerate(procs)):
+                    crash_seen = time.monotonic()
+                if crash_seen is not None and time.monotonic() - crash_seen > 10:
+                    break
         finally:
             for p in procs:
-                p.join(timeout=10)
+                p.join(timeout=10 if len(results) == world else 0.1)
                 if p.is_alive():
                     p.kill()
                     p.join()
     missing = [r for r in range(world) if r not in results]
     failures = {r: e for r, e in results.items() if e is not None}
     if missing or failures:
-        lines = [f"rank {r} did not finish within {timeout} s (hang or crash, exit code "
-                 f"{procs[r].exitcode})" for r in missing]
+        lines = []
+        for r in missing:
+            if crash_seen is not None and procs[r].exitcode not in (None, -9):
+                lines.append(f"rank {r} died without reporting (crash, exit code {procs[r].exitcode})")
+            else:
+                lines.append(f"rank {r} did not finish ({'a peer crashed' if crash_seen is not None else f'hang past {timeout} s'})")
         lines += [f"rank {r} failed:\n{e}" for r, e in sorted(failures.items())]
         raise AssertionError("\n".join(lines))
 

@@ -91,6 +91,8 @@ PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& pref
       if (can)
         C10_CUDA_CHECK(cudaDeviceGetP2PAttribute(&atomics, cudaDevP2PAttrNativeAtomicSupported, device, peer_device));
       nvlink = nvlink && atomics;
+    } else if (p != rank) {
+      nvlink = false;  // another rank on this GPU (time-shared): no NVLink between the two, so no LL128 lines
     }
   }
   store->set(prefix + "ok/" + std::to_string(rank), to_bytes(!ok ? "0" : nvlink ? "2" : "1"));
