@@ -15,14 +15,7 @@
 
 #include "kernels/gemm/decode_matmul_all_reduce.cu"
 
-#define CHECK(x)                                                                          \
-  do {                                                                                    \
-    cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
+#include "probe_check.h"
 
 // Reads `bytes` with 16-byte loads, `kUnroll` in flight per thread; grid-stride.
 template <int kUnroll>
