@@ -16,8 +16,8 @@
 //                from the other GPU (cudaMemcpyPeerAsync), as the gather would
 //   C peer + CE  both
 //
-// In the schedule only the own half of the tiles reads C, so its stretch is about
-// half of "C peer"'s plus that of "plain + CE".
+//   halves ...   the same rows as two launches, [0, M/2) plain, then [M/2, M) as
+//                named: the schedule's two phases (only the own half reads C)
 //
 //   C=.venv/lib/python3.11/site-packages/cutlass_library/source
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
@@ -97,39 +97,48 @@ __global__ void count_mismatches(const Element* d, const Element* plain, const E
   }
 }
 
+// One GEMM launch over rows [row0, row0 + rows) of A and D.
+struct Launch {
+  Gemm gemm;
+  void* workspace = nullptr;
+  bool used = false;
+};
+
 struct Device {
   int id;
   cudaStream_t stream, copy_stream;
   Element *a, *w, *c, *d, *gather;  // gather: where the copy engine lands the peer's bytes
-  Element* plain;                    // D of the plain GEMM, for the check of "C peer"
-  Gemm gemm;
-  void* workspace = nullptr;
+  Element* plain;                    // D of the plain GEMM, for the check of the C cases
+  Launch launches[2];                // run back to back on `stream`
 };
 
 struct Shape {
   int m, n, k;
 };
 
-// Initializes `gemm` of device `dev` for beta and a source C at `c` (any GPU's memory).
-void prepare(Device& dev, const Shape& s, float beta, const Element* c) {
+// Sets up launch `l` of `dev` over rows [row0, row0 + rows) with beta and a source C
+// at `c` (any GPU's memory; the same rows are read).
+void prepare(Device& dev, Launch& l, const Shape& s, int row0, int rows, float beta, const Element* c) {
   CHECK(cudaSetDevice(dev.id));
   using StrideA = typename Gemm::GemmKernel::StrideA;
   using StrideB = typename Gemm::GemmKernel::StrideB;
   using StrideC = typename Gemm::GemmKernel::StrideC;
   using StrideD = typename Gemm::GemmKernel::StrideD;
+  const size_t a_off = size_t(row0) * s.k, d_off = size_t(row0) * s.n;
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
-      {s.m, s.n, s.k, 1},
-      {dev.a, cutlass::make_cute_packed_stride(StrideA{}, {s.m, s.k, 1}), dev.w,
+      {rows, s.n, s.k, 1},
+      {dev.a + a_off, cutlass::make_cute_packed_stride(StrideA{}, {rows, s.k, 1}), dev.w,
        cutlass::make_cute_packed_stride(StrideB{}, {s.n, s.k, 1})},
-      {{1.0f, beta}, c, cutlass::make_cute_packed_stride(StrideC{}, {s.m, s.n, 1}), dev.d,
-       cutlass::make_cute_packed_stride(StrideD{}, {s.m, s.n, 1})}};
-  CHECK_CUTLASS(dev.gemm.can_implement(args));
-  CHECK(cudaFree(dev.workspace));
-  dev.workspace = nullptr;
+      {{1.0f, beta}, c + d_off, cutlass::make_cute_packed_stride(StrideC{}, {rows, s.n, 1}), dev.d + d_off,
+       cutlass::make_cute_packed_stride(StrideD{}, {rows, s.n, 1})}};
+  CHECK_CUTLASS(l.gemm.can_implement(args));
+  CHECK(cudaFree(l.workspace));
+  l.workspace = nullptr;
   const size_t bytes = Gemm::get_workspace_size(args);
-  if (bytes) CHECK(cudaMalloc(&dev.workspace, bytes));
-  CHECK_CUTLASS(dev.gemm.initialize(args, dev.workspace, dev.stream));
+  if (bytes) CHECK(cudaMalloc(&l.workspace, bytes));
+  CHECK_CUTLASS(l.gemm.initialize(args, l.workspace, dev.stream));
+  l.used = true;
 }
 
 // Median over `iters` of the slower GPU's time per GEMM (µs), both GPUs running at
@@ -153,7 +162,8 @@ double time_both(std::vector<Device>& devs, int iters, size_t copy_bytes) {
                                     reinterpret_cast<const char*>(peer.d) + piece * (copy_bytes / 4), peer.id,
                                     copy_bytes / 4, d.copy_stream));
       }
-      CHECK_CUTLASS(d.gemm.run(d.stream));
+      for (Launch& l : d.launches)
+        if (l.used) CHECK_CUTLASS(l.gemm.run(d.stream));
       CHECK(cudaEventRecord(stop[i], d.stream));
     }
     float slowest = 0.f;
@@ -221,33 +231,48 @@ int main(int argc, char** argv) {
   struct Case {
     const char* name;
     float beta;
-    int source;  // 1: this GPU's C (unread with beta = 0), 2: the other GPU's C
-    bool copies;
+    int source;         // 1: this GPU's C (unread with beta = 0), 2: the other GPU's C
+    bool copies;        // the gather's copy-engine traffic beside the GEMM
+    bool halves;        // rows [0, M/2) plain, then rows [M/2, M) with the source: the schedule's phases
   };
-  const Case cases[] = {{"plain", 0.f, 1, false},     {"C local", 1.f, 1, false},    {"C peer", 1.f, 2, false},
-                        {"plain + CE", 0.f, 1, true}, {"C peer + CE", 1.f, 2, true}, {"plain (again)", 0.f, 1, false}};
+  const Case cases[] = {{"plain", 0.f, 1, false, false},         {"C local", 1.f, 1, false, false},
+                        {"C peer", 1.f, 2, false, false},        {"plain + CE", 0.f, 1, true, false},
+                        {"C peer + CE", 1.f, 2, true, false},    {"halves", 0.f, 1, false, true},
+                        {"halves, C peer", 1.f, 2, false, true}, {"halves, C peer + CE", 1.f, 2, true, true},
+                        {"plain (again)", 0.f, 1, false, false}};
   for (const Case& c : cases) {
-    for (int i = 0; i < 2; ++i)
-      prepare(devs[i], s, c.beta, c.source == 1 ? devs[i].c : devs[1 - i].c);
+    for (int i = 0; i < 2; ++i) {
+      Device& d = devs[i];
+      const Element* source = c.source == 1 ? d.c : devs[1 - i].c;
+      for (Launch& l : d.launches) l.used = false;
+      if (c.halves) {
+        prepare(d, d.launches[0], s, 0, s.m / 2, 0.f, d.c);
+        prepare(d, d.launches[1], s, s.m / 2, s.m - s.m / 2, c.beta, source);
+      } else {
+        prepare(d, d.launches[0], s, 0, s.m, c.beta, source);
+      }
+    }
     const double us = time_both(devs, 30, c.copies ? half_output : 0);
-    // Every case leaves its D; check that the peer's C was really added.
+    // Every case leaves its D: keep the plain one, check that the peer's C was added.
+    const int64_t checked_from = c.halves ? int64_t(s.m / 2) * s.n : 0;
     unsigned long long bad[2] = {0, 0};
     for (int i = 0; i < 2; ++i) {
       Device& d = devs[i];
       CHECK(cudaSetDevice(d.id));
-      if (c.beta == 0.f && c.source == 1 && !c.copies) {
+      if (c.beta == 0.f && !c.copies && !c.halves) {
         CHECK(cudaMemcpy(d.plain, d.d, mn * sizeof(Element), cudaMemcpyDeviceToDevice));
       } else if (c.source == 2) {
         unsigned long long* counter = nullptr;
         CHECK(cudaMalloc(&counter, sizeof(*counter)));
         CHECK(cudaMemset(counter, 0, sizeof(*counter)));
-        count_mismatches<<<1024, 256>>>(d.d, d.plain, devs[1 - i].c, int64_t(mn), counter);
+        count_mismatches<<<1024, 256>>>(d.d + checked_from, d.plain + checked_from, devs[1 - i].c + checked_from,
+                                        int64_t(mn) - checked_from, counter);
         CHECK(cudaGetLastError());
         CHECK(cudaMemcpy(&bad[i], counter, sizeof(*counter), cudaMemcpyDeviceToHost));
         CHECK(cudaFree(counter));
       }
     }
-    std::printf("%-14s %9.1f%s\n", c.name, us,
+    std::printf("%-22s %9.1f%s\n", c.name, us,
                 c.source == 2 ? (bad[0] + bad[1] == 0 ? "   (D = plain + peer C: checked)" : "   WRONG: D != plain + peer C")
                               : "");
     if (c.source == 2 && bad[0] + bad[1] != 0) return 1;
