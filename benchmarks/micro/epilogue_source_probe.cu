@@ -6,24 +6,29 @@
 // One process, GPU 0 and GPU 1 with peer access, the same GEMM on both at once (so
 // every NVLink carries the traffic both ways, as in the schedule):
 //
-//   D[M, N] = A[M, K] @ W[N, K]^T (+ C)      bf16, fp32 accumulation, 128 x 256 x 64
-//                                           tiles, persistent cooperative kernel
+//   D[M, N] = A[M, K] @ W[N, K]^T (+ C)      bf16, fp32 accumulation, persistent kernels:
+//     coop      128 x 256 x 64 tiles, both consumer warp groups on one tile (the
+//               tile GEMM's prefill shape); the tile's epilogue stalls its MMAs
+//     pingpong  128 x 128 x 64 tiles, one warp group per tile, so one group's
+//               epilogue runs under the other's MMAs
 //
 //   plain        beta = 0: no C is read
-//   C local      beta = 1, C on this GPU
 //   C peer       beta = 1, C on the other GPU (TMA loads over NVLink)
 //   plain + CE   beta = 0, and a side stream copies half of D's bytes per GEMM
 //                from the other GPU (cudaMemcpyPeerAsync), as the gather would
-//   C peer + CE  both
-//
 //   halves ...   the same rows as two launches, [0, M/2) plain, then [M/2, M) as
 //                named: the schedule's two phases (only the own half reads C)
+//
+// The cases run interleaved, one of each per round in a rotating order, so that a
+// drift of the clocks over the run (seen: +19 % on 2 x H200 when the cases ran one
+// after another) reaches every case alike. Then each case runs once more alone and
+// its D is checked against the plain D plus the peer's C.
 //
 //   C=.venv/lib/python3.11/site-packages/cutlass_library/source
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //        -I$C/include -I$C/tools/util/include benchmarks/micro/epilogue_source_probe.cu \
 //        -o epilogue_source_probe
-//   ./epilogue_source_probe [M=8192] [N=8192] [K=4096]
+//   ./epilogue_source_probe [M=8192] [N=8192] [K=4096] [rounds=30]
 #ifndef NDEBUG
 #define NDEBUG  // CUTLASS's device asserts serialize the wgmma pipeline
 #endif
@@ -33,6 +38,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include <cute/tensor.hpp>
@@ -62,20 +69,27 @@ using LayoutA = cutlass::layout::RowMajor;
 using LayoutW = cutlass::layout::ColumnMajor;  // W [N, K] row-major is B [K, N] K-major
 using LayoutC = cutlass::layout::RowMajor;
 constexpr int kAlign = 8;
-using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
 using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 
-using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutC, kAlign, Element, LayoutC,
-    kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
-using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutW, kAlign, float,
-    TileShape, ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
-using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+template <class TileShape, class MainloopSchedule, class EpilogueSchedule>
+struct GemmOf {
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutC, kAlign, Element, LayoutC,
+      kAlign, EpilogueSchedule>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutW, kAlign,
+      float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      MainloopSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+using CoopGemm = GemmOf<cute::Shape<cute::_128, cute::_256, cute::_64>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                        cutlass::epilogue::TmaWarpSpecializedCooperative>::Gemm;
+using PingpongGemm = GemmOf<cute::Shape<cute::_128, cute::_128, cute::_64>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                            cutlass::epilogue::TmaWarpSpecialized>::Gemm;
 
 __global__ void fill_random(uint16_t* p, int64_t n, uint32_t seed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -97,90 +111,109 @@ __global__ void count_mismatches(const Element* d, const Element* plain, const E
   }
 }
 
-// One GEMM launch over rows [row0, row0 + rows) of A and D.
-struct Launch {
-  Gemm gemm;
-  void* workspace = nullptr;
-  bool used = false;
-};
-
-struct Device {
-  int id;
-  cudaStream_t stream, copy_stream;
-  Element *a, *w, *c, *d, *gather;  // gather: where the copy engine lands the peer's bytes
-  Element* plain;                    // D of the plain GEMM, for the check of the C cases
-  Launch launches[2];                // run back to back on `stream`
-};
-
 struct Shape {
   int m, n, k;
 };
 
-// Sets up launch `l` of `dev` over rows [row0, row0 + rows) with beta and a source C
-// at `c` (any GPU's memory; the same rows are read).
-void prepare(Device& dev, Launch& l, const Shape& s, int row0, int rows, float beta, const Element* c) {
-  CHECK(cudaSetDevice(dev.id));
-  using StrideA = typename Gemm::GemmKernel::StrideA;
-  using StrideB = typename Gemm::GemmKernel::StrideB;
-  using StrideC = typename Gemm::GemmKernel::StrideC;
-  using StrideD = typename Gemm::GemmKernel::StrideD;
-  const size_t a_off = size_t(row0) * s.k, d_off = size_t(row0) * s.n;
-  typename Gemm::Arguments args{
-      cutlass::gemm::GemmUniversalMode::kGemm,
-      {rows, s.n, s.k, 1},
-      {dev.a + a_off, cutlass::make_cute_packed_stride(StrideA{}, {rows, s.k, 1}), dev.w,
-       cutlass::make_cute_packed_stride(StrideB{}, {s.n, s.k, 1})},
-      {{1.0f, beta}, c + d_off, cutlass::make_cute_packed_stride(StrideC{}, {rows, s.n, 1}), dev.d + d_off,
-       cutlass::make_cute_packed_stride(StrideD{}, {rows, s.n, 1})}};
-  CHECK_CUTLASS(l.gemm.can_implement(args));
-  CHECK(cudaFree(l.workspace));
-  l.workspace = nullptr;
-  const size_t bytes = Gemm::get_workspace_size(args);
-  if (bytes) CHECK(cudaMalloc(&l.workspace, bytes));
-  CHECK_CUTLASS(l.gemm.initialize(args, l.workspace, dev.stream));
-  l.used = true;
+struct Buffers {
+  int id;
+  cudaStream_t stream, copy_stream;
+  Element *a, *w, *c, *d, *gather;  // gather: where the copy engine lands the peer's bytes
+  Element* plain;                    // D of the plain GEMM, for the check of the C cases
+};
+
+// One GEMM launch over rows [row0, row0 + rows) of A and D on one GPU, of either kernel.
+struct Launch {
+  virtual ~Launch() = default;
+  virtual void run(cudaStream_t stream) = 0;
+};
+
+template <class Gemm>
+struct LaunchOf : Launch {
+  Gemm gemm;
+  void* workspace = nullptr;
+
+  LaunchOf(const Buffers& dev, const Shape& s, int row0, int rows, float beta, const Element* c) {
+    CHECK(cudaSetDevice(dev.id));
+    using StrideA = typename Gemm::GemmKernel::StrideA;
+    using StrideB = typename Gemm::GemmKernel::StrideB;
+    using StrideC = typename Gemm::GemmKernel::StrideC;
+    using StrideD = typename Gemm::GemmKernel::StrideD;
+    const size_t a_off = size_t(row0) * s.k, d_off = size_t(row0) * s.n;
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {rows, s.n, s.k, 1},
+        {dev.a + a_off, cutlass::make_cute_packed_stride(StrideA{}, {rows, s.k, 1}), dev.w,
+         cutlass::make_cute_packed_stride(StrideB{}, {s.n, s.k, 1})},
+        {{1.0f, beta}, c + d_off, cutlass::make_cute_packed_stride(StrideC{}, {rows, s.n, 1}), dev.d + d_off,
+         cutlass::make_cute_packed_stride(StrideD{}, {rows, s.n, 1})}};
+    CHECK_CUTLASS(gemm.can_implement(args));
+    const size_t bytes = Gemm::get_workspace_size(args);
+    if (bytes) CHECK(cudaMalloc(&workspace, bytes));
+    CHECK_CUTLASS(gemm.initialize(args, workspace, dev.stream));
+  }
+  ~LaunchOf() override { cudaFree(workspace); }
+  void run(cudaStream_t stream) override { CHECK_CUTLASS(gemm.run(stream)); }
+};
+
+enum class Kind { kCoop, kPingpong };
+
+struct Case {
+  std::string name;
+  Kind kind;
+  bool peer_c;   // the last launch reads the other GPU's C with beta = 1
+  bool copies;   // the gather's copy-engine traffic beside the GEMM
+  bool halves;   // rows [0, M/2) plain, then rows [M/2, M): the schedule's two phases
+  std::vector<std::unique_ptr<Launch>> launches[2];  // per GPU, run back to back
+  std::vector<float> us;                              // per round, the slower GPU's
+};
+
+std::unique_ptr<Launch> make_launch(Kind kind, const Buffers& dev, const Shape& s, int row0, int rows, float beta,
+                                    const Element* c) {
+  if (kind == Kind::kCoop) return std::make_unique<LaunchOf<CoopGemm>>(dev, s, row0, rows, beta, c);
+  return std::make_unique<LaunchOf<PingpongGemm>>(dev, s, row0, rows, beta, c);
 }
 
-// Median over `iters` of the slower GPU's time per GEMM (µs), both GPUs running at
-// once; with `copy_bytes`, each GPU's copy stream pulls that many bytes from the
-// other GPU per GEMM, in 4 pieces, for as long as the GEMMs run.
-double time_both(std::vector<Device>& devs, int iters, size_t copy_bytes) {
-  std::vector<float> worst;
-  for (int it = -3; it < iters; ++it) {
-    std::vector<cudaEvent_t> start(devs.size()), stop(devs.size());
-    for (size_t i = 0; i < devs.size(); ++i) {
-      Device& d = devs[i];
-      const Device& peer = devs[1 - i];
-      CHECK(cudaSetDevice(d.id));
-      CHECK(cudaEventCreate(&start[i]));
-      CHECK(cudaEventCreate(&stop[i]));
-      CHECK(cudaEventRecord(start[i], d.stream));
-      if (copy_bytes) {
-        CHECK(cudaStreamWaitEvent(d.copy_stream, start[i]));
-        for (int piece = 0; piece < 4; ++piece)
-          CHECK(cudaMemcpyPeerAsync(reinterpret_cast<char*>(d.gather) + piece * (copy_bytes / 4), d.id,
-                                    reinterpret_cast<const char*>(peer.d) + piece * (copy_bytes / 4), peer.id,
-                                    copy_bytes / 4, d.copy_stream));
-      }
-      for (Launch& l : d.launches)
-        if (l.used) CHECK_CUTLASS(l.gemm.run(d.stream));
-      CHECK(cudaEventRecord(stop[i], d.stream));
+// Runs `c` once on both GPUs at once; returns the slower GPU's time (µs). With
+// copies, each GPU's copy stream pulls `copy_bytes` from the other GPU in 4 pieces
+// while its GEMMs run.
+float run_both(std::vector<Buffers>& devs, Case& c, size_t copy_bytes) {
+  cudaEvent_t start[2], stop[2];
+  for (int i = 0; i < 2; ++i) {
+    Buffers& d = devs[i];
+    const Buffers& peer = devs[1 - i];
+    CHECK(cudaSetDevice(d.id));
+    CHECK(cudaEventCreate(&start[i]));
+    CHECK(cudaEventCreate(&stop[i]));
+    CHECK(cudaEventRecord(start[i], d.stream));
+    if (c.copies) {
+      CHECK(cudaStreamWaitEvent(d.copy_stream, start[i]));
+      for (int piece = 0; piece < 4; ++piece)
+        CHECK(cudaMemcpyPeerAsync(reinterpret_cast<char*>(d.gather) + piece * (copy_bytes / 4), d.id,
+                                  reinterpret_cast<const char*>(peer.d) + piece * (copy_bytes / 4), peer.id,
+                                  copy_bytes / 4, d.copy_stream));
     }
-    float slowest = 0.f;
-    for (size_t i = 0; i < devs.size(); ++i) {
-      CHECK(cudaSetDevice(devs[i].id));
-      CHECK(cudaEventSynchronize(stop[i]));
-      CHECK(cudaStreamSynchronize(devs[i].copy_stream));
-      float ms = 0.f;
-      CHECK(cudaEventElapsedTime(&ms, start[i], stop[i]));
-      slowest = std::max(slowest, ms);
-      CHECK(cudaEventDestroy(start[i]));
-      CHECK(cudaEventDestroy(stop[i]));
-    }
-    if (it >= 0) worst.push_back(slowest * 1000.f);
+    for (auto& l : c.launches[i]) l->run(d.stream);
+    CHECK(cudaGetLastError());
+    CHECK(cudaEventRecord(stop[i], d.stream));
   }
-  std::sort(worst.begin(), worst.end());
-  return worst[worst.size() / 2];
+  float slowest = 0.f;
+  for (int i = 0; i < 2; ++i) {
+    CHECK(cudaSetDevice(devs[i].id));
+    CHECK(cudaEventSynchronize(stop[i]));
+    CHECK(cudaStreamSynchronize(devs[i].copy_stream));
+    float ms = 0.f;
+    CHECK(cudaEventElapsedTime(&ms, start[i], stop[i]));
+    slowest = std::max(slowest, ms * 1000.f);
+    CHECK(cudaEventDestroy(start[i]));
+    CHECK(cudaEventDestroy(stop[i]));
+  }
+  return slowest;
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
 }
 
 }  // namespace
@@ -188,16 +221,17 @@ double time_both(std::vector<Device>& devs, int iters, size_t copy_bytes) {
 int main(int argc, char** argv) {
   const Shape s{argc > 1 ? std::atoi(argv[1]) : 8192, argc > 2 ? std::atoi(argv[2]) : 8192,
                 argc > 3 ? std::atoi(argv[3]) : 4096};
+  const int rounds = argc > 4 ? std::atoi(argv[4]) : 30;
   int count = 0;
   CHECK(cudaGetDeviceCount(&count));
   if (count < 2) {
     std::fprintf(stderr, "needs 2 GPUs, found %d\n", count);
     return 1;
   }
-  std::vector<Device> devs(2);
+  std::vector<Buffers> devs(2);
   const size_t mk = size_t(s.m) * s.k, nk = size_t(s.n) * s.k, mn = size_t(s.m) * s.n;
   for (int i = 0; i < 2; ++i) {
-    Device& d = devs[i];
+    Buffers& d = devs[i];
     d.id = i;
     CHECK(cudaSetDevice(i));
     int can = 0;
@@ -225,57 +259,75 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("%s x 2, M = %d, N = %d, K = %d, µs per GEMM (median of 30, slower GPU)\n", prop.name, s.m, s.n, s.k);
+  std::printf("%s x 2, M = %d, N = %d, K = %d, µs per GEMM: median over %d interleaved rounds of the slower GPU\n",
+              prop.name, s.m, s.n, s.k, rounds);
+
+  std::vector<Case> cases;
+  for (Kind kind : {Kind::kCoop, Kind::kPingpong}) {
+    const std::string k = kind == Kind::kCoop ? "coop " : "pingpong ";
+    for (const auto& [name, peer_c, copies, halves] :
+         std::vector<std::tuple<const char*, bool, bool, bool>>{{"plain", false, false, false},
+                                                                {"plain + CE", false, true, false},
+                                                                {"C peer", true, false, false},
+                                                                {"halves", false, false, true},
+                                                                {"halves, C peer", true, false, true},
+                                                                {"halves, C peer + CE", true, true, true}}) {
+      Case c{k + name, kind, peer_c, copies, halves, {}, {}};
+      for (int i = 0; i < 2; ++i) {
+        const Element* source = peer_c ? devs[1 - i].c : devs[i].c;
+        const float beta = peer_c ? 1.f : 0.f;
+        if (halves) {
+          c.launches[i].push_back(make_launch(kind, devs[i], s, 0, s.m / 2, 0.f, devs[i].c));
+          c.launches[i].push_back(make_launch(kind, devs[i], s, s.m / 2, s.m - s.m / 2, beta, source));
+        } else {
+          c.launches[i].push_back(make_launch(kind, devs[i], s, 0, s.m, beta, source));
+        }
+      }
+      cases.push_back(std::move(c));
+    }
+  }
 
   const size_t half_output = mn * sizeof(Element) / 2;  // what each rank gathers per call
-  struct Case {
-    const char* name;
-    float beta;
-    int source;         // 1: this GPU's C (unread with beta = 0), 2: the other GPU's C
-    bool copies;        // the gather's copy-engine traffic beside the GEMM
-    bool halves;        // rows [0, M/2) plain, then rows [M/2, M) with the source: the schedule's phases
-  };
-  const Case cases[] = {{"plain", 0.f, 1, false, false},         {"C local", 1.f, 1, false, false},
-                        {"C peer", 1.f, 2, false, false},        {"plain + CE", 0.f, 1, true, false},
-                        {"C peer + CE", 1.f, 2, true, false},    {"halves", 0.f, 1, false, true},
-                        {"halves, C peer", 1.f, 2, false, true}, {"halves, C peer + CE", 1.f, 2, true, true},
-                        {"plain (again)", 0.f, 1, false, false}};
-  for (const Case& c : cases) {
-    for (int i = 0; i < 2; ++i) {
-      Device& d = devs[i];
-      const Element* source = c.source == 1 ? d.c : devs[1 - i].c;
-      for (Launch& l : d.launches) l.used = false;
-      if (c.halves) {
-        prepare(d, d.launches[0], s, 0, s.m / 2, 0.f, d.c);
-        prepare(d, d.launches[1], s, s.m / 2, s.m - s.m / 2, c.beta, source);
-      } else {
-        prepare(d, d.launches[0], s, 0, s.m, c.beta, source);
-      }
+  for (int round = -2; round < rounds; ++round) {
+    for (size_t j = 0; j < cases.size(); ++j) {
+      Case& c = cases[(j + size_t(round + 2)) % cases.size()];
+      const float us = run_both(devs, c, half_output);
+      if (round >= 0) c.us.push_back(us);
     }
-    const double us = time_both(devs, 30, c.copies ? half_output : 0);
-    // Every case leaves its D: keep the plain one, check that the peer's C was added.
-    const int64_t checked_from = c.halves ? int64_t(s.m / 2) * s.n : 0;
-    unsigned long long bad[2] = {0, 0};
-    for (int i = 0; i < 2; ++i) {
-      Device& d = devs[i];
-      CHECK(cudaSetDevice(d.id));
-      if (c.beta == 0.f && !c.copies && !c.halves) {
+  }
+
+  // Checks: the plain coop D is the reference; every C-peer case must be it plus the peer's C.
+  bool all_right = true;
+  for (Case& c : cases) {
+    run_both(devs, c, half_output);
+    unsigned long long bad = 0;
+    if (c.name == "coop plain") {
+      for (Buffers& d : devs) {
+        CHECK(cudaSetDevice(d.id));
         CHECK(cudaMemcpy(d.plain, d.d, mn * sizeof(Element), cudaMemcpyDeviceToDevice));
-      } else if (c.source == 2) {
+      }
+    } else if (c.peer_c) {
+      const int64_t checked_from = c.halves ? int64_t(s.m / 2) * s.n : 0;
+      for (int i = 0; i < 2; ++i) {
+        Buffers& d = devs[i];
+        CHECK(cudaSetDevice(d.id));
         unsigned long long* counter = nullptr;
         CHECK(cudaMalloc(&counter, sizeof(*counter)));
         CHECK(cudaMemset(counter, 0, sizeof(*counter)));
-        count_mismatches<<<1024, 256>>>(d.d + checked_from, d.plain + checked_from, devs[1 - i].c + checked_from,
-                                        int64_t(mn) - checked_from, counter);
+        count_mismatches<<<1024, 256>>>(d.d + checked_from, d.plain + checked_from,
+                                        devs[1 - i].c + checked_from, int64_t(mn) - checked_from, counter);
         CHECK(cudaGetLastError());
-        CHECK(cudaMemcpy(&bad[i], counter, sizeof(*counter), cudaMemcpyDeviceToHost));
+        unsigned long long here = 0;
+        CHECK(cudaMemcpy(&here, counter, sizeof(here), cudaMemcpyDeviceToHost));
         CHECK(cudaFree(counter));
+        bad += here;
       }
     }
-    std::printf("%-22s %9.1f%s\n", c.name, us,
-                c.source == 2 ? (bad[0] + bad[1] == 0 ? "   (D = plain + peer C: checked)" : "   WRONG: D != plain + peer C")
-                              : "");
-    if (c.source == 2 && bad[0] + bad[1] != 0) return 1;
+    const std::vector<float>& v = c.us;
+    std::printf("%-30s %9.1f  (min %.1f, max %.1f)%s\n", c.name.c_str(), median(v), *std::min_element(v.begin(), v.end()),
+                *std::max_element(v.begin(), v.end()),
+                !c.peer_c ? "" : bad == 0 ? "   D = plain + peer C: checked" : "   WRONG: D != plain + peer C");
+    all_right = all_right && bad == 0;
   }
-  return 0;
+  return all_right ? 0 : 1;
 }
