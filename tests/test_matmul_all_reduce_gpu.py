@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dist_harness import gpu_world_sizes, run_capturing_device_stdout, run_distributed
+from dist_harness import gpu_world_sizes, ranks_per_gpu, run_capturing_device_stdout, run_distributed
 
 pytestmark = pytest.mark.multigpu
 
@@ -124,15 +124,22 @@ def body_paths(rank, world, group_name):
         raise AssertionError("device mismatch did not raise")
 
 
+# Where ranks share GPUs (the W = 8 runs on fewer GPUs) every wait on a peer may last a
+# time slice of the shared GPU, so the long tests make fewer calls there; each still
+# takes every path several times.
+SHARED_GPU = ranks_per_gpu() > 1
+
+
 def body_exact_random_m(rank, world, group_name):
-    """1000 calls, random M, integer-valued fp16 operands: exact results every call."""
+    """1000 calls (180 where ranks share GPUs), random M, integer-valued fp16 operands:
+    exact results every call."""
     import distfuse
     from distfuse.ops import force_path
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     g = torch.Generator(device="cpu").manual_seed(11)  # same sequence of shapes on every rank
     k, n = 128, 1024
-    for i in range(1000):
+    for i in range(180 if SHARED_GPU else 1000):
         m = int(torch.randint(1, 700, (1,), generator=g))
         path = ("auto", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange",
                 "owner_exchange", "band_scatter")[i % 9]
@@ -220,7 +227,7 @@ def body_graphs(rank, world, group_name):
                     ("pair_exchange", 3), ("owner_exchange", 1500), ("owner_exchange", 3), ("band_scatter", 1500),
                     ("band_scatter", 3), ("auto", 1), ("auto", 1024), ("auto", 2100)):
         graph, tensors = _captured_call(group_name, path, m, k, n, dev)
-        _replays_are_exact(graph, tensors, rank, world, 20, (path, m))
+        _replays_are_exact(graph, tensors, rank, world, 4 if SHARED_GPU else 20, (path, m))
 
 
 def body_graphs_survive_growth(rank, world, group_name):
