@@ -29,77 +29,17 @@
 //        -I$C/include -I$C/tools/util/include benchmarks/micro/epilogue_source_probe.cu \
 //        -o epilogue_source_probe
 //   ./epilogue_source_probe [M=8192] [N=8192] [K=4096] [rounds=30]
-#ifndef NDEBUG
-#define NDEBUG  // CUTLASS's device asserts serialize the wgmma pipeline
-#endif
-
-#include <cuda_runtime.h>
-
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
-#include <cute/tensor.hpp>
-#include <cutlass/bfloat16.h>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/epilogue/thread/linear_combination.h>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/util/packed_stride.hpp>
-
-#include "probe_check.h"
-
-#define CHECK_CUTLASS(x)                                                                              \
-  do {                                                                                                \
-    cutlass::Status s_ = (x);                                                                         \
-    if (s_ != cutlass::Status::kSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cutlassGetStatusString(s_));     \
-      std::exit(1);                                                                                   \
-    }                                                                                                 \
-  } while (0)
+#include "cutlass_probe.h"
 
 namespace {
 
-using Element = cutlass::bfloat16_t;
-using LayoutA = cutlass::layout::RowMajor;
-using LayoutW = cutlass::layout::ColumnMajor;  // W [N, K] row-major is B [K, N] K-major
-using LayoutC = cutlass::layout::RowMajor;
-constexpr int kAlign = 8;
-using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-
-template <class TileShape, class MainloopSchedule, class EpilogueSchedule>
-struct GemmOf {
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutC, kAlign, Element, LayoutC,
-      kAlign, EpilogueSchedule>::CollectiveOp;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutW, kAlign,
-      float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-};
-
-using CoopGemm = GemmOf<cute::Shape<cute::_128, cute::_256, cute::_64>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                        cutlass::epilogue::TmaWarpSpecializedCooperative>::Gemm;
-using PingpongGemm = GemmOf<cute::Shape<cute::_128, cute::_128, cute::_64>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                            cutlass::epilogue::TmaWarpSpecialized>::Gemm;
-
-__global__ void fill_random(uint16_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t x = uint32_t(i) * 2654435761u ^ seed;
-    x ^= x >> 13;
-    x *= 0x5bd1e995u;
-    // bf16 in [-2, 2): sign, exponent 126-127, 7 random mantissa bits; never zero
-    p[i] = uint16_t(((x >> 16) & 0x8000) | ((126 + ((x >> 8) & 1)) << 7) | (x & 0x7f));
-  }
-}
+using namespace probe;
 
 // Counts the elements where d differs from plain + c by more than bf16 rounding allows.
 __global__ void count_mismatches(const Element* d, const Element* plain, const Element* c, int64_t n,
@@ -110,10 +50,6 @@ __global__ void count_mismatches(const Element* d, const Element* plain, const E
     if (!(fabsf(got - want) <= 0.02f * fabsf(want) + 0.05f)) atomicAdd(bad, 1ull);
   }
 }
-
-struct Shape {
-  int m, n, k;
-};
 
 struct Buffers {
   int id;
@@ -130,30 +66,11 @@ struct Launch {
 
 template <class Gemm>
 struct LaunchOf : Launch {
-  Gemm gemm;
-  void* workspace = nullptr;
-
-  LaunchOf(const Buffers& dev, const Shape& s, int row0, int rows, float beta, const Element* c) {
-    CHECK(cudaSetDevice(dev.id));
-    using StrideA = typename Gemm::GemmKernel::StrideA;
-    using StrideB = typename Gemm::GemmKernel::StrideB;
-    using StrideC = typename Gemm::GemmKernel::StrideC;
-    using StrideD = typename Gemm::GemmKernel::StrideD;
-    const size_t a_off = size_t(row0) * s.k, d_off = size_t(row0) * s.n;
-    typename Gemm::Arguments args{
-        cutlass::gemm::GemmUniversalMode::kGemm,
-        {rows, s.n, s.k, 1},
-        {dev.a + a_off, cutlass::make_cute_packed_stride(StrideA{}, {rows, s.k, 1}), dev.w,
-         cutlass::make_cute_packed_stride(StrideB{}, {s.n, s.k, 1})},
-        {{1.0f, beta}, c + d_off, cutlass::make_cute_packed_stride(StrideC{}, {rows, s.n, 1}), dev.d + d_off,
-         cutlass::make_cute_packed_stride(StrideD{}, {rows, s.n, 1})}};
-    CHECK_CUTLASS(gemm.can_implement(args));
-    const size_t bytes = Gemm::get_workspace_size(args);
-    if (bytes) CHECK(cudaMalloc(&workspace, bytes));
-    CHECK_CUTLASS(gemm.initialize(args, workspace, dev.stream));
-  }
-  ~LaunchOf() override { cudaFree(workspace); }
-  void run(cudaStream_t stream) override { CHECK_CUTLASS(gemm.run(stream)); }
+  GemmLaunch<Gemm> gemm;
+  LaunchOf(const Buffers& dev, const Shape& s, int row0, int rows, float beta, const Element* c)
+      : gemm(dev.id, dev.stream, s, dev.a, dev.w, row0, rows, beta, c + size_t(row0) * s.n,
+             dev.d + size_t(row0) * s.n) {}
+  void run(cudaStream_t stream) override { gemm.run(stream); }
 };
 
 enum class Kind { kCoop, kPingpong };
@@ -222,25 +139,13 @@ int main(int argc, char** argv) {
   const Shape s{argc > 1 ? std::atoi(argv[1]) : 8192, argc > 2 ? std::atoi(argv[2]) : 8192,
                 argc > 3 ? std::atoi(argv[3]) : 4096};
   const int rounds = argc > 4 ? std::atoi(argv[4]) : 30;
-  int count = 0;
-  CHECK(cudaGetDeviceCount(&count));
-  if (count < 2) {
-    std::fprintf(stderr, "needs 2 GPUs, found %d\n", count);
-    return 1;
-  }
+  enable_peer_pair();
   std::vector<Buffers> devs(2);
   const size_t mk = size_t(s.m) * s.k, nk = size_t(s.n) * s.k, mn = size_t(s.m) * s.n;
   for (int i = 0; i < 2; ++i) {
     Buffers& d = devs[i];
     d.id = i;
     CHECK(cudaSetDevice(i));
-    int can = 0;
-    CHECK(cudaDeviceCanAccessPeer(&can, i, 1 - i));
-    if (!can) {
-      std::fprintf(stderr, "GPU %d cannot access GPU %d\n", i, 1 - i);
-      return 1;
-    }
-    CHECK(cudaDeviceEnablePeerAccess(1 - i, 0));
     CHECK(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
     CHECK(cudaStreamCreateWithFlags(&d.copy_stream, cudaStreamNonBlocking));
     CHECK(cudaMalloc(&d.a, mk * sizeof(Element)));
@@ -249,12 +154,9 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&d.d, mn * sizeof(Element)));
     CHECK(cudaMalloc(&d.gather, mn * sizeof(Element)));
     CHECK(cudaMalloc(&d.plain, mn * sizeof(Element)));
-    fill_random<<<1024, 256>>>(reinterpret_cast<uint16_t*>(d.a), int64_t(mk), 11u + i);
-    CHECK(cudaGetLastError());
-    fill_random<<<1024, 256>>>(reinterpret_cast<uint16_t*>(d.w), int64_t(nk), 23u + i);
-    CHECK(cudaGetLastError());
-    fill_random<<<1024, 256>>>(reinterpret_cast<uint16_t*>(d.c), int64_t(mn), 37u + i);
-    CHECK(cudaGetLastError());
+    fill_random(d.a, mk, 11u + i);
+    fill_random(d.w, nk, 23u + i);
+    fill_random(d.c, mn, 37u + i);
     CHECK(cudaDeviceSynchronize());
   }
   cudaDeviceProp prop{};

@@ -30,40 +30,16 @@
 //
 // Measured: the memops signals cost ~100 µs per call plus ~35 µs per band, and hung at
 // 8 bands (2 x H200); they are timed only when asked for.
-#ifndef NDEBUG
-#define NDEBUG  // CUTLASS's device asserts serialize the wgmma pipeline
-#endif
-
 #include <cublas_v2.h>
 #include <cuda.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include <cute/tensor.hpp>
-#include <cutlass/bfloat16.h>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/epilogue/thread/linear_combination.h>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/util/packed_stride.hpp>
+#include "cutlass_probe.h"
 
-#include "probe_check.h"
-
-#define CHECK_CUTLASS(x)                                                                          \
-  do {                                                                                            \
-    cutlass::Status s_ = (x);                                                                     \
-    if (s_ != cutlass::Status::kSuccess) {                                                        \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cutlassGetStatusString(s_)); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 #define CHECK_CU(x)                                                            \
   do {                                                                         \
     CUresult r_ = (x);                                                         \
@@ -85,44 +61,7 @@
 
 namespace {
 
-using Element = cutlass::bfloat16_t;
-using LayoutA = cutlass::layout::RowMajor;
-using LayoutW = cutlass::layout::ColumnMajor;  // W [N, K] row-major is B [K, N] K-major
-using LayoutC = cutlass::layout::RowMajor;
-constexpr int kAlign = 8;
-using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-
-template <class TileShape, class MainloopSchedule, class EpilogueSchedule>
-struct GemmOf {
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutC, kAlign, Element, LayoutC,
-      kAlign, EpilogueSchedule>::CollectiveOp;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutW, kAlign,
-      float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-};
-
-using CoopGemm = GemmOf<cute::Shape<cute::_128, cute::_256, cute::_64>,
-                        cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                        cutlass::epilogue::TmaWarpSpecializedCooperative>::Gemm;
-using PingpongGemm = GemmOf<cute::Shape<cute::_128, cute::_128, cute::_64>,
-                            cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                            cutlass::epilogue::TmaWarpSpecialized>::Gemm;
-
-__global__ void fill_random(uint16_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t x = uint32_t(i) * 2654435761u ^ seed;
-    x ^= x >> 13;
-    x *= 0x5bd1e995u;
-    // bf16 in [-2, 2): sign, exponent 126-127, 7 random mantissa bits; never zero
-    p[i] = uint16_t(((x >> 16) & 0x8000) | ((126 + ((x >> 8) & 1)) << 7) | (x & 0x7f));
-  }
-}
+using namespace probe;
 
 __global__ void fill_value(uint16_t* p, int64_t n, uint16_t v) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
@@ -138,10 +77,6 @@ __global__ void count_mismatches(const Element* out, const Element* p0, const El
     if (!(fabsf(float(out[i]) - (a + b)) <= 0.01f * (fabsf(a) + fabsf(b)) + 0.01f)) atomicAdd(bad, 1ull);
   }
 }
-
-struct Shape {
-  int m, n, k;
-};
 
 __global__ void signal_flag(uint32_t* flag) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(flag), "r"(1u) : "memory");
@@ -160,36 +95,6 @@ __global__ void wait_flag(uint32_t* flag) {
 
 enum class Sync { kMemops, kKernels, kNone };
 
-// D[rows] = A[row0 + rows] @ W^T (+ beta C) with D, C given at their first row.
-template <class Gemm>
-struct Launch {
-  Gemm gemm;
-  void* workspace = nullptr;
-  Launch(int device, cudaStream_t stream, const Shape& s, const Element* a, const Element* w, int row0, int rows,
-         float beta, const Element* c, Element* d, int sm_count = 0) {
-    CHECK(cudaSetDevice(device));
-    using StrideA = typename Gemm::GemmKernel::StrideA;
-    using StrideB = typename Gemm::GemmKernel::StrideB;
-    using StrideC = typename Gemm::GemmKernel::StrideC;
-    using StrideD = typename Gemm::GemmKernel::StrideD;
-    typename Gemm::Arguments args{
-        cutlass::gemm::GemmUniversalMode::kGemm,
-        {rows, s.n, s.k, 1},
-        {a + size_t(row0) * s.k, cutlass::make_cute_packed_stride(StrideA{}, {rows, s.k, 1}), w,
-         cutlass::make_cute_packed_stride(StrideB{}, {s.n, s.k, 1})},
-        {{1.0f, beta}, c, cutlass::make_cute_packed_stride(StrideC{}, {rows, s.n, 1}), d,
-         cutlass::make_cute_packed_stride(StrideD{}, {rows, s.n, 1})}};
-    args.hw_info.device_id = device;
-    args.hw_info.sm_count = sm_count;  // 0: all
-    CHECK_CUTLASS(gemm.can_implement(args));
-    const size_t bytes = Gemm::get_workspace_size(args);
-    if (bytes) CHECK(cudaMalloc(&workspace, bytes));
-    CHECK_CUTLASS(gemm.initialize(args, workspace, stream));
-  }
-  ~Launch() { cudaFree(workspace); }
-  void run(cudaStream_t stream) { CHECK_CUTLASS(gemm.run(stream)); }
-};
-
 struct Gpu {
   int id;
   int rank;
@@ -203,11 +108,11 @@ struct Gpu {
   Element *out;      // [M, N]
   Element *plain;    // the plain GEMM of all rows, for the checks
   uint32_t* flags;   // [0]: peer's phase 1 done; [1 + b]: peer's band b summed
-  std::unique_ptr<Launch<CoopGemm>> coop_plain;
-  std::unique_ptr<Launch<PingpongGemm>> pingpong_plain;
-  std::unique_ptr<Launch<CoopGemm>> phase1_coop;
-  std::unique_ptr<Launch<PingpongGemm>> phase1_pingpong;
-  std::vector<std::unique_ptr<Launch<PingpongGemm>>> bands;
+  std::unique_ptr<GemmLaunch<CoopGemm>> coop_plain;
+  std::unique_ptr<GemmLaunch<PingpongGemm>> pingpong_plain;
+  std::unique_ptr<GemmLaunch<CoopGemm>> phase1_coop;
+  std::unique_ptr<GemmLaunch<PingpongGemm>> phase1_pingpong;
+  std::vector<std::unique_ptr<GemmLaunch<PingpongGemm>>> bands;
 };
 
 struct Plan {
@@ -311,6 +216,7 @@ int main(int argc, char** argv) {
   const Shape& s = p.s;
   p.half = (s.m / 2 + 127) / 128 * 128;  // whole 128-row tiles on rank 0
   CHECK_CU(cuInit(0));
+  enable_peer_pair();
   std::vector<Gpu> gpus(2);
   const size_t mk = size_t(s.m) * s.k, nk = size_t(s.n) * s.k, mn = size_t(s.m) * s.n;
   const int max_bands = (std::max(p.own_rows(0), p.own_rows(1)) + p.band_rows - 1) / p.band_rows;
@@ -319,13 +225,6 @@ int main(int argc, char** argv) {
     g.id = i;
     g.rank = i;
     CHECK(cudaSetDevice(i));
-    int can = 0;
-    CHECK(cudaDeviceCanAccessPeer(&can, i, 1 - i));
-    if (!can) {
-      std::fprintf(stderr, "GPU %d cannot access GPU %d\n", i, 1 - i);
-      return 1;
-    }
-    CHECK(cudaDeviceEnablePeerAccess(1 - i, 0));
     for (cudaStream_t* st : {&g.main, &g.local_copy, &g.gather}) CHECK(cudaStreamCreateWithFlags(st, cudaStreamNonBlocking));
     for (cudaEvent_t* e : {&g.fork, &g.band_done_ev, &g.join_local, &g.join_gather})
       CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
@@ -341,10 +240,8 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&g.plain, mn * sizeof(Element)));
     CHECK(cudaMalloc(&g.flags, (1 + max_bands) * sizeof(uint32_t)));
     CHECK(cudaMemset(g.flags, 0, (1 + max_bands) * sizeof(uint32_t)));
-    fill_random<<<1024, 256>>>(reinterpret_cast<uint16_t*>(g.a), int64_t(mk), 11u + i);
-    CHECK(cudaGetLastError());
-    fill_random<<<1024, 256>>>(reinterpret_cast<uint16_t*>(g.w), int64_t(nk), 23u + i);
-    CHECK(cudaGetLastError());
+    fill_random(g.a, mk, 11u + i);
+    fill_random(g.w, nk, 23u + i);
     CHECK(cudaDeviceSynchronize());
   }
   int sms = 0;
@@ -352,19 +249,19 @@ int main(int argc, char** argv) {
   for (int i = 0; i < 2; ++i) {
     Gpu& g = gpus[i];
     Gpu& peer = gpus[1 - i];
-    g.coop_plain = std::make_unique<Launch<CoopGemm>>(g.id, g.main, s, g.a, g.w, 0, s.m, 0.f, g.out, g.out);
-    g.pingpong_plain = std::make_unique<Launch<PingpongGemm>>(g.id, g.main, s, g.a, g.w, 0, s.m, 0.f, g.out, g.out);
+    g.coop_plain = std::make_unique<GemmLaunch<CoopGemm>>(g.id, g.main, s, g.a, g.w, 0, s.m, 0.f, g.out, g.out);
+    g.pingpong_plain = std::make_unique<GemmLaunch<PingpongGemm>>(g.id, g.main, s, g.a, g.w, 0, s.m, 0.f, g.out, g.out);
     const int peer0 = p.own_row0(peer.rank), peer_rows = p.own_rows(peer.rank);
     // The schedule's GEMMs leave one SM to the spinning waits.
-    g.phase1_coop = std::make_unique<Launch<CoopGemm>>(g.id, g.main, s, g.a, g.w, peer0, peer_rows, 0.f, g.partial,
+    g.phase1_coop = std::make_unique<GemmLaunch<CoopGemm>>(g.id, g.main, s, g.a, g.w, peer0, peer_rows, 0.f, g.partial,
                                                        g.partial, sms - 1);
-    g.phase1_pingpong = std::make_unique<Launch<PingpongGemm>>(g.id, g.main, s, g.a, g.w, peer0, peer_rows, 0.f,
+    g.phase1_pingpong = std::make_unique<GemmLaunch<PingpongGemm>>(g.id, g.main, s, g.a, g.w, peer0, peer_rows, 0.f,
                                                                g.partial, g.partial, sms - 1);
     const int own0 = p.own_row0(g.rank);
     for (int b = 0; b < p.bands_of(g.rank); ++b) {
       const size_t off = size_t(b) * p.band_rows * s.n;
       // C: the peer's partial of these rows (the peer's P holds this GPU's rows from its row 0).
-      g.bands.push_back(std::make_unique<Launch<PingpongGemm>>(g.id, g.main, s, g.a, g.w, own0 + b * p.band_rows,
+      g.bands.push_back(std::make_unique<GemmLaunch<PingpongGemm>>(g.id, g.main, s, g.a, g.w, own0 + b * p.band_rows,
                                                                p.band_rows_of(g.rank, b), 1.f, peer.partial + off,
                                                                g.sums + off, sms - 1));
     }
