@@ -51,7 +51,6 @@ TUNING_KEYS = (
     "matmul_all_reduce.band_tail_two_shot",  # ... or those bands by the two-shot all-reduce (1 on, 2 off)
     "matmul_all_reduce.band_sum_ahead",    # ... bands a CTA may sum before it gathers the oldest
     "matmul_all_reduce.band_whole_tiles",  # band schedules: the GEMM's tiles whole, no stream-K: 1 on, 2 off
-    "matmul_all_reduce.defer_tile_flags",  # flag schedules: a tile's flag after the next tile's MMAs: 1 on, 2 off
     "matmul_all_reduce.decode_max_m",      # largest M that takes the one-kernel decode schedule
     "matmul_all_reduce.decode_ll",         # decode schedule: push on LL lines 1, flags 2, LL128 lines 3
     "matmul_all_reduce.decode_ctas",       # decode schedule: CTAs (0: one per SM)

@@ -57,10 +57,6 @@ struct TileGemmParams {
   bool b_transposed;
   DType dtype;            // kBFloat16 or kFloat16
   uint32_t* tile_flags;   // may be null: no flags are published
-  // Each tile's flag is published once the CTA's next tile's MMAs are done, when its
-  // stores have long completed, instead of right after they are issued (where waiting
-  // for them stalls the MMAs of the next tile); a CTA's last two tiles publish at once.
-  bool defer_tile_flags;
   int sm_count;           // CTAs of the persistent grid (the SMs this GEMM may occupy)
   int group_rows;         // tile rows per group of the tile order (0: kTileGemmGroupRows)
   int last_group_row0;    // > 0: the tile rows from this one form one last group of the order

@@ -435,12 +435,6 @@ inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, in
 // otherwise (v33). Override: 1 on, 2 off.
 inline bool band_gemm_whole_tiles(int64_t override_value = 0) { return override_value != 2; }
 
-// Tile flags of the flag-publishing schedules (fused_tiles, band_pull, copy_engine):
-// each published once the CTA's next tile's MMAs are done rather than right after its
-// stores are issued, whose completion the MMAs of the next tile would wait for
-// (TileGemmParams::defer_tile_flags; benchmarks/NOTES.md, v35). Override: 1 on, 2 off.
-inline bool defer_tile_flags(int64_t override_value = 0) { return override_value == 1; }
-
 // SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no
 // launch or grid-wide arrival per band) rather than one kernel per band (v13; same
 // runs, 8 bands, persistent vs per band: W = 4 o_proj M = 8192 / 16384 781 / 1472 vs

@@ -253,7 +253,6 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.problem = problem;
   params.schedule = plan.schedule;
   params.tile_flags = p.tile_flags;
-  params.defer_tile_flags = p.defer_tile_flags;
   params.split_counters = reinterpret_cast<uint32_t*>(workspace_bytes);
   params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
   params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,

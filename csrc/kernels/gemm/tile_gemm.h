@@ -49,16 +49,6 @@
 // acquire at system scope sees the whole tile. Stores outside [M, N] are
 // clipped by TMA; the flag still covers the tile (its in-bounds part).
 //
-// The wait holds consumer warp 0, and with it the next tile's MMAs, until the
-// last stores of the tile have landed. With TileGemmParams::defer_tile_flags the
-// same wait, fence and release come after the next tile's MMAs instead (before
-// its stores), when those stores have long completed; a CTA's last two tiles
-// still publish at once, so the bands of the GEMM's last two waves are not held
-// to its end:
-//
-//   at once:   [MMA t][store t|wait][MMA t+1][store t+1|wait] ...
-//   deferred:  [MMA t][store t][MMA t+1][flag t][store t+1][MMA t+2][flag t+1] ...
-//
 // Tile order
 // ----------
 // Tiles are numbered 0 .. tiles_m*tiles_n-1 and tile_gemm_tile_coord() maps the

@@ -105,7 +105,6 @@ struct KernelParams {
   cute::Shape<int, int, int, int> problem;  // M, N, K, 1
   TileSchedule schedule;
   uint32_t* tile_flags;      // null: no flags
-  bool defer_tile_flags;     // TileGemmParams::defer_tile_flags
   uint32_t* split_counters;  // per split tile: units arrived (zero between launches)
   float* split_partials;     // 2 * num_ctas slots of tile_m * tile_n floats
   TileExchange exchange;  // output null: none (then data-parallel plans only)
@@ -136,15 +135,6 @@ __device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t
   uint32_t old;
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
-}
-
-// Whether the CTA has at least two work units after the current one: the deferred
-// flags publish the last two tiles at once, so that the bands of the GEMM's last two
-// waves are not held back to its end.
-__device__ __forceinline__ bool has_two_more_units(const CtaWork& work) {
-  CtaWork ahead = work;
-  WorkUnit unit;
-  return ahead.next(unit) && ahead.next(unit);
 }
 
 template <class Mainloop_, class Epilogue_>
@@ -284,8 +274,8 @@ struct TileGemmKernel {
     bool stored_any_tile = false;
     uint32_t tiles_stored = 0;
     int last_tile = -1;
-    // Owner scatter, deferred tile flags: the flag of the tile stored last, published
-    // before the next tile's stores (its stores had this tile's MMAs to land).
+    // Owner scatter: the flag of the tile stored last, published before the next
+    // tile's stores (its stores to a peer had this tile's MMAs to land).
     uint32_t* unpublished_flag = nullptr;
 
     while (work.next(unit)) {
@@ -308,10 +298,8 @@ struct TileGemmKernel {
       if (params.scatter_world > 0) {
         owner = scatter_owner_of_tile_row(tm, params.schedule.tiles_m, params.scatter_band_tile_rows,
                                           params.scatter_world);
-      }
-      if (unpublished_flag != nullptr) {
-        if (mma_thread_idx < cutlass::NumThreadsPerWarp) publish_tile_flag(unpublished_flag);
-        unpublished_flag = nullptr;
+        if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)
+          publish_tile_flag(unpublished_flag);
       }
       auto [load_state_next, store_state_next] = Epilogue(params.epilogue[owner], shared.epilogue).store(
           epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
@@ -326,12 +314,8 @@ struct TileGemmKernel {
       ++tiles_stored;
       if (params.scatter_world > 0) {
         unpublished_flag = params.scatter_flags[owner] + flag_index;
-      } else if (params.tile_flags != nullptr) {
-        if (params.defer_tile_flags && has_two_more_units(work)) {
-          unpublished_flag = params.tile_flags + flag_index;
-        } else if (mma_thread_idx < cutlass::NumThreadsPerWarp) {
-          publish_tile_flag(params.tile_flags + flag_index);
-        }
+      } else if (params.tile_flags != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
+        publish_tile_flag(params.tile_flags + flag_index);
       }
       if (params.exchange.output != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
         publish_tile_in_cta(&shared.exchange, tiles_stored);

@@ -235,7 +235,6 @@ TileGemmParams tile_gemm_into_workspace(comm::Workspace& ws, const GemmOperands&
   ws.ensure_tile_bytes(tile_region_bytes(gp.m, gp.n, esize, ws.world()), kOp);
   gp.d = tile_partial(ws.handle());
   gp.tile_flags = tile_ready_flags(ws.handle());
-  gp.defer_tile_flags = defer_tile_flags(get_tuning("matmul_all_reduce.defer_tile_flags"));
   return gp;
 }
 

@@ -11,9 +11,8 @@
 // Correctness: bf16 and fp16, both B layouts, M in {1, 3, 8, 128, 1000, 4097},
 // (N, K) in {(8192, 2048), (8192, 1024), (264, 136)}, plus other SM budgets,
 // padded leading dimensions and argument errors. Each case runs the GEMM 3
-// times (the second with deferred tile flags) into a NaN-poisoned D and checks D
-// against cuBLAS in fp32, that nothing outside D[:M, :N] was written, and that
-// every tile flag equals the call count.
+// times into a NaN-poisoned D and checks D against cuBLAS in fp32, that nothing
+// outside D[:M, :N] was written, and that every tile flag equals the call count.
 // The workspace is zeroed once and shared by all cases, which checks that each
 // launch leaves it reusable. Then a timing table against cublasGemmEx.
 // Prints "ALL PASS" and exits 0, or lists the failures and exits 1; a CUDA
@@ -229,7 +228,6 @@ bool run_case(const Device& dev, const Case& c, void* workspace, size_t workspac
   bool ok = true;
   for (int call = 1; call <= kCalls; ++call) {
     CUDA_CHECK(cudaMemsetAsync(d.ptr, 0xFF, size_t(d_rows) * ldd * sizeof(T), dev.stream));
-    p.defer_tile_flags = call == 2;  // both ways of publishing the flags
     const cudaError_t err = distfuse::launch_tile_gemm(p, dev.stream, ws_bytes ? workspace : nullptr);
     if (err != cudaSuccess) {
       failures.push_back(describe(c) + ": launch returned " + cudaGetErrorString(err));
@@ -397,10 +395,10 @@ std::vector<float> time_interleaved_ms(const Device& dev, const DeviceBuffer& fl
 // `gemm_sms`: the SM budget given to our GEMM (cuBLAS always has the whole GPU).
 void run_benchmark(const Device& dev, int gemm_sms, const std::vector<int>& ms_list) {
   std::printf("\nTiming on %s: bf16, B given as Bt [N, K] (nn.Linear weight), median of 50, "
-              "L2 flushed before each run, the three columns interleaved; tile GEMM on %d of %d SMs\n", dev.name.c_str(),
-              gemm_sms, dev.sm_count);
-  std::printf("%6s %5s %5s | %9s %8s %8s %9s %9s | %9s %8s %8s | %7s\n", "M", "K", "N",
-              "tile us", "TFLOP/s", "GB/s", "defer us", "noflag us", "cuBLAS us", "TFLOP/s", "GB/s",
+              "L2 flushed before each run, the three columns interleaved; tile GEMM on %d of %d SMs\n",
+              dev.name.c_str(), gemm_sms, dev.sm_count);
+  std::printf("%6s %5s %5s | %9s %8s %8s %9s | %9s %8s %8s | %7s\n", "M", "K", "N",
+              "tile us", "TFLOP/s", "GB/s", "noflag us", "cuBLAS us", "TFLOP/s", "GB/s",
               "speedup");
   const size_t flush_bytes = size_t(512) << 20;
   DeviceBuffer flush(flush_bytes);
@@ -426,22 +424,21 @@ void run_benchmark(const Device& dev, int gemm_sms, const std::vector<int>& ms_l
       DeviceBuffer workspace(ws_bytes);
       CUDA_CHECK(cudaMemsetAsync(workspace.ptr, 0, ws_bytes, dev.stream));
 
-      auto launch_with = [&](uint32_t* tile_flags, bool defer = false) {
+      auto launch_with = [&](uint32_t* tile_flags) {
         TileGemmParams q = p;
         q.tile_flags = tile_flags;
-        q.defer_tile_flags = defer;
         const cudaError_t err = distfuse::launch_tile_gemm(q, dev.stream, workspace.ptr);
         if (err != cudaSuccess) fatal("launch_tile_gemm", cudaGetErrorString(err), __FILE__, __LINE__);
       };
       const std::vector<float> ms = time_interleaved_ms(
           dev, flush, flush_bytes,
-          {[&] { launch_with(flags.as<uint32_t>()); }, [&] { launch_with(flags.as<uint32_t>(), true); },
-           [&] { launch_with(nullptr); }, [&] { cublas_gemm(dev, p, d.ptr, CUDA_R_16BF, n); }});
-      const float ours = ms[0], deferred = ms[1], no_flags = ms[2], cublas = ms[3];
+          {[&] { launch_with(flags.as<uint32_t>()); }, [&] { launch_with(nullptr); },
+           [&] { cublas_gemm(dev, p, d.ptr, CUDA_R_16BF, n); }});
+      const float ours = ms[0], no_flags = ms[1], cublas = ms[2];
       const double flop = 2.0 * m * n * k;
       const double bytes = 2.0 * (double(m) * k + double(k) * n + double(m) * n);
-      std::printf("%6d %5d %5d | %9.1f %8.1f %8.0f %9.1f %9.1f | %9.1f %8.1f %8.0f | %7.2f\n", m, k, n,
-                  ours * 1e3, flop / ours * 1e-9, bytes / ours * 1e-6, deferred * 1e3, no_flags * 1e3,
+      std::printf("%6d %5d %5d | %9.1f %8.1f %8.0f %9.1f | %9.1f %8.1f %8.0f | %7.2f\n", m, k, n,
+                  ours * 1e3, flop / ours * 1e-9, bytes / ours * 1e-6, no_flags * 1e3,
                   cublas * 1e3, flop / cublas * 1e-9, bytes / cublas * 1e-6, cublas / ours);
     }
   }
