@@ -28,8 +28,9 @@
 //        -o pair_source_probe -lcublas -lcuda
 //   ./pair_source_probe M N K band_rows [rounds=20] [memops=0]
 //
-// Measured: the memops signals cost ~100 µs per call plus ~35 µs per band, and hung at
-// 8 bands (2 x H200); they are timed only when asked for.
+// Measured (2 x H200): the memops signals cost ~100 µs per call plus ~35 µs per band, so
+// they are timed only when asked for. With 8 bands per rank both kinds of signal
+// deadlocked (the spin's bound fired; cause not found); up to 4 bands never did.
 #include <cublas_v2.h>
 #include <cuda.h>
 
