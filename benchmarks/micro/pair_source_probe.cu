@@ -100,7 +100,7 @@ struct Gpu {
   int id;
   int rank;
   cudaStream_t main, local_copy, gather;
-  cudaEvent_t fork, band_done_ev, join_local, join_gather;
+  cudaEvent_t fork, join_local, join_gather;
   std::vector<cudaEvent_t> band_done;
   cublasHandle_t cublas;
   Element *a, *w;
@@ -227,7 +227,7 @@ int main(int argc, char** argv) {
     g.rank = i;
     CHECK(cudaSetDevice(i));
     for (cudaStream_t* st : {&g.main, &g.local_copy, &g.gather}) CHECK(cudaStreamCreateWithFlags(st, cudaStreamNonBlocking));
-    for (cudaEvent_t* e : {&g.fork, &g.band_done_ev, &g.join_local, &g.join_gather})
+    for (cudaEvent_t* e : {&g.fork, &g.join_local, &g.join_gather})
       CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
     g.band_done.resize(max_bands);
     for (cudaEvent_t& e : g.band_done) CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
