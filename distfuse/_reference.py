@@ -55,8 +55,16 @@ def _sum(x: torch.Tensor, pg: dist.ProcessGroup) -> torch.Tensor:
     return y
 
 
+def _gloo_on_gpu(x: torch.Tensor, pg: dist.ProcessGroup) -> bool:
+    """A gloo group given GPU tensors (ranks sharing GPUs): its all_gather_into_tensor
+    crashes the process (SIGSEGV) on them in torch 2.11, so such gathers take host copies."""
+    return x.device.type != "cpu" and dist.get_backend(pg) == "gloo"
+
+
 def _gather_rows(x: torch.Tensor, pg: dist.ProcessGroup) -> torch.Tensor:
     """Concatenate along dim 0 the tensors of every rank, in rank order."""
+    if _gloo_on_gpu(x, pg):
+        return _gather_rows(x.cpu(), pg).to(x.device)
     world = dist.get_world_size(pg)
     x = x.contiguous()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))

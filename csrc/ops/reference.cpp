@@ -2,6 +2,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/distributed/c10d/Functional.hpp>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/library.h>
 
 #include "ops/validate.h"
@@ -36,7 +38,23 @@ int64_t leading_rows(const at::Tensor& a) {
   return m;
 }
 
+// True when the group moves tensors of x's device with gloo while x is on a GPU (ranks
+// sharing GPUs, where NCCL refuses the group). gloo's all_gather_into_tensor crashes
+// the process (SIGSEGV) on CUDA tensors in torch 2.11, so such a group gathers host
+// copies; its all_reduce and reduce_scatter_tensor take CUDA tensors.
+bool gloo_group_on_gpu(const at::Tensor& x, c10::string_view group_name) {
+  if (!x.is_cuda()) return false;
+  const auto pg = c10d::resolve_process_group(std::string(group_name));
+  try {
+    return pg->getBackend(x.device().type())->getBackendName() == "gloo";
+  } catch (const std::exception&) {
+    return false;  // no backend for the device: the collective reports that itself
+  }
+}
+
 at::Tensor functional_all_gather(const at::Tensor& x, int64_t world, c10::string_view group_name) {
+  if (gloo_group_on_gpu(x, group_name))
+    return functional_all_gather(x.cpu(), world, group_name).to(x.device());
   return wait(c10d::all_gather_into_tensor(x.contiguous(), world, std::string(group_name)));
 }
 
