@@ -69,7 +69,8 @@ def _phases(args, rank, group_name):
 
 
 def _worker(rank, args, init_file, queue):
-    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
+    from distfuse.bench.__main__ import SAFE_ENV
+    os.environ.update(SAFE_ENV)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             device_id=torch.device("cuda", rank))
