@@ -103,14 +103,8 @@ TEST(WorkspaceLayout, LL128RegionHoldsItsLinesAndIsZeroedWithTheFlags) {
     EXPECT_EQ(l.twoshot_ll128_offset % kLL128LineBytes, 0u);
     EXPECT_GE(l.twoshot_ll128_offset, l.decode_ll_offset + l.decode_ll_bytes);
     // The workspace clears [0, twoshot_offset) at creation: the LL128 lines are inside.
-    EXPECT_LE(l.twoshot_ll128_offset + l.twoshot_ll128_bytes, l.exchange_ll128_offset);
-    EXPECT_EQ(l.exchange_ll128_offset % kLL128LineBytes, 0u);
-    EXPECT_LE(l.exchange_ll128_offset + l.exchange_ll128_bytes, l.twoshot_offset);
-    // The pair exchange's lines: two ranks only, a slot per CTA for a 128 x 256 tile.
-    EXPECT_EQ(l.exchange_ll128_bytes,
-              world == 2 ? uint64_t(kExchangeLL128MaxCtas) * kExchangeLL128LinesPerCta * kLL128LineBytes : 0u);
+    EXPECT_LE(l.twoshot_ll128_offset + l.twoshot_ll128_bytes, l.twoshot_offset);
   }
-  EXPECT_GE(kExchangeLL128LinesPerCta * kLL128PayloadBytes, uint64_t(128 * 256 * 2));
   // A shard of 2 MB fits (W = 2 at 4 MB, the largest default range).
   EXPECT_GE(kTwoShotLL128LinesPerSlot * kLL128PayloadBytes, uint64_t(2) << 20);
 }
@@ -642,13 +636,6 @@ TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {
   EXPECT_TRUE(exchange_last_tile_in_consumers());
   EXPECT_TRUE(exchange_last_tile_in_consumers(1));
   EXPECT_FALSE(exchange_last_tile_in_consumers(2));
-  EXPECT_TRUE(exchange_last_tile_in_consumers(3));
-  // LL128 lines only where asked for, the group allows them and the CTAs fit their slots.
-  EXPECT_FALSE(exchange_last_tile_ll128(true, 132));
-  EXPECT_TRUE(exchange_last_tile_ll128(true, 132, 3));
-  EXPECT_FALSE(exchange_last_tile_ll128(false, 132, 3));
-  EXPECT_FALSE(exchange_last_tile_ll128(true, kExchangeLL128MaxCtas + 1, 3));
-  EXPECT_FALSE(exchange_last_tile_ll128(true, 132, 1));
 }
 
 }  // namespace

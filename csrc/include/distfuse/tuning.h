@@ -7,8 +7,6 @@
 #include <cstdint>
 #include <string>
 
-#include "distfuse/comm/handle.h"
-
 namespace distfuse {
 
 enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1, kTwoShotLL = 2, kTwoShotLL128 = 3 };
@@ -236,17 +234,8 @@ inline int exchange_ctas(int64_t tiles, int sms, int override_ctas = 0) {
 // tile. 2 x H200, W = 2, same runs, on / off (benchmarks/NOTES.md, v19): o_proj M = 128 /
 // 512 / 1024 / 2048 / 4096 / 8192 34.3 / 74.6 / 140.4 / 245.8 / 447.8 / 880.8 us vs 37.8 /
 // 77.0 / 144.7 / 249.3 / 453.3 / 887.8; down_proj M = 512 / 2048 191.3 / 680.3 vs 193.8 /
-// 685.8. Override: 1 on, 2 off, 3 on LL128 lines.
+// 685.8. Override: 1 on, 2 off.
 inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return override_value != 2; }
-
-// ... and on LL128 lines (tile_pair_exchange.cuh, exchange_last_tile_on_ll128_lines),
-// where the group allows them (`ll128_lines`: NVLink between Hopper GPUs) and the CTAs
-// fit the workspace's slots. Default: not yet measured, so off. Override 3: on where
-// allowed, the flag exchange elsewhere (the same decision on every rank).
-inline bool exchange_last_tile_ll128(bool ll128_lines, int ctas, int64_t override_value = 0) {
-  if (!ll128_lines || ctas > kExchangeLL128MaxCtas) return false;
-  return override_value == 3;
-}
 
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
 // M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse

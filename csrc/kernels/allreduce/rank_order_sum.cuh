@@ -29,19 +29,6 @@ __device__ __forceinline__ uint4 sum_in_rank_order(const uint4 (&x)[W], const T*
   return sum_strided_in_rank_order<T>(x, 1, W, bias);
 }
 
-// The same sum for two ranks' 8-byte words (four 2-byte elements), e.g. the payload
-// words of LL128 lines: first + second in that order, plus the bias word at `bias`
-// when given, rounded once; the same bits as sum_in_rank_order's for those elements.
-template <typename T>
-__device__ __forceinline__ uint64_t sum_words_in_rank_order(uint64_t first, uint64_t second, const T* bias) {
-  static_assert(sizeof(T) == 2, "four elements a word");
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  accumulate<T, 8>(acc, word_from_bits<T>(first));
-  accumulate<T, 8>(acc, word_from_bits<T>(second));
-  if (bias) accumulate<T, 8>(acc, word_from_bits<T>(*reinterpret_cast<const uint64_t*>(bias)));
-  return word_bits<T>(round_pack<T, 8>(acc));
-}
-
 // For the vectors v = base + u * kThreads (u < U, v < count) of one thread:
 // Σ over ranks 0..W-1 (in that order, fp32) of the 16-byte vectors at
 // source(src, v), plus bias at column bias_col(v) when given, rounded once,

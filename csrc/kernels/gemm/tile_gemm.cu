@@ -188,8 +188,6 @@ cudaError_t check_params(const TileGemmParams& p) {
   if (p.exchange_output != nullptr &&
       (p.comm.world < 2 || p.comm.world > max_world || p.comm.rank < 0 || p.comm.rank >= p.comm.world ||
        p.tile_flags != nullptr || (p.exchange_through_owners && p.exchange_last_tile_in_consumers) ||
-       (p.exchange_last_tile_ll128 && (!p.exchange_last_tile_in_consumers || p.sm_count > kExchangeLL128MaxCtas ||
-                                       p.comm.layout.exchange_ll128_bytes == 0)) ||
        !aligned16(p.exchange_output) || !aligned16(p.exchange_bias) || p.ldd != p.n)) {
     return cudaErrorInvalidValue;
   }
@@ -258,7 +256,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.split_counters = reinterpret_cast<uint32_t*>(workspace_bytes);
   params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
   params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
-                                 p.exchange_last_tile_in_consumers, p.exchange_last_tile_ll128};
+                                 p.exchange_last_tile_in_consumers};
   params.scatter_world = p.scatter_world;
   params.scatter_band_tile_rows = p.scatter_band_tile_rows;
   for (int r = 0; r < p.scatter_world; ++r) params.scatter_flags[r] = p.scatter_flags[r];

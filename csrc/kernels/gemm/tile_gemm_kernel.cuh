@@ -330,16 +330,10 @@ struct TileGemmKernel {
     if (params.exchange.output != nullptr && params.exchange.last_tile_in_consumers && last_tile >= 0) {
       // Consumer warp 0 published the tile (its stores complete); the barrier inside
       // orders that before every consumer's loads of it.
-      auto sync = [] { cutlass::arch::NamedBarrier::sync(kMmaThreads, kConsumerExchangeBarrier); };
-      if (params.exchange.last_tile_ll128) {
-        exchange_last_tile_on_ll128_lines<ExchangeElement, kTileM, kTileN, kMmaThreads>(
-            params.exchange, get<0>(params.problem), get<1>(params.problem), last_tile, &shared.exchange,
-            mma_thread_idx, exchange_tile_coord(params.schedule), sync);
-      } else {
-        exchange_last_tile_in_consumers<ExchangeElement, kTileM, kExchangeLanesPerRow, kMmaThreads>(
-            params.exchange, get<0>(params.problem), get<1>(params.problem), last_tile, &shared.exchange,
-            mma_thread_idx, exchange_tile_coord(params.schedule), sync);
-      }
+      exchange_last_tile_in_consumers<ExchangeElement, kTileM, kExchangeLanesPerRow, kMmaThreads>(
+          params.exchange, get<0>(params.problem), get<1>(params.problem), last_tile, &shared.exchange,
+          mma_thread_idx, exchange_tile_coord(params.schedule),
+          [] { cutlass::arch::NamedBarrier::sync(kMmaThreads, kConsumerExchangeBarrier); });
     }
   }
 

@@ -64,7 +64,6 @@ struct TileExchange {
   CommHandle comm;              // D is this rank's tile partial in its workspace
   bool through_owners;          // any W: tile owners sum (tile_owner_exchange.cuh); else W = 2, both sum
   bool last_tile_in_consumers;  // pair exchange: each CTA's consumers exchange its last tile
-  bool last_tile_ll128;         // ... on LL128 lines (exchange_last_tile_on_ll128_lines)
 };
 
 constexpr int kExchangeThreads = 96;  // warps 1..3 of the producer warp group
@@ -94,24 +93,6 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
 }
 
-// 8-byte words of D: an L2 load (the TMA stores of the tile went there) and a store.
-template <typename T>
-__device__ __forceinline__ uint64_t load_cg_word(const T* p) {
-  uint64_t v;
-  asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p));
-  return v;
-}
-template <typename T>
-__device__ __forceinline__ void store_word(T* p, uint64_t v) {
-  *reinterpret_cast<uint64_t*>(p) = v;
-}
-// A lane's 16 bytes of an LL128 line, read anew every time.
-__device__ __forceinline__ ulonglong2 load_volatile_line_part(const void* p) {
-  ulonglong2 v;
-  asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p) : "memory");
-  return v;
-}
-
 // Consumer warp 0, after it committed the TMA stores of the CTA's `count`-th tile:
 // wait until they are complete, order them before generic-proxy accesses, then
 // tell the exchange warps of this CTA.
@@ -132,11 +113,14 @@ __device__ __forceinline__ void exchange_timeout_check(const CommHandle& c) {
                  int(record[2]), record[3], record[4]);
 }
 
-// Records a wait of the exchange that timed out (when several time out, any one record
-// is enough to report) and stops the CTA's exchange.
-__device__ __forceinline__ void record_exchange_timeout(const CommHandle& c, volatile ExchangeCtaState* cta,
-                                                        uint32_t what, int index, int peer, uint32_t epoch,
-                                                        uint32_t seen) {
+// Thread 0 of the exchange warps: waits until `flag` reaches `epoch`; at the timeout,
+// records the wait (when several time out, any one record is enough to report) and
+// stops the CTA's exchange, returning false.
+__device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, volatile ExchangeCtaState* cta,
+                                                       const uint32_t* flag, uint32_t epoch, uint32_t what,
+                                                       int index, int peer) {
+  uint32_t seen;
+  if (poll_flag_reached(flag, epoch, c.timeout_ns, &seen)) return true;
   uint32_t* record = exchange_timeout_record(c);
   record[1] = uint32_t(index);
   record[2] = uint32_t(peer);
@@ -145,16 +129,6 @@ __device__ __forceinline__ void record_exchange_timeout(const CommHandle& c, vol
   __threadfence();
   record[0] = what;
   cta->aborted = 1;
-}
-
-// Thread 0 of the exchange warps: waits until `flag` reaches `epoch`; at the timeout,
-// records the wait and stops the CTA's exchange, returning false.
-__device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, volatile ExchangeCtaState* cta,
-                                                       const uint32_t* flag, uint32_t epoch, uint32_t what,
-                                                       int index, int peer) {
-  uint32_t seen;
-  if (poll_flag_reached(flag, epoch, c.timeout_ns, &seen)) return true;
-  record_exchange_timeout(c, cta, what, index, peer, epoch, seen);
   return false;
 }
 
@@ -371,143 +345,5 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
         store_plain(out + (k0 + k) * step, sum_in_rank_order<T, 2>(pairs[k], bias_vec));
   }
 }
-
-// The last tile's exchange in the consumers on LL128 lines (TileExchange::last_tile_ll128:
-// an NVLink group of Hopper GPUs, comm/signal.cuh). The flag exchange above releases
-// the tile only after every store of its push was acknowledged across NVLink, the
-// peer sees the flag one hop later, and both copies are then read back. Here each
-// 128-byte line carries 15 payload words and the call's epoch, so the peer sums every
-// line as soon as it lands, with no release, no flag and no second read of the own copy
-// (its words stay in registers):
-//
-//   consumers:  [own words of the tile: loads]─LL128 lines─▶ this CTA's slot on the peer
-//               [poll the peer's lines in this CTA's slot here]─▶ out = Σ rank order (+ bias)
-//   flags:      [push]▸release (all acks)──hop──▶ flag ▸ [load both copies] ▸ [Σ]
-//
-// Word w (four elements) of the tile is its w-th in row-major order, kTileN / 4 a row;
-// line j carries words 15j..15j+14 and lane i of its 8 lanes the words 2i and 2i + 1
-// (lane 7: word 14 and the flag). Both ranks walk the same lines with the same threads,
-// so each thread receives the peer's copy of the very words it holds. A CTA's slot on
-// the peer is rewritten only in a later call, which this rank enters after the peer has
-// left this one (entry handshake), and every line's flag is the call's epoch, so no
-// line of an earlier call passes for this one. Same sum as above, so the same bits.
-template <typename T, int kTileM, int kTileN, int kThreads, typename TileCoord, typename Sync>
-__device__ void exchange_last_tile_on_ll128_lines(const TileExchange& e, int64_t m, int64_t n, int tile,
-                                                  volatile ExchangeCtaState* cta, int y, TileCoord tile_coord,
-                                                  Sync sync) {
-  static_assert(sizeof(T) == 2, "four elements a word");
-  static_assert(kThreads % 32 == 0, "whole warps");
-  constexpr int kWordsPerRow = kTileN / 4;
-  constexpr int kLinesPerPass = kThreads / 8;
-  constexpr int kTileLines = (kTileM * kWordsPerRow + kLL128LineWords - 1) / kLL128LineWords;
-  constexpr int kPasses = (kTileLines + kLinesPerPass - 1) / kLinesPerPass;
-  constexpr int kPollBatch = kPasses < 6 ? kPasses : 6;  // lines a thread polls at once
-  static_assert(kTileLines <= int(kExchangeLL128LinesPerCta), "a tile's lines fit a CTA's slot");
-  constexpr unsigned kWarp = 0xffffffffu;
-  const CommHandle& c = e.comm;
-  const int rank = c.rank, peer = 1 - c.rank;
-  const uint32_t epoch = cta->epoch;
-  // No byte before the peer entered this call (the exchange warps announce it).
-  if (y == 0) enter_exchange_call(c, cta, epoch, false);
-  sync();
-  if (cta->aborted) return;
-
-  int t;
-  int64_t row0, col0;
-  tile_coord(tile, &t, &row0, &col0);
-  const int rows = int(min(int64_t(kTileM), m - row0));
-  const int lines = (rows * kWordsPerRow + kLL128LineWords - 1) / kLL128LineWords;
-  const int line_lane = y % 8;
-  const bool flag_lane = line_lane == 7;
-  const uint64_t flag = epoch;
-  const int64_t slot = c.layout.exchange_ll128_offset +
-                       (int64_t(blockIdx.x) * int64_t(kExchangeLL128LinesPerCta) + y / 8) * int64_t(kLL128LineBytes) +
-                       16 * line_lane;
-  constexpr int64_t kPassBytes = int64_t(kLinesPerPass) * int64_t(kLL128LineBytes);
-  auto has_line = [&](int pass) { return pass * kLinesPerPass + y / 8 < lines; };
-  // Offset in D of this thread's h-th word (h = 0, 1) of pass `pass` and its column;
-  // -1 where the word lies outside the output or the line carries none.
-  auto word_at = [&](int pass, int h, int64_t* col) -> int64_t {
-    if (!has_line(pass) || (flag_lane && h == 1)) return -1;
-    const int w = (pass * kLinesPerPass + y / 8) * kLL128LineWords + 2 * line_lane + h;
-    *col = col0 + int64_t(w % kWordsPerRow) * 4;
-    return w / kWordsPerRow < rows && *col < n ? (row0 + w / kWordsPerRow) * n + *col : -1;
-  };
-
-  // Push: every word of the tile in flight at once.
-  const T* mine = partial_of<T>(c, rank);
-  uint64_t own[kPasses][2];
-#pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int64_t col;
-      const int64_t off = word_at(pass, h, &col);
-      own[pass][h] = off >= 0 ? load_cg_word(mine + off) : 0;
-    }
-  unsigned char* to_peer = c.peer_base[peer] + slot;
-#pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass)
-    if (has_line(pass)) ll128_store(to_peer + pass * kPassBytes, own[pass][0], flag_lane ? flag : own[pass][1]);
-
-  // Receive and sum, kPollBatch lines a thread at a time. The stale bits of a line are
-  // its flag lane's; every lane of the line rereads it in the same instruction.
-  const unsigned char* from_peer = c.peer_base[rank] + slot;
-  const T* bias = static_cast<const T*>(e.bias);
-  T* out = static_cast<T*>(e.output);
-  const int flag_lane_of_line = (y % 32) | 7;
-  const uint64_t bound = c.timeout_ns ? c.timeout_ns : kDefaultTimeoutNs;
-  uint64_t start = 0;
-  uint32_t spins = 0;
-#pragma unroll
-  for (int p0 = 0; p0 < kPasses; p0 += kPollBatch) {
-    ulonglong2 got[kPollBatch];
-#pragma unroll
-    for (int k = 0; k < kPollBatch; ++k)
-      if (p0 + k < kPasses && has_line(p0 + k)) got[k] = load_volatile_line_part(from_peer + (p0 + k) * kPassBytes);
-    for (;;) {
-      uint32_t stale = 0;
-#pragma unroll
-      for (int k = 0; k < kPollBatch; ++k)
-        if (flag_lane && p0 + k < kPasses && has_line(p0 + k) && got[k].y != flag) stale |= 1u << k;
-      stale = __shfl_sync(kWarp, stale, flag_lane_of_line);
-      if (!__any_sync(kWarp, stale != 0)) break;
-#pragma unroll
-      for (int k = 0; k < kPollBatch; ++k)
-        if (stale >> k & 1u) got[k] = load_volatile_line_part(from_peer + (p0 + k) * kPassBytes);
-      if (++spins == 1) {
-        start = global_timer_ns();
-      } else if ((spins & 63u) == 0 &&
-                 __any_sync(kWarp, cta->aborted != 0 || global_timer_ns() - start > bound)) {
-        // Out of time (or another warp was): one flag lane of the warp records a line
-        // that did not land, unless the CTA's exchange already stopped.
-        const uint32_t recorders = __ballot_sync(kWarp, flag_lane && stale != 0);
-        if (!cta->aborted && recorders != 0 && int(y % 32) == __ffs(recorders) - 1) {
-          uint32_t seen = 0;
-#pragma unroll
-          for (int k = kPollBatch - 1; k >= 0; --k)
-            if (stale >> k & 1u) seen = uint32_t(got[k].y);
-          record_exchange_timeout(c, cta, kExchangeTimeoutTile, t, peer, epoch, seen);
-        }
-        return;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kPollBatch; ++k) {
-      if (p0 + k >= kPasses) break;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        int64_t col;
-        const int64_t off = word_at(p0 + k, h, &col);
-        if (off < 0) continue;
-        const uint64_t theirs = h == 0 ? got[k].x : got[k].y;
-        const uint64_t mine_word = own[p0 + k][h];
-        store_word(out + off, sum_words_in_rank_order<T>(rank == 0 ? mine_word : theirs,
-                                                         rank == 0 ? theirs : mine_word, bias ? bias + col : nullptr));
-      }
-    }
-  }
-}
-
 
 }  // namespace distfuse

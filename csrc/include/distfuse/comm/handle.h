@@ -6,11 +6,11 @@
 // kernel addresses "region X of rank p" as peer_base[p] + offset_of_X.
 //
 //   symmetric buffer (per rank)
-//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+-----------------+-----------------+--------------+
-//   | counters | flags         | one-shot LL lines | two-shot LL lines | decode LL lines | two-shot LL128  | exchange LL128  | two-shot chunks | tile region  |
-//   | (local)  | (peers write) | (peers write)     | (peers write)     | (peers write)   | (peers write)   | (peer writes)   | (peers write)   | (GEMM tiles) |
-//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+-----------------+-----------------+--------------+
-//   └──────────────────────────────────────── zeroed at creation (epoch 0 never appears) ────────────────────────────────────────┘
+//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+-----------------+--------------+
+//   | counters | flags         | one-shot LL lines | two-shot LL lines | decode LL lines | LL128 lines     | two-shot chunks | tile region  |
+//   | (local)  | (peers write) | (peers write)     | (peers write)     | (peers write)   | (peers write)   | (peers write)   | (GEMM tiles) |
+//   +----------+---------------+-------------------+-------------------+-----------------+-----------------+-----------------+--------------+
+//   └──────────────────────────── zeroed at creation (epoch 0 never appears) ──────────────────────────┘
 //
 // Each algorithm ("channel") owns its counters, flags and data region, so two
 // algorithms used back to back never touch each other's memory.
@@ -60,11 +60,6 @@ struct WorkspaceLayout {
   // 128-byte lines.
   uint64_t twoshot_ll128_offset;
   uint64_t twoshot_ll128_bytes;
-  // Pair exchange (two ranks): the LL128 lines of each CTA's last tile, [CTA
-  // kExchangeLL128MaxCtas][kExchangeLL128LinesPerCta] (kernels/gemm/tile_pair_exchange.cuh);
-  // empty for other group sizes.
-  uint64_t exchange_ll128_offset;
-  uint64_t exchange_ll128_bytes;
   // Two-shot region: [phase 2][slot 2][src world][kTwoShotRegionBytes], in which
   // block b of a launch using chunks of c bytes owns [b * c, (b + 1) * c).
   uint64_t twoshot_offset;
@@ -96,10 +91,6 @@ constexpr uint64_t kLL128LineBytes = 128;
 constexpr uint64_t kLL128PayloadBytes = 120;
 constexpr int kLL128LineWords = int(kLL128PayloadBytes / 8);  // 8-byte payload words per line
 constexpr uint64_t kTwoShotLL128LinesPerSlot = 17920;
-// Pair exchange on LL128 lines: one slot per CTA (at most kExchangeLL128MaxCtas) that holds
-// the lines of the largest exchange tile, 128 x 256 two-byte elements.
-constexpr int kExchangeLL128MaxCtas = 160;
-constexpr uint64_t kExchangeLL128LinesPerCta = (128ull * 256 * 2 + kLL128PayloadBytes - 1) / kLL128PayloadBytes;
 // Two-shot: per (phase, slot, source) region, split among the blocks of a launch
 // (blocks x chunk bytes <= kTwoShotRegionBytes); default and largest chunk.
 constexpr uint64_t kTwoShotRegionBytes = 8ull << 20;
@@ -132,9 +123,7 @@ inline WorkspaceLayout make_layout(int world, uint64_t tile_bytes) {
   l.decode_ll_bytes = uint64_t(world) * (kDecodeLLLinesPerSlot * 16 + kDecodeLL128BytesPerSlot);
   l.twoshot_ll128_offset = align_up(l.decode_ll_offset + l.decode_ll_bytes, kAlign);
   l.twoshot_ll128_bytes = 2ull * 2ull * world * kTwoShotLL128LinesPerSlot * kLL128LineBytes;
-  l.exchange_ll128_offset = align_up(l.twoshot_ll128_offset + l.twoshot_ll128_bytes, kAlign);
-  l.exchange_ll128_bytes = world == 2 ? kExchangeLL128MaxCtas * kExchangeLL128LinesPerCta * kLL128LineBytes : 0;
-  l.twoshot_offset = align_up(l.exchange_ll128_offset + l.exchange_ll128_bytes, kAlign);
+  l.twoshot_offset = align_up(l.twoshot_ll128_offset + l.twoshot_ll128_bytes, kAlign);
   l.twoshot_bytes = 2ull * kTwoShotSlots * world * kTwoShotRegionBytes;
   l.tiles_offset = align_up(l.twoshot_offset + l.twoshot_bytes, kAlign);
   l.tiles_bytes = align_up(tile_bytes, kAlign);
