@@ -1,17 +1,19 @@
-"""SM clocks and board power while a W = 2 row-parallel GEMM runs alone, fused with its
+"""SM clocks and board power while a row-parallel GEMM runs alone, fused with its
 all-reduce, and followed by it: does the fused path's stretch of the GEMM come with a
 lower SM clock (a power cap), or at the same clock (the memory system)?
 
     python3 benchmarks/micro/clock_probe.py [--m 8192] [--k 4096] [--n 8192] [--seconds 3]
-                                            [--paths pair_exchange,band_pull] [--out DIR]
+                                            [--paths pair_exchange,band_pull] [--world-size W]
+                                            [--out DIR]
 
-Needs 2 GPUs. nvidia-smi samples every GPU's SM clock, power draw and clock-event
-reasons every 20 ms in the background. Each phase runs back-to-back calls on both ranks
-for --seconds after a short warm-up; the phase's window is the time between two barriers,
-and each sample inside it counts for that phase. Printed per phase: µs per call (CUDA
-events over the whole window, max over ranks), then per GPU the median SM clock (MHz),
-the median power (W) and the most frequent clock-event reasons bitmask. The samples go
-to DIR/clock_samples.csv when --out is given.
+Runs W ranks (default: every visible GPU, at least 2), one per GPU. nvidia-smi samples
+every GPU's SM clock, power draw and clock-event reasons every 20 ms in the background.
+Each phase runs back-to-back calls on every rank for --seconds after a short warm-up; the
+phase's window is the time between two barriers, and each sample inside it counts for
+that phase. Printed per phase: µs per call (CUDA events over the whole window, max over
+ranks), then per GPU the median SM clock (MHz), the median power (W) and the most
+frequent clock-event reasons bitmask. The samples go to DIR/clock_samples.csv when --out
+is given.
 """
 from __future__ import annotations
 
@@ -72,25 +74,38 @@ def _worker(rank, args, init_file, queue):
     from distfuse.bench.__main__ import SAFE_ENV
     os.environ.update(SAFE_ENV)
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2,
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=args.world_size,
                             device_id=torch.device("cuda", rank))
     group_name = dist.group.WORLD.group_name
+    import distfuse
+    # A rank that waits for a call its peers do not make fails within seconds, not a minute.
+    distfuse.init_workspace(group_name, max_bytes=2 * args.m * args.n * 2, timeout_ms=15000)
     rows = []
     for name, call in _phases(args, rank, group_name):
-        warm_until = time.time() + 0.3
-        while time.time() < warm_until:
+        # Every rank makes the same number of calls (a fused call waits for the same call
+        # on every peer): counts from the slowest rank's time per call.
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        t_probe = time.time()
+        for _ in range(8):
+            call()
+        torch.cuda.synchronize()
+        per_call = torch.tensor([(time.time() - t_probe) / 8], dtype=torch.float64, device="cuda")
+        dist.all_reduce(per_call, op=dist.ReduceOp.MAX)
+        batches = max(1, int(args.seconds / per_call.item()) // 8)
+        for _ in range(max(8, int(0.3 / per_call.item()))):  # warm-up: clocks and power settle
             call()
         torch.cuda.synchronize()
         dist.barrier()
         start_ev, stop_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.time()
         start_ev.record()
-        calls = 0
-        while time.time() - t0 < args.seconds:
+        for _ in range(batches):
             for _ in range(8):
                 call()
-            calls += 8
             torch.cuda.synchronize()  # keeps the host within a few calls of the GPU
+        calls = 8 * batches
         stop_ev.record()
         torch.cuda.synchronize()
         t1 = time.time()
@@ -121,10 +136,15 @@ def main():
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--paths", default="pair_exchange")
+    ap.add_argument("--world-size", type=int, default=None, help="ranks, one per GPU (default: every GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if torch.cuda.device_count() < 2:
-        raise SystemExit(f"clock_probe needs 2 GPUs, found {torch.cuda.device_count()}")
+    if args.world_size is None:
+        args.world_size = torch.cuda.device_count()
+    if not 2 <= args.world_size <= torch.cuda.device_count():
+        raise SystemExit(f"clock_probe needs 2 to {torch.cuda.device_count()} ranks (one per GPU), "
+                         f"got --world-size {args.world_size}")
+    world = args.world_size
 
     with tempfile.TemporaryDirectory() as tmp:
         smi_log = os.path.join(tmp, "smi.csv")
@@ -134,7 +154,7 @@ def main():
         try:
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
-            procs = [ctx.Process(target=_worker, args=(r, args, os.path.join(tmp, "rv"), queue)) for r in range(2)]
+            procs = [ctx.Process(target=_worker, args=(r, args, os.path.join(tmp, "rv"), queue)) for r in range(world)]
             for p in procs:
                 p.start()
             results = dict(queue.get(timeout=600) for _ in procs)
@@ -156,15 +176,15 @@ def main():
             f.write("epoch_s,gpu,sm_mhz,power_w,event_reasons\n")
             f.writelines(f"{t:.3f},{i},{c:.0f},{w:.1f},{r}\n" for t, i, c, w, r in samples)
 
-    print(f"{torch.cuda.get_device_name(0)} x 2; M = {args.m}, K = {args.k}, N = {args.n}, bf16, B = weight.t(); "
+    print(f"{torch.cuda.get_device_name(0)} x {world}; M = {args.m}, K = {args.k}, N = {args.n}, bf16, B = weight.t(); "
           f"{args.seconds} s per phase")
-    print(f"{'phase':24s} {'us/call':>9s} | {'GPU0 MHz':>8s} {'W':>6s} {'reasons':>18s} | "
-          f"{'GPU1 MHz':>8s} {'W':>6s} {'reasons':>18s} | samples")
+    print(f"{'phase':24s} {'us/call':>9s} | "
+          + " | ".join(f"{f'GPU{g} MHz':>8s} {'W':>6s} {'reasons':>18s}" for g in range(world)) + " | samples")
     for i, (name, t0, t1, _) in enumerate(results[0]):
-        us = max(results[r][i][3] for r in (0, 1))
+        us = max(results[r][i][3] for r in range(world))
         cells = []
         count = 0
-        for gpu in (0, 1):
+        for gpu in range(world):
             inside = [s for s in samples if s[1] == gpu and t0 <= s[0] <= t1]
             count = max(count, len(inside))
             if not inside:
@@ -173,7 +193,7 @@ def main():
             reasons = collections.Counter(s[4] for s in inside).most_common(1)[0][0]
             cells.append(f"{statistics.median(s[2] for s in inside):8.0f} "
                          f"{statistics.median(s[3] for s in inside):6.0f} {reasons:>18s}")
-        print(f"{name:24s} {us:9.1f} | {cells[0]} | {cells[1]} | {count}")
+        print(f"{name:24s} {us:9.1f} | " + " | ".join(cells) + f" | {count}")
 
 
 if __name__ == "__main__":
