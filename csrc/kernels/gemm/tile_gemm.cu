@@ -19,6 +19,7 @@
 #include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cutlass/half.h>
 
+#include "kernels/common/launch.cuh"
 #include "tile_gemm_kernel.cuh"
 
 namespace distfuse {
@@ -171,7 +172,12 @@ Plan make_plan(const TileGemmParams& p) {
   return plan;
 }
 
-__global__ void exchange_timeout_check_kernel(const CommHandle comm) { exchange_timeout_check(comm); }
+// Launched as the GEMM's programmatic dependent (the GEMM lets it launch at its start):
+// it waits for the GEMM to end and its writes to be visible, then checks.
+__global__ void exchange_timeout_check_kernel(const CommHandle comm) {
+  wait_for_previous_kernel();
+  exchange_timeout_check(comm);
+}
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
@@ -269,8 +275,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   kernel<<<plan.schedule.num_ctas, Kernel::kThreads, kSmemBytes, stream>>>(params);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.exchange_output == nullptr) return err;
-  exchange_timeout_check_kernel<<<1, 1, 0, stream>>>(p.comm);
-  return cudaGetLastError();
+  return launch_kernel(exchange_timeout_check_kernel, 1, 1, 0, stream, /*dependent=*/true, p.comm);
 }
 
 template <class Element, class ShapeConfig>

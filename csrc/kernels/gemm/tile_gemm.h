@@ -94,7 +94,8 @@
 // whole, in the same order; `whole_tiles` asks for that plan without the exchange),
 // and a one-thread kernel after the GEMM reports a wait of the exchange that timed
 // out (the GEMM kernel makes no function call, printf's included: a call would
-// serialize its wgmma pipeline).
+// serialize its wgmma pipeline). That kernel is the GEMM's programmatic dependent,
+// launched while the GEMM runs, so that no launch gap follows the GEMM's last CTA.
 //
 // Workspace
 // ---------

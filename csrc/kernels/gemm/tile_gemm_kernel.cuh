@@ -199,6 +199,11 @@ struct TileGemmKernel {
       shared.exchange.published = 0;
       shared.exchange.aborted = 0;
       if (params.exchange.output != nullptr) {
+        exchange_trace(params.exchange.comm, kTraceKernelStart);
+        // The timeout check after this kernel is its programmatic dependent: let it launch
+        // now and wait (griddepcontrol.wait) for this grid's end, so that no launch gap
+        // follows the last CTA.
+        asm volatile("griddepcontrol.launch_dependents;");
         shared.exchange.epoch = next_epoch(*call_epoch(params.exchange.comm).value);
         // This CTA's tiles are blockIdx.x, + gridDim.x, ... below dp_tiles; the last one
         // is the consumers' when they take it. (Computed here: a division costs the
@@ -283,6 +288,7 @@ struct TileGemmKernel {
       mainloop.mma(mainloop_pipeline, read_state, accum, unit.k_count, mma_thread_idx,
                    shared.mainloop, params.mainloop);
       mainloop.mma_tail(mainloop_pipeline, read_state, unit.k_count);
+      if (params.exchange.output != nullptr && mma_thread_idx == 0) exchange_trace(params.exchange.comm, kTraceMmaDone);
       read_state.advance(unit.k_count);
 
       if (unit.partial_slot >= 0 &&
@@ -319,6 +325,7 @@ struct TileGemmKernel {
       }
       if (params.exchange.output != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
         publish_tile_in_cta(&shared.exchange, tiles_stored);
+        if (mma_thread_idx == 0) exchange_trace(params.exchange.comm, kTracePublished);
       }
     }
     if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)

@@ -75,6 +75,34 @@ constexpr int kExchangeStagingBytes = 15 * 1024;
 constexpr int kExchangeBatch = kExchangeStagingBytes / 16 / kExchangeThreads;  // 10
 static_assert(kExchangeBatch % 2 == 0, "the sum stages two sources");
 
+// Where each CTA's exchange spends its time: in builds with DISTFUSE_EXCHANGE_TRACE
+// (benchmarks/micro/exchange_trace_probe.cu) one thread stamps the global timer at each
+// of these steps, kExchangeTraceSlots words per CTA just past the workspace layout's end
+// (the probe allocates them; a step taken once per tile keeps its last stamp). In other
+// builds exchange_trace is empty.
+enum ExchangeTraceStep : int {
+  kTraceKernelStart = 0,     // thread 0, first thing
+  kTraceEntered = 1,         // exchange warps: the call-entry handshake done
+  kTraceMmaDone = 2,         // consumers: a tile's last MMA retired
+  kTracePublished = 3,       // consumers: a tile's stores complete, published in the CTA
+  kTraceWarpsPushed = 4,     // exchange warps: a tile pushed to the peer
+  kTraceWarpsPeerSeen = 5,   // exchange warps: the peer's copy of that tile here
+  kTraceWarpsSummed = 6,     // exchange warps: its sum written
+  kTraceTailPushed = 7,      // consumers: the CTA's last tile pushed
+  kTraceTailPeerSeen = 8,    // consumers: the peer's copy of it here
+  kTraceTailSummed = 9,      // consumers: its sum written (every consumer thread)
+  kExchangeTraceSlots = 16,
+};
+__device__ __forceinline__ void exchange_trace(const CommHandle& c, int step) {
+#if defined(DISTFUSE_EXCHANGE_TRACE)
+  reinterpret_cast<volatile uint64_t*>(c.peer_base[c.rank] + c.layout.total_bytes)[blockIdx.x * kExchangeTraceSlots +
+                                                                                    step] = global_timer_ns();
+#else
+  (void)c;
+  (void)step;
+#endif
+}
+
 // Words of shared memory the consumers and the exchange warps of a CTA share.
 struct ExchangeCtaState {
   uint32_t published;  // tiles the consumers stored so far
@@ -222,6 +250,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
   if (x == 0) enter_exchange_call(c, cta, epoch, blockIdx.x == 0);
   sync();
   if (cta->aborted) return;
+  if (x == 0) exchange_trace(c, kTraceEntered);
 
   uint32_t done = 0;
   for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x), ++done) {
@@ -238,8 +267,10 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
     if (active) copy_tile_through_staging<T, kLanesPerRow>(mine, to_peer, first_off, rows, n, slot, x);  // push
     sync();  // every push of the tile precedes the release
     if (x == 0) {
+      exchange_trace(c, kTraceWarpsPushed);
       store_release_sys(received_flag(c, peer, t, rank), epoch);
       wait_or_record_timeout(c, cta, received_flag(c, rank, t, peer), epoch, kExchangeTimeoutTile, t, peer);
+      exchange_trace(c, kTraceWarpsPeerSeen);
     }
     sync();
     if (cta->aborted) return;
@@ -265,6 +296,10 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
           }
       }
     }
+#if defined(DISTFUSE_EXCHANGE_TRACE)
+    sync();
+    if (x == 0) exchange_trace(c, kTraceWarpsSummed);
+#endif
   }
 
   finish_exchange_call(ce, epoch, sync, x);
@@ -318,8 +353,10 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
   }
   sync();  // every push of the tile precedes the release
   if (y == 0) {
+    exchange_trace(c, kTraceTailPushed);
     store_release_sys(received_flag(c, peer, t, rank), epoch);
     wait_or_record_timeout(c, cta, received_flag(c, rank, t, peer), epoch, kExchangeTimeoutTile, t, peer);
+    exchange_trace(c, kTraceTailPeerSeen);
   }
   sync();
   if (cta->aborted || !active) return;
@@ -344,6 +381,7 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
       if (r0 + (k0 + k) * kRowStep < rows)
         store_plain(out + (k0 + k) * step, sum_in_rank_order<T, 2>(pairs[k], bias_vec));
   }
+  exchange_trace(c, kTraceTailSummed);  // every thread: the last stamp is the slowest one's
 }
 
 }  // namespace distfuse

@@ -3,7 +3,7 @@
 // Build from the repository root (sm_90a; CUTLASS headers from the nvidia-cutlass wheel):
 //   CUTLASS=.venv/lib/python3.11/site-packages/cutlass_library/source
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-//     -Icsrc/include -I$CUTLASS/include -I$CUTLASS/tools/util/include \
+//     -Icsrc -Icsrc/include -I$CUTLASS/include -I$CUTLASS/tools/util/include \
 //     csrc/kernels/gemm/tests/tile_gemm_test.cu csrc/kernels/gemm/tile_gemm.cu \
 //     -lcublas -o tile_gemm_test
 // Run: ./tile_gemm_test [--no-bench]
