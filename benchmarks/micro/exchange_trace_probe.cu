@@ -14,11 +14,10 @@
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //        -DDISTFUSE_EXCHANGE_TRACE -Icsrc -Icsrc/include -I$C/include -I$C/tools/util/include \
 //        benchmarks/micro/exchange_trace_probe.cu csrc/kernels/gemm/tile_gemm.cu -o exchange_trace_probe
-//   ./exchange_trace_probe M N K [tile_shape=2] [rounds=30] [last_tile=1]
+//   ./exchange_trace_probe M N K [tile_shape=2] [rounds=30] [consumer_tail=1]
 //
-// tile_shape as TileGemmParams (1 64x128, 2 128x128, 3 128x256); last_tile: 0 the
-// exchange warps take every tile, 1 the consumers push each CTA's last tile, 2 the
-// epilogue stores it into the peer's slot (exchange_last_tile_by_tma).
+// tile_shape as TileGemmParams (1 64x128, 2 128x128, 3 128x256); consumer_tail 0: the
+// exchange warps take every tile.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -89,13 +88,13 @@ float median(std::vector<float> v) {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s M N K [tile_shape=2] [rounds=30] [last_tile=1]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s M N K [tile_shape=2] [rounds=30] [consumer_tail=1]\n", argv[0]);
     return 2;
   }
   const int m = std::atoi(argv[1]), n = std::atoi(argv[2]), k = std::atoi(argv[3]);
   const int tile_shape = argc > 4 ? std::atoi(argv[4]) : 2;
   const int rounds = argc > 5 ? std::atoi(argv[5]) : 30;
-  const int last_tile = argc > 6 ? std::atoi(argv[6]) : 1;
+  const bool consumer_tail = argc > 6 ? std::atoi(argv[6]) != 0 : true;
   int devices = 0;
   CHECK(cudaGetDeviceCount(&devices));
   if (devices < 2) {
@@ -159,8 +158,7 @@ int main(int argc, char** argv) {
     R.fused.d = R.ws + layout.tiles_offset;
     R.fused.exchange_output = R.out;
     R.fused.comm = c;
-    R.fused.exchange_last_tile_in_consumers = last_tile != 0;
-    R.fused.exchange_last_tile_by_tma = last_tile == 2;
+    R.fused.exchange_last_tile_in_consumers = consumer_tail;
     CHECK(cudaSetDevice(r));
     const size_t scratch = tile_gemm_workspace_bytes(p);
     CHECK(cudaMalloc(&R.scratch, std::max<size_t>(scratch, 256)));
@@ -168,7 +166,7 @@ int main(int argc, char** argv) {
     if (r == 0)
       std::printf("M = %d, N = %d, K = %d, bf16, B = weight.t(); tiles %d x %d, %lld tiles on %d CTAs; last tile: %s\n",
                   m, n, k, tile_gemm_tile_m(p), tile_gemm_tile_n(p), (long long)tiles, p.sm_count,
-                  last_tile == 2 ? "stored to the peer by the epilogue" : last_tile ? "consumers" : "exchange warps");
+                  consumer_tail ? "consumers" : "exchange warps");
   }
 
   // The gate: a word in GPU 0's memory that both GPUs poll; the host's value comes by a copy

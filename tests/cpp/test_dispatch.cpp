@@ -636,10 +636,6 @@ TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {
   EXPECT_TRUE(exchange_last_tile_in_consumers());
   EXPECT_TRUE(exchange_last_tile_in_consumers(1));
   EXPECT_FALSE(exchange_last_tile_in_consumers(2));
-  EXPECT_TRUE(exchange_last_tile_in_consumers(3));
-  EXPECT_FALSE(exchange_last_tile_by_tma());
-  EXPECT_FALSE(exchange_last_tile_by_tma(1));
-  EXPECT_TRUE(exchange_last_tile_by_tma(3));
 }
 
 }  // namespace

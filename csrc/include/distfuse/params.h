@@ -69,14 +69,11 @@ struct TileGemmParams {
   // = the rank-order sum of both ranks' D (+ exchange_bias [N], added once).
   // exchange_through_owners: the same for any group size, through tile owners
   // (kernels/gemm/tile_owner_exchange.cuh). exchange_last_tile_in_consumers (pair
-  // exchange only): each CTA's consumer warp groups exchange its last tile themselves;
-  // with exchange_last_tile_by_tma the epilogue also stores that tile straight into the
-  // peer's receive slot (TMA stores over NVLink), so the consumers push nothing.
+  // exchange only): each CTA's consumer warp groups exchange its last tile themselves.
   void* exchange_output;
   const void* exchange_bias;
   bool exchange_through_owners;
   bool exchange_last_tile_in_consumers;
-  bool exchange_last_tile_by_tma;
   CommHandle comm;
   // Owner scatter (the band_scatter schedule, kernels/allreduce/band_all_reduce.h): when
   // scatter_world > 0 the epilogue stores tile (tm, tn) straight into its owner rank's

@@ -234,13 +234,8 @@ inline int exchange_ctas(int64_t tiles, int sms, int override_ctas = 0) {
 // tile. 2 x H200, W = 2, same runs, on / off (benchmarks/NOTES.md, v19): o_proj M = 128 /
 // 512 / 1024 / 2048 / 4096 / 8192 34.3 / 74.6 / 140.4 / 245.8 / 447.8 / 880.8 us vs 37.8 /
 // 77.0 / 144.7 / 249.3 / 453.3 / 887.8; down_proj M = 512 / 2048 191.3 / 680.3 vs 193.8 /
-// 685.8. Override: 1 on, 2 off, 3 on with the tile stored to the peer by the epilogue.
+// 685.8. Override: 1 on, 2 off.
 inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return override_value != 2; }
-
-// ... and that last tile stored into the peer's receive slot by the epilogue's TMA stores
-// (so the consumers push nothing; the bytes start with the epilogue). Default: not yet
-// measured, so off. Override 3: on.
-inline bool exchange_last_tile_by_tma(int64_t override_value = 0) { return override_value == 3; }
 
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
 // M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse

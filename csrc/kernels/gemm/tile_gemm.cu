@@ -194,7 +194,6 @@ cudaError_t check_params(const TileGemmParams& p) {
   if (p.exchange_output != nullptr &&
       (p.comm.world < 2 || p.comm.world > max_world || p.comm.rank < 0 || p.comm.rank >= p.comm.world ||
        p.tile_flags != nullptr || (p.exchange_through_owners && p.exchange_last_tile_in_consumers) ||
-       (p.exchange_last_tile_by_tma && !p.exchange_last_tile_in_consumers) ||
        !aligned16(p.exchange_output) || !aligned16(p.exchange_bias) || p.ldd != p.n)) {
     return cudaErrorInvalidValue;
   }
@@ -263,19 +262,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.split_counters = reinterpret_cast<uint32_t*>(workspace_bytes);
   params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
   params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
-                                 p.exchange_last_tile_in_consumers, p.exchange_last_tile_by_tma};
-  if (p.exchange_output != nullptr && p.exchange_last_tile_by_tma) {
-    // [1 + parity]: the peer's receive slot of this rank for calls of that parity
-    // (tile_slots.cuh, receive_slot), where the epilogue also stores each CTA's last tile.
-    const int peer = 1 - p.comm.rank;
-    const uint64_t slot_bytes = uint64_t(p.m) * p.n * sizeof(Element);
-    for (int parity = 0; parity < 2; ++parity)
-      params.epilogue[1 + parity] = Epilogue::to_underlying_arguments(
-          problem,
-          epilogue_into(p.comm.peer_base[peer] + p.comm.layout.tiles_offset +
-                        (1 + uint64_t(parity) * 2 + p.comm.rank) * slot_bytes),
-          nullptr);
-  }
+                                 p.exchange_last_tile_in_consumers};
   params.scatter_world = p.scatter_world;
   params.scatter_band_tile_rows = p.scatter_band_tile_rows;
   for (int r = 0; r < p.scatter_world; ++r) params.scatter_flags[r] = p.scatter_flags[r];

@@ -313,24 +313,6 @@ struct TileGemmKernel {
           tiled_mma, mma_thread_idx, shared.epilogue);
       epilogue_load_state = load_state_next;
       epilogue_store_state = store_state_next;
-      if (params.exchange.last_tile_by_tma && unit.tile == shared.exchange.tiles_end) {
-        // The CTA's last tile also goes straight into the peer's receive slot (TMA stores
-        // over NVLink), once the peer entered this call; the publish below waits for these
-        // stores too. The push starts with the epilogue instead of after the tile's reload.
-        if (mma_thread_idx == 0)
-          shared.exchange.store_last_tile_to_peer =
-              enter_exchange_call(params.exchange.comm, &shared.exchange, shared.exchange.epoch, false);
-        cutlass::arch::NamedBarrier::sync(kMmaThreads, kConsumerExchangeBarrier);
-        if (shared.exchange.store_last_tile_to_peer) {
-          auto [load_state_peer, store_state_peer] =
-              Epilogue(params.epilogue[1 + (shared.exchange.epoch & 1)], shared.epilogue)
-                  .store(epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline, epilogue_store_state,
-                         params.problem, TileShape{}, make_coord(tm, tn, _, 0), accum, tiled_mma, mma_thread_idx,
-                         shared.epilogue);
-          epilogue_load_state = load_state_peer;
-          epilogue_store_state = store_state_peer;
-        }
-      }
       stored_any_tile = true;
       last_tile = unit.tile;
 

@@ -64,7 +64,6 @@ struct TileExchange {
   CommHandle comm;              // D is this rank's tile partial in its workspace
   bool through_owners;          // any W: tile owners sum (tile_owner_exchange.cuh); else W = 2, both sum
   bool last_tile_in_consumers;  // pair exchange: each CTA's consumers exchange its last tile
-  bool last_tile_by_tma;        // ... which the epilogue also stored into the peer's slot
 };
 
 constexpr int kExchangeThreads = 96;  // warps 1..3 of the producer warp group
@@ -111,7 +110,6 @@ struct ExchangeCtaState {
   uint32_t epoch;      // this call's, read at the kernel's start (the last CTA to finish
                        // rewrites the counter)
   int tiles_end;       // the pair exchange warps take this CTA's tiles below it
-  uint32_t store_last_tile_to_peer;  // the peer entered the call: the epilogue stores the last tile there too
 };
 
 __device__ __forceinline__ void cp_async_16(uint4* smem, const void* gmem) {
@@ -308,9 +306,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
 }
 
 // The consumer warp groups of one CTA (thread y of kThreads), after their last tile
-// `tile` is stored and published in the CTA (with TileExchange::last_tile_by_tma stored
-// into the peer's slot as well, so only the flag is left to send): its exchange with the
-// peer. Each thread
+// `tile` is stored and published in the CTA: its exchange with the peer. Each thread
 // pushes its kTileM / kRowStep vectors of the tile in one batch (the consumers run on
 // far more registers than the exchange warps), then sums both copies of up to 8 of
 // them a batch. `sync` is a barrier of the consumers. The same sum as
@@ -344,7 +340,7 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
   const int64_t first_off = (row0 + r0) * n + col;
   const int64_t step = kRowStep * n;
 
-  if (active && !e.last_tile_by_tma) {  // push: the whole tile in flight (the epilogue's TMA stores did it)
+  if (active) {  // push: the whole tile in flight
     const T* from = partial_of<T>(c, rank) + first_off;
     T* to = receive_slot<T>(c, peer, mn, parity, rank) + first_off;
     uint4 mine[kVectors];

@@ -525,12 +525,9 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
     gp.exchange_output = ob.out.data_ptr();
     gp.exchange_bias = ob.bias_ptr();
     gp.exchange_through_owners = through_owners;
-    const int64_t consumer_tail = get_tuning("matmul_all_reduce.exchange_consumer_tail");
-    TORCH_CHECK(consumer_tail >= 0 && consumer_tail <= 3,
-                "matmul_all_reduce.exchange_consumer_tail must be 0 (default), 1 (on), 2 (off) or 3 (on, the tile "
-                "stored to the peer by the epilogue), got ", consumer_tail);
-    gp.exchange_last_tile_in_consumers = !through_owners && exchange_last_tile_in_consumers(consumer_tail);
-    gp.exchange_last_tile_by_tma = gp.exchange_last_tile_in_consumers && exchange_last_tile_by_tma(consumer_tail);
+    gp.exchange_last_tile_in_consumers =
+        !through_owners &&
+        exchange_last_tile_in_consumers(get_tuning("matmul_all_reduce.exchange_consumer_tail"));
     gp.comm = ws.handle();
   }
   C10_CUDA_CHECK(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)));
