@@ -1,5 +1,6 @@
 // What the CUTLASS GEMM probes share: bf16 GEMMs D[rows] = A[row0 + rows] @ W[N, K]^T
-// (+ beta C) from CUTLASS's own sm_90a kernels, random fills, CHECK_CUTLASS.
+// (+ beta C) from CUTLASS's own sm_90a kernels, random fills of their element type,
+// CHECK_CUTLASS; the rest of what the probes share is in probe_check.h.
 #pragma once
 
 #ifndef NDEBUG
@@ -105,40 +106,9 @@ struct GemmLaunch {
   void run(cudaStream_t stream) { CHECK_CUTLASS(gemm.run(stream)); }
 };
 
-// bf16 in [-2, 2): sign, exponent 126-127, 7 random mantissa bits; never zero.
-__global__ void fill_random(uint16_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t x = uint32_t(i) * 2654435761u ^ seed;
-    x ^= x >> 13;
-    x *= 0x5bd1e995u;
-    p[i] = uint16_t(((x >> 16) & 0x8000) | ((126 + ((x >> 8) & 1)) << 7) | (x & 0x7f));
-  }
-}
-
 inline void fill_random(Element* p, size_t n, uint32_t seed) {
   fill_random<<<1024, 256>>>(reinterpret_cast<uint16_t*>(p), int64_t(n), seed);
   CHECK(cudaGetLastError());
-}
-
-// GPUs 0 and 1, each with access to the other's memory; exits if there are fewer or
-// they cannot reach each other.
-inline void enable_peer_pair() {
-  int count = 0;
-  CHECK(cudaGetDeviceCount(&count));
-  if (count < 2) {
-    std::fprintf(stderr, "needs 2 GPUs, found %d\n", count);
-    std::exit(1);
-  }
-  for (int i = 0; i < 2; ++i) {
-    CHECK(cudaSetDevice(i));
-    int can = 0;
-    CHECK(cudaDeviceCanAccessPeer(&can, i, 1 - i));
-    if (!can) {
-      std::fprintf(stderr, "GPU %d cannot access GPU %d\n", i, 1 - i);
-      std::exit(1);
-    }
-    CHECK(cudaDeviceEnablePeerAccess(1 - i, 0));
-  }
 }
 
 }  // namespace probe

@@ -128,11 +128,6 @@ float run_both(std::vector<Buffers>& devs, Case& c, size_t copy_bytes) {
   return slowest;
 }
 
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {

@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -39,16 +38,6 @@
 using namespace distfuse;
 
 namespace {
-
-__global__ void fill_random(__nv_bfloat16* x, int64_t n, uint32_t seed, float scale) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed * 40503u;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    x[i] = __float2bfloat16((float(h & 0xffff) / 65535.f - 0.5f) * scale);
-  }
-}
 
 __global__ void flush_l2(const int4* buffer, int64_t count, int* sink) {
   int acc = 0;
@@ -79,11 +68,6 @@ struct Rank {
 
 constexpr size_t kFlushBytes = size_t(512) << 20;
 
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -95,12 +79,7 @@ int main(int argc, char** argv) {
   const int tile_shape = argc > 4 ? std::atoi(argv[4]) : 2;
   const int rounds = argc > 5 ? std::atoi(argv[5]) : 30;
   const bool consumer_tail = argc > 6 ? std::atoi(argv[6]) != 0 : true;
-  int devices = 0;
-  CHECK(cudaGetDeviceCount(&devices));
-  if (devices < 2) {
-    std::fprintf(stderr, "needs 2 GPUs, found %d\n", devices);
-    return 2;
-  }
+  probe::enable_peer_pair();
   const WorkspaceLayout layout = make_layout(2, tile_region_bytes_for_output(uint64_t(m) * n * 2, 2));
 
   Rank rank[2];
@@ -108,7 +87,6 @@ int main(int argc, char** argv) {
   for (int r = 0; r < 2; ++r) {
     Rank& R = rank[r];
     CHECK(cudaSetDevice(r));
-    CHECK(cudaDeviceEnablePeerAccess(1 - r, 0));
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, r));
     CHECK(cudaStreamCreateWithFlags(&R.stream, cudaStreamNonBlocking));
     CHECK(cudaMalloc(&R.a, size_t(m) * k * 2));
@@ -123,8 +101,8 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&R.sink, sizeof(int)));
     CHECK(cudaEventCreate(&R.start));
     CHECK(cudaEventCreate(&R.stop));
-    fill_random<<<1024, 256, 0, R.stream>>>(R.a, int64_t(m) * k, 11 + r, 2.f / std::sqrt(float(k)));
-    fill_random<<<1024, 256, 0, R.stream>>>(R.w, int64_t(n) * k, 23 + r, 2.f);
+    probe::fill_random<<<1024, 256, 0, R.stream>>>(reinterpret_cast<uint16_t*>(R.a), int64_t(m) * k, 11 + r);
+    probe::fill_random<<<1024, 256, 0, R.stream>>>(reinterpret_cast<uint16_t*>(R.w), int64_t(n) * k, 23 + r);
     CHECK(cudaGetLastError());
   }
   for (int r = 0; r < 2; ++r) {
@@ -252,7 +230,8 @@ int main(int argc, char** argv) {
   }
 
   std::printf("µs, median of %d interleaved samples (GPU 0 / GPU 1): GEMM alone %.1f / %.1f, fused %.1f / %.1f\n",
-              rounds, median(t[0][0]), median(t[0][1]), median(t[1][0]), median(t[1][1]));
+              rounds, probe::median(t[0][0]), probe::median(t[0][1]), probe::median(t[1][0]),
+              probe::median(t[1][1]));
   std::printf("check: %zu elements differ between the GPUs, %zu differ from round(P0 + P1)\n", differ, wrong);
 
   // The last fused sample's stamps, from each GPU's earliest kernel-start stamp.
