@@ -31,7 +31,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-
 def _smi_fields():
     """The query fields; drivers before the rename know the reasons as clocks_throttle_reasons."""
     for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):
