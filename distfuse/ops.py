@@ -60,7 +60,6 @@ TUNING_KEYS = (
     "matmul_all_reduce.exchange_tiles",    # both exchanges: output tile 1 64x128, 2 128x128, 3 128x256 (0: by M)
     "matmul_all_reduce.exchange_ctas",     # both exchanges: CTAs (0: whole waves, at most one per SM)
     "matmul_all_reduce.exchange_consumer_tail",  # pair exchange: consumers exchange each CTA's last tile: 1 on, 2 off
-    "matmul_all_reduce.exchange_split_last_wave",  # pair exchange: last wave split in K, 1 whole, 2-4 ways
 )
 
 

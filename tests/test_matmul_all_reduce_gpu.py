@@ -390,49 +390,6 @@ def body_tile_exchanges_mixed(rank, world, group_name):
         assert torch.equal(out.double(), exact), turn
 
 
-def body_split_last_wave(rank, world, group_name):
-    """The pair exchange with its GEMM's last wave split in K over 2-4 CTAs: one wave,
-    two whole waves, partial tiles and partial last waves, fewer CTAs than tiles (a
-    count that is no multiple of the ways), each tile shape, too few K blocks to split,
-    bias, both layouts and dtypes. Close to the float64 sum always, exact on integer
-    inputs where fp16 / bf16 hold it, the same bits as the same GEMM plan run without
-    the exchange, identical across ranks; then graph replays of it between eager calls."""
-    import distfuse
-    from distfuse.ops import force_path, last_path
-    dev = torch.device("cuda", torch.cuda.current_device())
-    distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
-    cases = (  # m, k, n, exchange_tiles (0 by M, 1 64x128, 2 128x128, 3 128x256), exchange_ctas (0 by tiles)
-        (128, 1024, 8192, 0, 0), (512, 1024, 8192, 2, 0), (1000, 520, 2056, 0, 0), (300, 2048, 4096, 2, 7),
-        (77, 256, 1032, 1, 0), (2048, 1024, 4096, 3, 0), (4097, 512, 2048, 0, 0), (3, 64, 264, 0, 0))
-    for i, (m, k, n, tiles, ctas) in enumerate(cases * 3):
-        ways = (2, 3, 4)[i % 3]
-        dtype = (torch.float16, torch.bfloat16)[i % 2]
-        a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 9000 + i,
-                                                        row_major=i % 4 == 1, with_bias=i % 3 == 0)
-        knobs = {"matmul_all_reduce.exchange_split_last_wave": ways, "matmul_all_reduce.exchange_tiles": tiles,
-                 "matmul_all_reduce.exchange_ctas": ctas, "matmul_all_reduce.pair_exchange_min_m": 1}
-        _poison_allocator(m * n, dtype, dev)
-        with distfuse.tuning(knobs), force_path("matmul_all_reduce", "pair_exchange"):
-            out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
-            assert last_path("matmul_all_reduce") == "pair_exchange"
-        with distfuse.tuning(knobs), force_path("matmul_all_reduce", "serialized"):
-            unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
-        tag = (i, m, k, n, knobs)
-        assert (out.double() - exact).abs().max() <= 0.01 * exact.abs().max() + 1, tag
-        _exact_and_bitwise(out, unfused, partials, exact, world, tag)
-    knobs = {"matmul_all_reduce.exchange_split_last_wave": 2, "matmul_all_reduce.pair_exchange_min_m": 1}
-    with distfuse.tuning(knobs):
-        graphs = [_captured_call(group_name, "pair_exchange", m, 256, 2056, dev) for m in (1000, 128)]
-    for turn in range(3):
-        for j, (graph, tensors) in enumerate(graphs):
-            _replays_are_exact(graph, tensors, rank, world, 3, ("split", j, turn), seed=700 * turn + j)
-        a, b, bias, partials, exact = _integer_operands(rank, world, 700, 256, 1024, torch.float16, dev, 88 + turn,
-                                                        row_major=False, with_bias=False)
-        with distfuse.tuning(knobs), force_path("matmul_all_reduce", "pair_exchange"):
-            out = distfuse.matmul_all_reduce(a, b, group_name)
-        assert torch.equal(out.double(), exact), turn
-
-
 def body_exchange_missing_peer(rank, world, group_name, log_dir, path):
     """Rank 1 never makes the second call: rank 0's tile exchange (whose GEMM kernel may
     not print) must fail within the timeout with a message naming the op and the peer."""
@@ -469,11 +426,6 @@ def test_exchange_missing_peer_times_out(tmp_path, path):
 @pytest.mark.parametrize("world", gpu_world_sizes())
 def test_tile_exchanges_mixed_exact_and_bitwise(world):
     run_distributed(body_tile_exchanges_mixed, world, backend="nccl", timeout=300)
-
-
-@pytest.mark.skipif(2 not in gpu_world_sizes(), reason="the pair exchange runs on two ranks")
-def test_split_last_wave_exact_and_bitwise():
-    run_distributed(body_split_last_wave, 2, backend="nccl", timeout=300)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())

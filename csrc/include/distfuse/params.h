@@ -63,10 +63,6 @@ struct TileGemmParams {
   bool whole_tiles;       // every tile computed whole by one CTA (no stream-K), as with the exchange
   int tile_shape;         // output tile: 0 by M (64x128 up to M = 128, else 128x256), 1 64x128,
                           // 2 128x128, 3 128x256
-  // > 1 (with whole_tiles): the GEMM's last wave of tiles is computed in split_last_wave
-  // rounds, each tile of a round split in K over split_last_wave CTAs (tile_gemm.h, "Split
-  // last wave"), so that the last wave's tiles are finished round by round; 0: whole.
-  int split_last_wave;
   // Pair exchange (two ranks; kernels/gemm/tile_pair_exchange.cuh): when
   // exchange_output is set, d is this rank's tile partial in `comm`'s workspace,
   // tile_flags is null, and the kernel also writes exchange_output [M, N] (ld = N)

@@ -237,16 +237,6 @@ inline int exchange_ctas(int64_t tiles, int sms, int override_ctas = 0) {
 // 685.8. Override: 1 on, 2 off.
 inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return override_value != 2; }
 
-// Pair exchange: the GEMM's last wave of tiles split in K over this many CTAs and
-// finished in as many rounds (TileGemmParams::split_last_wave), so that only the last
-// round's tiles are left to exchange after the last MMA. Off until measured.
-// Override: 1 whole tiles, 2-4 ways.
-inline int exchange_split_last_wave(int64_t m, int64_t override_value = 0) {
-  (void)m;
-  if (override_value > 0) return override_value > 1 ? int(override_value) : 0;
-  return 0;
-}
-
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
 // M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse
 // all-reduce in the same run (benchmarks/NOTES.md, v12f: 128-deep K stages): W = 4 o_proj

@@ -57,12 +57,10 @@ __device__ __forceinline__ CallEpoch call_epoch(const CommHandle& c) {
 }
 
 // Where a tile exchange records a wait that timed out (it may not print from the
-// GEMM kernel): [0] what (0 none, kExchangeTimeoutEntry, kExchangeTimeoutTile,
-// kExchangeTimeoutSplit), [1] CTA or tile, [2] peer (this rank for a split tile),
-// [3] expected epoch (arrivals for a split tile), [4] value seen.
+// GEMM kernel): [0] what (0 none, kExchangeTimeoutEntry, kExchangeTimeoutTile),
+// [1] CTA or tile, [2] peer, [3] expected epoch, [4] value seen.
 constexpr uint32_t kExchangeTimeoutEntry = 1;
 constexpr uint32_t kExchangeTimeoutTile = 2;
-constexpr uint32_t kExchangeTimeoutSplit = 3;  // the other CTAs' partial sums of a split tile
 __device__ __forceinline__ uint32_t* exchange_timeout_record(const CommHandle& c) {
   return c.counters(kChannelTiles) + 2;
 }

@@ -43,8 +43,6 @@ constexpr int kMinBlocksPerRange = 4;
 // plan writes partial sums where another plan keeps counters, and one
 // zero-filled workspace serves launches of every shape.
 constexpr int kMaxCtas = 1024;
-// Ways of the split last wave at most (TileGemmParams::split_last_wave).
-constexpr int kMaxSplitWays = 4;
 constexpr size_t kSplitCounterBytes = 2 * kMaxCtas * sizeof(uint32_t);
 
 enum class Variant { kDecode, kMid, kPrefill };
@@ -115,7 +113,7 @@ struct Plan {
   int tile_m;
   int tile_n;
   TileSchedule schedule;
-  size_t workspace_bytes;  // split-tile counters, then 2 (split last wave: ways) partial-sum slots per CTA
+  size_t workspace_bytes;  // split-tile counters, then 2 partial-sum slots per CTA
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -155,20 +153,6 @@ Plan make_plan(const TileGemmParams& p) {
   const double wave_efficiency = double(tiles) / double(waves * ctas);
   // The tile exchanges need every tile computed whole by a CTA known on every rank.
   const bool whole_tiles = p.whole_tiles || p.exchange_output != nullptr;
-  // Split last wave: as many CTAs as whole waves need, a multiple of the ways; the
-  // waves before the last stay whole. Each way gets at least 2 K blocks.
-  const int ways = p.split_last_wave;
-  const int split_ctas = (tiles < ctas ? tiles : ctas) / (ways > 1 ? ways : 1) * ways;
-  if (whole_tiles && ways > 1 && split_ctas >= ways && s.k_tiles >= 2 * ways) {
-    s.num_ctas = split_ctas;
-    s.dp_tiles = int((ceil_div(tiles, split_ctas) - 1) * split_ctas);
-    s.sk_tiles = tiles - s.dp_tiles;
-    s.split_ways = ways;
-    s.split_round_tiles = int(ceil_div(s.sk_tiles, ways));
-    plan.workspace_bytes =
-        kSplitCounterBytes + size_t(ways) * s.num_ctas * plan.tile_m * plan.tile_n * sizeof(float);
-    return plan;
-  }
   if (whole_tiles || wave_efficiency >= kMinWaveEfficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
     s.num_ctas = tiles < ctas ? tiles : ctas;
     s.dp_tiles = tiles;
@@ -205,12 +189,6 @@ cudaError_t check_params(const TileGemmParams& p) {
     return cudaErrorInvalidValue;
   }
   if (p.last_group_row0 < 0 || p.last_group_row0 >= ceil_div(p.m, tile_m_of(variant_for(p))))
-    return cudaErrorInvalidValue;
-  // The split last wave is planned for the pair exchange with its last tiles in the
-  // consumers (and the same GEMM without exchange).
-  if (p.split_last_wave < 0 || p.split_last_wave > kMaxSplitWays ||
-      (p.split_last_wave > 1 && p.exchange_output != nullptr &&
-       (p.exchange_through_owners || !p.exchange_last_tile_in_consumers)))
     return cudaErrorInvalidValue;
   const int max_world = p.exchange_through_owners ? kMaxWorld : 2;
   if (p.exchange_output != nullptr &&

@@ -73,23 +73,6 @@
 // wave. The stream-K tiles are the last numbers: their K range is split evenly
 // over all G CTAs and each is published by whichever CTA finishes it last.
 //
-// Split last wave (TileGemmParams::split_last_wave = S, whole-tile plans)
-// -----------------------------------------------------------------------
-// The waves before the last are whole tiles as above. The last wave's tiles are
-// computed in S rounds of R = ceil(tiles / S) tiles, each tile of a round split in K
-// over S neighbouring CTAs, so that a round's tiles are finished 1/S of the wave
-// apart instead of all at the end (S = 2, G CTAs):
-//
-//   CTA:           0     1     2     3    ...  G-2   G-1
-//   whole waves:  [t0  ][t1  ][t2  ][t3  ] ... (tiles c, c + G, ...)
-//   round 0:      [u0,K0][u0,K1][u1,K0][u1,K1] ... u(G/2-1)    -> u* finished at mid-wave
-//   round 1:      [v0,K0][v0,K1][v1,K0][v1,K1] ... v(G/2-1)    -> v* finished at the end
-//
-// The partial sums go to S slots per CTA and are added in K order, so the bits do not
-// depend on which CTA adds them. Without an exchange the last to arrive adds; with
-// the pair exchange round h's tile is finished by its part h, so that every rank's
-// CTA c finishes the same tiles (tile_pair_exchange.cuh).
-//
 // Owner scatter (TileGemmParams::scatter_*)
 // ----------------------------------------
 // The epilogue's TMA stores of tile (tm, tn) go to the rank that owns tile row tm
@@ -107,9 +90,8 @@
 // sums and is pulled from. In the pair exchange the consumer warp groups may take
 // each CTA's last tile themselves once their last MMA is done
 // (exchange_last_tile_in_consumers). The plan
-// is then data-parallel (no stream-K tiles: every rank's CTA c computes the same tiles
-// in the same order; `whole_tiles` asks for that plan without the exchange; the split
-// last wave keeps that property),
+// is then data-parallel (no split tiles: every rank's CTA c computes the same tiles,
+// whole, in the same order; `whole_tiles` asks for that plan without the exchange),
 // and a one-thread kernel after the GEMM reports a wait of the exchange that timed
 // out (the GEMM kernel makes no function call, printf's included: a call would
 // serialize its wgmma pipeline). That kernel is the GEMM's programmatic dependent,
@@ -117,7 +99,7 @@
 //
 // Workspace
 // ---------
-// Stream-K and the split last wave need an arrival counter per split tile and fp32 partial tiles:
+// Stream-K needs an arrival counter per split tile and fp32 partial tiles:
 // tile_gemm_workspace_bytes(p) bytes (0 when the plan has no split tiles;
 // then `workspace` may be null). The counters sit in a fixed region at the
 // start for every shape and every completed launch leaves them at zero, so

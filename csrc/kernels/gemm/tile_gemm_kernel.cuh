@@ -30,14 +30,6 @@ namespace tile_gemm_detail {
 // A tile covered by several ranges is a split tile: each covering CTA stores
 // its partial sums in its own workspace slot (2 per CTA: the first and the
 // last unit of its range) and the last to arrive adds them up.
-//
-// Split last wave (split_ways = S > 1; tile_gemm.h): the tiles [dp_tiles, dp_tiles +
-// sk_tiles) are split in S rounds of split_round_tiles = R tiles; in round h, CTA
-// c = S * j + p computes K part p (of S equal parts) of tile dp_tiles + h * R + j and
-// stores it in slot S * c + h:
-//
-//   round 0: tiles 0 .. R-1 of the wave        CTAs 0,1 | 2,3 | ...   (S = 2)
-//   round 1: tiles R .. 2R-1                   CTAs 0,1 | 2,3 | ...
 struct TileSchedule {
   int tiles_m;
   int tiles_n;
@@ -48,11 +40,6 @@ struct TileSchedule {
   int dp_tiles;
   int sk_tiles;
   int64_t sk_iters;  // sk_tiles * k_tiles
-  int split_ways;        // > 1: split last wave (sk_tiles is that wave); 0: stream-K
-  int split_round_tiles;  // tiles per round of the split last wave
-
-  // Split last wave: K blocks [begin, end) of part p.
-  __host__ __device__ int split_k_begin(int part) const { return part * k_tiles / split_ways; }
 
   __host__ __device__ int64_t sk_range_begin(int cta) const {
     return int64_t(cta) * sk_iters / num_ctas;
@@ -69,7 +56,6 @@ struct WorkUnit {
   int k_count;       // K blocks (>= 1)
   int partial_slot;  // workspace slot of the partial sums of a split tile; -1 for a whole tile
   bool ends_range;   // the last unit of this CTA's stream-K range
-  int split_round;   // split last wave: the unit's round; else -1
 };
 
 // The work units of one CTA in order; the producer and the consumers each walk
@@ -78,30 +64,16 @@ class CtaWork {
  public:
   __device__ CtaWork(const TileSchedule& schedule, int cta)
       : s_(schedule), cta_(cta), next_dp_tile_(cta) {
-    const bool stream_k = s_.sk_tiles > 0 && s_.split_ways <= 1;
-    sk_first_ = stream_k ? s_.sk_range_begin(cta) : 0;
-    sk_end_ = stream_k ? s_.sk_range_begin(cta + 1) : 0;
+    sk_first_ = s_.sk_tiles > 0 ? s_.sk_range_begin(cta) : 0;
+    sk_end_ = s_.sk_tiles > 0 ? s_.sk_range_begin(cta + 1) : 0;
     next_sk_iter_ = sk_first_;
   }
 
   __device__ bool next(WorkUnit& unit) {
     if (next_dp_tile_ < s_.dp_tiles) {
-      unit = {next_dp_tile_, 0, s_.k_tiles, -1, false, -1};
+      unit = {next_dp_tile_, 0, s_.k_tiles, -1, false};
       next_dp_tile_ += s_.num_ctas;
       return true;
-    }
-    if (s_.split_ways > 1) {
-      const int ways = s_.split_ways, j = cta_ / ways, part = cta_ % ways;
-      while (next_round_ < ways) {
-        const int round = next_round_++;
-        const int in_wave = round * s_.split_round_tiles + j;
-        if (j >= s_.split_round_tiles || in_wave >= s_.sk_tiles) continue;
-        const int k_begin = s_.split_k_begin(part);
-        unit = {s_.dp_tiles + in_wave, k_begin, s_.split_k_begin(part + 1) - k_begin, ways * cta_ + round, false,
-                round};
-        return true;
-      }
-      return false;
     }
     if (next_sk_iter_ < sk_end_) {
       const int sk_tile = int(next_sk_iter_ / s_.k_tiles);
@@ -111,7 +83,7 @@ class CtaWork {
                                                                    : s_.k_tiles - k_begin);
       // Only the first and the last unit of a range can be part of a split tile.
       const int slot = k_count == s_.k_tiles ? -1 : 2 * cta_ + (next_sk_iter_ == sk_first_ ? 0 : 1);
-      unit = {s_.dp_tiles + sk_tile, k_begin, k_count, slot, k_count == left_in_range, -1};
+      unit = {s_.dp_tiles + sk_tile, k_begin, k_count, slot, k_count == left_in_range};
       next_sk_iter_ += k_count;
       return true;
     }
@@ -122,7 +94,6 @@ class CtaWork {
   const TileSchedule& s_;
   int cta_;
   int next_dp_tile_;
-  int next_round_ = 0;
   int64_t sk_first_, sk_end_, next_sk_iter_;
 };
 
@@ -237,18 +208,8 @@ struct TileGemmKernel {
         // This CTA's tiles are blockIdx.x, + gridDim.x, ... below dp_tiles; the last one
         // is the consumers' when they take it. (Computed here: a division costs the
         // exchange warps' 40 registers spills.)
-        const TileSchedule& s = params.schedule;
-        const int dp = s.dp_tiles, cta = int(blockIdx.x), ctas = int(gridDim.x);
-        const bool split_wave = s.split_ways > 1;
-        shared.exchange.tiles_end =
-            params.exchange.last_tile_in_consumers && !split_wave ? cta + (dp - 1 - cta) / ctas * ctas : dp;
-        // Split last wave: CTA c = S * j + p finishes the tile of round p (the last round's
-        // in the consumers).
-        const int j = split_wave ? cta / s.split_ways : 0, part = split_wave ? cta % s.split_ways : 0;
-        const int early = part * s.split_round_tiles + j;
-        shared.exchange.early_tile = split_wave && part < s.split_ways - 1 && j < s.split_round_tiles &&
-                                             early < s.sk_tiles ? dp + early : -1;
-        shared.exchange.early_pushed = 0;
+        const int dp = params.schedule.dp_tiles, cta = int(blockIdx.x), ctas = int(gridDim.x);
+        shared.exchange.tiles_end = params.exchange.last_tile_in_consumers ? cta + (dp - 1 - cta) / ctas * ctas : dp;
       }
     }
 
@@ -318,8 +279,6 @@ struct TileGemmKernel {
     bool stored_any_tile = false;
     uint32_t tiles_stored = 0;
     int last_tile = -1;
-    const int split_ways = params.schedule.split_ways;
-    int last_round_tile = -1;  // split last wave: the last round's tile this CTA finished
     // Owner scatter: the flag of the tile stored last, published before the next
     // tile's stores (its stores to a peer had this tile's MMAs to land).
     uint32_t* unpublished_flag = nullptr;
@@ -368,7 +327,6 @@ struct TileGemmKernel {
         publish_tile_in_cta(&shared.exchange, tiles_stored);
         if (mma_thread_idx == 0) exchange_trace(params.exchange.comm, kTracePublished);
       }
-      if (split_ways > 1 && unit.split_round == split_ways - 1) last_round_tile = unit.tile;
     }
     if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)
       publish_tile_flag(unpublished_flag);
@@ -376,12 +334,11 @@ struct TileGemmKernel {
       epilogue.store_tail(epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline,
                           epilogue_store_state);
     }
-    const int consumer_tile = split_ways > 1 ? last_round_tile : last_tile;
-    if (params.exchange.output != nullptr && params.exchange.last_tile_in_consumers && consumer_tile >= 0) {
+    if (params.exchange.output != nullptr && params.exchange.last_tile_in_consumers && last_tile >= 0) {
       // Consumer warp 0 published the tile (its stores complete); the barrier inside
       // orders that before every consumer's loads of it.
-      exchange_tile_in_consumers<ExchangeElement, kTileM, kExchangeLanesPerRow, kMmaThreads>(
-          params.exchange, get<0>(params.problem), get<1>(params.problem), consumer_tile, false, &shared.exchange,
+      exchange_last_tile_in_consumers<ExchangeElement, kTileM, kExchangeLanesPerRow, kMmaThreads>(
+          params.exchange, get<0>(params.problem), get<1>(params.problem), last_tile, &shared.exchange,
           mma_thread_idx, exchange_tile_coord(params.schedule),
           [] { cutlass::arch::NamedBarrier::sync(kMmaThreads, kConsumerExchangeBarrier); });
     }
@@ -418,12 +375,9 @@ struct TileGemmKernel {
   }
 
   // Split tile: store this unit's partial sums, arrive on the tile's counter.
-  // Returns true in the CTA that finishes the tile, with `accum` then holding the
-  // sum of all partials, added in K order so that the result does not depend on
-  // which CTA finishes it. That CTA is the last to arrive, except in the split last
-  // wave of a tile exchange, where round h's tile is finished by its part h (so that
-  // every rank's CTA c finishes the same tiles, as the exchange needs): that CTA waits
-  // for the others' partials (a bounded wait; CTAs are co-resident, one per SM).
+  // Returns true in the last arriving CTA, with `accum` then holding the sum
+  // of all partials, added in K order so that the result does not depend on
+  // which CTA arrived last.
   template <class Accumulators>
   __device__ static bool reduce_split_tile(const Params& params, const WorkUnit& unit,
                                            Accumulators& accum, int mma_thread_idx,
@@ -442,22 +396,11 @@ struct TileGemmKernel {
     };
 
     const int sk_tile = unit.tile - s.dp_tiles;
-    const bool split_wave = s.split_ways > 1;
-    // The tile's units in K order: `parts` of them, the first by CTA first_cta (stream-K:
-    // CTAs first_cta .. first_cta + parts - 1; split last wave: CTAs first_cta + p).
     const int64_t first_iter = int64_t(sk_tile) * s.k_tiles;
-    int first_cta, parts;
-    if (split_wave) {
-      first_cta = (sk_tile - unit.split_round * s.split_round_tiles) * s.split_ways;
-      parts = s.split_ways;
-    } else {
-      first_cta = s.sk_range_owner(first_iter);
-      parts = s.sk_range_owner(first_iter + s.k_tiles - 1) - first_cta + 1;
-    }
-    const uint32_t other_units = uint32_t(parts - 1);
+    const int first_cta = s.sk_range_owner(first_iter);
+    const int last_cta = s.sk_range_owner(first_iter + s.k_tiles - 1);
+    const uint32_t other_units = uint32_t(last_cta - first_cta);
     uint32_t* counter = params.split_counters + sk_tile;
-    const bool fixed_finisher = split_wave && params.exchange.output != nullptr;
-    const bool finisher = fixed_finisher && int(blockIdx.x) - first_cta == unit.split_round;
 
     // The unit that ends a CTA's range usually completes its tile last: when
     // every other unit has already arrived it is the last one without arriving.
@@ -478,23 +421,13 @@ struct TileGemmKernel {
              make_float4(accum(4 * v), accum(4 * v + 1), accum(4 * v + 2), accum(4 * v + 3)));
     }
 
-    if (finisher) {
-      // The acquire of the last arrival plus the barrier order the other CTAs'
-      // partials before our loads. A timeout is recorded for the check after the
-      // kernel (exchange_timeout_check) and the sum goes on with what is there.
-      if (mma_thread_idx == 0) {
-        wait_or_record_timeout(params.exchange.comm, &shared.exchange, counter, other_units,
-                               kExchangeTimeoutSplit, unit.tile, params.exchange.comm.rank);
-      }
-      cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
-    } else if (!known_last) {
+    if (!known_last) {
       // The barrier orders every consumer thread's partial stores before the
       // release of the arrival; the acquire of the last arriver plus the
       // second barrier orders the other CTAs' partials before our loads.
       cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
       if (mma_thread_idx == 0) {
-        const uint32_t arrived = atomic_add_acq_rel_gpu(counter, 1);
-        shared.split_is_last = !fixed_finisher && arrived == other_units;
+        shared.split_is_last = atomic_add_acq_rel_gpu(counter, 1) == other_units;
       }
       cutlass::arch::NamedBarrier::sync(kMmaThreads, kSplitBarrier);
       if (!shared.split_is_last) return false;
@@ -502,15 +435,13 @@ struct TileGemmKernel {
     // Every unit of the tile has arrived: ready for the next launch.
     if (mma_thread_idx == 0) *counter = 0;
 
-    auto partials_of = [&](int part) {
-      if (split_wave) return slot_at(s.split_ways * (first_cta + part) + unit.split_round);
-      // The tile is the first unit of CTA `cta` unless its range began in an earlier tile.
-      const int cta = first_cta + part;
+    // The tile is the first unit of CTA `cta` unless its range began in an earlier tile.
+    auto partials_of = [&](int cta) {
       return slot_at(2 * cta + (s.sk_range_begin(cta) >= first_iter ? 0 : 1));
     };
     CUTLASS_PRAGMA_UNROLL
     for (int pass = 0; pass < kVectors; pass += kVectorsPerPass) {
-      const float4* first = partials_of(0);
+      const float4* first = partials_of(first_cta);
       CUTLASS_PRAGMA_UNROLL
       for (int v = pass; v < pass + kVectorsPerPass; ++v) {
         const float4 part = __ldcg(first + v * kMmaThreads);
@@ -519,8 +450,8 @@ struct TileGemmKernel {
         accum(4 * v + 2) = part.z;
         accum(4 * v + 3) = part.w;
       }
-      for (int p = 1; p < parts; ++p) {
-        const float4* partials = partials_of(p);
+      for (int cta = first_cta + 1; cta <= last_cta; ++cta) {
+        const float4* partials = partials_of(cta);
         CUTLASS_PRAGMA_UNROLL
         for (int v = pass; v < pass + kVectorsPerPass; ++v) {
           const float4 part = __ldcg(partials + v * kMmaThreads);

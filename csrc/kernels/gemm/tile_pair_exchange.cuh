@@ -37,17 +37,6 @@
 // With one wave of tiles (one tile per CTA) the consumers exchange every tile and the
 // exchange warps only make the entry handshake.
 //
-// Split last wave (TileGemmParams::split_last_wave = S): the last wave's tiles are
-// finished in S rounds (tile_gemm.h), so only the last round's tiles are left after
-// the last MMA. CTA c = S * j + p finishes one tile of the wave, in round p. A tile
-// of an earlier round is pushed by the consumers as soon as it is stored (one batch,
-// no wait) and summed by the exchange warps after the CTA's whole tiles; the last
-// round's tiles are exchanged by the consumers at the end, as above:
-//
-//   consumers (p = 0):  [mma t0][epi]▸ [K part 0 of u][Σ parts][epi][push u] [K part 0 of v]
-//   exchange  (p = 0):             [push t0][wait t0][Σ t0]            [release u][wait u][Σ u]
-//   consumers (p = 1):  [mma t1][epi]▸ [K part 1 of u] [K part 1 of v][Σ parts][epi][push v][wait v][Σ v]
-//
 // Slots, flags and the call epoch are the owner schedule's (kernels/allreduce/
 // tile_slots.cuh), so the two schedules can follow each other on one workspace:
 // received flags carry the call epoch, slots are double-buffered by its parity,
@@ -121,8 +110,6 @@ struct ExchangeCtaState {
   uint32_t epoch;      // this call's, read at the kernel's start (the last CTA to finish
                        // rewrites the counter)
   int tiles_end;       // the pair exchange warps take this CTA's tiles below it
-  int early_tile;      // split last wave: the tile of an early round this CTA finishes (-1: none)
-  uint32_t early_pushed;  // ... the consumers pushed it to the peer
 };
 
 __device__ __forceinline__ void cp_async_16(uint4* smem, const void* gmem) {
@@ -150,11 +137,7 @@ __device__ __forceinline__ void exchange_timeout_check(const CommHandle& c) {
   const volatile uint32_t* record = exchange_timeout_record(c);
   const uint32_t what = record[0];
   if (what != 0)
-    timeout_trap(kOpMatmulAllReduce,
-                 what == kExchangeTimeoutEntry   ? "call entry of CTA"
-                 : what == kExchangeTimeoutSplit ? "the other CTAs' partial sums of split tile"
-                                                 : "tile",
-                 int(record[1]),
+    timeout_trap(kOpMatmulAllReduce, what == kExchangeTimeoutEntry ? "call entry of CTA" : "tile", int(record[1]),
                  int(record[2]), record[3], record[4]);
 }
 
@@ -269,9 +252,10 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
   if (cta->aborted) return;
   if (x == 0) exchange_trace(c, kTraceEntered);
 
-  // One tile: push it (unless the consumers did), release its flag on the peer, wait
-  // for the peer's copy, sum. False once the exchange stopped.
-  auto exchange_tile = [&](int tile, bool push) {
+  uint32_t done = 0;
+  for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x), ++done) {
+    while (cta->published <= done) __nanosleep(128);
+    __threadfence();
     int t;
     int64_t row0, col0;
     tile_coord(tile, &t, &row0, &col0);
@@ -280,7 +264,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
     const bool active = col0 + int64_t(lane) * Pack<T, 16>::kElems < n;
     const int64_t first_off = (row0 + x / kLanesPerRow) * n + col0 + int64_t(lane) * Pack<T, 16>::kElems;
     uint4* slot = staging + x;  // this thread's slots: slot[k * kThreads]
-    if (push && active) copy_tile_through_staging<T, kLanesPerRow>(mine, to_peer, first_off, rows, n, slot, x);
+    if (active) copy_tile_through_staging<T, kLanesPerRow>(mine, to_peer, first_off, rows, n, slot, x);  // push
     sync();  // every push of the tile precedes the release
     if (x == 0) {
       exchange_trace(c, kTraceWarpsPushed);
@@ -289,7 +273,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
       exchange_trace(c, kTraceWarpsPeerSeen);
     }
     sync();
-    if (cta->aborted) return false;
+    if (cta->aborted) return;
     if (active) {  // sum: kSum rows a batch, both sources loaded into the slots
       const T* bias_vec = bias ? bias + col0 + lane * Pack<T, 16>::kElems : nullptr;
       for (int r = x / kLanesPerRow; r < rows; r += kSum * kRowStep) {
@@ -316,35 +300,21 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
     sync();
     if (x == 0) exchange_trace(c, kTraceWarpsSummed);
 #endif
-    return true;
-  };
-
-  uint32_t done = 0;
-  for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x), ++done) {
-    while (cta->published <= done) __nanosleep(128);
-    __threadfence();
-    if (!exchange_tile(tile, true)) return;
-  }
-  if (cta->early_tile >= 0) {  // published after the CTA's whole tiles
-    while (cta->published <= done) __nanosleep(128);
-    __threadfence();
-    if (!exchange_tile(cta->early_tile, true)) return;
   }
 
   finish_exchange_call(ce, epoch, sync, x);
 }
 
-// The consumer warp groups of one CTA (thread y of kThreads), after their tile `tile`
-// is stored and published in the CTA: its exchange with the peer. Each thread pushes
-// its kTileM / kRowStep vectors of the tile in one batch (the consumers run on far more
-// registers than the exchange warps), then sums both copies of up to 8 of them a batch.
-// `sync` is a barrier of the consumers. The same sum as exchange_tiles_with_peer's, so
-// the same bits. With push_only (an early round's tile of the split last wave) they
-// only push it and tell the exchange warps, which release, wait and sum.
+// The consumer warp groups of one CTA (thread y of kThreads), after their last tile
+// `tile` is stored and published in the CTA: its exchange with the peer. Each thread
+// pushes its kTileM / kRowStep vectors of the tile in one batch (the consumers run on
+// far more registers than the exchange warps), then sums both copies of up to 8 of
+// them a batch. `sync` is a barrier of the consumers. The same sum as
+// exchange_tiles_with_peer's, so the same bits.
 template <typename T, int kTileM, int kLanesPerRow, int kThreads, typename TileCoord, typename Sync>
-__device__ void exchange_tile_in_consumers(const TileExchange& e, int64_t m, int64_t n, int tile, bool push_only,
-                                           volatile ExchangeCtaState* cta, int y, TileCoord tile_coord,
-                                           Sync sync) {
+__device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m, int64_t n, int tile,
+                                                volatile ExchangeCtaState* cta, int y, TileCoord tile_coord,
+                                                Sync sync) {
   constexpr int kRowStep = kThreads / kLanesPerRow;
   constexpr int kVectors = kTileM / kRowStep;
   constexpr int kSumVectors = kVectors < 8 ? kVectors : 8;
@@ -382,13 +352,6 @@ __device__ void exchange_tile_in_consumers(const TileExchange& e, int64_t m, int
       if (r0 + k * kRowStep < rows) store_plain(to + k * step, mine[k]);
   }
   sync();  // every push of the tile precedes the release
-  if (push_only) {
-    if (y == 0) {
-      __threadfence();
-      cta->early_pushed = 1;
-    }
-    return;
-  }
   if (y == 0) {
     exchange_trace(c, kTraceTailPushed);
     store_release_sys(received_flag(c, peer, t, rank), epoch);

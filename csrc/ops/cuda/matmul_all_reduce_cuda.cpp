@@ -521,25 +521,16 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
   TORCH_CHECK(tiles <= tile_all_reduce_max_tiles(),
               "matmul_all_reduce: the tile exchange's tiles exceed the flag region (exchange_tiles=", gp.tile_shape,
               ", M=", g.m, ", N=", g.n, ")");
-  const bool consumer_tail =
-      !through_owners && exchange_last_tile_in_consumers(get_tuning("matmul_all_reduce.exchange_consumer_tail"));
-  const int64_t split_knob = get_tuning("matmul_all_reduce.exchange_split_last_wave");
-  TORCH_CHECK(split_knob >= 0 && split_knob <= 4,
-              "matmul_all_reduce.exchange_split_last_wave must be 0 (by shape), 1 (whole) or 2-4 (ways), got ",
-              split_knob);
-  // The pair exchange only, with its last tiles in the consumers (the split last wave's
-  // last round is theirs).
-  gp.split_last_wave = through_owners || !consumer_tail ? 0 : exchange_split_last_wave(g.m, split_knob);
   if (!serialized) {
     gp.exchange_output = ob.out.data_ptr();
     gp.exchange_bias = ob.bias_ptr();
     gp.exchange_through_owners = through_owners;
-    gp.exchange_last_tile_in_consumers = consumer_tail;
+    gp.exchange_last_tile_in_consumers =
+        !through_owners &&
+        exchange_last_tile_in_consumers(get_tuning("matmul_all_reduce.exchange_consumer_tail"));
     gp.comm = ws.handle();
   }
-  const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
-  void* scratch = scratch_bytes ? ws.gemm_scratch(scratch_bytes, kOp) : nullptr;
-  C10_CUDA_CHECK(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device), scratch));
+  C10_CUDA_CHECK(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)));
   at::Tensor out = ob.out;
   if (serialized) all_reduce_in_place(ws, out, bias);
   return with_leading_dims(out, a);
