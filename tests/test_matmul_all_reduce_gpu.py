@@ -290,12 +290,12 @@ def body_band_variants(rank, world, group_name):
     bands in a second kernel of 2 to 40 CTAs or in the two-shot all-reduce after the GEMM;
     1 to 3 bands summed ahead of a gather; the GEMM's last wave as a band of its own or
     not; the GEMM's last waves split by K or whole) and as one kernel per band, and every
-    third call its owner-scatter form (the GEMM stores each tile into its owner), with 1
-    to 40 CTAs and 1 to 16 bands, back to back in mixed order (so the band sequences of
-    the persistent kernels' flags and the tile slots run on across calls of different
-    shapes, CTA, band and tail counts): exact on integer inputs, the same bits as the
-    unfused order, identical across ranks; then CUDA graphs of five of these forms,
-    replayed in turns."""
+    third call its owner-scatter form (the GEMM's exchange warps or its epilogue move each
+    tile to its owner), with 1 to 40 CTAs and 1 to 16 bands, back to back in mixed order
+    (so the band sequences of the persistent kernels' flags and the tile slots run on
+    across calls of different shapes, CTA, band and tail counts): exact on integer inputs,
+    the same bits as the unfused order, identical across ranks; then CUDA graphs of six of
+    these forms, replayed in turns."""
     import distfuse
     from distfuse.ops import force_path, last_path
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -317,6 +317,7 @@ def body_band_variants(rank, world, group_name):
         path = "band_scatter" if i % 3 == 2 else "band_pull"
         if path == "band_scatter":
             knobs["matmul_all_reduce.band_scatter_min_m"] = 1
+            knobs["matmul_all_reduce.band_scatter_by_warps"] = (1, 2)[(i // 3) % 2]
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 7000 + i,
                                                         row_major=i % 7 == 0, with_bias=i % 4 == 1)
@@ -329,9 +330,11 @@ def body_band_variants(rank, world, group_name):
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, knobs))
     graphs = []
     for path, persistent, tail, two_shot in (("band_pull", 1, 1, 2), ("band_pull", 2, 1, 2), ("band_pull", 1, 3, 2),
-                                             ("band_pull", 1, 3, 1), ("band_scatter", 1, 3, 1)):
+                                             ("band_pull", 1, 3, 1), ("band_scatter", 1, 3, 1),
+                                             ("band_scatter", 1, 1, 2)):
         knobs = {"matmul_all_reduce.band_persistent": persistent, "matmul_all_reduce.band_tail": tail,
-                 "matmul_all_reduce.band_tail_two_shot": two_shot}
+                 "matmul_all_reduce.band_tail_two_shot": two_shot,
+                 "matmul_all_reduce.band_scatter_by_warps": 2 if two_shot == 2 and path == "band_scatter" else 1}
         with distfuse.tuning(knobs):
             graphs.append((path, knobs, _captured_call(group_name, path, 1500, 256, 2048, dev)))
     for turn in range(4):

@@ -80,11 +80,14 @@ struct TileGemmParams {
   // buffer, scatter_d[owner] (laid out like D, ld = ldd), and publishes its flag at
   // scatter_flags[owner][tm * tiles_n + tn], where the owner is the shard of tile row tm
   // in its band of scatter_band_tile_rows tile rows (scatter_owner_of_tile_row,
-  // band_geometry.h). d and tile_flags are then unused.
+  // band_geometry.h). d and tile_flags are then unused. With scatter_by_exchange_warps
+  // the epilogue stores into d (= scatter_d[comm.rank], ld = N) and the exchange warps
+  // copy each tile to its owner and publish its flag there (kernels/gemm/tile_owner_scatter.cuh).
   int scatter_world;
   int scatter_band_tile_rows;
   void* scatter_d[kMaxWorld];
   uint32_t* scatter_flags[kMaxWorld];
+  bool scatter_by_exchange_warps;
 };
 
 // Decode-sized matmul_all_reduce in one kernel (kernels/gemm/decode_matmul_all_reduce.h):

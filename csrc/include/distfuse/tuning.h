@@ -298,6 +298,11 @@ inline int64_t band_scatter_min_m(int world, int64_t k) {
   (void)k;
   return INT64_MAX;
 }
+
+// Who makes the owner scatter's stores to the peers: the GEMM's exchange warps, by
+// load/store units, after the epilogue stored the tile locally (1), or the epilogue's TMA
+// stores themselves (2; v20, slower: the stores to a peer hold the TMA unit).
+inline bool band_scatter_by_exchange_warps(int64_t override_value = 0) { return override_value != 2; }
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
 // band_pull_min_k (which also bounds the owner scatter), decode_max_m, pair_exchange_min_m

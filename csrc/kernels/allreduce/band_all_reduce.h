@@ -110,19 +110,21 @@
 // Reuse by the next call: as below, with "every peer's CTA j of the lane" for "every
 // peer" (a lane's ready flag of call e+1 is raised after the peer's call e ended).
 //
-// Owner-scatter schedule (band_scatter): the same persistent kernel, but the GEMM's
-// epilogue has already done the reduce-scatter half. Its TMA stores put every tile
-// straight into the owner of the tile's rows (the shard of its band, whole tile rows
-// per shard) — rank src's partial into the owner's recv[src], the owner's own into its
-// D — and the tile's flag is raised on the owner (slot src·T + t of its tile flags),
-// once the stores completed (published before the CTA's next tile is stored, so the
-// NVLink writes overlap the next tile's MMAs). The band kernel then sums W local copies
-// and does the all-gather half by pulls, as before; NVLink carries the same bytes as a
-// two-shot all-reduce, half of them moved by the GEMM's TMA units instead of the
-// kernel's SMs:
+// Owner-scatter schedule (band_scatter): the same persistent kernel, but the GEMM has
+// already done the reduce-scatter half. It puts every tile into the owner of the tile's
+// rows (the shard of its band, whole tile rows per shard) — rank src's partial into the
+// owner's recv[src], the owner's own into its D — and raises the tile's flag on the owner
+// (slot src·T + t of its tile flags) once the stores completed. The GEMM's idle exchange
+// warps copy each tile there after the epilogue stored it locally (the default), or the
+// epilogue's TMA stores go to the owner directly (flag published before the CTA's next
+// tile is stored, so the NVLink writes overlap the next tile's MMAs). The band kernel
+// then sums W local copies and does the all-gather half by pulls, as before; NVLink
+// carries the same bytes as a two-shot all-reduce, half of them moved by the GEMM's SMs
+// instead of the band kernel's:
 //
 //   rank r, tile of band s in shard p:
-//     GEMM epilogue:  TMA store ─▶ recv_p[r] (p ≠ r) or D_p (p = r) ─ wait ─ flag(p, r·T + t)
+//     exchange warps:  D_r[t] ─stores─▶ recv_p[r] (p ≠ r) ─ flag(p, r·T + t)  (p = r: the flag only)
+//     (or the epilogue: TMA store ─▶ recv_p[r] or D_p ─ wait ─ flag(p, r·T + t))
 //   CTA j of rank r, band s:
 //     sum(s):    wait every rank's tiles of shard r of s (local flags) ─ Σ in rank order
 //                (+ bias) of slice j of the W local copies ─▶ out and red_r ─ flag

@@ -152,7 +152,7 @@ Plan make_plan(const TileGemmParams& p) {
   const int64_t waves = ceil_div(tiles, ctas);
   const double wave_efficiency = double(tiles) / double(waves * ctas);
   // The tile exchanges need every tile computed whole by a CTA known on every rank.
-  const bool whole_tiles = p.whole_tiles || p.exchange_output != nullptr;
+  const bool whole_tiles = p.whole_tiles || p.exchange_output != nullptr || p.scatter_by_exchange_warps;
   if (whole_tiles || wave_efficiency >= kMinWaveEfficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
     s.num_ctas = tiles < ctas ? tiles : ctas;
     s.dp_tiles = tiles;
@@ -205,6 +205,11 @@ cudaError_t check_params(const TileGemmParams& p) {
       if (p.scatter_d[r] == nullptr || p.scatter_flags[r] == nullptr || !aligned16(p.scatter_d[r]))
         return cudaErrorInvalidValue;
   }
+  // The exchange warps copy whole rows of D (ld = N) and keep this rank's own tiles in D.
+  if (p.scatter_by_exchange_warps &&
+      (p.scatter_world == 0 || p.comm.rank < 0 || p.comm.rank >= p.scatter_world ||
+       p.scatter_d[p.comm.rank] != p.d || p.ldd != p.n))
+    return cudaErrorInvalidValue;
   if ((p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) || p.k % kAlignment != 0 ||
       p.n % kAlignment != 0 || p.lda % kAlignment != 0 || p.ldb % kAlignment != 0 ||
       p.ldd % kAlignment != 0 || !aligned16(p.a) || !aligned16(p.b) || !aligned16(p.d)) {
@@ -242,7 +247,8 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
     args.dD = cute::make_stride(p.ldd, cute::Int<1>{}, int64_t(p.m) * p.ldd);
     return args;
   };
-  const void* d = p.scatter_world > 0 ? p.scatter_d[0] : p.d;
+  const bool tma_scatter = p.scatter_world > 0 && !p.scatter_by_exchange_warps;
+  const void* d = tma_scatter ? p.scatter_d[0] : p.d;
   if (!Mainloop::can_implement(problem, mainloop_args) ||
       !Epilogue::can_implement(problem, epilogue_into(d))) {
     return cudaErrorNotSupported;
@@ -253,7 +259,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.mainloop = Mainloop::to_underlying_arguments(problem, mainloop_args, nullptr);
   params.epilogue[0] = Epilogue::to_underlying_arguments(problem, epilogue_into(d), nullptr);
   for (int r = 1; r < kMaxWorld; ++r)
-    params.epilogue[r] = r < p.scatter_world
+    params.epilogue[r] = tma_scatter && r < p.scatter_world
                              ? Epilogue::to_underlying_arguments(problem, epilogue_into(p.scatter_d[r]), nullptr)
                              : params.epilogue[0];
   params.problem = problem;
@@ -263,9 +269,20 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
   params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
                                  p.exchange_last_tile_in_consumers};
-  params.scatter_world = p.scatter_world;
-  params.scatter_band_tile_rows = p.scatter_band_tile_rows;
-  for (int r = 0; r < p.scatter_world; ++r) params.scatter_flags[r] = p.scatter_flags[r];
+  TileOwnerScatter& by_warps = params.warp_scatter;
+  if (tma_scatter) {
+    params.scatter_world = p.scatter_world;
+    params.scatter_band_tile_rows = p.scatter_band_tile_rows;
+    for (int r = 0; r < p.scatter_world; ++r) params.scatter_flags[r] = p.scatter_flags[r];
+  } else if (p.scatter_by_exchange_warps) {
+    by_warps.world = p.scatter_world;
+    by_warps.rank = p.comm.rank;
+    by_warps.band_tile_rows = p.scatter_band_tile_rows;
+    for (int r = 0; r < p.scatter_world; ++r) {
+      by_warps.owner_d[r] = p.scatter_d[r];
+      by_warps.owner_flags[r] = p.scatter_flags[r];
+    }
+  }
 
   const auto kernel = tile_gemm_kernel<Kernel>;
   constexpr int kSmemBytes = int(sizeof(typename Kernel::SharedStorage));

@@ -79,6 +79,9 @@
 // (another rank's workspace, mapped here) and the flag is raised there, by the same
 // wait, fence and release, but only before the CTA's next tile is stored (or after its
 // last), so that the stores to a peer have that tile's MMAs to complete.
+// With TileGemmParams::scatter_by_exchange_warps the epilogue stores into D as usual and
+// warps 1-3 of the producer warp group copy each tile to its owner and raise the flag
+// there (tile_owner_scatter.cuh), so that the TMA unit never waits for NVLink.
 //
 // Tile exchange (tile_pair_exchange.cuh, tile_owner_exchange.cuh)
 // ----------------------------------------------------------------

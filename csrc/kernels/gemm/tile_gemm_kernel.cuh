@@ -14,6 +14,7 @@
 #include "kernels/allreduce/band_geometry.h"
 #include "tile_gemm.h"
 #include "tile_owner_exchange.cuh"
+#include "tile_owner_scatter.cuh"
 #include "tile_pair_exchange.cuh"
 
 namespace distfuse {
@@ -108,10 +109,16 @@ struct KernelParams {
   uint32_t* split_counters;  // per split tile: units arrived (zero between launches)
   float* split_partials;     // 2 * num_ctas slots of tile_m * tile_n floats
   TileExchange exchange;  // output null: none (then data-parallel plans only)
-  // Owner scatter (TileGemmParams::scatter_*): 0 ranks for none.
+  // Owner scatter by the epilogue's TMA stores (TileGemmParams::scatter_*): 0 ranks for none.
   int scatter_world;
   int scatter_band_tile_rows;
   uint32_t* scatter_flags[kMaxWorld];
+  // Owner scatter by the exchange warps (TileGemmParams::scatter_by_exchange_warps): the
+  // epilogue stores into D; world 0 for none.
+  TileOwnerScatter warp_scatter;
+
+  // Whether warps 1-3 of the producer warp group take each tile after the consumers.
+  __device__ bool exchange_warps_busy() const { return exchange.output != nullptr || warp_scatter.world > 0; }
 };
 
 // After the warp that issued the TMA stores of a tile has committed them: wait
@@ -250,6 +257,7 @@ struct TileGemmKernel {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
       if (warp_in_group != 0) {
         if (params.exchange.output != nullptr) exchange_tiles(params, shared, thread_idx - cutlass::NumThreadsPerWarp);
+        else if (params.warp_scatter.world > 0) scatter_tiles(params, shared, thread_idx - cutlass::NumThreadsPerWarp);
         return;
       }
       auto load_inputs = mainloop.load_init(params.problem, params.mainloop);
@@ -301,7 +309,7 @@ struct TileGemmKernel {
                              params.schedule.group_rows, params.schedule.last_group_row0);
       const int flag_index = tm * params.schedule.tiles_n + tn;
       int owner = 0;
-      if (params.scatter_world > 0) {
+      if (params.scatter_world > 0) {  // the epilogue's TMA stores go to the tile's owner
         owner = scatter_owner_of_tile_row(tm, params.schedule.tiles_m, params.scatter_band_tile_rows,
                                           params.scatter_world);
         if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)
@@ -323,9 +331,10 @@ struct TileGemmKernel {
       } else if (params.tile_flags != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
         publish_tile_flag(params.tile_flags + flag_index);
       }
-      if (params.exchange.output != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
+      if (params.exchange_warps_busy() && mma_thread_idx < cutlass::NumThreadsPerWarp) {
         publish_tile_in_cta(&shared.exchange, tiles_stored);
-        if (mma_thread_idx == 0) exchange_trace(params.exchange.comm, kTracePublished);
+        if (params.exchange.output != nullptr && mma_thread_idx == 0)
+          exchange_trace(params.exchange.comm, kTracePublished);
       }
     }
     if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)
@@ -372,6 +381,17 @@ struct TileGemmKernel {
           params.exchange, get<0>(params.problem), get<1>(params.problem), shared.exchange.tiles_end,
           &shared.exchange, shared.exchange_staging, x, tile_coord, sync);
     }
+  }
+
+  // The exchange warps' owner scatter (tile_owner_scatter.cuh): every tile of this CTA, as
+  // the consumers store it into D.
+  __device__ static void scatter_tiles(const Params& params, SharedStorage& shared, int x) {
+    using namespace cute;
+    const TileSchedule& s = params.schedule;
+    scatter_tiles_to_owners<ExchangeElement, kTileM, kExchangeLanesPerRow>(
+        params.warp_scatter, get<0>(params.problem), get<1>(params.problem), s.dp_tiles, &shared.exchange,
+        shared.exchange_staging, x, exchange_tile_coord(s),
+        [] { cutlass::arch::NamedBarrier::sync(kExchangeThreads, kExchangeBarrier); });
   }
 
   // Split tile: store this unit's partial sums, arrive on the tile's counter.

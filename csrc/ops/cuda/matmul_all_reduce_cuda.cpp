@@ -21,9 +21,9 @@
 //                (kernels/gemm/tile_pair_exchange.cuh); forced at W != 2 it runs band_pull
 //   owner_exchange  any group size: the same kernel; each tile's owner rank sums what the
 //                others pushed and they pull the sum back (kernels/gemm/tile_owner_exchange.cuh)
-//   band_scatter band_pull whose GEMM epilogue stores every tile straight into the rank that
-//                owns its rows (the reduce-scatter by the GEMM's TMA stores); R CTAs sum the
-//                local copies and pull the peers' sums back
+//   band_scatter band_pull whose GEMM moves every tile into the rank that owns its rows (the
+//                reduce-scatter by the GEMM's idle producer warps, or by its epilogue's TMA
+//                stores); R CTAs sum the local copies and pull the peers' sums back
 //
 //   main stream:  ──fork──[ tile GEMM (publishes tile flags) ]──────────join──▶
 //   side stream:        └─[ tile all-reduce (consumes flags) ]─────────┘
@@ -318,6 +318,9 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
       gp.scatter_d[p] = band_region(bp, p, scattered_partial_offset(bp, c.rank, p));
       gp.scatter_flags[p] = c.flags(p, kChannelTiles) + c.rank * tiles;
     }
+    gp.scatter_by_exchange_warps =
+        band_scatter_by_exchange_warps(get_tuning("matmul_all_reduce.band_scatter_by_warps"));
+    gp.comm = c;
   }
   const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
   bc.scratch = scratch_bytes ? ws.gemm_scratch(scratch_bytes, kOp) : nullptr;
