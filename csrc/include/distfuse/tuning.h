@@ -292,7 +292,8 @@ inline int decode_ctas(int override_ctas = 0) { return override_ctas > 0 ? overr
 // 4 x H100, forced columns, same runs (benchmarks/NOTES.md, v20): slower than band_pull
 // at every measured row, W = 4 o_proj M = 8192 874.9 vs 793.6 us, down_proj M = 8192
 // 1630.2 vs 1465.7, W = 2 o_proj M = 8192 1012.1 vs 919.7: the GEMM's TMA stores to a
-// peer slow the GEMM by more than the band kernel saves (645 vs 447 us beside it).
+// peer slow the GEMM by more than the band kernel saves (645 vs 447 us beside it). With
+// the stores by the exchange warps (v43) still 3-9 % behind band_pull on 4 x H200.
 inline int64_t band_scatter_min_m(int world, int64_t k) {
   (void)world;
   (void)k;
@@ -301,7 +302,9 @@ inline int64_t band_scatter_min_m(int world, int64_t k) {
 
 // Who makes the owner scatter's stores to the peers: the GEMM's exchange warps, by
 // load/store units, after the epilogue stored the tile locally (1), or the epilogue's TMA
-// stores themselves (2; v20, slower: the stores to a peer hold the TMA unit).
+// stores themselves (2: the stores to a peer hold the TMA unit). 4 x H200, W = 4, same run
+// (NOTES.md, v43), 1 / 2: o_proj M = 8192 812.0 / 875.6 us at 16 band CTAs, 787.3 / 914.4
+// at 32; down_proj M = 8192 1513.2 / 1593.0 at 8; band_pull 766.1 and 1388.3 beside them.
 inline bool band_scatter_by_exchange_warps(int64_t override_value = 0) { return override_value != 2; }
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
