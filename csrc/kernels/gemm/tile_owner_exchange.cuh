@@ -131,8 +131,7 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
   uint32_t done = 0;
   int pending_tile = -1, pending_owner = 0;  // the last tile whose sum is still to pull
   for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x), ++done) {
-    while (cta->published <= done) __nanosleep(128);
-    __threadfence();
+    wait_tile_in_cta(cta, done);
     const TileRows g = rows_of(tile);
     const int owner = int((blockIdx.x + done) % uint32_t(world));
     if (owner != rank) {

@@ -57,8 +57,7 @@ __device__ void scatter_tiles_to_owners(const TileOwnerScatter& s, int64_t m, in
   uint4* slot = staging + x;  // this thread's slots: slot[k * kExchangeThreads]
   uint32_t done = 0;
   for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x), ++done) {
-    while (cta->published <= done) __nanosleep(128);
-    __threadfence();
+    wait_tile_in_cta(cta, done);
     int t;
     int64_t row0, col0;
     tile_coord(tile, &t, &row0, &col0);

@@ -131,6 +131,13 @@ __device__ __forceinline__ void publish_tile_in_cta(volatile ExchangeCtaState* c
   if ((threadIdx.x & 31) == 0) cta->published = count;
 }
 
+// Exchange warps: wait until the consumers published the CTA's (done + 1)-th tile, then
+// order its stores before this thread's loads of it.
+__device__ __forceinline__ void wait_tile_in_cta(const volatile ExchangeCtaState* cta, uint32_t done) {
+  while (cta->published <= done) __nanosleep(128);
+  __threadfence();
+}
+
 // After the GEMM kernel on the same stream (one thread): traps with the message of
 // a wait of the exchange that timed out, if any.
 __device__ __forceinline__ void exchange_timeout_check(const CommHandle& c) {
@@ -254,8 +261,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
 
   uint32_t done = 0;
   for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x), ++done) {
-    while (cta->published <= done) __nanosleep(128);
-    __threadfence();
+    wait_tile_in_cta(cta, done);
     int t;
     int64_t row0, col0;
     tile_coord(tile, &t, &row0, &col0);
