@@ -17,7 +17,8 @@
 // With the epilogue's TMA stores to a peer, the GEMM slowed by ~40 % beside the band
 // kernel (benchmarks/NOTES.md, v20): a store to a peer drains at one SM's NVLink pace
 // and the next tile's TMA loads queue behind it. Here the TMA unit stores locally only;
-// NVLink is fed by the load/store units of warps that have no other work.
+// NVLink is fed by the load/store units of warps that have no other work (faster than
+// the TMA stores by 3-16 %, still behind band_pull: NOTES.md, v43).
 //
 // Why it cannot deadlock: the exchange warps wait only for their own CTA's consumers,
 // which never wait for them. The entry handshake before the GEMM (band_all_reduce.h)
