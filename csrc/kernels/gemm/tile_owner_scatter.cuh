@@ -56,9 +56,8 @@ __device__ void scatter_tiles_to_owners(const TileOwnerScatter& s, int64_t m, in
   const int64_t tiles_m = (m + kTileM - 1) / kTileM;
   const int lane = x % kLanesPerRow;
   uint4* slot = staging + x;  // this thread's slots: slot[k * kExchangeThreads]
-  uint32_t done = 0;
-  for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x), ++done) {
-    wait_tile_in_cta(cta, done);
+  for (int tile = int(blockIdx.x), done = 0; tile < tiles; tile += int(gridDim.x), ++done) {
+    wait_tile_in_cta(cta, uint32_t(done));
     int t;
     int64_t row0, col0;
     tile_coord(tile, &t, &row0, &col0);
