@@ -329,12 +329,12 @@ def body_band_variants(rank, world, group_name):
                 unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, knobs))
     graphs = []
-    for path, persistent, tail, two_shot in (("band_pull", 1, 1, 2), ("band_pull", 2, 1, 2), ("band_pull", 1, 3, 2),
-                                             ("band_pull", 1, 3, 1), ("band_scatter", 1, 3, 1),
-                                             ("band_scatter", 1, 1, 2)):
+    for path, persistent, tail, two_shot, by_warps in (
+            ("band_pull", 1, 1, 2, 1), ("band_pull", 2, 1, 2, 1), ("band_pull", 1, 3, 2, 1), ("band_pull", 1, 3, 1, 1),
+            ("band_scatter", 1, 3, 1, 1), ("band_scatter", 1, 1, 2, 2)):
         knobs = {"matmul_all_reduce.band_persistent": persistent, "matmul_all_reduce.band_tail": tail,
                  "matmul_all_reduce.band_tail_two_shot": two_shot,
-                 "matmul_all_reduce.band_scatter_by_warps": 2 if two_shot == 2 and path == "band_scatter" else 1}
+                 "matmul_all_reduce.band_scatter_by_warps": by_warps}
         with distfuse.tuning(knobs):
             graphs.append((path, knobs, _captured_call(group_name, path, 1500, 256, 2048, dev)))
     for turn in range(4):

@@ -269,19 +269,14 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
   params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
                                  p.exchange_last_tile_in_consumers};
-  TileOwnerScatter& by_warps = params.warp_scatter;
-  if (tma_scatter) {
-    params.scatter_world = p.scatter_world;
-    params.scatter_band_tile_rows = p.scatter_band_tile_rows;
-    for (int r = 0; r < p.scatter_world; ++r) params.scatter_flags[r] = p.scatter_flags[r];
-  } else if (p.scatter_by_exchange_warps) {
-    by_warps.world = p.scatter_world;
-    by_warps.rank = p.comm.rank;
-    by_warps.band_tile_rows = p.scatter_band_tile_rows;
-    for (int r = 0; r < p.scatter_world; ++r) {
-      by_warps.owner_d[r] = p.scatter_d[r];
-      by_warps.owner_flags[r] = p.scatter_flags[r];
-    }
+  TileOwnerScatter& scatter = params.scatter;
+  scatter.world = p.scatter_world;
+  scatter.rank = p.comm.rank;
+  scatter.band_tile_rows = p.scatter_band_tile_rows;
+  scatter.by_exchange_warps = p.scatter_by_exchange_warps;
+  for (int r = 0; r < p.scatter_world; ++r) {
+    scatter.owner_d[r] = p.scatter_d[r];
+    scatter.owner_flags[r] = p.scatter_flags[r];
   }
 
   const auto kernel = tile_gemm_kernel<Kernel>;

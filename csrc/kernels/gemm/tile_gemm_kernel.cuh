@@ -109,16 +109,10 @@ struct KernelParams {
   uint32_t* split_counters;  // per split tile: units arrived (zero between launches)
   float* split_partials;     // 2 * num_ctas slots of tile_m * tile_n floats
   TileExchange exchange;  // output null: none (then data-parallel plans only)
-  // Owner scatter by the epilogue's TMA stores (TileGemmParams::scatter_*): 0 ranks for none.
-  int scatter_world;
-  int scatter_band_tile_rows;
-  uint32_t* scatter_flags[kMaxWorld];
-  // Owner scatter by the exchange warps (TileGemmParams::scatter_by_exchange_warps): the
-  // epilogue stores into D; world 0 for none.
-  TileOwnerScatter warp_scatter;
+  TileOwnerScatter scatter;  // world 0: none
 
   // Whether warps 1-3 of the producer warp group take each tile after the consumers.
-  __device__ bool exchange_warps_busy() const { return exchange.output != nullptr || warp_scatter.world > 0; }
+  __device__ bool exchange_warps_busy() const { return exchange.output != nullptr || scatter.by_exchange_warps; }
 };
 
 // After the warp that issued the TMA stores of a tile has committed them: wait
@@ -201,7 +195,7 @@ struct TileGemmKernel {
 
     if (thread_idx == 0) {
       Mainloop::prefetch_tma_descriptors(params.mainloop);
-      for (int p = 0; p < (params.scatter_world > 0 ? params.scatter_world : 1); ++p)
+      for (int p = 0; p < (params.scatter.by_epilogue() ? params.scatter.world : 1); ++p)
         Epilogue::prefetch_tma_descriptors(params.epilogue[p]);
       shared.exchange.published = 0;
       shared.exchange.aborted = 0;
@@ -257,7 +251,7 @@ struct TileGemmKernel {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
       if (warp_in_group != 0) {
         if (params.exchange.output != nullptr) exchange_tiles(params, shared, thread_idx - cutlass::NumThreadsPerWarp);
-        else if (params.warp_scatter.world > 0) scatter_tiles(params, shared, thread_idx - cutlass::NumThreadsPerWarp);
+        else if (params.scatter.by_exchange_warps) scatter_tiles(params, shared, thread_idx - cutlass::NumThreadsPerWarp);
         return;
       }
       auto load_inputs = mainloop.load_init(params.problem, params.mainloop);
@@ -309,9 +303,9 @@ struct TileGemmKernel {
                              params.schedule.group_rows, params.schedule.last_group_row0);
       const int flag_index = tm * params.schedule.tiles_n + tn;
       int owner = 0;
-      if (params.scatter_world > 0) {  // the epilogue's TMA stores go to the tile's owner
-        owner = scatter_owner_of_tile_row(tm, params.schedule.tiles_m, params.scatter_band_tile_rows,
-                                          params.scatter_world);
+      if (params.scatter.by_epilogue()) {  // the epilogue's TMA stores go to the tile's owner
+        owner = scatter_owner_of_tile_row(tm, params.schedule.tiles_m, params.scatter.band_tile_rows,
+                                          params.scatter.world);
         if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)
           publish_tile_flag(unpublished_flag);
       }
@@ -326,8 +320,8 @@ struct TileGemmKernel {
 
       // Consumer warp 0 issued and committed the tile's TMA stores.
       ++tiles_stored;
-      if (params.scatter_world > 0) {
-        unpublished_flag = params.scatter_flags[owner] + flag_index;
+      if (params.scatter.by_epilogue()) {
+        unpublished_flag = params.scatter.owner_flags[owner] + flag_index;
       } else if (params.tile_flags != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
         publish_tile_flag(params.tile_flags + flag_index);
       }
@@ -389,7 +383,7 @@ struct TileGemmKernel {
     using namespace cute;
     const TileSchedule& s = params.schedule;
     scatter_tiles_to_owners<ExchangeElement, kTileM, kExchangeLanesPerRow>(
-        params.warp_scatter, get<0>(params.problem), get<1>(params.problem), s.dp_tiles, &shared.exchange,
+        params.scatter, get<0>(params.problem), get<1>(params.problem), s.dp_tiles, &shared.exchange,
         shared.exchange_staging, x, exchange_tile_coord(s),
         [] { cutlass::arch::NamedBarrier::sync(kExchangeThreads, kExchangeBarrier); });
   }

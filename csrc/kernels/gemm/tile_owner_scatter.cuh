@@ -32,15 +32,21 @@
 
 namespace distfuse {
 
-// Where the exchange warps put each tile: rank p's buffer for this rank's partials of
-// the rows p owns (laid out like D, ld = N; this rank's own is D), and p's tile flags
-// for them. world == 0: no scatter by the exchange warps.
+// The owner scatter of a tile GEMM call (TileGemmParams::scatter_*): tile row tm belongs
+// to rank scatter_owner_of_tile_row(tm, ...) of `world` (0: no scatter); rank p's buffer
+// for this rank's partials of the rows p owns (laid out like D, ld = N; this rank's own is
+// D) and p's tile flags for them. The exchange warps store there by load/store units
+// (by_exchange_warps), or the epilogue's TMA stores do (then owner_d is unused: the
+// epilogue's parameters per owner carry the buffers).
 struct TileOwnerScatter {
   int world;
   int rank;
   int band_tile_rows;
+  bool by_exchange_warps;
   void* owner_d[kMaxWorld];
   uint32_t* owner_flags[kMaxWorld];
+
+  __host__ __device__ bool by_epilogue() const { return world > 0 && !by_exchange_warps; }
 };
 
 // The exchange warps of one CTA (thread x of kExchangeThreads), for the tiles
