@@ -162,7 +162,8 @@ def test_forced_columns_name_the_schedule_that_ran():
 
 
 def test_tune_sweep_variants_and_errors():
-    """--tune KEY=V1,V2: one column per combination of the op's keys; bad keys or values fail early."""
+    """--tune KEY=V1,V2: one column per combination of the op's keys (matmul_all_reduce also
+    takes the keys of the all-reduce it runs); bad keys or values fail early."""
     import types
 
     from distfuse.bench.timing import BenchContext, tuned_method_name
@@ -170,10 +171,14 @@ def test_tune_sweep_variants_and_errors():
                      "all_reduce.two_shot_blocks": [64]}}
     ctx = types.SimpleNamespace(options=opts, cpu=False)
     variants = BenchContext.tune_variants(ctx, "matmul_all_reduce")
-    assert len(variants) == 4 and {"matmul_all_reduce.consumer_blocks": 32, "matmul_all_reduce.group_tiles": 4} in variants
+    assert len(variants) == 4
+    assert {"matmul_all_reduce.consumer_blocks": 32, "matmul_all_reduce.group_tiles": 4,
+            "all_reduce.two_shot_blocks": 64} in variants
     assert BenchContext.tune_variants(ctx, "all_reduce") == [{"all_reduce.two_shot_blocks": 64}]
+    assert BenchContext.tune_variants(ctx, "decoder_layer") == []
     assert BenchContext.tune_variants(types.SimpleNamespace(options=opts, cpu=True), "all_reduce") == []
-    assert tuned_method_name("fused_tiles", variants[0]) == "distfuse:fused_tiles[consumer_blocks=16,group_tiles=1]"
+    assert tuned_method_name("fused_tiles", variants[0]) == \
+        "distfuse:fused_tiles[two_shot_blocks=64,consumer_blocks=16,group_tiles=1]"
     for bad, words in (("bogus=1", "key must be one of"), ("all_reduce.two_shot_blocks=0", ">= 1"),
                        ("all_reduce.two_shot_blocks=x", "integers")):
         proc = subprocess.run([sys.executable, "-m", "distfuse.bench", "--cpu", "--tune", bad], cwd=ROOT,

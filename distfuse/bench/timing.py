@@ -45,12 +45,16 @@ import statistics
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 FLUSH_BYTES = 256 << 20  # larger than the L2 of any GPU this runs on (50-60 MB on H100/H200)
+
+# Ops whose calls run another op's kernels, so that --tune keys of that op apply to them
+# too (the sequential and chunked matmul_all_reduce schedules end in the distfuse all-reduce).
+TUNE_KEYS_ALSO_OF: Dict[str, Tuple[str, ...]] = {"matmul_all_reduce": ("all_reduce",)}
 
 
 def tuned_method_name(path: str, overrides: Dict[str, int]) -> str:
@@ -467,8 +471,10 @@ class BenchContext:
         return self.options.get("tune_path") or default
 
     def tune_variants(self, op: str) -> List[Dict[str, int]]:
-        """The combinations of ``--tune`` values whose keys belong to ``op`` (none on CPU)."""
-        tune = {k: v for k, v in (self.options.get("tune") or {}).items() if k.startswith(op + ".")}
+        """The combinations of ``--tune`` values whose keys belong to ``op``, or to an op it
+        runs inside (matmul_all_reduce's all-reduce), none on CPU."""
+        prefixes = tuple(p + "." for p in (op,) + TUNE_KEYS_ALSO_OF.get(op, ()))
+        tune = {k: v for k, v in (self.options.get("tune") or {}).items() if k.startswith(prefixes)}
         if self.cpu or not tune:
             return []
         keys = sorted(tune)

@@ -134,7 +134,10 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(choose_matmul_all_reduce(16384, 4096, 2, kH100), MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 2, kH100), MatmulAllReduceAlgo::kPairExchange);  // W = 2 o_proj
   EXPECT_EQ(choose_matmul_all_reduce(4096, 14336, 2, kH100), MatmulAllReduceAlgo::kBandPull);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, GpuClass::kH200), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, GpuClass::kH200), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(2047, 7168, 4, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 3, GpuClass::kH200), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, GpuClass::kOther), MatmulAllReduceAlgo::kOwnerExchange);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 4, kH100), MatmulAllReduceAlgo::kBandPull);  // v33
   EXPECT_EQ(choose_matmul_all_reduce(2047, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
@@ -214,14 +217,17 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(decode_max_m(2, kH100), 0);
   EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(17, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
-  // The decode schedule only where it was measured to win: up to M = 16 on H100 and H200.
+  // The decode schedule only where it was measured to win: up to M = 16 on H100 and H200,
+  // and at W = 2 up to M = 8 on H200.
   EXPECT_EQ(gpu_class("NVIDIA H100 80GB HBM3"), GpuClass::kH100);
   EXPECT_EQ(gpu_class("NVIDIA H200"), GpuClass::kH200);
   EXPECT_EQ(gpu_class("mixed"), GpuClass::kOther);
   EXPECT_EQ(gpu_class("NVIDIA A100-SXM4-80GB"), GpuClass::kOther);
   EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(17, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 2, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 2, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(8, 14336, 2, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(9, 2048, 2, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther, 0, 0, 0, 16), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 2, kH100), MatmulAllReduceAlgo::kSequential);
@@ -474,20 +480,19 @@ TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
 
 TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   const GpuClass kH200 = GpuClass::kH200;
-  // At W >= 3 with K_r >= 7168 from M = 2048 up to the band schedule's range; never with
-  // a shorter K, never at W = 2 (the pair exchange), never below M = 2048.
+  // At W = 3 with K_r >= 7168 from M = 2048 up to the band schedule's range; at W >= 4
+  // the band schedule takes those rows from M = 2048 (band_pull_min_m); never with a
+  // shorter K, never at W = 2 (the pair exchange), never below M = 2048.
   for (int world : {2, 4, 8})
     for (int64_t m : {1, 512, 2048, 16384}) EXPECT_NE(choose_matmul_all_reduce(m, 2048, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
-  for (int world : {3, 4, 8}) {
-    for (int64_t k : {7168, 14336}) {
-      EXPECT_EQ(choose_matmul_all_reduce(2048, k, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
-      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k, kH200) - 1, k, world, kH200),
-                MatmulAllReduceAlgo::kOwnerExchange);
-      EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(world, k, kH200), k, world, kH200), MatmulAllReduceAlgo::kBandPull);
-      EXPECT_NE(choose_matmul_all_reduce(2047, k, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
-    }
-    EXPECT_NE(choose_matmul_all_reduce(2048, 7160, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
+  for (int64_t k : {7168, 14336}) {
+    EXPECT_EQ(choose_matmul_all_reduce(2048, k, 3, kH200), MatmulAllReduceAlgo::kOwnerExchange);
+    EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(3, k, kH200) - 1, k, 3, kH200), MatmulAllReduceAlgo::kOwnerExchange);
+    EXPECT_EQ(choose_matmul_all_reduce(band_pull_min_m(3, k, kH200), k, 3, kH200), MatmulAllReduceAlgo::kBandPull);
+    for (int world : {3, 4, 8}) EXPECT_NE(choose_matmul_all_reduce(2047, k, world, kH200), MatmulAllReduceAlgo::kOwnerExchange);
+    for (int world : {4, 8}) EXPECT_EQ(choose_matmul_all_reduce(2048, k, world, kH200), MatmulAllReduceAlgo::kBandPull);
   }
+  EXPECT_NE(choose_matmul_all_reduce(2048, 7160, 3, kH200), MatmulAllReduceAlgo::kOwnerExchange);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 2, kH200), MatmulAllReduceAlgo::kPairExchange);
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kOwnerExchange);
   EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);

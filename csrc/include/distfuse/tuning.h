@@ -154,9 +154,12 @@ inline int64_t fused_max_k(int world) {
 // tiles (band_gemm_whole_tiles) and the band CTAs the GEMM's fifth wave leaves free
 // (band_reduce_blocks_for_waves): 4 x H100, forced columns, same runs (NOTES.md, v33):
 // 460.2 / 460.6 us at 16 CTAs and 453.7 at 29 against sequential 466.9 / 464.4 (570.4 with
-// stream-K). On H200 the owner exchange keeps M = 2048 (443.8 against sequential 461.7).
+// stream-K). On H200 too since then: 4 x H200, W = 4 down_proj M = 2048, forced columns,
+// four runs of record and sweeps of this GEMM (NOTES.md, "Dispatch at the measured
+// rows"): band_pull 443.5 / 444.7 / 445.0 / 441.7 us against the owner exchange 448.9 /
+// 448.7 / 459.0 / 449.9 and sequential 464.0 / 470.8 / 478.1 / 479.4.
 inline int64_t band_pull_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
-  if (world >= 4 && k >= 7168 && gpu == GpuClass::kH100) return 2048;
+  if (world >= 4 && k >= 7168 && (gpu == GpuClass::kH100 || gpu == GpuClass::kH200)) return 2048;
   if (world == 2 && k < 7168) return 16384;
   return world >= 4 && k < 4096 && gpu == GpuClass::kH200 ? 2048 : 4096;
 }
@@ -196,7 +199,8 @@ inline int64_t pair_exchange_min_m(int world, GpuClass gpu = GpuClass::kH200) {
 // 1434-1442). At W = 2 the pair exchange is faster (o_proj M = 2048 245.8 against 303.2).
 // M = 1024-2047 unmeasured. H100 (4 x H100, W = 4, three runs of the v20 build): down_proj
 // M = 2048 466.4 / 465.9 / 464.3 against sequential 464.9 / 459.8 / 462.5, so never there.
-// W > 4: untuned, same rule.
+// Since the band GEMM takes whole tiles (v33) band_pull beats it at W = 4 on H200 too
+// (band_pull_min_m), so it runs at W = 3 only. W > 4: untuned, same rule.
 inline int64_t owner_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
   return world >= 3 && k >= 7168 && gpu != GpuClass::kH100 ? 2048 : INT64_MAX;
 }
@@ -250,9 +254,15 @@ inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return
 // and 43.8 vs 35.6). Since the all-reduce's LL128 two-shot, the unfused order caught up at
 // M = 32 on H100 too (4 x H100 run of record, build of v19: o_proj 24.3 vs 23.4, down_proj
 // 51.9 vs 51.7; M = 8 still 19.0 vs 21.6): 16 on both. Other GPUs: never (unmeasured).
-// W > 4: untuned, same as W = 4.
+// W > 4: untuned, same as W = 4. W = 2 on H200: up to M = 8 (LL lines), where four runs
+// agree (NOTES.md, "Dispatch at the measured rows"; 4 x H200, forced, graph, µs, decode_push
+// vs sequential, w.t()): o_proj M = 1 22.2 / 22.2 / 22.3 / 22.2 vs 22.7 / 22.8 / 22.8 / 22.7,
+// M = 8 22.9 / 22.9 / 23.0 / 22.7 vs 23.2 / 23.3 / 23.4 / 23.0; down_proj M = 1 58.2 / 58.3 /
+// 59.4 / 58.5 vs 60.2 / 60.3 / 61.6 / 60.3, M = 8 59.2 / 59.2 / 60.5 / 59.6 vs 61.2 / 61.3 /
+// 62.8 / 61.4; from M = 32 it loses (30.1 vs 25.3). W = 2 on H100: never (level or slower).
 inline int64_t decode_max_m(int world, GpuClass gpu) {
-  if (world < 3) return 0;
+  if (world < 2) return 0;
+  if (world == 2) return gpu == GpuClass::kH200 ? 8 : 0;
   return gpu == GpuClass::kH100 || gpu == GpuClass::kH200 ? 16 : 0;
 }
 
