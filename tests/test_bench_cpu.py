@@ -65,6 +65,21 @@ def test_cpu_bench(tmp_path, op):
         assert ("o_proj", "row_major") in layouts and ("down_proj", "weight_t") in layouts
 
 
+def test_cpu_decoder_layer_forced_paths(tmp_path):
+    """--paths with the decoder layer: a column per schedule forced onto every
+    matmul_all_reduce call of the layer, next to the dispatcher's column."""
+    out = run_bench(tmp_path, "--op", "decoder_layer", "--paths", "sequential", "pair_exchange")
+    assert "RESULT ok" in out, out[-3000:]
+    doc = load_checked(tmp_path / "decoder_layer_cpu_w2.json", "decoder_layer")
+    md = (tmp_path / "decoder_layer_cpu_w2.md").read_text()
+    assert "df:sequential us" in md and "df:pair_exchange us" in md
+    assert doc["rows"]
+    for row in doc["rows"]:
+        for key in ("distfuse", "reference", "distfuse:sequential", "distfuse:pair_exchange"):
+            assert row["times_us"][key] is not None and row["times_us"][key] > 0, key
+        assert set(row["forced_ran"]) == {"sequential", "pair_exchange"}
+
+
 def test_cpu_bench_at_world_size_8(tmp_path):
     """The TP=8 setting: every benchmark runs its W = 8 code paths over gloo with 8
     processes (shapes, shards, decoder heads), exact all-reduces, results files valid."""

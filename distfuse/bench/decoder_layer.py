@@ -6,6 +6,8 @@ ranks of each rank's median): ``distfuse`` (the row-parallel projections go
 through ``distfuse.matmul_all_reduce`` and its dispatcher) and ``reference``
 (the same layer with its row-parallel linears computed as ``F.linear`` + in-place
 NCCL ``all_reduce``: torch.matmul + NCCL). ``gain`` = (reference - distfuse) / reference.
+With ``--paths``, one more column per schedule: the layer with every
+``matmul_all_reduce`` call forced onto it (``df:<path>``).
 
 M = B·S tokens: M <= 128 is a decode batch (B = M, S = 1), larger M one prefill
 sequence (B = 1, S = M, causal attention over it).
@@ -17,7 +19,7 @@ from typing import Any, Dict, List
 import torch
 
 from .all_reduce import ensure_workspace, last_path
-from .matmul_all_reduce import rel_err
+from .matmul_all_reduce import forced_cell, rel_err
 from .results import OpResult, Table, Unavailable, fmt
 from .timing import BenchContext, Method
 
@@ -47,6 +49,13 @@ def tokens_for(ctx: BenchContext) -> List[int]:
 
 def batch_seq(m: int):
     return (m, 1) if m <= DECODE_MAX_TOKENS else (1, m)
+
+
+def forced_paths(ctx: BenchContext) -> List[str]:
+    """Schedules of --paths to force onto the layer's matmul_all_reduce calls, a column each
+    (none unless given: the runs of record time the dispatcher's choice); the pair exchange
+    only at W = 2."""
+    return [p for p in (ctx.options.get("paths") or ()) if p != "pair_exchange" or ctx.world == 2]
 
 
 def set_fused(module: torch.nn.Module, fused: bool) -> None:
@@ -87,6 +96,7 @@ def run(ctx: BenchContext) -> OpResult:
     max_out = max(tokens) * h * torch.empty((), dtype=ctx.dtype).element_size()
     ensure_workspace(ctx, max_out)
     tol = TOLERANCE.get(ctx.dtype, 5e-2)
+    forced = forced_paths(ctx)
 
     rows: List[Dict[str, Any]] = []
     failures: List[str] = []
@@ -111,11 +121,18 @@ def run(ctx: BenchContext) -> OpResult:
                 finally:
                     set_fused(layer, True)
 
+            def forced_fwd(slot, schedule):
+                with distfuse.force_path("matmul_all_reduce", schedule):
+                    return fwd(slot)
+
             def path():
                 return {"path": last_path("matmul_all_reduce", ctx)}
 
-            timings = ctx.timer.run_all([Method("distfuse", fwd, slots=slots, info=path),
-                                         Method("reference", ref, slots=slots, info=path)], graph=graph)
+            methods = [Method("distfuse", fwd, slots=slots, info=path),
+                       Method("reference", ref, slots=slots, info=path)]
+            methods += [Method(f"distfuse:{p}", lambda slot, p=p: forced_fwd(slot, p), slots=slots, info=path)
+                        for p in forced]
+            timings = ctx.timer.run_all(methods, graph=graph)
             err_local = rel_err(timings["distfuse"].output, timings["reference"].output)
             err = ctx.timer.max_over_ranks([err_local if err_local is not None else -1.0])[0]
             err = err if err >= 0 else None
@@ -125,8 +142,10 @@ def run(ctx: BenchContext) -> OpResult:
                           "heads": hq, "kv_heads": hkv, "head_dim": dims["head_dim"]},
                 "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(ctx.dtype, "fp32"),
                 "graph": bool(graph),
-                "times_us": {"distfuse": t_df, "reference": t_ref},
+                "times_us": {"distfuse": t_df, "reference": t_ref,
+                             **{f"distfuse:{p}": timings[f"distfuse:{p}"].us for p in forced}},
                 "path": timings["distfuse"].info.get("path"),
+                "forced_ran": {p: timings[f"distfuse:{p}"].info.get("path") for p in forced},
                 "gain_pct": (100.0 * (t_ref - t_df) / t_ref) if (t_df and t_ref) else None,
                 "speedup": (t_ref / t_df) if (t_df and t_ref) else None,
                 "rel_err": err,
@@ -147,12 +166,14 @@ def run(ctx: BenchContext) -> OpResult:
             xs.clear()  # frees the inputs (the closures above hold the list)
 
     layer = None  # frees the weights before the next op
-    table = Table(["tokens M", "B", "S", "mode", "distfuse us", "path", "reference us", "gain", "rel_err"])
+    table = Table(["tokens M", "B", "S", "mode", "distfuse us", "path"] + [f"df:{p} us" for p in forced]
+                  + ["reference us", "gain", "rel_err"])
     for r in rows:
         s = r["shape"]
         table.rows.append([str(s["tokens"]), str(s["B"]), str(s["S"]), "graph" if r["graph"] else "eager",
-                           fmt(r["times_us"]["distfuse"]), str(r["path"] or "n/a"),
-                           fmt(r["times_us"]["reference"]),
+                           fmt(r["times_us"]["distfuse"]), str(r["path"] or "n/a")]
+                          + [forced_cell(fmt(r["times_us"][f"distfuse:{p}"]), p, r["forced_ran"][p]) for p in forced]
+                          + [fmt(r["times_us"]["reference"]),
                            (f"{r['gain_pct']:.1f}%" if r["gain_pct"] is not None else "n/a"),
                            (f"{r['rel_err']:.2e}" if r["rel_err"] is not None else "n/a")])
     table.notes.append(f"Layer: hidden {h}, intermediate {dims['intermediate_size']}, {hq} q / {hkv} kv heads, "
