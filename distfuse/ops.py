@@ -40,6 +40,7 @@ TUNING_KEYS = (
     "matmul_all_reduce.group_tiles",       # owner schedule: tiles per round of flag releases
     "matmul_all_reduce.chunks",            # chunked schedule: row chunks
     "matmul_all_reduce.chunk_ar_blocks",   # chunked schedule: CTAs of each chunk's all-reduce
+    "matmul_all_reduce.sequential_side_stream",  # sequential, graph-captured: all-reduce on a side stream: 1 on, 2 off
     "matmul_all_reduce.band_pull_min_m",   # smallest M that takes the SM-pull band schedule
     "matmul_all_reduce.band_pull_min_k",   # ... with at least this K per rank
     "matmul_all_reduce.bands",             # band schedules: bands per call (about)

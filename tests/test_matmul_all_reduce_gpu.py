@@ -223,7 +223,8 @@ def body_graphs(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     k, n = 256, 2048
-    for path, m in (("decode_push", 4), ("fused_tiles", 512), ("chunked", 700), ("copy_engine", 1500),
+    for path, m in (("decode_push", 4), ("sequential", 8), ("sequential", 700), ("fused_tiles", 512),
+                    ("chunked", 700), ("copy_engine", 1500),
                     ("copy_engine", 3), ("band_pull", 1500), ("band_pull", 3), ("pair_exchange", 1500),
                     ("pair_exchange", 3), ("owner_exchange", 1500), ("owner_exchange", 3), ("band_scatter", 1500),
                     ("band_scatter", 3), ("auto", 1), ("auto", 1024), ("auto", 2100)):

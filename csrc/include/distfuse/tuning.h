@@ -544,6 +544,17 @@ inline int band_tail_blocks(int override_blocks = 0) { return override_blocks > 
 // later gather slower (the peers' sums leave their L2 in the meantime, presumably).
 inline int band_sum_ahead(int override_value = 0) { return override_value > 0 ? override_value : 1; }
 
+// The sequential schedule under graph capture: its all-reduce on the side stream, between
+// a fork and a join, instead of right behind the cuBLAS GEMM on the caller's stream.
+// 4 x H200, graph, same run (NOTES.md, "The sequential schedule's all-reduce on a side
+// stream"), same stream / side stream, µs: W = 4 o_proj M = 1 / 32 / 128 / 512 16.1 / 19.8 /
+// 27.9 / 72.3 vs 15.7 / 19.4 / 27.5 / 71.8, down_proj M = 128 49.2 vs 48.7; W = 2 o_proj M =
+// 1 / 128 22.7 / 33.3 vs 22.2 / 32.8, down_proj M = 1 / 128 / 512 60.5 / 72.6 / 190.8 vs 60.4 /
+// 72.1 / 190.3: never slower, the stream's priority no matter, PDL on (off: 0.1-0.7 µs
+// back). Eager calls keep one stream (unmeasured; the fork and join cost host time).
+// Override: 1 on, 2 off.
+inline bool sequential_all_reduce_on_side_stream(int64_t override_value = 0) { return override_value != 2; }
+
 // CTAs of each chunk's two-shot all-reduce (the GEMM keeps the other SMs). Untuned.
 inline int chunk_all_reduce_blocks(int world, int override_blocks = 0) {
   (void)world;

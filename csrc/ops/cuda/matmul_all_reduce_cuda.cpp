@@ -2,7 +2,8 @@
 //
 // Schedules ("paths"):
 //   reference    torch.matmul + NCCL all_reduce (+ bias)
-//   sequential   cuBLAS matmul, then the distfuse all-reduce (bias in its epilogue)
+//   sequential   cuBLAS matmul, then the distfuse all-reduce (bias in its epilogue; on the
+//                side stream when graph-captured)
 //   fused_tiles  tile GEMM on SMs - C SMs, owner-mode tile all-reduce on C SMs, overlapped
 //   decode_push  one kernel: skinny GEMM whose epilogue pushes each column block to every
 //                peer, then the rank-order sum (small M; kernels/gemm/decode_matmul_all_reduce.h)
@@ -64,22 +65,9 @@ void all_reduce_in_place(const comm::Workspace& ws, at::Tensor& partial, const s
                  reference ? AllReducePath::kTwoShot : path, kOpMatmulAllReduce);
 }
 
-at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                      const std::optional<at::Tensor>& bias) {
-  at::Tensor partial = contiguous_aligned(at::matmul(a, b));  // a temporary: reduced in place
-  all_reduce_in_place(ws, partial, bias);
-  return partial;
-}
-
-// out [M, N] viewed with a's leading dimensions: [..., N].
-at::Tensor with_leading_dims(const at::Tensor& out, const at::Tensor& a) {
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
-  shape.push_back(out.size(1));
-  return out.view(shape);
-}
-
-// Side streams with a fork/join event pair each, per device: index 0 for the tile
-// consumers and chunk all-reduces, 0 and 1 for the copy-engine schedule.
+// Side streams (high priority) with a fork/join event pair each, per device: index 0
+// for the tile consumers and the all-reduces of the chunked and (captured) sequential
+// schedules, 0 and 1 for the copy-engine schedule.
 struct SideStream {
   c10::cuda::CUDAStream stream;
   cudaEvent_t fork;
@@ -101,6 +89,42 @@ SideStream& side_stream(int device, int index = 0) {
     slot = std::move(s);
   }
   return *slot;
+}
+
+// cuBLAS, then the all-reduce. Under graph capture the all-reduce goes to the side
+// stream between a fork and a join (sequential_all_reduce_on_side_stream: measured
+// faster there); eager calls keep one stream.
+//
+//   main: ──[cuBLAS GEMM]──fork              join──▶
+//   side:                    └─[all-reduce]──┘
+at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
+                      const std::optional<at::Tensor>& bias) {
+  at::Tensor partial = contiguous_aligned(at::matmul(a, b));  // a temporary: reduced in place
+  cudaStream_t main = at::cuda::getCurrentCUDAStream(ws.device());
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(main, &capture));
+  if (capture != cudaStreamCaptureStatusActive ||
+      !sequential_all_reduce_on_side_stream(get_tuning("matmul_all_reduce.sequential_side_stream"))) {
+    all_reduce_in_place(ws, partial, bias);
+    return partial;
+  }
+  SideStream& side = side_stream(ws.device());
+  C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
+  {
+    c10::cuda::CUDAStreamGuard on_side(side.stream);
+    all_reduce_in_place(ws, partial, bias);
+  }
+  C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
+  return partial;
+}
+
+// out [M, N] viewed with a's leading dimensions: [..., N].
+at::Tensor with_leading_dims(const at::Tensor& out, const at::Tensor& a) {
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end() - 1);
+  shape.push_back(out.size(1));
+  return out.view(shape);
 }
 
 // Chunked overlap, built from cuBLAS and the distfuse all-reduce: the GEMM of
