@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 import torch
 
 from .all_reduce import ensure_workspace, last_path
-from .matmul_all_reduce import forced_cell, rel_err
+from .matmul_all_reduce import forced_cell, forced_paths, rel_err
 from .results import OpResult, Table, Unavailable, fmt
 from .timing import BenchContext, Method
 
@@ -49,13 +49,6 @@ def tokens_for(ctx: BenchContext) -> List[int]:
 
 def batch_seq(m: int):
     return (m, 1) if m <= DECODE_MAX_TOKENS else (1, m)
-
-
-def forced_paths(ctx: BenchContext) -> List[str]:
-    """Schedules of --paths to force onto the layer's matmul_all_reduce calls, a column each
-    (none unless given: the runs of record time the dispatcher's choice); the pair exchange
-    only at W = 2."""
-    return [p for p in (ctx.options.get("paths") or ()) if p != "pair_exchange" or ctx.world == 2]
 
 
 def set_fused(module: torch.nn.Module, fused: bool) -> None:
@@ -96,7 +89,9 @@ def run(ctx: BenchContext) -> OpResult:
     max_out = max(tokens) * h * torch.empty((), dtype=ctx.dtype).element_size()
     ensure_workspace(ctx, max_out)
     tol = TOLERANCE.get(ctx.dtype, 5e-2)
-    forced = forced_paths(ctx)
+    # Schedules of --paths forced onto the layer's matmul_all_reduce calls, a column each;
+    # none unless given (the runs of record time the dispatcher's choice).
+    forced = forced_paths(ctx, default=())
 
     rows: List[Dict[str, Any]] = []
     failures: List[str] = []

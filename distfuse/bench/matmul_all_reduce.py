@@ -47,11 +47,11 @@ FORCED_PATHS = ("sequential", "fused_tiles", "decode_push", "chunked", "copy_eng
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
 
-def forced_paths(ctx):
-    """The forced-path columns of this run (--paths, else every schedule); the pair exchange
+def forced_paths(ctx, default=FORCED_PATHS):
+    """The forced-path columns of this run (--paths, else `default`); the pair exchange
     only at W = 2, the one group size it exists for."""
     given = ctx.options.get("paths")
-    paths = tuple(p for p in FORCED_PATHS if p in given) if given else FORCED_PATHS
+    paths = tuple(p for p in FORCED_PATHS if p in given) if given else tuple(default)
     return tuple(p for p in paths if p != "pair_exchange" or ctx.world == 2)
 
 

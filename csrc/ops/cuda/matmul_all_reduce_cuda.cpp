@@ -72,6 +72,17 @@ struct SideStream {
   c10::cuda::CUDAStream stream;
   cudaEvent_t fork;
   cudaEvent_t join;
+
+  // The side stream's next work waits for what `main` has queued so far.
+  void fork_from(cudaStream_t main) {
+    C10_CUDA_CHECK(cudaEventRecord(fork, main));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, fork, 0));
+  }
+  // `main`'s next work waits for what the side stream has queued so far.
+  void join_into(cudaStream_t main) {
+    C10_CUDA_CHECK(cudaEventRecord(join, stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(main, join, 0));
+  }
 };
 
 SideStream& side_stream(int device, int index = 0) {
@@ -109,14 +120,12 @@ at::Tensor sequential(const comm::Workspace& ws, const at::Tensor& a, const at::
     return partial;
   }
   SideStream& side = side_stream(ws.device());
-  C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
+  side.fork_from(main);
   {
     c10::cuda::CUDAStreamGuard on_side(side.stream);
     all_reduce_in_place(ws, partial, bias);
   }
-  C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
+  side.join_into(main);
   return partial;
 }
 
@@ -157,8 +166,7 @@ at::Tensor chunked(const comm::Workspace& ws, const at::Tensor& a, const at::Ten
     at::Tensor out_i = out.narrow(0, r0, len);
     at::mm_out(out_i, a2.narrow(0, r0, len), b);
     // The wait takes the event as recorded now, so one event serves every chunk.
-    C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
+    side.fork_from(main);
     c10::cuda::CUDAStreamGuard on_side(side.stream);
     bool reference = false;
     const AllReducePath path =
@@ -166,8 +174,7 @@ at::Tensor chunked(const comm::Workspace& ws, const at::Tensor& a, const at::Ten
     run_all_reduce(ws, out_i, out_i, bias.has_value() ? &bias_c : nullptr,
                    reference ? AllReducePath::kTwoShot : path, kOpMatmulAllReduce, ar_blocks);
   }
-  C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
+  side.join_into(main);
   return with_leading_dims(out, a);
 }
 
@@ -428,10 +435,7 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
                                 sm_count(device) - bc.reducers);
     C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, blocks, /*lane=*/1, bands - tail, bands, sum_ahead, main));
   }
-  if (overlapped) {
-    C10_CUDA_CHECK(cudaEventRecord(side.join, stream));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
-  }
+  if (overlapped) side.join_into(main);
   return with_leading_dims(bc.ob.out, a);
 }
 
@@ -511,15 +515,13 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
     C10_CUDA_CHECK(launch_tile_all_reduce(rp, consumers, main));
   } else {
     SideStream& side = side_stream(device);
-    C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
+    side.fork_from(main);
     // GEMM first: it never waits on anything. A first launch loads its kernel
     // module (lazy loading), which can synchronize the context; done while spinning
     // consumers already run, that waits for them while they wait for the GEMM.
     C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
     C10_CUDA_CHECK(launch_tile_all_reduce(rp, consumers, side.stream));
-    C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(main, side.join, 0));
+    side.join_into(main);
   }
   return with_leading_dims(ob.out, a);
 }
