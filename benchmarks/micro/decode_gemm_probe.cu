@@ -2,7 +2,8 @@
 // plain HBM reads of the same bytes, one GPU, L2 flushed before every sample.
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-//        -Icsrc -Icsrc/include [-DDF_DECODE_MAX_STAGES=8 -DDF_DECODE_BLOCK_K=128 ...] \
+//        -Icsrc -Icsrc/include [-DDF_DECODE_MAX_STAGES=8 -DDF_DECODE_BLOCK_K=128 \
+//        -DDF_DECODE_PROBE_SKIP_LOADS=1 ...] \
 //        benchmarks/micro/decode_gemm_probe.cu -o decode_gemm_probe
 //   ./decode_gemm_probe            # prints one line per (K, M)
 //

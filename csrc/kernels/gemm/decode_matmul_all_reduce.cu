@@ -33,6 +33,11 @@ static_assert(kBlockK % 64 == 0, "a stage is whole 64-deep K steps");
 #ifndef DF_DECODE_MAX_STAGES
 #define DF_DECODE_MAX_STAGES 8
 #endif
+// Probe only (decode_gemm_probe.cu): 1 leaves out the token loads, 2 the weight loads,
+// 3 both, to time what the rest of the K loop costs; the products are then garbage.
+#ifndef DF_DECODE_PROBE_SKIP_LOADS
+#define DF_DECODE_PROBE_SKIP_LOADS 0
+#endif
 constexpr int kMaxSmemBytes = DF_DECODE_MAX_SMEM_KB << 10;
 constexpr int kMaxStages = DF_DECODE_MAX_STAGES;
 static_assert(kDecodeBlockN == 16 * kColumnGroups, "one MMA row block per column group");
@@ -174,6 +179,7 @@ struct DecodeCta {
     // Weights: a smem row is a column of out (B transposed: 64 rows of kBlockK) or a
     // K index (row-major B: kBlockK rows of 64 columns).
     constexpr int kWeightRowChunks = (kBTransposed ? kKRowBytes : kColumnRowBytes) / 16;
+    if constexpr ((DF_DECODE_PROBE_SKIP_LOADS & 2) == 0)
     for (int i = threadIdx.x; i < kDecodeBlockN * kBlockK / 8; i += kThreads) {
       const int row = i / kWeightRowChunks, chunk = i % kWeightRowChunks;
       const T* src;
@@ -190,6 +196,7 @@ struct DecodeCta {
       cp_async_16(weights + swizzled<kWeightRowChunks * 16>(row, chunk), valid ? src : b, valid);
     }
     constexpr int kTokenRowChunks = kKRowBytes / 16;
+    if constexpr ((DF_DECODE_PROBE_SKIP_LOADS & 1) == 0)
     for (int i = threadIdx.x; i < S::kTokens * kTokenRowChunks; i += kThreads) {
       const int row = i / kTokenRowChunks, chunk = i % kTokenRowChunks;
       const int64_t k = k0 + chunk * 8;
