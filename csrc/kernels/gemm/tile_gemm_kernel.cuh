@@ -122,7 +122,7 @@ __device__ __forceinline__ void publish_tile_flag(uint32_t* flag) {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   asm volatile("fence.proxy.async.global;" ::: "memory");
   if (cute::elect_one_sync()) {
-    asm volatile("red.release.sys.global.add.u32 [%0], 1;" ::"l"(flag) : "memory");
+    add_release_sys(flag, 1);
   }
 }
 

@@ -27,6 +27,7 @@
 
 #include <cstdint>
 
+#include "distfuse/comm/signal.cuh"
 #include "kernels/allreduce/band_geometry.h"
 #include "kernels/gemm/tile_pair_exchange.cuh"
 
@@ -76,7 +77,7 @@ __device__ void scatter_tiles_to_owners(const TileOwnerScatter& s, int64_t m, in
                                                    int(min(int64_t(kTileM), m - row0)), n, slot, x);
       sync();  // every push of the tile precedes the release
     }
-    if (x == 0) asm volatile("red.release.sys.global.add.u32 [%0], 1;" ::"l"(s.owner_flags[owner] + t) : "memory");
+    if (x == 0) add_release_sys(s.owner_flags[owner] + t, 1);
   }
 }
 
