@@ -395,11 +395,10 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   SideStream& side = side_stream(device, 0);
   const bool overlapped = overlap == Overlap::kOverlapped;
   if (scatter) C10_CUDA_CHECK(launch_band_scatter_entry(bc.bands, main));
-  if (overlapped) C10_CUDA_CHECK(cudaEventRecord(side.fork, main));
+  if (overlapped) side.fork_from(main);
   // GEMM first: it never waits on anything (see fused()).
   C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
   cudaStream_t stream = overlapped ? side.stream.stream() : main;
-  if (overlapped) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, side.fork, 0));
   const int bands = static_cast<int>(band_count(bc.bands));
   const int sum_ahead = band_sum_ahead(static_cast<int>(get_tuning("matmul_all_reduce.band_sum_ahead")));
   const bool two_shot_tail =
@@ -455,20 +454,17 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
   const bool overlapped = overlap == Overlap::kOverlapped;
   cudaStream_t rs_stream = overlapped ? rs.stream.stream() : main;
   cudaStream_t ag_stream = overlapped ? ag.stream.stream() : main;
-  if (overlapped) C10_CUDA_CHECK(cudaEventRecord(rs.fork, main));
+  if (overlapped) {
+    rs.fork_from(main);
+    ag.fork_from(main);
+  }
   // GEMM first: it never waits on anything (see fused()).
   C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
-  if (overlapped) {
-    C10_CUDA_CHECK(cudaStreamWaitEvent(rs_stream, rs.fork, 0));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(ag_stream, rs.fork, 0));
-  }
   const int bands = static_cast<int>(band_count(bp));
   for (int band = 0; band < bands; ++band) {
     C10_CUDA_CHECK(launch_band_wait_ready(bp, band, rs_stream));
-    if (overlapped) {  // the sum of the band reads this rank's D: the wait above is its dependency
-      C10_CUDA_CHECK(cudaEventRecord(ag.fork, rs_stream));
-      C10_CUDA_CHECK(cudaStreamWaitEvent(ag_stream, ag.fork, 0));
-    }
+    // The sum of the band reads this rank's D: the wait above is its dependency.
+    if (overlapped) ag.fork_from(rs_stream);
     C10_CUDA_CHECK(band_push_partials(bp, band, rs_stream));
     C10_CUDA_CHECK(launch_band_signal_landed(bp, band, rs_stream));
     C10_CUDA_CHECK(launch_band_reduce(bp, band, bc.reducers, ag_stream));
@@ -476,10 +472,8 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
     C10_CUDA_CHECK(band_pull_sums(bp, band, ag_stream));
   }
   if (overlapped) {
-    C10_CUDA_CHECK(cudaEventRecord(rs.join, rs_stream));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(main, rs.join, 0));
-    C10_CUDA_CHECK(cudaEventRecord(ag.join, ag_stream));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(main, ag.join, 0));
+    rs.join_into(main);
+    ag.join_into(main);
   }
   return with_leading_dims(bc.ob.out, a);
 }
