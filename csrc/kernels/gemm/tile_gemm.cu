@@ -247,7 +247,16 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
     args.dD = cute::make_stride(p.ldd, cute::Int<1>{}, int64_t(p.m) * p.ldd);
     return args;
   };
-  const bool tma_scatter = p.scatter_world > 0 && !p.scatter_by_exchange_warps;
+  TileOwnerScatter scatter{};
+  scatter.world = p.scatter_world;
+  scatter.rank = p.comm.rank;
+  scatter.band_tile_rows = p.scatter_band_tile_rows;
+  scatter.by_exchange_warps = p.scatter_by_exchange_warps;
+  for (int r = 0; r < p.scatter_world; ++r) {
+    scatter.owner_d[r] = p.scatter_d[r];
+    scatter.owner_flags[r] = p.scatter_flags[r];
+  }
+  const bool tma_scatter = scatter.by_epilogue();
   const void* d = tma_scatter ? p.scatter_d[0] : p.d;
   if (!Mainloop::can_implement(problem, mainloop_args) ||
       !Epilogue::can_implement(problem, epilogue_into(d))) {
@@ -269,15 +278,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
   params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
                                  p.exchange_last_tile_in_consumers};
-  TileOwnerScatter& scatter = params.scatter;
-  scatter.world = p.scatter_world;
-  scatter.rank = p.comm.rank;
-  scatter.band_tile_rows = p.scatter_band_tile_rows;
-  scatter.by_exchange_warps = p.scatter_by_exchange_warps;
-  for (int r = 0; r < p.scatter_world; ++r) {
-    scatter.owner_d[r] = p.scatter_d[r];
-    scatter.owner_flags[r] = p.scatter_flags[r];
-  }
+  params.scatter = scatter;
 
   const auto kernel = tile_gemm_kernel<Kernel>;
   constexpr int kSmemBytes = int(sizeof(typename Kernel::SharedStorage));
