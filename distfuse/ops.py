@@ -20,7 +20,7 @@ OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_m
 
 # Paths the dispatcher can be forced to take, per op ("auto" lets it decide).
 PATHS = {
-    "all_reduce": ("auto", "reference", "one_shot", "two_shot", "two_shot_ll", "two_shot_ll128"),
+    "all_reduce": ("auto", "reference", "one_shot", "two_shot", "two_shot_ll", "two_shot_ll128", "one_shot_ll128"),
     "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized",
                           "chunked", "copy_engine", "band_pull", "pair_exchange", "owner_exchange",
                           "band_scatter"),
@@ -35,6 +35,7 @@ TUNING_KEYS = (
     "all_reduce.one_shot_lines_per_thread",  # one-shot CTA geometry: 1 or 2 LL lines per thread
     "all_reduce.two_shot_ll_max_bytes",    # largest all-reduce on the LL two-shot (0: none)
     "all_reduce.two_shot_ll128_max_bytes",  # largest all-reduce on the LL128 two-shot (NVLink Hopper groups)
+    "all_reduce.one_shot_ll128_max_bytes",  # largest all-reduce on the LL128 one-shot (NVLink Hopper groups)
     "matmul_all_reduce.fused_min_m",       # smallest M that takes the overlapped schedule
     "matmul_all_reduce.consumer_blocks",   # consumer CTAs beside the tile GEMM
     "matmul_all_reduce.group_tiles",       # owner schedule: tiles per round of flag releases

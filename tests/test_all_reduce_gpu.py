@@ -12,7 +12,7 @@ from dist_harness import gpu_world_sizes, run_capturing_device_stdout, run_distr
 
 pytestmark = pytest.mark.multigpu
 
-PATHS = ("one_shot", "two_shot", "two_shot_ll", "two_shot_ll128", "auto")
+PATHS = ("one_shot", "two_shot", "two_shot_ll", "two_shot_ll128", "one_shot_ll128", "auto")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -25,9 +25,11 @@ def _int_inputs(numel, dtype, world, seed, device):
 
 def _capacity(path, world, ll128=True):
     """Bytes a forced path carries before it falls back to the two-shot (LL128 lines:
-    17920 lines of 120 bytes per shard, none where the group does not allow them)."""
+    17920 lines of 120 bytes per shard, twice that for the one-shot's whole input, none
+    where the group does not allow them)."""
     return {"one_shot": 1 << 20, "two_shot_ll": world << 20,
-            "two_shot_ll128": world * 17920 * 120 if ll128 else 0}.get(path, 1 << 62)
+            "two_shot_ll128": world * 17920 * 120 if ll128 else 0,
+            "one_shot_ll128": 2 * 17920 * 120 if ll128 else 0}.get(path, 1 << 62)
 
 
 def _gather(t, world):
@@ -77,7 +79,7 @@ def body_exact_and_bitwise(rank, world, group_name):
             dist.all_reduce(ref64)
             results = {}
             for path, lines in (("one_shot", 2), ("one_shot_fine", 1), ("two_shot", 2), ("two_shot_ll", 2),
-                                ("two_shot_ll128", 2)):
+                                ("two_shot_ll128", 2), ("one_shot_ll128", 2)):
                 if numel * x.element_size() > _capacity(path.replace("_fine", ""), world, ll128):
                     continue
                 with force_path("all_reduce", path.replace("_fine", "")), \
@@ -114,10 +116,11 @@ def body_graphs(rank, world, group_name):
     distfuse.init_workspace(group_name, timeout_ms=20000)
     # Launched as programmatic dependents (PDL, 1) of the kernel before them, and not (2).
     cases = [(path, numel, dependent) for dependent in (2, 1)
-             for path in ("one_shot", "two_shot", "two_shot_ll", "two_shot_ll128")
+             for path in ("one_shot", "two_shot", "two_shot_ll", "two_shot_ll128", "one_shot_ll128")
              for numel in (1000, 300001) if not (path == "one_shot" and numel * 2 > (1 << 20))]
-    # LL128 blocks that walk several line chunks (more than 256 x 32 lines per shard).
-    cases += [("two_shot_ll128", 2_000_001, dependent) for dependent in (2, 1)]
+    # LL128 blocks that walk several line chunks (more than 256 x 32 lines per shard);
+    # the one-shot's input then fills both halves of its slots.
+    cases += [(path, 2_000_001, dependent) for dependent in (2, 1) for path in ("two_shot_ll128", "one_shot_ll128")]
     for path, numel, dependent in cases:
         with distfuse.tuning({"all_reduce.dependent_launch": dependent}):
             x = torch.zeros(numel, dtype=torch.bfloat16, device=dev)
@@ -156,7 +159,8 @@ def body_back_to_back(rank, world, group_name):
         path = PATHS[int(torch.randint(0, len(PATHS), (1,), generator=g))]
         group = group_name if i % 2 == 0 else second.group_name
         xs = _int_inputs(numel, torch.float16, world, 5000 + i, dev)
-        # Both one-shot geometries interleaved (separate epochs and slots) and PDL launches.
+        # Both one-shot geometries interleaved (separate epochs and slots), the LL128
+        # one-shot and two-shot (the same epochs and slots) and PDL launches.
         overrides = {"all_reduce.dependent_launch": 1 + i % 4 // 3, "all_reduce.one_shot_lines_per_thread": 1 + i % 3 // 2}
         with force_path("all_reduce", path), distfuse.tuning(overrides):
             out = distfuse.all_reduce(xs[rank], group)

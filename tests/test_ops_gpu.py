@@ -95,7 +95,7 @@ def _check_forced_paths(rank, world, group_name, oracle_group):
                     f"{what}: integer-valued sum not exact"
         # LL128 lines need NVLink peers; ranks sharing a GPU are not (the workspace's verdict).
         ll128 = bool(distfuse.workspace_info(group_name)["ll128"])
-        expected = "two_shot" if path == "two_shot_ll128" and not ll128 else path
+        expected = "two_shot" if path in ("two_shot_ll128", "one_shot_ll128") and not ll128 else path
         assert expected in taken_paths, f"all_reduce: forced path {path!r} never taken (took {taken_paths})"
     for path in PATHS["matmul_all_reduce"][1:]:
         taken_paths = set()

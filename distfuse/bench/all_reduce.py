@@ -25,7 +25,7 @@ QUICK_SIZES = [4 << 10, 1 << 20, 64 << 20]
 CPU_SIZES = [4 << 10, 64 << 10, 1 << 20]
 CPU_QUICK_SIZES = [4 << 10, 64 << 10]
 GRAPH_MAX_BYTES = 4 << 20   # --graph auto: graph rows up to this size (eager rows for all sizes)
-DISTFUSE_PATHS = ("reference", "one_shot", "two_shot", "two_shot_ll", "two_shot_ll128")
+DISTFUSE_PATHS = ("reference", "one_shot", "two_shot", "two_shot_ll", "two_shot_ll128", "one_shot_ll128")
 BOUND = 16                  # |input| <= 16: sums over <= 8 ranks are exact in bf16/fp16/fp32
 
 

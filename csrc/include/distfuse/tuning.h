@@ -9,7 +9,7 @@
 
 namespace distfuse {
 
-enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1, kTwoShotLL = 2, kTwoShotLL128 = 3 };
+enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1, kTwoShotLL = 2, kTwoShotLL128 = 3, kOneShotLL128 = 4 };
 
 // Largest all-reduce (bytes per rank) taken by the one-shot algorithm.
 inline int64_t one_shot_threshold_bytes(int world) {
@@ -28,7 +28,8 @@ inline int64_t two_shot_ll_max_bytes(int world, int64_t override_bytes = 0) {
 }
 
 // The LL128 two-shot takes (two_shot_ll128_min_bytes, two_shot_ll128_max_bytes] where
-// the group allows LL128 lines (before the one-shot's and the LL two-shot's ranges).
+// the group allows LL128 lines (after the LL128 one-shot's range, before the one-shot's
+// and the LL two-shot's).
 // 2 x H100, W = 2, graph: 1 MB 6.7 us (one-shot 9.1, two-shot 11.4, torch's two-shot
 // 12.4), 256 KB 5.0 (one-shot 4.7), 4 KB 4.3 (one-shot 3.3). W >= 3 (prediction): the
 // LL two-shot's fixed cost plus 1.07x the two-shot's bytes, ~12 us at 1 MB against
@@ -42,13 +43,33 @@ inline int64_t two_shot_ll128_max_bytes(int world, int64_t override_bytes = 0) {
   return world <= 2 ? int64_t(4) << 20 : int64_t(2) << 20;
 }
 
-// `override_threshold` / `override_ll_max` / `override_ll128_max` > 0 replace the
-// table (benchmarks sweep them); capacities are what the workspace regions hold (0
-// for LL128 where the group does not allow its lines).
+// The LL128 one-shot takes (one_shot_ll128_min_bytes, one_shot_ll128_max_bytes] where
+// the group allows LL128 lines, before every other range. At W = 2 it carries the
+// LL128 two-shot's bytes with one hop fewer; at W > 2 (W - 1) / 2 times its bytes.
+// 4 x H200, graph, us (LL one-shot / LL128 two-shot / LL128 one-shot): W = 4 16 KB
+// 4.8 / 6.3 / 4.3, 128 KB 6.8 / 6.7 / 5.3, 256 KB 9.1 / 7.0 / 6.6, 384 KB 11.2 / 7.3 /
+// 7.7; W = 2 64 KB 3.6 / 4.5 / 3.7, 256 KB 4.7 / 4.9 / 4.3, 1 MB 9.1 / 6.9 / 7.1, 2 MB
+// 14.0 / 11.7 / 10.6, 3 MB 17.0 / 13.7 / 15.4. W > 4: untuned, off.
+// `override_bytes` > 0 replaces the table.
+inline int64_t one_shot_ll128_min_bytes(int world) { return world <= 2 ? int64_t(64) << 10 : 0; }
+inline int64_t one_shot_ll128_max_bytes(int world, int64_t override_bytes = 0) {
+  if (override_bytes > 0) return override_bytes;
+  if (world <= 2) return int64_t(2) << 20;
+  return world <= 4 ? int64_t(256) << 10 : 0;
+}
+
+// `override_threshold` / `override_ll_max` / `override_ll128_max` /
+// `override_one_shot_ll128_max` > 0 replace the table (benchmarks sweep them);
+// capacities are what the workspace regions hold (0 for the LL128 paths where the
+// group does not allow their lines).
 inline AllReduceAlgo choose_all_reduce(int64_t bytes, int world, int64_t one_shot_capacity_bytes,
                                        int64_t override_threshold = 0, int64_t two_shot_ll_capacity_bytes = 0,
                                        int64_t override_ll_max = 0, int64_t two_shot_ll128_capacity_bytes = 0,
-                                       int64_t override_ll128_max = 0) {
+                                       int64_t override_ll128_max = 0, int64_t one_shot_ll128_capacity_bytes = 0,
+                                       int64_t override_one_shot_ll128_max = 0) {
+  const int64_t one_shot_ll128_max = std::min(one_shot_ll128_max_bytes(world, override_one_shot_ll128_max),
+                                              one_shot_ll128_capacity_bytes);
+  if (bytes > one_shot_ll128_min_bytes(world) && bytes <= one_shot_ll128_max) return AllReduceAlgo::kOneShotLL128;
   int64_t ll128_max = two_shot_ll128_max_bytes(world, override_ll128_max);
   if (ll128_max > two_shot_ll128_capacity_bytes) ll128_max = two_shot_ll128_capacity_bytes;
   if (bytes > two_shot_ll128_min_bytes(world) && bytes <= ll128_max) return AllReduceAlgo::kTwoShotLL128;

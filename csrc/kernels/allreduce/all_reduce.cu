@@ -370,6 +370,112 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_l
   block_epoch_end(c, kChannelTwoShotLL128, epoch);
 }
 
+// ---------------------------------------------------------------- one-shot on LL128 lines
+
+// Every rank pushes its whole input on LL128 lines to every peer and sums the W copies
+// itself: one hop instead of the two-shot's two. At W = 2 both carry the same bytes
+// (the input once each way), so the hop saved is the whole difference; at W > 2 the
+// one-shot carries (W-1)/2 times the two-shot's bytes and pays off only where the
+// call is latency-bound.
+//
+//   group (slot line i):  load input lines i and i + L ──LL128──▶ every peer
+//                         (every line chunk of the block first, then)
+//                         wait W-1 copies of each ─ Σ in rank order (+ bias) ─▶ out
+//
+// It runs in the two-shot's LL128 region and on its epoch counters: input line
+// i + h·L goes to the slot line i of "phase" h, and slot line i is handled by the
+// same block as in the two-shot (chunk i / 32 on block chunk mod 256), so the parity
+// argument holds across calls of both kernels (in each, every block waits for lines
+// from every peer before it ends). L = kTwoShotLL128LinesPerSlot: the second set of
+// slot lines is used only beyond 2.1 MB.
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_one_shot_ll128_kernel(AllReduceParams p) {
+  wait_for_previous_kernel();
+  using Word = Pack<T, 8>;
+  constexpr int64_t kSlotLines = int64_t(kTwoShotLL128LinesPerSlot);
+  const CommHandle& c = p.comm;
+  const int rank = c.rank;
+  const T* in = static_cast<const T*>(p.input);
+  T* out = static_cast<T*>(p.output);
+  const int64_t n = p.numel;
+  const int64_t words = ceil_div<int64_t>(n, Word::kElems);
+  const int64_t lines = ceil_div<int64_t>(words, kLL128LineWords);
+  const int64_t slot_lines = lines < kSlotLines ? lines : kSlotLines;
+  const int halves = lines > kSlotLines ? 2 : 1;  // call-uniform
+
+  const uint32_t epoch = block_epoch_begin(c, kChannelTwoShotLL128);
+  const int parity = epoch & 1;
+  const uint64_t flag = epoch;
+
+  const int q = threadIdx.x & 7;
+  const bool flag_lane = q == 7;
+  const int my_words = flag_lane ? 1 : 2;
+  auto has_line = [&](int64_t i, int h) { return i < slot_lines && i + h * kSlotLines < lines; };
+  auto word_index = [&](int64_t i, int h, int k) { return (i + h * kSlotLines) * kLL128LineWords + 2 * q + k; };
+  auto exists = [&](int64_t i, int h, int k) {
+    return has_line(i, h) && k < my_words && word_index(i, h, k) < words;
+  };
+  auto line_part = [&](int dst, int h, int src, int64_t i) {
+    return two_shot_ll128_line(c, dst, h, parity, src, i) + 16 * q;
+  };
+  auto load_mine = [&](int64_t i, int h, int k) { return exists(i, h, k) ? load_line(in, word_index(i, h, k), n) : Word{}; };
+
+  // Every line of the block is pushed before the first wait, so a block that walks
+  // several line chunks pays one round trip, not one per chunk.
+  for (int64_t chunk = blockIdx.x; chunk * kLL128LinesPerBlock < slot_lines; chunk += kLL128MaxBlocks) {
+    const int64_t i = chunk * kLL128LinesPerBlock + threadIdx.x / 8;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (!has_line(i, h)) continue;
+      const Word w0 = load_mine(i, h, 0), w1 = load_mine(i, h, 1);
+#pragma unroll
+      for (int s = 1; s < W; ++s) {
+        const int dst = rank + s < W ? rank + s : rank + s - W;
+        ll128_store(line_part(dst, h, rank, i), word_bits(w0), flag_lane ? flag : word_bits(w1));
+      }
+    }
+  }
+
+  // The sums, this rank's words read again (a group reads the input words it writes
+  // before it writes them, so out may alias input).
+  for (int64_t chunk = blockIdx.x; chunk * kLL128LinesPerBlock < slot_lines; chunk += kLL128MaxBlocks) {
+    const int64_t i = chunk * kLL128LinesPerBlock + threadIdx.x / 8;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (h >= halves) break;  // call-uniform: every lane reaches every warp vote
+      const Word mine[2] = {load_mine(i, h, 0), load_mine(i, h, 1)};
+      float acc[2][Word::kElems];
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int e = 0; e < Word::kElems; ++e) acc[k][e] = 0.f;
+#pragma unroll
+      for (int src = 0; src < W; ++src) {
+        Word v[2] = {mine[0], mine[1]};
+        if (src != rank) {
+          const ulonglong2 d = ll128_load_warp(line_part(rank, h, src, i), has_line(i, h), flag_lane, flag,
+                                               c.timeout_ns, p.op, blockIdx.x, src);
+          v[0] = word_from_bits<T>(d.x);
+          v[1] = word_from_bits<T>(d.y);
+        }
+        accumulate<T, 8>(acc[0], v[0]);
+        accumulate<T, 8>(acc[1], v[1]);
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        if (!exists(i, h, k)) continue;
+        if (p.bias)
+          add_bias<T, Word::kElems>(acc[k], static_cast<const T*>(p.bias), p.bias_period,
+                                    word_index(i, h, k) * Word::kElems, n);
+        store_line(out, word_index(i, h, k), n, round_pack<T, 8>(acc[k]));
+      }
+    }
+  }
+
+  block_epoch_end(c, kChannelTwoShotLL128, epoch);
+}
+
 // ---------------------------------------------------------------- two-shot
 
 constexpr int kTwoShotThreads = 512;
@@ -636,6 +742,27 @@ cudaError_t launch_all_reduce_two_shot_ll128(const AllReduceParams& p, cudaStrea
     using T = decltype(t);
     return visit_world(world, [&](auto w) {
       return launch_kernel(all_reduce_two_shot_ll128_kernel<T, decltype(w)::value>, blocks, kTwoShotLL128Threads, 0,
+                           stream, p.dependent_launch, p);
+    });
+  });
+}
+
+int64_t all_reduce_one_shot_ll128_max_numel(DType dtype) {
+  return 2 * int64_t(kTwoShotLL128LinesPerSlot) * int64_t(kLL128PayloadBytes) / dtype_size(dtype);
+}
+
+cudaError_t launch_all_reduce_one_shot_ll128(const AllReduceParams& p, cudaStream_t stream) {
+  if (p.numel <= 0) return cudaSuccess;
+  const int64_t words = ceil_div<int64_t>(p.numel * dtype_size(p.dtype), 8);
+  const int64_t lines = ceil_div<int64_t>(words, kLL128LineWords);
+  if (lines > 2 * int64_t(kTwoShotLL128LinesPerSlot)) return cudaErrorInvalidValue;
+  const int64_t slot_lines = std::min<int64_t>(lines, kTwoShotLL128LinesPerSlot);
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(slot_lines, kLL128LinesPerBlock),
+                                                           kLL128MaxBlocks));
+  return visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return visit_world(p.comm.world, [&](auto w) {
+      return launch_kernel(all_reduce_one_shot_ll128_kernel<T, decltype(w)::value>, blocks, kTwoShotLL128Threads, 0,
                            stream, p.dependent_launch, p);
     });
   });

@@ -29,7 +29,11 @@
 //   by one warp instruction of 8 lanes (see ll128_store in distfuse/comm/signal.cuh
 //   for what that relies on): no fence, and 1.07x the two-shot's bytes instead of 2x.
 //
-// All four sum in fp32 in the fixed order rank 0, 1, ..., W-1 and round once, so
+// one-shot LL128 (W = 2 at mid sizes; NVLink Hopper groups): the one-shot's schedule
+//   on LL128 lines, in the LL128 two-shot's region. At W = 2 it carries the two-shot's
+//   bytes with one hop fewer.
+//
+// All five sum in fp32 in the fixed order rank 0, 1, ..., W-1 and round once, so
 // every rank gets the same bits, whichever algorithm ran.
 //
 // Options in AllReduceParams: the one-shot's CTA geometry (2 or 1 lines per
@@ -54,5 +58,9 @@ cudaError_t launch_all_reduce_two_shot_ll(const AllReduceParams& p, cudaStream_t
 // Largest all-reduce the LL128 two-shot takes, and its launch (NVLink Hopper groups only).
 int64_t all_reduce_two_shot_ll128_max_numel(DType dtype, int world);
 cudaError_t launch_all_reduce_two_shot_ll128(const AllReduceParams& p, cudaStream_t stream);
+// Largest all-reduce the LL128 one-shot takes (it runs in the LL128 two-shot's region and
+// epochs), and its launch (NVLink Hopper groups only).
+int64_t all_reduce_one_shot_ll128_max_numel(DType dtype);
+cudaError_t launch_all_reduce_one_shot_ll128(const AllReduceParams& p, cudaStream_t stream);
 
 }  // namespace distfuse

@@ -39,6 +39,7 @@ const char* path_name(AllReducePath p) {
     case AllReducePath::kOneShot: return "one_shot";
     case AllReducePath::kTwoShotLL: return "two_shot_ll";
     case AllReducePath::kTwoShotLL128: return "two_shot_ll128";
+    case AllReducePath::kOneShotLL128: return "one_shot_ll128";
     default: return "two_shot";
   }
 }
@@ -62,14 +63,20 @@ AllReducePath choose_all_reduce_path(const comm::Workspace& ws, int64_t bytes, D
       ws.ll128() ? all_reduce_two_shot_ll128_max_numel(dtype, ws.world()) * dtype_size(dtype) : 0;
   if (forced == "two_shot_ll128")
     return bytes <= ll128_capacity ? AllReducePath::kTwoShotLL128 : AllReducePath::kTwoShot;
+  const int64_t one_shot_ll128_capacity =
+      ws.ll128() ? all_reduce_one_shot_ll128_max_numel(dtype) * dtype_size(dtype) : 0;
+  if (forced == "one_shot_ll128")
+    return bytes <= one_shot_ll128_capacity ? AllReducePath::kOneShotLL128 : AllReducePath::kTwoShot;
   if (forced == "two_shot") return AllReducePath::kTwoShot;
   switch (choose_all_reduce(bytes, ws.world(), ws.one_shot_capacity_bytes(),
                             get_tuning("all_reduce.one_shot_max_bytes"), ll_capacity,
                             get_tuning("all_reduce.two_shot_ll_max_bytes"), ll128_capacity,
-                            get_tuning("all_reduce.two_shot_ll128_max_bytes"))) {
+                            get_tuning("all_reduce.two_shot_ll128_max_bytes"), one_shot_ll128_capacity,
+                            get_tuning("all_reduce.one_shot_ll128_max_bytes"))) {
     case AllReduceAlgo::kOneShot: return AllReducePath::kOneShot;
     case AllReduceAlgo::kTwoShotLL: return AllReducePath::kTwoShotLL;
     case AllReduceAlgo::kTwoShotLL128: return AllReducePath::kTwoShotLL128;
+    case AllReduceAlgo::kOneShotLL128: return AllReducePath::kOneShotLL128;
     default: return AllReducePath::kTwoShot;
   }
 }
@@ -96,6 +103,7 @@ void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tens
   const cudaError_t err = path == AllReducePath::kOneShot        ? launch_all_reduce_one_shot(p, stream)
                           : path == AllReducePath::kTwoShotLL    ? launch_all_reduce_two_shot_ll(p, stream)
                           : path == AllReducePath::kTwoShotLL128 ? launch_all_reduce_two_shot_ll128(p, stream)
+                          : path == AllReducePath::kOneShotLL128 ? launch_all_reduce_one_shot_ll128(p, stream)
                                                                  : launch_all_reduce_two_shot(p, stream);
   TORCH_CHECK(err == cudaSuccess, "distfuse: ", path_name(path), " all-reduce launch failed: ",
               cudaGetErrorString(err));

@@ -19,7 +19,7 @@ at::Tensor contiguous_aligned(const at::Tensor& t);
 void check_workspace_device(const char* op, const char* name, const at::Tensor& t,
                             const comm::Workspace& ws);
 
-enum class AllReducePath { kOneShot, kTwoShot, kTwoShotLL, kTwoShotLL128 };
+enum class AllReducePath { kOneShot, kTwoShot, kTwoShotLL, kTwoShotLL128, kOneShotLL128 };
 
 // Σ over the group of `input` (+ bias[i % bias.numel()] once) into `out` with the
 // distfuse kernels, on the current stream. input and out: same size, dtype and
