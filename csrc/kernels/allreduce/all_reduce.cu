@@ -258,6 +258,31 @@ __device__ __forceinline__ unsigned char* two_shot_ll128_line(const CommHandle& 
              int64_t(kLL128LineBytes);
 }
 
+// Σ in rank order of this lane's two words of one LL128 line over the W ranks: this
+// rank's words from `mine`, every peer's from the line `peer_line(src)` it sent here.
+// Every lane of the warp calls it (ll128_load_warp votes across the warp).
+template <typename T, int W, typename PeerLine>
+__device__ __forceinline__ void sum_ll128_line_in_rank_order(float (&acc)[2][Pack<T, 8>::kElems],
+                                                             const Pack<T, 8> (&mine)[2], int rank,
+                                                             PeerLine peer_line, bool valid, bool flag_lane,
+                                                             uint64_t flag, uint64_t timeout_ns, int op) {
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+#pragma unroll
+    for (int e = 0; e < Pack<T, 8>::kElems; ++e) acc[k][e] = 0.f;
+#pragma unroll
+  for (int src = 0; src < W; ++src) {
+    Pack<T, 8> v[2] = {mine[0], mine[1]};
+    if (src != rank) {
+      const ulonglong2 d = ll128_load_warp(peer_line(src), valid, flag_lane, flag, timeout_ns, op, blockIdx.x, src);
+      v[0] = word_from_bits<T>(d.x);
+      v[1] = word_from_bits<T>(d.y);
+    }
+    accumulate<T, 8>(acc[0], v[0]);
+    accumulate<T, 8>(acc[1], v[1]);
+  }
+}
+
 // The LL two-shot's schedule with 128-byte lines of 15 payload words and a flag word
 // (120 of every 128 bytes are data, against 8 of 16 for LL lines). Lane q of a group
 // of 8 carries words 2q and 2q + 1 of its line; lane 7 carries word 14 and the flag.
@@ -322,22 +347,8 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_l
     }
 
     float acc[2][Word::kElems];
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-#pragma unroll
-      for (int e = 0; e < Word::kElems; ++e) acc[k][e] = 0.f;
-#pragma unroll
-    for (int src = 0; src < W; ++src) {
-      Word v[2] = {mine[0], mine[1]};
-      if (src != rank) {
-        const ulonglong2 d = ll128_load_warp(line_part(rank, 0, src), has_line, flag_lane, flag, c.timeout_ns, p.op,
-                                             blockIdx.x, src);
-        v[0] = word_from_bits<T>(d.x);
-        v[1] = word_from_bits<T>(d.y);
-      }
-      accumulate<T, 8>(acc[0], v[0]);
-      accumulate<T, 8>(acc[1], v[1]);
-    }
+    sum_ll128_line_in_rank_order<T, W>(acc, mine, rank, [&](int src) { return line_part(rank, 0, src); }, has_line,
+                                       flag_lane, flag, c.timeout_ns, p.op);
     Word r[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
@@ -446,22 +457,8 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_one_shot_l
       if (h >= halves) break;  // call-uniform: every lane reaches every warp vote
       const Word mine[2] = {load_mine(i, h, 0), load_mine(i, h, 1)};
       float acc[2][Word::kElems];
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-#pragma unroll
-        for (int e = 0; e < Word::kElems; ++e) acc[k][e] = 0.f;
-#pragma unroll
-      for (int src = 0; src < W; ++src) {
-        Word v[2] = {mine[0], mine[1]};
-        if (src != rank) {
-          const ulonglong2 d = ll128_load_warp(line_part(rank, h, src, i), has_line(i, h), flag_lane, flag,
-                                               c.timeout_ns, p.op, blockIdx.x, src);
-          v[0] = word_from_bits<T>(d.x);
-          v[1] = word_from_bits<T>(d.y);
-        }
-        accumulate<T, 8>(acc[0], v[0]);
-        accumulate<T, 8>(acc[1], v[1]);
-      }
+      sum_ll128_line_in_rank_order<T, W>(acc, mine, rank, [&](int src) { return line_part(rank, h, src, i); },
+                                         has_line(i, h), flag_lane, flag, c.timeout_ns, p.op);
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         if (!exists(i, h, k)) continue;
