@@ -84,6 +84,26 @@ __device__ __forceinline__ LLLine* one_shot_slot(const CommHandle& c, int dst, i
              int64_t(kOneShotLinesPerSlot);
 }
 
+// Σ in rank order of one LL line (8 payload bytes) over the W ranks: this rank's from
+// `mine`, every peer's from the line `peer_line(src)` it sent here.
+template <typename T, int W, typename PeerLine>
+__device__ __forceinline__ void sum_ll_line_in_rank_order(float (&acc)[Pack<T, 8>::kElems], const Pack<T, 8>& mine,
+                                                          int rank, PeerLine peer_line, uint32_t epoch,
+                                                          uint64_t timeout_ns, int op) {
+#pragma unroll
+  for (int e = 0; e < Pack<T, 8>::kElems; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int src = 0; src < W; ++src) {
+    Pack<T, 8> v = mine;
+    if (src != rank) {
+      const uint2 d = ll_load(peer_line(src), epoch, timeout_ns, op, blockIdx.x, src);
+      v.w[0] = d.x;
+      v.w[1] = d.y;
+    }
+    accumulate<T, 8>(acc, v);
+  }
+}
+
 template <typename T, int W, int LPT>
 __global__ void __launch_bounds__(kOneShotThreads)
     all_reduce_one_shot_kernel(AllReduceParams p) {
@@ -119,21 +139,9 @@ __global__ void __launch_bounds__(kOneShotThreads)
   for (int k = 0; k < LPT; ++k) {
     if (line[k] >= lines) continue;
     float acc[kElems];
-#pragma unroll
-    for (int i = 0; i < kElems; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int src = 0; src < W; ++src) {
-      Line v;
-      if (src == rank) {
-        v = mine[k];
-      } else {
-        const uint2 d = ll_load(one_shot_slot<LPT>(c, rank, parity, src) + line[k], epoch,
-                                c.timeout_ns, p.op, blockIdx.x, src);
-        v.w[0] = d.x;
-        v.w[1] = d.y;
-      }
-      accumulate<T, 8>(acc, v);
-    }
+    sum_ll_line_in_rank_order<T, W>(
+        acc, mine[k], rank, [&](int src) { return one_shot_slot<LPT>(c, rank, parity, src) + line[k]; }, epoch,
+        c.timeout_ns, p.op);
     const int64_t idx = line[k] * kElems;
     if (p.bias) add_bias<T, kElems>(acc, static_cast<const T*>(p.bias), p.bias_period, idx, n);
     store_line(out, line[k], n, round_pack<T, 8>(acc));
@@ -198,19 +206,9 @@ __global__ void __launch_bounds__(kTwoShotLLThreads) all_reduce_two_shot_ll_kern
     }
     if (exists(rank)) {
       float acc[kElems];
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
-#pragma unroll
-      for (int src = 0; src < W; ++src) {
-        Line v = x[rank];
-        if (src != rank) {
-          const uint2 d = ll_load(two_shot_ll_slot(c, rank, 0, parity, src) + j, epoch, c.timeout_ns, p.op,
-                                  blockIdx.x, src);
-          v.w[0] = d.x;
-          v.w[1] = d.y;
-        }
-        accumulate<T, 8>(acc, v);
-      }
+      sum_ll_line_in_rank_order<T, W>(
+          acc, x[rank], rank, [&](int src) { return two_shot_ll_slot(c, rank, 0, parity, src) + j; }, epoch,
+          c.timeout_ns, p.op);
       const int64_t idx = (int64_t(rank) * shard + j) * kElems;
       if (p.bias) add_bias<T, kElems>(acc, static_cast<const T*>(p.bias), p.bias_period, idx, n);
       const Line r = round_pack<T, 8>(acc);
