@@ -43,7 +43,7 @@ std::vector<uint8_t> to_bytes(const std::string& s) { return std::vector<uint8_t
 
 struct PeerVerdict {
   bool p2p = false;    // every member reaches every other's GPU memory directly
-  bool ll128 = false;  // and over NVLink between Hopper GPUs: LL128 lines are allowed
+  bool ll128 = false;  // and over NVLink between Hopper GPUs with SMs for the LL128 grid: LL128 lines allowed
 };
 
 // Every rank learns whether all members sit on one host and can reach each
@@ -66,7 +66,8 @@ PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& pref
   store->set(prefix + "id/" + std::to_string(rank), to_bytes(std::string(host) + "|" + bus + "|" + prop.name));
 
   bool ok = true;
-  bool nvlink = prop.major == 9;
+  // LL128 grids need their blocks resident together (comm/handle.h).
+  bool nvlink = prop.major == 9 && prop.multiProcessorCount * kLL128BlocksPerSm >= kLL128MaxBlocks;
   gpu_name = prop.name;
   for (int p = 0; p < world; ++p) {
     const std::string id = to_string(store->get(prefix + "id/" + std::to_string(p)));

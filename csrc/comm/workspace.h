@@ -52,8 +52,8 @@ class Workspace {
 
   bool p2p() const { return p2p_; }
   // Every pair of members linked by NVLink between Hopper GPUs (no two members on one
-  // GPU): the LL128 lines of distfuse/comm/signal.cuh are allowed (the same answer on
-  // every rank).
+  // GPU) with SMs enough for an LL128 grid (comm/handle.h): the LL128 lines of
+  // distfuse/comm/signal.cuh are allowed (the same answer on every rank).
   bool ll128() const { return ll128_; }
   int rank() const { return rank_; }
   int world() const { return world_; }

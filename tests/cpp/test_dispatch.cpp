@@ -103,11 +103,11 @@ TEST(AllReduceChoice, LL128OneShotBeforeTheOtherRangesWhereAllowed) {
     return choose_all_reduce(bytes, world, kOneShotCapacityBytes, 0, ll_capacity, 0,
                              allowed ? world * 17920 * 120 : 0, 0, allowed ? one_capacity : 0, override_max);
   };
-  // W = 2: above the LL one-shot's smallest sizes up to 2 MB; the LL128 two-shot above.
+  // W = 2: above the LL one-shot's smallest sizes up to 3 MB; the LL128 two-shot above.
   EXPECT_EQ(choose(one_shot_ll128_min_bytes(2), 2, true), AllReduceAlgo::kOneShot);
   EXPECT_EQ(choose(one_shot_ll128_min_bytes(2) + 16, 2, true), AllReduceAlgo::kOneShotLL128);
-  EXPECT_EQ(choose(2 << 20, 2, true), AllReduceAlgo::kOneShotLL128);
-  EXPECT_EQ(choose((2 << 20) + 16, 2, true), AllReduceAlgo::kTwoShotLL128);
+  EXPECT_EQ(choose(3 << 20, 2, true), AllReduceAlgo::kOneShotLL128);
+  EXPECT_EQ(choose((3 << 20) + 16, 2, true), AllReduceAlgo::kTwoShotLL128);
   // W = 4: every size up to 256 KB, where the LL128 two-shot takes over.
   EXPECT_EQ(choose(16, 4, true), AllReduceAlgo::kOneShotLL128);
   EXPECT_EQ(choose(256 << 10, 4, true), AllReduceAlgo::kOneShotLL128);
@@ -117,7 +117,7 @@ TEST(AllReduceChoice, LL128OneShotBeforeTheOtherRangesWhereAllowed) {
   EXPECT_EQ(choose(1 << 20, 2, false), AllReduceAlgo::kOneShot);
   EXPECT_EQ(choose(16, 8, true), AllReduceAlgo::kOneShot);
   // An override wins, clamped to what the region holds.
-  EXPECT_EQ(choose(3 << 20, 2, true, 8 << 20), AllReduceAlgo::kOneShotLL128);
+  EXPECT_EQ(choose(4 << 20, 2, true, 8 << 20), AllReduceAlgo::kOneShotLL128);
   EXPECT_EQ(choose(one_capacity + 16, 2, true, 8 << 20), AllReduceAlgo::kTwoShot);
 }
 

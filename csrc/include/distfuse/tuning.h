@@ -48,14 +48,14 @@ inline int64_t two_shot_ll128_max_bytes(int world, int64_t override_bytes = 0) {
 // LL128 two-shot's bytes with one hop fewer; at W > 2 (W - 1) / 2 times its bytes.
 // 4 x H200, graph, us (LL one-shot / LL128 two-shot / LL128 one-shot): W = 4 16 KB
 // 4.8 / 6.3 / 4.3, 128 KB 6.8 / 6.7 / 5.3, 256 KB 9.1 / 7.0 / 6.6, 384 KB 11.2 / 7.3 /
-// 7.7; W = 2 64 KB 3.6 / 4.5 / 3.7, 256 KB 4.7 / 4.9 / 4.3, 1 MB 9.1 / 6.9 / 7.1, 2 MB
-// 14.0 / 11.7 / 10.6, 3 MB 17.0 / 13.7 / 15.4: at W = 2 one range up to 2 MB, 1 MB
-// paying 0.2-0.3 us for it. W > 4: untuned, off.
-// `override_bytes` > 0 replaces the table.
+// 7.7; W = 2 64 KB 3.6 / 4.5 / 3.7, 256 KB 4.7 / 4.9 / 4.3. W = 2 with 384-block LL128
+// grids (2 x H200, graph, us; LL128 two-shot / LL128 one-shot): 1 MB 7.2 / 6.6, 2 MB
+// 10.4 / 10.2, 3 MB 14.8 / 14.2, 4 MB 17.3 / 17.8: at W = 2 one range up to 3 MB.
+// W > 4: untuned, off. `override_bytes` > 0 replaces the table.
 inline int64_t one_shot_ll128_min_bytes(int world) { return world <= 2 ? int64_t(64) << 10 : 0; }
 inline int64_t one_shot_ll128_max_bytes(int world, int64_t override_bytes = 0) {
   if (override_bytes > 0) return override_bytes;
-  if (world <= 2) return int64_t(2) << 20;
+  if (world <= 2) return int64_t(3) << 20;
   return world <= 4 ? int64_t(256) << 10 : 0;
 }
 

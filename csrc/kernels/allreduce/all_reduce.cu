@@ -239,11 +239,7 @@ __global__ void __launch_bounds__(kTwoShotLLThreads) all_reduce_two_shot_ll_kern
 
 constexpr int kTwoShotLL128Threads = 256;
 constexpr int kLL128LinesPerBlock = kTwoShotLL128Threads / 8;  // 8 lanes carry a line
-// Grid of every launch at most: block b handles line chunks b, b + 256, ... (32 lines
-// each), a map that does not depend on the call's size. 256 blocks of 256 threads are
-// resident together (three per SM on >= 86 SMs), so no block waits for a peer block
-// that has no SM.
-constexpr int kLL128MaxBlocks = 256;
+// Grid: at most kLL128MaxBlocks blocks, kLL128BlocksPerSm of them per SM (comm/handle.h).
 
 // Line `line` that `src` sends to `dst` in `phase` for epochs of this parity. Line j
 // of every shard is always handled by the same 8 lanes of the same block (the map
@@ -294,7 +290,7 @@ __device__ __forceinline__ void sum_ll128_line_in_rank_order(float (&acc)[2][Pac
 // lanes without a line take part with valid = false instead of branching around.
 // A group reads every input word it later writes, so out may alias input.
 template <typename T, int W>
-__global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_ll128_kernel(AllReduceParams p) {
+__global__ void __launch_bounds__(kTwoShotLL128Threads, kLL128BlocksPerSm) all_reduce_two_shot_ll128_kernel(AllReduceParams p) {
   wait_for_previous_kernel();
   using Word = Pack<T, 8>;
   const CommHandle& c = p.comm;
@@ -399,7 +395,7 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_two_shot_l
 // slot lines is used only beyond 2.1 MB.
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kTwoShotLL128Threads, 3) all_reduce_one_shot_ll128_kernel(AllReduceParams p) {
+__global__ void __launch_bounds__(kTwoShotLL128Threads, kLL128BlocksPerSm) all_reduce_one_shot_ll128_kernel(AllReduceParams p) {
   wait_for_previous_kernel();
   using Word = Pack<T, 8>;
   constexpr int64_t kSlotLines = int64_t(kTwoShotLL128LinesPerSlot);
