@@ -33,14 +33,17 @@ inline int64_t two_shot_ll_max_bytes(int world, int64_t override_bytes = 0) {
 // 2 x H100, W = 2, graph: 1 MB 6.7 us (one-shot 9.1, two-shot 11.4, torch's two-shot
 // 12.4), 256 KB 5.0 (one-shot 4.7), 4 KB 4.3 (one-shot 3.3). W >= 3 (prediction): the
 // LL two-shot's fixed cost plus 1.07x the two-shot's bytes, ~12 us at 1 MB against
-// 14.4-14.5 for the two-shot. `override_bytes` > 0 replaces the table.
+// 14.4-14.5 for the two-shot. W = 4 at 4 MB (LL128 two-shot / two-shot, us): 4 x H100
+// with 384-block LL128 grids 25.0 / 29.1 graph, 29.8 / 35.0 eager; 4 x H200 with 256
+// 27.3 / 27.9, 32.6 / 33.3: up to 4 MB at W <= 4. W > 4: untuned, 2 MB.
+// `override_bytes` > 0 replaces the table.
 inline int64_t two_shot_ll128_min_bytes(int world) {
   const int64_t one_shot = one_shot_threshold_bytes(world);
   return one_shot < (int64_t(256) << 10) ? one_shot : int64_t(256) << 10;
 }
 inline int64_t two_shot_ll128_max_bytes(int world, int64_t override_bytes = 0) {
   if (override_bytes > 0) return override_bytes;
-  return world <= 2 ? int64_t(4) << 20 : int64_t(2) << 20;
+  return world <= 4 ? int64_t(4) << 20 : int64_t(2) << 20;
 }
 
 // The LL128 one-shot takes (one_shot_ll128_min_bytes, one_shot_ll128_max_bytes] where
