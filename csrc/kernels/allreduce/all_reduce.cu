@@ -290,7 +290,8 @@ __device__ __forceinline__ void sum_ll128_line_in_rank_order(float (&acc)[2][Pac
 // lanes without a line take part with valid = false instead of branching around.
 // A group reads every input word it later writes, so out may alias input.
 template <typename T, int W>
-__global__ void __launch_bounds__(kTwoShotLL128Threads, kLL128BlocksPerSm) all_reduce_two_shot_ll128_kernel(AllReduceParams p) {
+__global__ void __launch_bounds__(kTwoShotLL128Threads, kLL128BlocksPerSm)
+    all_reduce_two_shot_ll128_kernel(AllReduceParams p) {
   wait_for_previous_kernel();
   using Word = Pack<T, 8>;
   const CommHandle& c = p.comm;
@@ -395,7 +396,8 @@ __global__ void __launch_bounds__(kTwoShotLL128Threads, kLL128BlocksPerSm) all_r
 // slot lines is used only beyond 2.1 MB.
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kTwoShotLL128Threads, kLL128BlocksPerSm) all_reduce_one_shot_ll128_kernel(AllReduceParams p) {
+__global__ void __launch_bounds__(kTwoShotLL128Threads, kLL128BlocksPerSm)
+    all_reduce_one_shot_ll128_kernel(AllReduceParams p) {
   wait_for_previous_kernel();
   using Word = Pack<T, 8>;
   constexpr int64_t kSlotLines = int64_t(kTwoShotLL128LinesPerSlot);
