@@ -67,7 +67,7 @@ PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& pref
 
   bool ok = true;
   // LL128 grids need their blocks resident together (comm/handle.h).
-  bool nvlink = prop.major == 9 && prop.multiProcessorCount * kLL128BlocksPerSm >= kLL128MaxBlocks;
+  bool nvlink = prop.major == 9 && ll128_grid_fits(prop.multiProcessorCount);
   gpu_name = prop.name;
   for (int p = 0; p < world; ++p) {
     const std::string id = to_string(store->get(prefix + "id/" + std::to_string(p)));

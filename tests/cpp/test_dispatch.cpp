@@ -121,6 +121,14 @@ TEST(AllReduceChoice, LL128OneShotBeforeTheOtherRangesWhereAllowed) {
   EXPECT_EQ(choose(one_capacity + 16, 2, true, 8 << 20), AllReduceAlgo::kTwoShot);
 }
 
+TEST(WorkspaceLayout, LL128GridsOnlyWhereTheyAreResidentAtOnce) {
+  EXPECT_TRUE(ll128_grid_fits(132));   // H100 SXM, H200
+  EXPECT_TRUE(ll128_grid_fits(128));
+  EXPECT_FALSE(ll128_grid_fits(127));
+  EXPECT_FALSE(ll128_grid_fits(114));  // H100 PCIe
+  EXPECT_EQ(kLL128MaxBlocks % kLL128BlocksPerSm, 0);
+}
+
 TEST(WorkspaceLayout, LL128RegionHoldsItsLinesAndIsZeroedWithTheFlags) {
   for (int world = 2; world <= kMaxWorld; ++world) {
     const WorkspaceLayout l = make_layout(world, 0);

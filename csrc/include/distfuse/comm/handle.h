@@ -100,6 +100,8 @@ constexpr uint64_t kTwoShotLL128LinesPerSlot = 17920;
 // (two-shot), 4 MB from 18.4 to 17.2 (two-shot); the two-shot at 3 MB from 13.9 to 14.8.
 constexpr int kLL128MaxBlocks = 384;
 constexpr int kLL128BlocksPerSm = 3;
+// Whether a GPU with `sms` SMs holds a whole LL128 grid at once.
+constexpr bool ll128_grid_fits(int sms) { return sms * kLL128BlocksPerSm >= kLL128MaxBlocks; }
 // Two-shot: per (phase, slot, source) region, split among the blocks of a launch
 // (blocks x chunk bytes <= kTwoShotRegionBytes); default and largest chunk.
 constexpr uint64_t kTwoShotRegionBytes = 8ull << 20;
