@@ -118,8 +118,9 @@ def body_graphs(rank, world, group_name):
     cases = [(path, numel, dependent) for dependent in (2, 1)
              for path in ("one_shot", "two_shot", "two_shot_ll", "two_shot_ll128", "one_shot_ll128")
              for numel in (1000, 300001) if not (path == "one_shot" and numel * 2 > (1 << 20))]
-    # LL128 blocks that walk several line chunks (more than 256 x 32 lines per shard);
-    # the one-shot's input then fills both halves of its slots.
+    # LL128 blocks that walk several line chunks (more than 384 x 32 lines: the one-shot
+    # at every W, the two-shot's shard at W = 2); the one-shot's input then fills both
+    # halves of its slots.
     cases += [(path, 2_000_001, dependent) for dependent in (2, 1) for path in ("two_shot_ll128", "one_shot_ll128")]
     for path, numel, dependent in cases:
         with distfuse.tuning({"all_reduce.dependent_launch": dependent}):
