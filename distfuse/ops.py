@@ -21,7 +21,7 @@ OPS = ("all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_m
 # Paths the dispatcher can be forced to take, per op ("auto" lets it decide).
 PATHS = {
     "all_reduce": ("auto", "reference", "one_shot", "two_shot", "two_shot_ll", "two_shot_ll128", "one_shot_ll128"),
-    "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "serialized",
+    "matmul_all_reduce": ("auto", "reference", "sequential", "fused_tiles", "decode_push", "decode_split_k", "serialized",
                           "chunked", "copy_engine", "band_pull", "pair_exchange", "owner_exchange",
                           "band_scatter"),
 }
@@ -54,6 +54,7 @@ TUNING_KEYS = (
     "matmul_all_reduce.band_sum_ahead",    # ... bands a CTA may sum before it gathers the oldest
     "matmul_all_reduce.band_whole_tiles",  # band schedules: the GEMM's tiles whole, no stream-K: 1 on, 2 off
     "matmul_all_reduce.decode_max_m",      # largest M that takes the one-kernel decode schedule
+    "matmul_all_reduce.decode_split_k_max_m",  # largest M that takes the split-K decode schedule
     "matmul_all_reduce.decode_ll",         # decode schedule: push on LL lines 1, flags 2, LL128 lines 3
     "matmul_all_reduce.decode_ctas",       # decode schedule: CTAs (0: one per SM)
     "matmul_all_reduce.pair_exchange_min_m",  # smallest M that takes the pair exchange (W = 2)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.multigpu
 
 TILE_GEMM_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange",
                    "owner_exchange", "band_scatter")  # also row-major B
-ALL_PATHS = ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange", "owner_exchange", "band_scatter",
+ALL_PATHS = ("fused_tiles", "decode_push", "decode_split_k", "copy_engine", "band_pull", "pair_exchange", "owner_exchange", "band_scatter",
              "serialized", "sequential", "chunked", "reference", "auto")
 # Tuning that keeps auto off the pair exchange (so that it picks the band schedule).
 NO_PAIR_EXCHANGE = {"matmul_all_reduce.pair_exchange_min_m": 1 << 40}
@@ -39,6 +39,8 @@ def _expected_path(path, m, n, world):
         return "decode_push"
     if path == "pair_exchange" and world != 2:
         return "band_pull"
+    if path == "decode_split_k" and (m > 128 or n % 64 != 0):
+        return "decode_push"
     return path
 
 
@@ -101,8 +103,8 @@ def body_paths(rank, world, group_name):
                             serialized = distfuse.matmul_all_reduce(a, w.t(), group_name, bias=bias)
                     assert torch.equal(by_auto, serialized), (path, m, k, n)
                     assert torch.equal(by_auto, outs[(path, "weight_t")]), (path, m, k, n)
-                for path in ("fused_tiles", "decode_push", "copy_engine", "band_pull", "pair_exchange",
-                             "owner_exchange", "band_scatter", "sequential", "chunked", "auto"):
+                for path in ("fused_tiles", "decode_push", "decode_split_k", "copy_engine", "band_pull",
+                             "pair_exchange", "owner_exchange", "band_scatter", "sequential", "chunked", "auto"):
                     for other in _gather(outs[(path, "weight_t")], world):
                         assert torch.equal(other, outs[(path, "weight_t")]), ("ranks differ", path)
     # Leading batch dims, a shape the fused GEMM cannot take (K % 8 != 0), device mismatch.
@@ -223,7 +225,7 @@ def body_graphs(rank, world, group_name):
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=64 << 20, timeout_ms=30000)
     k, n = 256, 2048
-    for path, m in (("decode_push", 4), ("sequential", 8), ("sequential", 700), ("fused_tiles", 512),
+    for path, m in (("decode_push", 4), ("decode_split_k", 4), ("decode_split_k", 100), ("sequential", 8), ("sequential", 700), ("fused_tiles", 512),
                     ("chunked", 700), ("copy_engine", 1500),
                     ("copy_engine", 3), ("band_pull", 1500), ("band_pull", 3), ("pair_exchange", 1500),
                     ("pair_exchange", 3), ("owner_exchange", 1500), ("owner_exchange", 3), ("band_scatter", 1500),
@@ -243,7 +245,7 @@ def body_graphs_survive_growth(rank, world, group_name):
     captured = [(path, m, _captured_call(group_name, path, m, 256, 1024, dev))
                 for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("pair_exchange", 1000),
                                 ("owner_exchange", 1000), ("band_scatter", 1000), ("sequential", 8), ("auto", 4),
-                                ("decode_push", 4), ("decode_push", 40))]
+                                ("decode_push", 4), ("decode_push", 40), ("decode_split_k", 40))]
     for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000), ("pair_exchange", 4097),
                     ("owner_exchange", 4097), ("band_scatter", 4097)):
         a = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
@@ -284,6 +286,49 @@ def body_decode_variants(rank, world, group_name):
                     force_path("matmul_all_reduce", "serialized"):
                 unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, ll, ctas))
+
+
+def _split_k_fits(m, k):
+    """Whether the split-K decode schedule's token slice fits shared memory for some
+    cluster of 1 to 8 CTAs (kernels/gemm/decode_split_k.cu, geometry_for)."""
+    tile = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    return any(tile * -(-(-(-k // c)) // 64) * 128 <= 128 << 10 for c in (1, 2, 4, 8))
+
+
+def body_decode_split_k(rank, world, group_name):
+    """The split-K decode schedule over token tiles of 16 to 128, clusters of 1 to 8 CTAs
+    (K from 64 to 28672; where no cluster holds the token slice, the one-kernel decode
+    schedule), one or many column blocks per cluster, with and without bias,
+    back to back in mixed order: exact on integer inputs, the same bits as the unfused
+    order, identical across ranks; shapes it does not take fall back to decode_push."""
+    import distfuse
+    from distfuse.ops import force_path, last_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=16 << 20, timeout_ms=30000)
+    for i in range(48):
+        m = (1, 3, 16, 17, 32, 63, 100, 128)[i % 8]
+        k = (64, 520, 2048, 4096, 7168, 28672)[(i // 2) % 6]
+        n = (64, 1024, 8192)[(i // 3) % 3]
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 12000 + i,
+                                                        row_major=False, with_bias=i % 3 == 1)
+        _poison_allocator(m * n, dtype, dev)
+        with force_path("matmul_all_reduce", "decode_split_k"):
+            out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
+            expected = "decode_split_k" if _split_k_fits(m, k) else "decode_push"
+            assert last_path("matmul_all_reduce") == expected, (i, m, k, n)
+        with distfuse.tuning({"matmul_all_reduce.decode_split_k_max_m": 4096}), \
+                force_path("matmul_all_reduce", "serialized"):
+            unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
+        _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n))
+    # Shapes it does not take run the one-kernel decode schedule.
+    for m, n, row_major in ((129, 1024, False), (8, 1000, False), (8, 1024, True)):
+        a, b, bias, partials, exact = _integer_operands(rank, world, m, 256, n, torch.float16, dev, 13000 + m,
+                                                        row_major=row_major, with_bias=False)
+        with force_path("matmul_all_reduce", "decode_split_k"):
+            out = distfuse.matmul_all_reduce(a, b, group_name)
+            assert last_path("matmul_all_reduce") == "decode_push", (m, n, row_major)
+        assert torch.equal(out.double(), exact), (m, n, row_major)
 
 
 def body_band_variants(rank, world, group_name):
@@ -435,6 +480,11 @@ def test_tile_exchanges_mixed_exact_and_bitwise(world):
 @pytest.mark.parametrize("world", gpu_world_sizes())
 def test_band_variants_exact_and_bitwise(world):
     run_distributed(body_band_variants, world, backend="nccl", timeout=300)
+
+
+@pytest.mark.parametrize("world", gpu_world_sizes())
+def test_decode_split_k_exact_and_bitwise(world):
+    run_distributed(body_decode_split_k, world, backend="nccl", timeout=300)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())

@@ -42,12 +42,17 @@ CPU_QUICK_M = [1, 32]
 GRAPH_MAX_M = 512                           # --graph auto: graph rows for M <= this, eager above
 SHAPES = ("o_proj", "down_proj")
 ROW_MAJOR_SHAPE = "o_proj"                  # also measured with a row-major b
-FORCED_PATHS = ("sequential", "fused_tiles", "decode_push", "chunked", "copy_engine", "band_pull", "pair_exchange",
+FORCED_PATHS = ("sequential", "fused_tiles", "decode_push", "decode_split_k", "chunked", "copy_engine", "band_pull", "pair_exchange",
                 "owner_exchange", "band_scatter")
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
 
-def forced_paths(ctx, default=FORCED_PATHS):
+# Timed unless --paths says otherwise: every schedule but the split-K decode schedule,
+# which dispatch never picks (slower than the unfused order at every measured row; NOTES.md, v46).
+DEFAULT_FORCED_PATHS = tuple(p for p in FORCED_PATHS if p != "decode_split_k")
+
+
+def forced_paths(ctx, default=DEFAULT_FORCED_PATHS):
     """The forced-path columns of this run (--paths, else `default`); the pair exchange
     only at W = 2, the one group size it exists for."""
     given = ctx.options.get("paths")

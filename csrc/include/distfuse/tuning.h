@@ -126,7 +126,7 @@ namespace distfuse {
 
 enum class MatmulAllReduceAlgo : int {
   kSequential = 0, kFusedTiles = 1, kDecodePush = 2, kCopyEngine = 3, kBandPull = 4, kPairExchange = 5,
-  kOwnerExchange = 6, kBandScatter = 7
+  kOwnerExchange = 6, kBandScatter = 7, kDecodeSplitK = 8
 };
 // GPUs as far as the dispatch table tells them apart (from the name all members of
 // the group share; "mixed" and unknown names are kOther).
@@ -289,6 +289,18 @@ inline int64_t decode_max_m(int world, GpuClass gpu) {
   if (world < 2) return 0;
   if (world == 2) return gpu == GpuClass::kH200 ? 8 : 0;
   return gpu == GpuClass::kH100 || gpu == GpuClass::kH200 ? 16 : 0;
+}
+
+// The split-K decode schedule (kernels/gemm/decode_split_k.h: clusters split K, each
+// column block's rows pushed while the next one is computed) from M = decode_max_m + 1 up
+// to decode_split_k_max_m, where it takes the shape; 0: never (forced only). 2 x H200,
+// W = 2, graph, same run (NOTES.md, v46), split-K vs cuBLAS + the distfuse all-reduce:
+// o_proj M = 1 / 32 / 128 31.3 / 35.6 / 109.2 us vs 21.8 / 24.7 / 31.2; down_proj M = 1 / 32
+// 96.7 / 121.4 vs 61.8 / 66.5: never.
+inline int64_t decode_split_k_max_m(int world, GpuClass gpu) {
+  (void)world;
+  (void)gpu;
+  return 0;
 }
 
 // Decode schedule: push on LL lines (data and flag in one 16-byte store: no fence,

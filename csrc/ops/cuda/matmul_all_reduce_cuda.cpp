@@ -7,6 +7,9 @@
 //   fused_tiles  tile GEMM on SMs - C SMs, owner-mode tile all-reduce on C SMs, overlapped
 //   decode_push  one kernel: skinny GEMM whose epilogue pushes each column block to every
 //                peer, then the rank-order sum (small M; kernels/gemm/decode_matmul_all_reduce.h)
+//   decode_split_k  one kernel: clusters split K, the tokens stay in shared memory, each
+//                column block's rows go to the peers while the next block is computed
+//                (M <= 128; kernels/gemm/decode_split_k.h)
 //   serialized   the kernels auto would pick, one after the other (tests: same bits, no overlap)
 //   chunked      cuBLAS GEMMs of row chunks, each chunk's distfuse all-reduce overlapping the
 //                next chunk's GEMM (forced only: never the best measured)
@@ -44,6 +47,7 @@
 
 #ifndef DISTFUSE_NO_GEMM
 #include "kernels/gemm/decode_matmul_all_reduce.h"
+#include "kernels/gemm/decode_split_k.h"
 #include "kernels/gemm/tile_gemm.h"
 #endif
 
@@ -559,10 +563,11 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
   return with_leading_dims(out, a);
 }
 
-// Decode schedule: one kernel on the main stream (kernels/gemm/decode_matmul_all_reduce.h).
-// Serialized: the same kernel writes this rank's partial, then the distfuse all-reduce.
+// Decode schedules: one kernel on the main stream (kernels/gemm/decode_matmul_all_reduce.h,
+// or with split_k kernels/gemm/decode_split_k.h). Serialized: the same kernel writes this
+// rank's partial, then the distfuse all-reduce.
 at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
-                  const std::optional<at::Tensor>& bias, Overlap overlap) {
+                  const std::optional<at::Tensor>& bias, Overlap overlap, bool split_k) {
   const GemmOperands g = gemm_operands(a, b);
   const int esize = static_cast<int>(a.element_size());
   ws.ensure_tile_bytes(tile_region_bytes(static_cast<int>(g.m), static_cast<int>(g.n), esize, ws.world()), kOp);
@@ -587,7 +592,9 @@ at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   p.sm_count = ctas > 0 ? std::min(ctas, sm_count(ws.device())) : sm_count(ws.device());
   p.op = kOpMatmulAllReduce;
   p.comm = ws.handle();
-  C10_CUDA_CHECK(launch_decode_matmul_all_reduce(p, at::cuda::getCurrentCUDAStream(ws.device())));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(ws.device());
+  C10_CUDA_CHECK(split_k ? launch_decode_split_k_matmul_all_reduce(p, stream)
+                         : launch_decode_matmul_all_reduce(p, stream));
   if (!p.all_reduce) all_reduce_in_place(ws, ob.out, bias);
   return with_leading_dims(ob.out, a);
 }
@@ -634,8 +641,17 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
         get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"),
         get_tuning("matmul_all_reduce.decode_max_m"), get_tuning("matmul_all_reduce.pair_exchange_min_m"),
         get_tuning("matmul_all_reduce.owner_exchange_min_m"), get_tuning("matmul_all_reduce.band_scatter_min_m"));
+    // The split-K decode schedule: above the one-kernel decode schedule's rows up to the
+    // table's M, or up to an override's M over every schedule (falls back to decode_push
+    // below where it does not take the shape).
+    const int64_t split_k_max_m = get_tuning("matmul_all_reduce.decode_split_k_max_m");
+    if (split_k_max_m > 0 ? m <= split_k_max_m
+                          : algo != MatmulAllReduceAlgo::kDecodePush &&
+                                m <= decode_split_k_max_m(ws.world(), gpu_class(ws.gpu_name())))
+      algo = MatmulAllReduceAlgo::kDecodeSplitK;
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
+    if (forced == "decode_split_k") algo = MatmulAllReduceAlgo::kDecodeSplitK;
     if (forced == "copy_engine") algo = MatmulAllReduceAlgo::kCopyEngine;
     if (forced == "band_pull") algo = MatmulAllReduceAlgo::kBandPull;
     if (forced == "pair_exchange")
@@ -667,9 +683,19 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     }
     if (algo == MatmulAllReduceAlgo::kFusedTiles && !owner_schedule_fits(a, b, ws.world()))
       algo = MatmulAllReduceAlgo::kDecodePush;  // decode-sized anyway
+    // The split-K schedule takes the transposed weight view, M <= 128 and N in whole
+    // 64-column blocks; elsewhere the one-kernel decode schedule.
+    if (algo == MatmulAllReduceAlgo::kDecodeSplitK &&
+        !decode_split_k_shape_supported(m, b.size(1), k, b.stride(0) == 1 && b.stride(1) == k))
+      algo = MatmulAllReduceAlgo::kDecodePush;
+    if (algo == MatmulAllReduceAlgo::kDecodeSplitK) {
+      at::Tensor out = decode(ws, a, b, bias, overlap, /*split_k=*/true);
+      record_path(kOp, serialized ? "serialized" : "decode_split_k");
+      return out;
+    }
     if (algo == MatmulAllReduceAlgo::kDecodePush &&
         decode_shape_supported(m, b.size(1), k)) {
-      at::Tensor out = decode(ws, a, b, bias, overlap);
+      at::Tensor out = decode(ws, a, b, bias, overlap, /*split_k=*/false);
       record_path(kOp, serialized ? "serialized" : "decode_push");
       return out;
     }
