@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "distfuse/comm/handle.h"
+#include "distfuse/comm/signal.cuh"
 
 namespace distfuse {
 
@@ -63,6 +64,23 @@ constexpr uint32_t kExchangeTimeoutEntry = 1;
 constexpr uint32_t kExchangeTimeoutTile = 2;
 __device__ __forceinline__ uint32_t* exchange_timeout_record(const CommHandle& c) {
   return c.counters(kChannelTiles) + 2;
+}
+
+// Waits until `flag` reaches `epoch`; at the timeout, records the wait (when several
+// time out, any one record is enough to report) and returns false. No call in its
+// code: kernels that issue wgmma use it (see poll_flag_reached).
+__device__ __forceinline__ bool poll_or_record_timeout(const CommHandle& c, const uint32_t* flag, uint32_t epoch,
+                                                       uint32_t what, int index, int peer) {
+  uint32_t seen;
+  if (poll_flag_reached(flag, epoch, c.timeout_ns, &seen)) return true;
+  uint32_t* record = exchange_timeout_record(c);
+  record[1] = uint32_t(index);
+  record[2] = uint32_t(peer);
+  record[3] = epoch;
+  record[4] = seen;
+  __threadfence();
+  record[0] = what;
+  return false;
 }
 
 }  // namespace distfuse

@@ -200,22 +200,6 @@ __device__ __forceinline__ uint32_t* piece_flag(const CommHandle& c, int rank, i
   return c.flags(rank, kChannelDecodeGemm) + kMaxWorld * (1 + piece) + src;
 }
 
-// Warps 1-3: waits until `flag` reaches `epoch`; at the timeout records the wait and
-// returns false (the caller stops waiting for peers; the check kernel reports it).
-__device__ __forceinline__ bool wait_peer_or_record(const CommHandle& c, const uint32_t* flag, uint32_t epoch,
-                                                    uint32_t what, int index, int peer) {
-  uint32_t seen;
-  if (poll_flag_reached(flag, epoch, c.timeout_ns, &seen)) return true;
-  uint32_t* record = exchange_timeout_record(c);
-  record[1] = uint32_t(index);
-  record[2] = uint32_t(peer);
-  record[3] = epoch;
-  record[4] = seen;
-  __threadfence();
-  record[0] = what;
-  return false;
-}
-
 template <typename T, int kTokens>
 __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __grid_constant__ SplitKArgs args) {
   extern __shared__ unsigned char smem_raw[];
@@ -341,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
     const auto sum_ranks = [&](int b) {
       const int64_t piece = int64_t(b) * ctas + cta;
       if (t < world && t != rank && !aborted &&
-          !wait_peer_or_record(c, piece_flag(c, rank, piece, t), epoch, kExchangeTimeoutTile, int(piece), t))
+          !poll_or_record_timeout(c, piece_flag(c, rank, piece, t), epoch, kExchangeTimeoutTile, int(piece), t))
         aborted = 1;
       named_sync(kCommBarrier, kCommThreads);
       if (aborted) return;
@@ -403,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
       }
       if (!entered) {
         if (t < world && t != rank &&
-            !wait_peer_or_record(c, entry_flag(c, rank, t), epoch, kExchangeTimeoutEntry, int(blockIdx.x), t))
+            !poll_or_record_timeout(c, entry_flag(c, rank, t), epoch, kExchangeTimeoutEntry, int(blockIdx.x), t))
           aborted = 1;
         named_sync(kCommBarrier, kCommThreads);
         entered = true;

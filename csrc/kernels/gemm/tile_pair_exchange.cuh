@@ -148,21 +148,12 @@ __device__ __forceinline__ void exchange_timeout_check(const CommHandle& c) {
                  int(record[2]), record[3], record[4]);
 }
 
-// Thread 0 of the exchange warps: waits until `flag` reaches `epoch`; at the timeout,
-// records the wait (when several time out, any one record is enough to report) and
-// stops the CTA's exchange, returning false.
+// Thread 0 of the exchange warps: poll_or_record_timeout, and at the timeout also stops
+// the CTA's exchange.
 __device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, volatile ExchangeCtaState* cta,
                                                        const uint32_t* flag, uint32_t epoch, uint32_t what,
                                                        int index, int peer) {
-  uint32_t seen;
-  if (poll_flag_reached(flag, epoch, c.timeout_ns, &seen)) return true;
-  uint32_t* record = exchange_timeout_record(c);
-  record[1] = uint32_t(index);
-  record[2] = uint32_t(peer);
-  record[3] = epoch;
-  record[4] = seen;
-  __threadfence();
-  record[0] = what;
+  if (poll_or_record_timeout(c, flag, epoch, what, index, peer)) return true;
   cta->aborted = 1;
   return false;
 }
