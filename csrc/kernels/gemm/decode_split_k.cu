@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cute/arch/mma_sm90_gmma.hpp>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "distfuse/comm/handle.h"
@@ -484,8 +486,6 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 template <typename T, int kTokens>
 cudaError_t launch_with(const SplitKArgs& args_in, const SplitGeometry& g, cudaStream_t stream) {
   const auto kernel = decode_split_k_kernel<T, kTokens>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, g.smem_bytes);
-  if (err != cudaSuccess) return err;
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
@@ -497,13 +497,30 @@ cudaError_t launch_with(const SplitKArgs& args_in, const SplitGeometry& g, cudaS
   config.stream = stream;
   config.attrs = attribute;
   config.numAttrs = 1;
-  // Clusters resident at once (GPC boundaries may hold fewer than SMs / C); cached per
-  // kernel and geometry, since the answer depends on nothing else.
-  config.gridDim = dim3(g.cluster * kMaxClusterCtas * 32);
-  int resident = 0;
-  err = cudaOccupancyMaxActiveClusters(&resident, kernel, &config);
+  // The kernel's shared-memory limit, raised to the largest geometry launched so far on
+  // this device, and the clusters resident at once (GPC boundaries may hold fewer than
+  // SMs / C): asked once per device, cluster size and shared memory, since the answer
+  // depends on nothing else.
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  if (resident < 1) return cudaErrorInvalidConfiguration;
+  static std::mutex mutex;
+  static std::map<int, int> smem_limit_by_device;
+  static std::map<std::tuple<int, int, int>, int> resident_by_config;
+  const std::lock_guard<std::mutex> lock(mutex);
+  int& smem_limit = smem_limit_by_device[device];
+  if (g.smem_bytes > smem_limit) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, g.smem_bytes);
+    if (err != cudaSuccess) return err;
+    smem_limit = g.smem_bytes;
+  }
+  int& resident = resident_by_config[{device, g.cluster, g.smem_bytes}];
+  if (resident < 1) {
+    config.gridDim = dim3(g.cluster * kMaxClusterCtas * 32);  // any multiple of the cluster size
+    err = cudaOccupancyMaxActiveClusters(&resident, kernel, &config);
+    if (err != cudaSuccess) return err;
+    if (resident < 1) return cudaErrorInvalidConfiguration;
+  }
   SplitKArgs args = args_in;
   const int blocks = args.p.n / kBlockN;
   args.clusters = std::min({resident, blocks, std::max(1, args.p.sm_count / g.cluster)});
