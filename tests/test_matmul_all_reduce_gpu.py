@@ -291,7 +291,7 @@ def body_decode_variants(rank, world, group_name):
 def _split_k_fits(m, k):
     """Whether the split-K decode schedule's token slice fits shared memory for some
     cluster of 1 to 8 CTAs (kernels/gemm/decode_split_k.cu, geometry_for)."""
-    tile = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    tile = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     return any(tile * -(-(-(-k // c)) // 64) * 128 <= 128 << 10 for c in (1, 2, 4, 8))
 
 
@@ -440,13 +440,14 @@ def body_tile_exchanges_mixed(rank, world, group_name):
 
 
 def body_exchange_missing_peer(rank, world, group_name, log_dir, path):
-    """Rank 1 never makes the second call: rank 0's tile exchange (whose GEMM kernel may
-    not print) must fail within the timeout with a message naming the op and the peer."""
+    """Rank 1 never makes the second call: rank 0's tile exchange or split-K decode
+    schedule (kernels that may not print) must fail within the timeout with a message
+    naming the op and the peer."""
     import distfuse
     from distfuse.ops import force_path
     dev = torch.device("cuda", torch.cuda.current_device())
     distfuse.init_workspace(group_name, max_bytes=16 << 20, timeout_ms=1500)
-    a = torch.randn(2048, 256, dtype=torch.bfloat16, device=dev)
+    a = torch.randn(32 if path == "decode_split_k" else 2048, 256, dtype=torch.bfloat16, device=dev)
     w = torch.randn(1024, 256, dtype=torch.bfloat16, device=dev)
     with force_path("matmul_all_reduce", path):
         distfuse.matmul_all_reduce(a, w.t(), group_name)
@@ -467,7 +468,7 @@ def body_exchange_missing_peer(rank, world, group_name, log_dir, path):
     assert "distfuse: matmul_all_reduce timed out" in text and "peer rank 1" in text, text
 
 
-@pytest.mark.parametrize("path", ("pair_exchange", "owner_exchange"))
+@pytest.mark.parametrize("path", ("pair_exchange", "owner_exchange", "decode_split_k"))
 def test_exchange_missing_peer_times_out(tmp_path, path):
     run_distributed(body_exchange_missing_peer, 2, args=(str(tmp_path), path), backend="nccl", timeout=120)
 

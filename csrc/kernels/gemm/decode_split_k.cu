@@ -34,7 +34,7 @@ constexpr int kBoxBytes = kBlockN * kRowBytes;      // 8 KB: weights of one 64-K
 constexpr int kPartialPitch = kBlockN + 4;          // floats per partial row (+4: no bank conflicts)
 constexpr int kTokenBudgetBytes = 128 << 10;        // token slice in shared memory at most
 constexpr int kMaxStages = 16;
-constexpr int kMinStages = 4;
+constexpr int kMinStages = 3;
 constexpr int kMaxClusterCtas = 8;                  // portable cluster size
 constexpr int kSmemLimitBytes = 227 << 10;
 constexpr int kMmaBarrier = 1, kCommBarrier = 2;    // named barriers (0 is __syncthreads)
@@ -65,7 +65,7 @@ struct SplitKArgs {
 // atoms are 1024 bytes).
 __host__ __device__ constexpr int token_bytes(int token_tile, int k_blocks) { return k_blocks * token_tile * kRowBytes; }
 __host__ __device__ constexpr int partial_bytes(int token_tile) { return token_tile * kPartialPitch * 4; }
-__host__ __device__ constexpr int barrier_bytes(int stages) { return (2 * stages + 3) * 8; }
+__host__ __device__ constexpr int barrier_bytes(int stages) { return (2 * stages + 2) * 8; }
 __host__ __device__ constexpr int smem_bytes_for(int token_tile, int k_blocks, int stage_boxes, int stages) {
   return 1024 + token_bytes(token_tile, k_blocks) + stages * stage_boxes * kBoxBytes + partial_bytes(token_tile) +
          barrier_bytes(stages);
@@ -84,34 +84,52 @@ __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive_local(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
-// Arrival on CTA `cta`'s barrier at the same offset, ordering this thread's earlier
-// accesses (and those of threads it synchronized with) before it, cluster-wide.
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, int cta) {
-  asm volatile(
-      "{\n\t.reg .b32 remote;\n\t"
-      "mapa.shared::cluster.u32 remote, %0, %1;\n\t"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n\t}" ::"r"(bar),
-      "r"(cta)
-      : "memory");
+// One arrival on the barrier at the same offset in each of the cluster's `ctas` CTAs,
+// ordering this thread's earlier accesses (and those of threads it synchronized with)
+// before all of them: one cluster-wide fence, then relaxed arrivals. A release on each
+// arrival costs a fence per arrival: at C = 8 that tripled a column block's boundary
+// (NOTES.md, v47).
+__device__ __forceinline__ void mbar_arrive_every_cta(uint32_t bar, int ctas) {
+  asm volatile("fence.acq_rel.cluster;" ::: "memory");
+  for (int cta = 0; cta < ctas; ++cta)
+    asm volatile(
+        "{\n\t.reg .b32 remote;\n\t"
+        "mapa.shared::cluster.u32 remote, %0, %1;\n\t"
+        "mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [remote];\n\t}" ::"r"(bar),
+        "r"(cta)
+        : "memory");
 }
+// kClusterScope: the phase was completed by arrivals of other CTAs, whose writes the
+// waiter reads next; else by this CTA's threads or its own TMA copies.
+template <bool kClusterScope>
 __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
-  asm volatile(
-      "{\n\t.reg .pred p;\n\t"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
-      "selp.b32 %0, 1, 0, p;\n\t}"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
+  if (kClusterScope)
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.b32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  else
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.b32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
   return done != 0;
 }
 // Wait for the completion of the barrier's phase of parity `parity`; bounded: only a
 // defect of this kernel can keep a cluster-internal phase from completing.
 // The clock is first read after 4096 failed tries (each try already blocks in hardware
 // for a while): reading it on every wait costs the pipeline more than the wait itself.
+template <bool kClusterScope = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint64_t start = 0;
-  for (uint32_t spins = 1; !mbar_try_wait(bar, parity); ++spins) {
+  for (uint32_t spins = 1; !mbar_try_wait<kClusterScope>(bar, parity); ++spins) {
     if ((spins & 4095u) != 0) continue;
     const uint64_t now = global_timer_ns();
     if (start == 0) start = now;
@@ -168,10 +186,12 @@ struct WgmmaOp;
   struct WgmmaOp<T, N> {        \
     using Op = gmma::NAME<gmma::Major::K, gmma::Major::K>; \
   };
+DF_WGMMA_OP(__nv_bfloat16, 8, MMA_64x8x16_F32BF16BF16_SS)
 DF_WGMMA_OP(__nv_bfloat16, 16, MMA_64x16x16_F32BF16BF16_SS)
 DF_WGMMA_OP(__nv_bfloat16, 32, MMA_64x32x16_F32BF16BF16_SS)
 DF_WGMMA_OP(__nv_bfloat16, 64, MMA_64x64x16_F32BF16BF16_SS)
 DF_WGMMA_OP(__nv_bfloat16, 128, MMA_64x128x16_F32BF16BF16_SS)
+DF_WGMMA_OP(__half, 8, MMA_64x8x16_F32F16F16_SS)
 DF_WGMMA_OP(__half, 16, MMA_64x16x16_F32F16F16_SS)
 DF_WGMMA_OP(__half, 32, MMA_64x32x16_F32F16F16_SS)
 DF_WGMMA_OP(__half, 64, MMA_64x64x16_F32F16F16_SS)
@@ -221,8 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
   const uint32_t bars = partial + partial_bytes(kTokens);
   const auto full = [&](int s) { return bars + 8u * s; };
   const auto empty = [&](int s) { return bars + 8u * (stages + s); };
-  const uint32_t tokens_full = bars + 16u * stages;
-  const uint32_t partial_full = tokens_full + 8, partial_empty = tokens_full + 16;
+  const uint32_t partial_full = bars + 16u * stages, partial_empty = partial_full + 8;
 
   const int cta = cluster_cta_rank();
   const int cluster_id = int(blockIdx.x) / ctas;
@@ -237,7 +256,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
       mbar_init(full(s), 1);
       mbar_init(empty(s), 1);
     }
-    mbar_init(tokens_full, 1);
     mbar_init(partial_full, ctas);
     mbar_init(partial_empty, ctas);
     aborted = 0;
@@ -251,27 +269,28 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
     store_release_sys(entry_flag(c, int(threadIdx.x), rank), epoch);
 
   if (threadIdx.x == 0 && rounds > 0) {
-    // ---- loads: the token slice once, then the weights of every block, stage by stage.
-    mbar_expect_tx(tokens_full, uint32_t(token_bytes(kTokens, kb_count)));
-    for (int kb = 0; kb < kb_count; ++kb)
-      tma_load_2d(tokens + kb * kTokens * kRowBytes, &args.tokens, tokens_full, k0 + kb * kBlockK, 0);
+    // ---- loads: the weights of every block, stage by stage; the first block's stages
+    // also bring the token slice's boxes of their K, so the first wgmma waits for one
+    // stage, not for the whole slice (up to 128 KB, ~2-5 us of L2 reads at the start).
+    constexpr int kTokenBoxBytes = kTokens * kRowBytes;
     int it = 0;
     for (int j = 0; j < rounds; ++j) {
       const int n0 = (cluster_id + j * args.clusters) * kBlockN;
       for (int ks = 0; ks < stage_count; ++ks, ++it) {
         const int s = it % stages;
         mbar_wait(empty(s), ((it / stages) & 1) ^ 1);
-        mbar_expect_tx(full(s), uint32_t(stage_bytes));
-        for (int x = 0; x < boxes; ++x)
-          tma_load_2d(ring + s * stage_bytes + x * kBoxBytes, &args.weights, full(s), k0 + (ks * boxes + x) * kBlockK,
-                      n0);
+        mbar_expect_tx(full(s), uint32_t(stage_bytes + (j == 0 ? boxes * kTokenBoxBytes : 0)));
+        for (int x = 0; x < boxes; ++x) {
+          const int kb = ks * boxes + x;
+          if (j == 0) tma_load_2d(tokens + kb * kTokenBoxBytes, &args.tokens, full(s), k0 + kb * kBlockK, 0);
+          tma_load_2d(ring + s * stage_bytes + x * kBoxBytes, &args.weights, full(s), k0 + kb * kBlockK, n0);
+        }
       }
     }
   } else if (threadIdx.x >= kMmaThread0 && rounds > 0) {
     // ---- wgmma: 64 columns x Mt tokens per block over this CTA's K slice.
     const int t = int(threadIdx.x) - kMmaThread0, w = t / 32, l = t % 32;
     float acc[kTokens / 2];
-    mbar_wait(tokens_full, 0);
     int it = 0;
     for (int j = 0; j < rounds; ++j) {
       for (int ks = 0; ks < stage_count; ++ks, ++it) {
@@ -296,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
       cute::warpgroup_wait<0>();
       fence_accumulators(acc);
       if (t == 0) mbar_arrive_local(empty((it - 1) % stages));
-      if (j > 0) mbar_wait(partial_empty, (j - 1) & 1);
+      if (j > 0) mbar_wait<true>(partial_empty, (j - 1) & 1);
       // Accumulator i of thread (w, l): column w·16 + l/4 + 8·((i/2) mod 2), token
       // (i/4)·8 + 2·(l mod 4) + (i mod 2).
 #pragma unroll
@@ -306,8 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
         partial_ptr[tok * kPartialPitch + col] = acc[i];
       }
       named_sync(kMmaBarrier, kMmaThreads);
-      if (t == 0)
-        for (int q = 0; q < ctas; ++q) mbar_arrive_cluster(partial_full, q);
+      if (t == 0) mbar_arrive_every_cta(partial_full, ctas);
     }
   } else if (threadIdx.x >= kCommThread0 && threadIdx.x < kMmaThread0 && rounds > 0) {
     // ---- warps 1-3: per block, the cluster sum of this CTA's rows and the pushes.
@@ -355,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
     bool entered = false;
     for (int j = 0; j < rounds; ++j) {
       const int b = cluster_id + j * args.clusters;
-      mbar_wait(partial_full, j & 1);
+      mbar_wait<true>(partial_full, j & 1);
       uint4 mine[kMaxUnits];
 #pragma unroll
       for (int x = 0; x < kMaxUnits; ++x) {
@@ -378,8 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
         mine[x] = from_pack<T>(round_pack<T, 16>(s));
       }
       named_sync(kCommBarrier, kCommThreads);  // the cluster's partials are read
-      if (t == 0)
-        for (int q = 0; q < ctas; ++q) mbar_arrive_cluster(partial_empty, q);
+      if (t == 0) mbar_arrive_every_cta(partial_empty, ctas);
 
       if (!p.all_reduce) {
 #pragma unroll
@@ -453,17 +470,19 @@ bool encode_rows(CUtensorMap* map, const void* ptr, DType dtype, int64_t rows, i
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-int token_tile_for(int64_t m) { return m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : 128; }
+int token_tile_for(int64_t m) { return m <= 8 ? 8 : m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : 128; }
 
-// The smallest cluster whose token slice fits kTokenBudgetBytes, and the deepest ring
-// that fits beside it, of two-box stages where four of them fit, else of one-box
-// stages; cluster 0 when none fits. Two-box stages: fewer ring round trips per byte,
-// 2 x H200, W = 2 (NOTES.md, v46): o_proj M = 1 43.0 -> 31.3 us, M = 32 47.3 -> 35.6.
+// The smallest cluster whose token slice fits kTokenBudgetBytes, and the most boxes
+// per stage (4, 2, 1) that still leave kMinStages stages beside it, with the deepest
+// ring that fits; cluster 0 when none fits. Bigger stages, fewer ring round trips per
+// byte: 1 x H100, GEMM alone (NOTES.md, v47), K = 4096 M = 1 34.4 / 30.9 / 29.7 us for
+// 1 / 2 / 4 boxes; two stages of four boxes lose (M = 32: 36.0 against 32.0 for five
+// of two).
 SplitGeometry geometry_for(int64_t m, int64_t k) {
   SplitGeometry g{};
   g.token_tile = token_tile_for(m);
   for (int ctas = 1; ctas <= kMaxClusterCtas; ctas *= 2) {
-    for (int boxes = 2; boxes >= 1; --boxes) {
+    for (int boxes = 4; boxes >= 1; boxes /= 2) {
       const int k_blocks = int(ceil_div(ceil_div(k, ctas), kBlockK * boxes)) * boxes;
       if (token_bytes(g.token_tile, k_blocks) > kTokenBudgetBytes) continue;
       int stages = kMaxStages;
@@ -537,6 +556,7 @@ cudaError_t launch_with(const SplitKArgs& args_in, const SplitGeometry& g, cudaS
 template <typename T>
 cudaError_t launch_tokens(const SplitKArgs& args, const SplitGeometry& g, cudaStream_t stream) {
   switch (g.token_tile) {
+    case 8: return launch_with<T, 8>(args, g, stream);
     case 16: return launch_with<T, 16>(args, g, stream);
     case 32: return launch_with<T, 32>(args, g, stream);
     case 64: return launch_with<T, 64>(args, g, stream);

@@ -18,13 +18,13 @@
 // to 64), Q clusters resident together. Column block b (64 columns) belongs to
 // cluster b mod Q, which takes its blocks in order b, b + Q, ...; the block's rows
 // are split among the cluster's CTAs (CTA i owns rows [i·R, (i + 1)·R), R = Mt / C,
-// Mt the token tile: 16, 32, 64 or 128). Identical on every rank.
+// Mt the token tile: 8, 16, 32, 64 or 128). Identical on every rank.
 //
 // Warps of a CTA
 // --------------
-//   warp 0      TMA: the token slice once, then the weights [64 columns x 64 K] in
-//               boxes, one or two per stage, through a ring of S stages (128-byte
-//               swizzle, mbarriers).
+//   warp 0      TMA: the weights [64 columns x 64 K] in boxes, 1, 2 or 4 per stage,
+//               through a ring of S stages (128-byte swizzle, mbarriers); the first
+//               block's stages also bring the token slice's boxes of the same K.
 //   warps 4-7   one warpgroup of wgmma m64 x Mt x k16: the weights are the M operand
 //               (64 output columns), the tokens the N operand; fp32 accumulators;
 //               at the end of a block the partial goes to shared memory.
@@ -35,7 +35,7 @@
 //
 // Schedule of one cluster (C = 4) on rank r; blocks b0, b1, b2 of the cluster
 // -------------------------------------------------------------------------------
-//   warp 0     [tokens][w b0 ...........][w b1 ...........][w b2 ...........]
+//   warp 0     [w+tokens b0 ......][w b1 ...........][w b2 ...........]
 //   wgmma      [K slice x b0 ........]·  [K slice x b1 ....]·  [K slice x b2 ....]·
 //                                     │partial b0          │partial b1          │partial b2
 //   warps 1-3                         └[Σ4 b0][push b0]─┐   └[Σ4 b1][push b1][ΣW b0]└[Σ4 b2][push b2][ΣW b1][ΣW b2]
@@ -43,10 +43,11 @@
 // The ring keeps loading while the partials are summed and pushed, so the GEMM
 // streams the weights without a gap; only block b2's push and sums follow it.
 //
-// Barriers: full[s] / empty[s] for the ring (TMA bytes, wgmma done), tokens (TMA
-// bytes), partial_full (every CTA of the cluster wrote its partial: C remote
-// arrivals, release/acquire at cluster scope) and partial_empty (every CTA's warps
-// 1-3 read the partials: C arrivals; the next block's partial waits for it).
+// Barriers: full[s] / empty[s] for the ring (TMA bytes, in the first block with the
+// token boxes; wgmma done), partial_full (every CTA of the cluster wrote its
+// partial: C remote arrivals after one cluster-scope fence, acquired at cluster
+// scope) and partial_empty (every CTA's warps 1-3 read the partials: C arrivals; the
+// next block's partial waits for it).
 //
 // Memory in the tile region of every rank (mn = M·N elements): slot[src] at
 // (1 + src)·mn, laid out like out. Flags of kChannelDecodeGemm (shared with the
@@ -62,11 +63,13 @@
 // may not print, see poll_flag_reached) and reported by the kernel launched after
 // it; cluster-internal waits are bounded too (trap).
 //
-// Where it stands (NOTES.md, v46): correct, but slower than cuBLAS + the all-reduce at
-// every measured row, so dispatch never picks it. The token slice takes up to 128 KB of
-// shared memory, which leaves the weight ring too few bytes in flight for the loaded
-// HBM latency: streaming alone (no wgmma, no exchange) runs at about half of cuBLAS's
-// rate, and at M = 128 the ring holds less than one block of the slice.
+// Where it stands (NOTES.md, v46-v47): correct, but slower than cuBLAS + the all-reduce
+// at every measured row, so dispatch never picks it. TMA streams the weights through
+// the ring as fast as plain loads (benchmarks/micro/tma_stream_probe.cu); what is left
+// is the GEMM alone 3-6 us over cuBLAS at M <= 32 (start, the block boundaries, the
+// cluster sum) plus ~5 us of exchange after it, and at M = 128 the 128 KB token slice,
+// which leaves a ring of three stages, with the cluster sum over DSMEM (28 KB per CTA
+// and block at C = 8) at every block boundary: 2.7x cuBLAS.
 //
 // Same bits as the unfused order: with all_reduce == false the kernel writes this
 // rank's rounded partial (the cluster sum) to `output` and nothing else; the
