@@ -1,6 +1,7 @@
 // What the standalone probes share: CHECK(call), which stops at the first failing CUDA
 // call and names it; GPUs 0 and 1 with access to each other's memory; random bf16 fills;
-// the median of a set of timings.
+// the median of a set of timings; plain 16-byte reads; graphs of ten calls timed after an
+// L2 flush.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -56,6 +57,71 @@ inline void enable_peer_pair() {
 inline float median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+// Reads `n` 16-byte words with `kUnroll` loads in flight per thread; grid-stride.
+template <int kUnroll>
+__global__ void read_kernel(const uint4* p, int64_t n, uint4* sink) {
+  uint4 acc = make_uint4(0, 0, 0, 0);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride * kUnroll) {
+    uint4 x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) x[u] = i + u * stride < n ? __ldcs(p + i + u * stride) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) acc.x ^= x[u].x ^ x[u].y ^ x[u].z ^ x[u].w;
+  }
+  if (acc.x == 0x12345678u) sink[0] = acc;
+}
+
+// µs per call of a CUDA graph of ten calls, call i enqueued by enqueue_call(i) (each on
+// its own weights, so none reads them from L2), each replay after an L2 flush (a memset
+// of the timing's buffer); the median of 30 replays after 5 warm-ups.
+// The stream the timed probes enqueue on, a 256 MB buffer whose memset flushes L2, and a
+// sink for the plain reads.
+struct Timing {
+  cudaStream_t stream;
+  void* flush;
+  size_t flush_bytes;
+  uint4* sink;
+};
+inline Timing make_timing() {
+  Timing t{};
+  t.flush_bytes = 256ull << 20;
+  CHECK(cudaStreamCreate(&t.stream));
+  CHECK(cudaMalloc(&t.flush, t.flush_bytes));
+  CHECK(cudaMalloc(&t.sink, 64));
+  return t;
+}
+
+template <typename F>
+float time_graph_of_ten(const Timing& timing, F enqueue_call) {
+  cudaStream_t s = timing.stream;
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < 10; ++i) enqueue_call(i);
+  CHECK(cudaStreamEndCapture(s, &graph));
+  CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int it = 0; it < 35; ++it) {
+    CHECK(cudaMemsetAsync(timing.flush, it, timing.flush_bytes, s));
+    CHECK(cudaEventRecord(a, s));
+    CHECK(cudaGraphLaunch(exec, s));
+    CHECK(cudaEventRecord(b, s));
+    CHECK(cudaEventSynchronize(b));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    if (it >= 5) t.push_back(ms * 1000.f / 10.f);
+  }
+  CHECK(cudaGraphExecDestroy(exec));
+  CHECK(cudaGraphDestroy(graph));
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return median(t);
 }
 
 }  // namespace probe

@@ -21,6 +21,7 @@
 
 #include "kernels/gemm/decode_split_k.cu"
 
+#include "decode_probe_params.h"
 #include "probe_check.h"
 
 namespace stream_probe {
@@ -96,18 +97,7 @@ __global__ void __launch_bounds__(256, 1) stream_kernel(const __grid_constant__ 
       for (int ks = 0; ks < stage_count; ++ks, ++it) {
         const int s = it % a.stages;
         mbar_wait(full(s), (it / a.stages) & 1);
-        fence_accumulators(acc);
-        cute::warpgroup_arrive();
-        for (int x = 0; x < a.boxes; ++x) {
-          const int kb = ks * a.boxes + x;
-#pragma unroll
-          for (int kk = 0; kk < kBlockK / 16; ++kk)
-            wgmma<__nv_bfloat16, kT>(kmajor_sw128_desc(ring + s * stage_bytes + x * box_bytes + kk * 32),
-                                     kmajor_sw128_desc(tokens + kb * kT * kRowBytes + kk * 32), acc, kb > 0 || kk > 0);
-        }
-        cute::warpgroup_commit_batch();
-        cute::warpgroup_wait<1>();
-        fence_accumulators(acc);
+        wgmma_stage<__nv_bfloat16, kT>(acc, ring + s * stage_bytes, box_bytes, tokens, a.boxes, ks * a.boxes);
         if (ks > 0 && t == 0) mbar_arrive_local(empty((it - 1) % a.stages));
       }
       cute::warpgroup_wait<0>();
@@ -128,50 +118,6 @@ bool encode_boxed(CUtensorMap* map, const void* ptr, int64_t rows, int64_t k, in
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int kUnroll>
-__global__ void read_kernel(const uint4* p, int64_t n, uint4* sink) {
-  uint4 acc = make_uint4(0, 0, 0, 0);
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride * kUnroll) {
-    uint4 x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) x[u] = i + u * stride < n ? __ldcs(p + i + u * stride) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) acc.x ^= x[u].x ^ x[u].y ^ x[u].z ^ x[u].w;
-  }
-  if (acc.x == 0x12345678u) sink[0] = acc;
-}
-
-// µs per call: a graph of 10 calls, each on its own weights, after an L2 flush; median of 30.
-template <typename F>
-float time_ten(cudaStream_t s, void* flush, size_t flush_bytes, F enqueue_call) {
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < 10; ++i) enqueue_call(i);
-  CHECK(cudaStreamEndCapture(s, &graph));
-  CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int it = 0; it < 33; ++it) {
-    CHECK(cudaMemsetAsync(flush, it, flush_bytes, s));
-    CHECK(cudaEventRecord(a, s));
-    CHECK(cudaGraphLaunch(exec, s));
-    CHECK(cudaEventRecord(b, s));
-    CHECK(cudaEventSynchronize(b));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    if (it >= 3) t.push_back(ms * 1000.f / 10.f);
-  }
-  CHECK(cudaGraphExecDestroy(exec));
-  CHECK(cudaGraphDestroy(graph));
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
-  return probe::median(t);
-}
-
 struct Variant {
   int ctas_per_group, rows, boxes, stages, pad_kb, three_d, ctas_per_sm, tokens = 0;
 };
@@ -185,13 +131,8 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s, %d SMs, L2 %d MB\n", prop.name, sms, prop.l2CacheSize >> 20);
-  cudaStream_t s;
-  CHECK(cudaStreamCreate(&s));
-  const size_t flush_bytes = 256ull << 20;
-  void* flush;
-  CHECK(cudaMalloc(&flush, flush_bytes));
-  uint4* sink;
-  CHECK(cudaMalloc(&sink, 64));
+  const probe::Timing timing = probe::make_timing();
+  cudaStream_t s = timing.stream;
   const int n = 8192;
   std::vector<int> ks;
   for (int i = 1; i < argc; ++i) ks.push_back(std::atoi(argv[i]));
@@ -213,8 +154,9 @@ int main(int argc, char** argv) {
       std::printf("K=%5d  %-58s %7.1f us  %5.0f GB/s\n", k, what.c_str(), us, mb * 1e3 / us);
       std::fflush(stdout);
     };
-    report("plain 16-byte reads, 4 CTAs/SM", time_ten(s, flush, flush_bytes, [&](int i) {
-             read_kernel<8><<<sms * 4, 256, 0, s>>>(reinterpret_cast<const uint4*>(w[i]), int64_t(n) * k / 8, sink);
+    report("plain 16-byte reads, 4 CTAs/SM", probe::time_graph_of_ten(timing, [&](int i) {
+             probe::read_kernel<8><<<sms * 4, 256, 0, s>>>(reinterpret_cast<const uint4*>(w[i]), int64_t(n) * k / 8,
+                                                             timing.sink);
            }));
 
     std::vector<Variant> variants = {
@@ -232,7 +174,7 @@ int main(int argc, char** argv) {
       a.boxes = v.boxes;
       a.stages = v.stages;
       a.three_d = v.three_d;
-      a.sink = reinterpret_cast<float*>(sink);
+      a.sink = reinterpret_cast<float*>(timing.sink);
       const int slice_boxes = int(ceil_div(ceil_div(k, v.ctas_per_group), kBlockK * v.boxes)) * v.boxes;
       const int token_kb = v.tokens ? slice_boxes * v.tokens * kRowBytes / 1024 : 0;
       const int ring = v.stages * v.boxes * v.rows * kRowBytes;
@@ -262,7 +204,7 @@ int main(int argc, char** argv) {
                           : v.tokens == 64  ? stream_kernel<64>
                                             : stream_kernel<128>;
       CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemLimitBytes));
-      report(name, time_ten(s, flush, flush_bytes, [&](int i) {
+      report(name, probe::time_graph_of_ten(timing, [&](int i) {
                a.flat = flat[i];
                a.boxed = boxed[i];
                kernel<<<a.groups * v.ctas_per_group, 256, smem, s>>>(a);
@@ -273,18 +215,7 @@ int main(int argc, char** argv) {
     // The split-K kernel's GEMM alone (no all-reduce) over cluster sizes and stage boxes,
     // each with the deepest ring that fits beside its token slice.
     for (int m : {1, 32, 128}) {
-      DecodeMatmulAllReduceParams p{};
-      p.a = tok;
-      p.output = out;
-      p.lda = k;
-      p.ldb = k;
-      p.m = m;
-      p.n = n;
-      p.k = k;
-      p.b_transposed = true;
-      p.dtype = DType::kBFloat16;
-      p.all_reduce = false;
-      p.sm_count = sms;
+      DecodeMatmulAllReduceParams p = probe::gemm_only_params(tok, out, m, n, k, sms);
       const SplitGeometry chosen = geometry_for(m, k);
       for (int ctas = 1; ctas <= kMaxClusterCtas; ctas *= 2)
         for (int boxes : {1, 2, 4}) {
@@ -294,14 +225,15 @@ int main(int argc, char** argv) {
           g.stage_boxes = boxes;
           g.k_blocks = int(ceil_div(ceil_div(k, ctas), kBlockK * boxes)) * boxes;
           g.stages = kMaxStages;
-          while (g.stages > 2 && smem_bytes_for(g.token_tile, g.k_blocks, boxes, g.stages) > kSmemLimitBytes) --g.stages;
+          while (g.stages > 2 && smem_bytes_for(g.token_tile, g.k_blocks, boxes, g.stages) > kSmemLimitBytes)
+            --g.stages;
           g.smem_bytes = smem_bytes_for(g.token_tile, g.k_blocks, boxes, g.stages);
           if (g.smem_bytes > kSmemLimitBytes) continue;
           char name[160];
           std::snprintf(name, sizeof name, "split-K GEMM M=%d C=%d boxes=%d stages=%d tokens=%dKB%s", m, ctas, boxes,
                         g.stages, token_bytes(g.token_tile, g.k_blocks) >> 10,
                         ctas == chosen.cluster && boxes == chosen.stage_boxes ? " (chosen)" : "");
-          report(name, time_ten(s, flush, flush_bytes, [&](int i) {
+          report(name, probe::time_graph_of_ten(timing, [&](int i) {
                    p.b = w[i];
                    SplitKArgs args{};
                    args.p = p;

@@ -214,6 +214,27 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kRegs]) {
   for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// One ring stage's wgmma as one committed batch: `boxes` 64-K boxes of weights, `box_bytes`
+// apart from `stage`, against the token boxes from `kb0` (the first of a block, kb0 = 0,
+// starts the accumulators from zero); returns when at most this batch is in flight, so the
+// stage before it is read.
+template <typename T, int kTokens>
+__device__ __forceinline__ void wgmma_stage(float (&acc)[kTokens / 2], uint32_t stage, int box_bytes, uint32_t tokens,
+                                            int boxes, int kb0) {
+  fence_accumulators(acc);
+  cute::warpgroup_arrive();
+  for (int x = 0; x < boxes; ++x) {
+    const int kb = kb0 + x;
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk)
+      wgmma<T, kTokens>(kmajor_sw128_desc(stage + x * box_bytes + kk * 32),
+                        kmajor_sw128_desc(tokens + kb * kTokens * kRowBytes + kk * 32), acc, kb > 0 || kk > 0);
+  }
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<1>();
+  fence_accumulators(acc);
+}
+
 // kChannelDecodeGemm flags on rank `rank`: entry of `src`, and `src`'s rows of piece `piece` landed.
 __device__ __forceinline__ uint32_t* entry_flag(const CommHandle& c, int rank, int src) {
   return c.flags(rank, kChannelDecodeGemm) + src;
@@ -296,18 +317,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
       for (int ks = 0; ks < stage_count; ++ks, ++it) {
         const int s = it % stages;
         mbar_wait(full(s), (it / stages) & 1);
-        fence_accumulators(acc);
-        cute::warpgroup_arrive();
-        for (int x = 0; x < boxes; ++x) {
-          const int kb = ks * boxes + x;
-#pragma unroll
-          for (int kk = 0; kk < kBlockK / 16; ++kk)
-            wgmma<T, kTokens>(kmajor_sw128_desc(ring + s * stage_bytes + x * kBoxBytes + kk * 32),
-                              kmajor_sw128_desc(tokens + kb * kTokens * kRowBytes + kk * 32), acc, kb > 0 || kk > 0);
-        }
-        cute::warpgroup_commit_batch();
-        cute::warpgroup_wait<1>();
-        fence_accumulators(acc);
+        wgmma_stage<T, kTokens>(acc, ring + s * stage_bytes, kBoxBytes, tokens, boxes, ks * boxes);
         // The stage before this one is read: free it (the last stage of a block is
         // freed after the block's final wait below).
         if (ks > 0 && t == 0) mbar_arrive_local(empty((it - 1) % stages));
