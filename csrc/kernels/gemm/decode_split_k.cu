@@ -87,7 +87,7 @@ __device__ __forceinline__ void mbar_arrive_local(uint32_t bar) {
 // One arrival on the barrier at the same offset in each of the cluster's `ctas` CTAs,
 // ordering this thread's earlier accesses (and those of threads it synchronized with)
 // before all of them: one cluster-wide fence, then relaxed arrivals. A release on each
-// arrival costs a fence per arrival: at C = 8 that tripled a column block's boundary
+// arrival costs a fence per arrival: at C = 8 a column block's boundary took 2.4-3x as long
 // (NOTES.md, v47).
 __device__ __forceinline__ void mbar_arrive_every_cta(uint32_t bar, int ctas) {
   asm volatile("fence.acq_rel.cluster;" ::: "memory");
