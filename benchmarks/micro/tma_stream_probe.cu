@@ -10,10 +10,9 @@
 //
 // Streaming variants (one line each): CTAs split K in groups of C as the clusters of
 // the split-K schedule do (no cluster launch: the CTAs of a group only share rows),
-// each group walks row blocks of `rows` rows; a ring stage holds `boxes` boxes of 64 K
-// x rows (one 128-byte swizzled row per weight row and box), loaded by `boxes` 2D TMA
-// copies or by one 3D copy; `stages` stages; `pad` KB of shared memory left unused, as
-// the token slice would take it.
+// each group walks row blocks of 64 rows; a ring stage holds `boxes` boxes of 64 K x 64
+// rows (one 128-byte swizzled row per weight row and box), one TMA copy each; `stages`
+// stages; `pad` KB of shared memory left unused, as the token slice would take it.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -29,9 +28,8 @@ namespace stream_probe {
 using namespace distfuse;
 
 struct StreamArgs {
-  CUtensorMap flat;   // 2D: {64-K box, rows}
-  CUtensorMap boxed;  // 3D: {64 K, rows, K / 64}: one copy loads `boxes` consecutive 64-K boxes
-  int n, k, ctas_per_group, groups, rows, boxes, stages, three_d;
+  CUtensorMap weights;  // boxes of 64 K x 64 rows, as the split-K kernel's
+  int n, k, ctas_per_group, groups, boxes, stages;
   float* sink;
 };
 
@@ -43,7 +41,7 @@ __global__ void __launch_bounds__(256, 1) stream_kernel(const __grid_constant__ 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t ring = (raw + 1023u) & ~1023u;
-  const int box_bytes = a.rows * kRowBytes, stage_bytes = a.boxes * box_bytes;
+  const int box_bytes = kBoxBytes, stage_bytes = a.boxes * box_bytes;
   const uint32_t bars = ring + a.stages * stage_bytes;
   const uint32_t tokens = (bars + 2 * 8 * a.stages + 1023u) & ~1023u;
   const auto full = [&](int s) { return bars + 8u * s; };
@@ -59,7 +57,7 @@ __global__ void __launch_bounds__(256, 1) stream_kernel(const __grid_constant__ 
   const int slice = int(blockIdx.x) % a.ctas_per_group, group = int(blockIdx.x) / a.ctas_per_group;
   const int slice_boxes = int(ceil_div(ceil_div(a.k, a.ctas_per_group), kBlockK * a.boxes)) * a.boxes;
   const int k0 = slice * slice_boxes * kBlockK;
-  const int stage_count = slice_boxes / a.boxes, row_blocks = a.n / a.rows;
+  const int stage_count = slice_boxes / a.boxes, row_blocks = a.n / kBlockN;
   if (threadIdx.x == 0) {
     int it = 0;
     for (int rb = group; rb < row_blocks; rb += a.groups) {
@@ -68,16 +66,8 @@ __global__ void __launch_bounds__(256, 1) stream_kernel(const __grid_constant__ 
         mbar_wait(empty(s), ((it / a.stages) & 1) ^ 1);
         mbar_expect_tx(full(s), uint32_t(stage_bytes));
         const int kb = k0 / kBlockK + ks * a.boxes;
-        if (a.three_d) {
-          asm volatile(
-              "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, "
-              "%5}], [%2];" ::"r"(ring + s * stage_bytes),
-              "l"(reinterpret_cast<uint64_t>(&a.boxed)), "r"(full(s)), "r"(0), "r"(rb * a.rows), "r"(kb)
-              : "memory");
-        } else {
-          for (int x = 0; x < a.boxes; ++x)
-            tma_load_2d(ring + s * stage_bytes + x * box_bytes, &a.flat, full(s), (kb + x) * kBlockK, rb * a.rows);
-        }
+        for (int x = 0; x < a.boxes; ++x)
+          tma_load_2d(ring + s * stage_bytes + x * box_bytes, &a.weights, full(s), (kb + x) * kBlockK, rb * kBlockN);
       }
     }
   } else if (kTokens == 0 && threadIdx.x == 32) {
@@ -108,18 +98,8 @@ __global__ void __launch_bounds__(256, 1) stream_kernel(const __grid_constant__ 
   }
 }
 
-bool encode_boxed(CUtensorMap* map, const void* ptr, int64_t rows, int64_t k, int box_rows, int boxes) {
-  const cuuint64_t dims[3] = {cuuint64_t(kBlockK), cuuint64_t(rows), cuuint64_t(k / kBlockK)};
-  const cuuint64_t strides[2] = {cuuint64_t(k) * 2, cuuint64_t(kRowBytes)};
-  const cuuint32_t box[3] = {cuuint32_t(kBlockK), cuuint32_t(box_rows), cuuint32_t(boxes)};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  return tensor_map_encoder()(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(ptr), dims, strides, box,
-                              elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 struct Variant {
-  int ctas_per_group, rows, boxes, stages, pad_kb, three_d, ctas_per_sm, tokens = 0;
+  int ctas_per_group, boxes, stages, pad_kb, tokens = 0;
 };
 
 }  // namespace stream_probe
@@ -160,44 +140,39 @@ int main(int argc, char** argv) {
            }));
 
     std::vector<Variant> variants = {
-        {1, 64, 2, 5, 128, 0, 1},      {2, 64, 2, 5, 64, 0, 1},       {8, 64, 1, 7, 128, 0, 1},
-        {1, 64, 2, 5, 0, 0, 1, 16},    {2, 64, 2, 5, 0, 0, 1, 16},    {2, 64, 4, 4, 0, 0, 1, 16},
-        {2, 64, 2, 5, 0, 0, 1, 32},    {4, 64, 2, 5, 0, 0, 1, 32},    {8, 64, 1, 7, 0, 0, 1, 128},
-        {8, 64, 2, 4, 0, 0, 1, 128},   {4, 64, 2, 5, 0, 0, 1, 64},
+        {1, 2, 5, 128},    {2, 2, 5, 64},     {8, 1, 7, 128},     {1, 2, 5, 0, 16},  {2, 2, 5, 0, 16},
+        {2, 4, 4, 0, 16},  {2, 2, 5, 0, 32},  {4, 2, 5, 0, 32},   {8, 1, 7, 0, 128}, {8, 2, 4, 0, 128},
+        {4, 2, 5, 0, 64},
     };
     for (const Variant& v : variants) {
       StreamArgs a{};
       a.n = n;
       a.k = k;
       a.ctas_per_group = v.ctas_per_group;
-      a.rows = v.rows;
       a.boxes = v.boxes;
       a.stages = v.stages;
-      a.three_d = v.three_d;
       a.sink = reinterpret_cast<float*>(timing.sink);
       const int slice_boxes = int(ceil_div(ceil_div(k, v.ctas_per_group), kBlockK * v.boxes)) * v.boxes;
       const int token_kb = v.tokens ? slice_boxes * v.tokens * kRowBytes / 1024 : 0;
-      const int ring = v.stages * v.boxes * v.rows * kRowBytes;
+      const int ring = v.stages * v.boxes * kBoxBytes;
       const int smem = 2048 + ring + (v.pad_kb + token_kb) * 1024 + 2 * v.stages * 8;
-      if (smem > kSmemLimitBytes || (v.ctas_per_sm == 2 && smem > kSmemLimitBytes / 2 - 1024)) {
+      if (smem > kSmemLimitBytes) {
         std::printf("K=%5d  (C=%d boxes=%d stages=%d tokens=%d: %d KB of shared memory, skipped)\n", k,
                     v.ctas_per_group, v.boxes, v.stages, v.tokens, smem >> 10);
         continue;
       }
-      const int row_blocks = n / v.rows;
-      a.groups = std::min(row_blocks, sms * v.ctas_per_sm / v.ctas_per_group);
-      std::vector<CUtensorMap> flat(10), boxed(10);
+      a.groups = std::min(n / kBlockN, sms / v.ctas_per_group);
+      std::vector<CUtensorMap> maps(10);
       for (int i = 0; i < 10; ++i) {
-        if (!encode_rows(&flat[i], w[i], DType::kBFloat16, n, k, k, v.rows) ||
-            !encode_boxed(&boxed[i], w[i], n, k, v.rows, v.boxes)) {
+        if (!encode_rows(&maps[i], w[i], DType::kBFloat16, n, k, k, kBlockN)) {
           std::fprintf(stderr, "tensor map encoding failed\n");
           return 1;
         }
       }
       char name[160];
-      std::snprintf(name, sizeof name, "%s C=%d boxes=%d%s stages=%d ring=%dKB smem=%dKB grid=%d",
+      std::snprintf(name, sizeof name, "%s C=%d boxes=%d stages=%d ring=%dKB smem=%dKB grid=%d",
                     v.tokens ? ("wgmma Mt=" + std::to_string(v.tokens)).c_str() : "TMA only", v.ctas_per_group,
-                    v.boxes, v.three_d ? "(3D)" : "", v.stages, ring >> 10, smem >> 10, a.groups * v.ctas_per_group);
+                    v.boxes, v.stages, ring >> 10, smem >> 10, a.groups * v.ctas_per_group);
       const auto kernel = v.tokens == 0     ? stream_kernel<0>
                           : v.tokens == 16  ? stream_kernel<16>
                           : v.tokens == 32  ? stream_kernel<32>
@@ -205,8 +180,7 @@ int main(int argc, char** argv) {
                                             : stream_kernel<128>;
       CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemLimitBytes));
       report(name, probe::time_graph_of_ten(timing, [&](int i) {
-               a.flat = flat[i];
-               a.boxed = boxed[i];
+               a.weights = maps[i];
                kernel<<<a.groups * v.ctas_per_group, 256, smem, s>>>(a);
                CHECK(cudaGetLastError());
              }));
