@@ -76,7 +76,8 @@ __global__ void read_kernel(const uint4* p, int64_t n, uint4* sink) {
 
 // µs per call of a CUDA graph of ten calls, call i enqueued by enqueue_call(i) (each on
 // its own weights, so none reads them from L2), each replay after an L2 flush (a memset
-// of the timing's buffer); the median of 30 replays after 5 warm-ups.
+// of the timing's buffer); the median of `replays` replays after 5 warm-ups (1 for a
+// quick screen of fewer than 10).
 // The stream the timed probes enqueue on, a 256 MB buffer whose memset flushes L2, and a
 // sink for the plain reads.
 struct Timing {
@@ -95,7 +96,7 @@ inline Timing make_timing() {
 }
 
 template <typename F>
-float time_graph_of_ten(const Timing& timing, F enqueue_call) {
+float time_graph_of_ten(const Timing& timing, F enqueue_call, int replays = 30) {
   cudaStream_t s = timing.stream;
   cudaGraph_t graph;
   cudaGraphExec_t exec;
@@ -107,7 +108,8 @@ float time_graph_of_ten(const Timing& timing, F enqueue_call) {
   CHECK(cudaEventCreate(&a));
   CHECK(cudaEventCreate(&b));
   std::vector<float> t;
-  for (int it = 0; it < 35; ++it) {
+  const int warmups = replays >= 10 ? 5 : 1;
+  for (int it = 0; it < replays + warmups; ++it) {
     CHECK(cudaMemsetAsync(timing.flush, it, timing.flush_bytes, s));
     CHECK(cudaEventRecord(a, s));
     CHECK(cudaGraphLaunch(exec, s));
@@ -115,7 +117,7 @@ float time_graph_of_ten(const Timing& timing, F enqueue_call) {
     CHECK(cudaEventSynchronize(b));
     float ms;
     CHECK(cudaEventElapsedTime(&ms, a, b));
-    if (it >= 5) t.push_back(ms * 1000.f / 10.f);
+    if (it >= warmups) t.push_back(ms * 1000.f / 10.f);
   }
   CHECK(cudaGraphExecDestroy(exec));
   CHECK(cudaGraphDestroy(graph));
