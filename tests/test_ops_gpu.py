@@ -99,13 +99,15 @@ def _check_forced_paths(rank, world, group_name, oracle_group):
         assert expected in taken_paths, f"all_reduce: forced path {path!r} never taken (took {taken_paths})"
     for path in PATHS["matmul_all_reduce"][1:]:
         taken_paths = set()
-        for m, k, n in [(1, 13, 11), (3, 37, 29), (1, 2048, 1024), (128, 1024, 1024), (1000, 264, 1000),
-                        (200, 1000, 1037)]:
+        # B as nn.Linear's weight viewed transposed at M = 3 and 16 (the split-K decode
+        # schedule takes only that layout, N a multiple of 64 and K of 8: M = 16 here).
+        for m, k, n in [(1, 13, 11), (3, 37, 29), (16, 512, 1024), (1, 2048, 1024), (128, 1024, 1024),
+                        (1000, 264, 1000), (200, 1000, 1037)]:
             for dtype in GPU_DTYPES:
                 seed += 1
                 inp = Inputs(seed, rank, cuda)
                 a = inp.randn(m, k, dtype=dtype, scale=k ** -0.5)
-                b = inp.randn(n, k, dtype=dtype).t() if m == 3 else inp.randn(k, n, dtype=dtype)
+                b = inp.randn(n, k, dtype=dtype).t() if m in (3, 16) else inp.randn(k, n, dtype=dtype)
                 bias = inp.randn(n, dtype=dtype, shared=True) if m != 1 else None
                 with distfuse.force_path("matmul_all_reduce", path):
                     out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
