@@ -292,11 +292,16 @@ def _split_k_fits(m, k):
     """Whether the split-K decode schedule's token slice fits shared memory for some
     cluster of 1 to 8 CTAs (kernels/gemm/decode_split_k.cu, geometry_for)."""
     tile = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    return any(tile * -(-(-(-k // c)) // 64) * 128 <= 128 << 10 for c in (1, 2, 4, 8))
+
+    def k_blocks(c):  # 64-deep K blocks of a CTA's share of K (both rounded up)
+        share = -(-k // c)
+        return -(-share // 64)
+
+    return any(tile * k_blocks(c) * 128 <= 128 << 10 for c in (1, 2, 4, 8))
 
 
 def body_decode_split_k(rank, world, group_name):
-    """The split-K decode schedule over token tiles of 16 to 128, clusters of 1 to 8 CTAs
+    """The split-K decode schedule over token tiles of 8 to 128, clusters of 1 to 8 CTAs
     (K from 64 to 28672; where no cluster holds the token slice, the one-kernel decode
     schedule), one or many column blocks per cluster, with and without bias,
     back to back in mixed order: exact on integer inputs, the same bits as the unfused

@@ -19,6 +19,9 @@ enum OpId : int {
 
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
+// Whether a pointer the kernels read or write in 16-byte vectors is aligned for them.
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 // Sum of one tensor over the group: output = Σ_r input_r (+ bias[i % bias_period]).
 struct AllReduceParams {
   const void* input;  // this rank's contribution; 16-byte aligned

@@ -495,8 +495,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_matmul_all_reduce_kernel(D
   store_epoch_when_last(epoch_value, epoch_value + 1, epoch);
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 template <typename T, int kTokenTiles, bool kBTransposed>
 cudaError_t launch_config(const DecodeMatmulAllReduceParams& p, int grid, cudaStream_t stream) {
   const auto kernel = decode_matmul_all_reduce_kernel<T, kTokenTiles, kBTransposed>;
@@ -530,11 +528,7 @@ bool decode_shape_supported(int64_t m, int64_t n, int64_t k) {
 }
 
 cudaError_t launch_decode_matmul_all_reduce(const DecodeMatmulAllReduceParams& p, cudaStream_t stream) {
-  if (!decode_shape_supported(p.m, p.n, p.k) || p.dtype == DType::kFloat32 || !p.a || !p.b ||
-      !p.output || !aligned16(p.a) || !aligned16(p.b) || !aligned16(p.output) ||
-      (p.bias && !aligned16(p.bias)) || p.lda % 8 != 0 || p.ldb % 8 != 0 || p.lda < p.k ||
-      p.ldb < (p.b_transposed ? p.k : p.n) || p.sm_count < 1 ||
-      (p.all_reduce && (p.comm.world < 1 || p.comm.world > kMaxWorld)) ||
+  if (!decode_shape_supported(p.m, p.n, p.k) || !decode_operands_valid(p) ||
       (p.all_reduce && p.ll && uint64_t(p.m) * p.n * 2 > kDecodeLLCapacityBytes) ||
       (p.all_reduce && p.ll128 && !decode_ll128_fits(p.m, p.n)))
     return cudaErrorInvalidValue;

@@ -99,6 +99,16 @@ DF_DECODE_HD inline bool decode_ll128_fits(int64_t m, int64_t n) {
 // Shapes the kernel takes: N, K multiples of 8 and few enough units.
 bool decode_shape_supported(int64_t m, int64_t n, int64_t k);
 
+// What both decode kernels (this one and kernels/gemm/decode_split_k.h) ask of a call's
+// operands: bf16 or fp16, 16-byte aligned pointers, lda and ldb multiples of 8 that
+// cover K (and N for a row-major B), at least one SM, and a group size they hold.
+inline bool decode_operands_valid(const DecodeMatmulAllReduceParams& p) {
+  return p.dtype != DType::kFloat32 && p.a && p.b && p.output && aligned16(p.a) && aligned16(p.b) &&
+         aligned16(p.output) && (!p.bias || aligned16(p.bias)) && p.lda % 8 == 0 && p.ldb % 8 == 0 &&
+         p.lda >= p.k && p.ldb >= (p.b_transposed ? p.k : p.n) && p.sm_count >= 1 &&
+         (!p.all_reduce || (p.comm.world >= 1 && p.comm.world <= kMaxWorld));
+}
+
 // Enqueues the kernel on `stream`. cudaErrorInvalidValue for a shape or pointer
 // it does not take (see decode_shape_supported; K, N, lda, ldb multiples of 8,
 // 16-byte aligned pointers, bf16 or fp16); else the launch status.

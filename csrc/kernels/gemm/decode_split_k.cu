@@ -15,6 +15,7 @@
 #include "distfuse/comm/signal.cuh"
 #include "kernels/common/launch.cuh"
 #include "kernels/common/vec.cuh"
+#include "kernels/gemm/decode_matmul_all_reduce.h"  // decode_operands_valid
 #include "kernels/gemm/tile_pair_exchange.cuh"  // exchange_timeout_record / exchange_timeout_check
 
 namespace distfuse {
@@ -496,21 +497,20 @@ SplitGeometry geometry_for(int64_t m, int64_t k) {
       const int k_blocks = int(ceil_div(ceil_div(k, ctas), kBlockK * boxes)) * boxes;
       if (token_bytes(g.token_tile, k_blocks) > kTokenBudgetBytes) continue;
       int stages = kMaxStages;
-      while (stages > kMinStages && smem_bytes_for(g.token_tile, k_blocks, boxes, stages) > kSmemLimitBytes) --stages;
-      if (smem_bytes_for(g.token_tile, k_blocks, boxes, stages) > kSmemLimitBytes) continue;
+      int smem = smem_bytes_for(g.token_tile, k_blocks, boxes, stages);
+      while (stages > kMinStages && smem > kSmemLimitBytes) smem = smem_bytes_for(g.token_tile, k_blocks, boxes, --stages);
+      if (smem > kSmemLimitBytes) continue;
       g.cluster = ctas;
       g.k_blocks = k_blocks;
       g.stage_boxes = boxes;
       g.stages = stages;
-      g.smem_bytes = smem_bytes_for(g.token_tile, k_blocks, boxes, stages);
+      g.smem_bytes = smem;
       return g;
     }
   }
   g.cluster = 0;
   return g;
 }
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <typename T, int kTokens>
 cudaError_t launch_with(const SplitKArgs& args_in, const SplitGeometry& g, cudaStream_t stream) {
@@ -585,10 +585,7 @@ bool decode_split_k_shape_supported(int64_t m, int64_t n, int64_t k, bool b_tran
 }
 
 cudaError_t launch_decode_split_k_matmul_all_reduce(const DecodeMatmulAllReduceParams& p, cudaStream_t stream) {
-  if (!decode_split_k_shape_supported(p.m, p.n, p.k, p.b_transposed) || p.dtype == DType::kFloat32 || !p.a ||
-      !p.b || !p.output || !aligned16(p.a) || !aligned16(p.b) || !aligned16(p.output) ||
-      (p.bias && !aligned16(p.bias)) || p.lda % 8 != 0 || p.ldb % 8 != 0 || p.lda < p.k || p.ldb < p.k ||
-      p.sm_count < 1 || (p.all_reduce && (p.comm.world < 1 || p.comm.world > kMaxWorld)))
+  if (!decode_split_k_shape_supported(p.m, p.n, p.k, p.b_transposed) || !decode_operands_valid(p))
     return cudaErrorInvalidValue;
   const SplitGeometry g = geometry_for(p.m, p.k);
   SplitKArgs args{};

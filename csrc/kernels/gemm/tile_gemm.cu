@@ -179,8 +179,6 @@ __global__ void exchange_timeout_check_kernel(const CommHandle comm) {
   exchange_timeout_check(comm);
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 cudaError_t check_params(const TileGemmParams& p) {
   if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
       p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.tile_shape < 0 || p.tile_shape > 3 ||
