@@ -54,6 +54,7 @@ TUNING_KEYS = (
     "matmul_all_reduce.band_sum_ahead",    # ... bands a CTA may sum before it gathers the oldest
     "matmul_all_reduce.band_whole_tiles",  # band schedules: the GEMM's tiles whole, no stream-K: 1 on, 2 off
     "matmul_all_reduce.decode_max_m",      # largest M that takes the one-kernel decode schedule
+    "matmul_all_reduce.decode_min_m",      # ... and the smallest
     "matmul_all_reduce.decode_split_k_max_m",  # largest M that takes the split-K decode schedule
     "matmul_all_reduce.decode_ll",         # decode schedule: push on LL lines 1, flags 2, LL128 lines 3
     "matmul_all_reduce.decode_ctas",       # decode schedule: CTAs (0: one per SM)

@@ -282,7 +282,7 @@ def body_decode_variants(rank, world, group_name):
             with force_path("matmul_all_reduce", "decode_push"):
                 out = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
                 assert last_path("matmul_all_reduce") == "decode_push"
-            with distfuse.tuning({"matmul_all_reduce.decode_max_m": 4096}), \
+            with distfuse.tuning({"matmul_all_reduce.decode_max_m": 4096, "matmul_all_reduce.decode_min_m": 1}), \
                     force_path("matmul_all_reduce", "serialized"):
                 unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, ll, ctas))

@@ -241,10 +241,22 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
 
 TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   for (int world : {2, 4, 8}) {
-    EXPECT_EQ(choose_matmul_all_reduce(1, 2048, world, kH100), decode_max_m(world, kH100) >= 1 ? MatmulAllReduceAlgo::kDecodePush
-                                                                                : MatmulAllReduceAlgo::kSequential);
-    EXPECT_EQ(choose_matmul_all_reduce(decode_max_m(world, kH100) + 1, 7168, world, kH100), MatmulAllReduceAlgo::kSequential);
+    const int64_t lo = decode_min_m(world, kH100), hi = decode_max_m(world, kH100);
+    EXPECT_EQ(choose_matmul_all_reduce(lo, 2048, world, kH100), lo <= hi ? MatmulAllReduceAlgo::kDecodePush
+                                                                         : MatmulAllReduceAlgo::kSequential);
+    EXPECT_EQ(choose_matmul_all_reduce(hi + 1, 7168, world, kH100), MatmulAllReduceAlgo::kSequential);
+    if (lo > 1) EXPECT_EQ(choose_matmul_all_reduce(lo - 1, 2048, world, kH100), MatmulAllReduceAlgo::kSequential);
   }
+  // H100 at W >= 3: the unfused order below M = 4 (its LL128 one-shot all-reduce caught
+  // up there); the override takes the decode schedule down to M = 1 again.
+  EXPECT_EQ(decode_min_m(4, kH100), 4);
+  EXPECT_EQ(decode_min_m(2, kH100), 1);
+  EXPECT_EQ(decode_min_m(4, GpuClass::kH200), 1);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(3, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(4, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, kH100, 0, 0, 0, 0, 0, 0, 0, 1), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(decode_max_m(2, kH100), 0);
@@ -503,12 +515,17 @@ TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
     for (int64_t m : {1024, 2048, 3000}) EXPECT_NE(choose_matmul_all_reduce(m, 4096, world, kH100), MatmulAllReduceAlgo::kPairExchange);
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
   EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(pair_exchange_min_m(4), INT64_MAX);
-  // H100: M = 512 lost there, so from 1024.
+  EXPECT_EQ(pair_exchange_min_m(4, 4096), INT64_MAX);
+  // H100: down_proj (K_r >= 7168) lost at M = 512 and 768, so from 1024 there; o_proj
+  // from 512 as on H200.
   EXPECT_EQ(choose_matmul_all_reduce(1023, 14336, 2, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1024, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(pair_exchange_min_m(2, kH100), 1024);
-  EXPECT_EQ(pair_exchange_min_m(2, GpuClass::kH200), 512);
+  EXPECT_EQ(choose_matmul_all_reduce(512, 4096, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(768, 7167, 2, kH100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(768, 7168, 2, kH100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(pair_exchange_min_m(2, 14336, kH100), 1024);
+  EXPECT_EQ(pair_exchange_min_m(2, 4096, kH100), 512);
+  EXPECT_EQ(pair_exchange_min_m(2, 14336, GpuClass::kH200), 512);
 }
 
 TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {

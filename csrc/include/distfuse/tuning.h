@@ -207,10 +207,16 @@ inline int64_t band_pull_min_k(int world) {
 // so not below 512 (M = 129-511 unmeasured). H100 (4 x H100 run of record, build of v19):
 // M = 512 loses (down_proj 206.1 vs sequential 195.3, o_proj 80.2 vs 80.8), M = 2048 wins
 // (o_proj 251.1 vs 292.2, down_proj 696.0 vs band_pull 710.4): from 1024 there (M = 1024
-// from the H200 rows).
-inline int64_t pair_exchange_min_m(int world, GpuClass gpu = GpuClass::kH200) {
+// from the H200 rows) until the rows below.
+// Since the dependent timeout check (v38b) the H100 o_proj rows moved: 4 x H100, W = 2,
+// forced columns, pair_exchange vs sequential, µs: o_proj M = 512 78.8 / 80.3 and 79.1 /
+// 80.5 (run of record of 2026-11-27 23:17, w.t() and row), 78.3 / 79.5 and 78.6 / 79.8
+// (2026-11-28), M = 768 113.2 / 117.7 and 114.2 / 118.1; down_proj still loses there (M =
+// 512 201.0 vs 190.4, M = 768 297.0 vs 278.4) and wins from 1024 (342.8 vs 355.8). So on
+// H100 from M = 512 where K_r < 7168, from 1024 above (measured at K_r = 4096 and 14336).
+inline int64_t pair_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
   if (world != 2) return INT64_MAX;
-  return gpu == GpuClass::kH100 ? 1024 : 512;
+  return gpu == GpuClass::kH100 && k >= 7168 ? 1024 : 512;
 }
 
 // The owner exchange (any group size: the tile GEMM's idle producer warps push every
@@ -290,6 +296,18 @@ inline int64_t decode_max_m(int world, GpuClass gpu) {
   if (world == 2) return gpu == GpuClass::kH200 ? 8 : 0;
   return gpu == GpuClass::kH100 || gpu == GpuClass::kH200 ? 16 : 0;
 }
+// ... and from M = decode_min_m. On H100 at W >= 3 the unfused order took M <= 2 back
+// once the all-reduce ran its LL128 one-shot (v44): 4 x H100, graph, forced columns,
+// sequential vs decode_push, two runs of this build (NOTES.md, "H100 runs of record of
+// this build"; 2026-11-28), µs: o_proj M = 1 18.2 / 18.6 and 18.3 / 18.7 (w.t()), 18.2 /
+// 18.7 (row); M = 2 18.5 / 18.8, row 18.4 / 18.9; M = 4 18.9 / 18.9 (both layouts); M = 8
+// 19.7 / 19.0; M = 16 21.1 / 20.1; down_proj M = 1 46.6 / 47.1 and 46.4 / 47.0, M = 2
+// 46.6 / 47.2, M = 4 47.0 / 47.1, M = 8 47.8 / 47.3, M = 16 49.3 / 48.4. So from M = 4
+// there (M = 3 unmeasured). On H200 decode_push still wins at M = 1 (W = 4 o_proj 14.9
+// vs 15.3, down_proj 34.2 vs 34.9, run of record of build f90d613): from 1.
+inline int64_t decode_min_m(int world, GpuClass gpu) {
+  return world >= 3 && gpu == GpuClass::kH100 ? 4 : 1;
+}
 
 // The split-K decode schedule (kernels/gemm/decode_split_k.h: clusters split K, each
 // column block's rows pushed while the next one is computed) from M = decode_max_m + 1 up
@@ -356,24 +374,26 @@ inline bool band_scatter_by_exchange_warps(int64_t override_value = 0) { return 
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
 // the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
 // band_pull_min_k (which also bounds the owner scatter), decode_max_m, pair_exchange_min_m
-// (which applies at W = 2 only), owner_exchange_min_m and band_scatter_min_m.
+// (which applies at W = 2 only), owner_exchange_min_m, band_scatter_min_m and decode_min_m.
 inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world, GpuClass gpu,
                                                     int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
                                                     int64_t override_bp_min_k = 0,
                                                     int64_t override_decode_max_m = 0,
                                                     int64_t override_pe_min_m = 0,
                                                     int64_t override_oe_min_m = 0,
-                                                    int64_t override_bs_min_m = 0) {
+                                                    int64_t override_bs_min_m = 0,
+                                                    int64_t override_decode_min_m = 0) {
   const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k, gpu);
   const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
   if (m >= (override_bs_min_m > 0 ? override_bs_min_m : band_scatter_min_m(world, k)) && k >= bp_min_k)
     return MatmulAllReduceAlgo::kBandScatter;
   if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
-  if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world, gpu)))
+  if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world, k, gpu)))
     return MatmulAllReduceAlgo::kPairExchange;
   if (m >= (override_oe_min_m > 0 ? override_oe_min_m : owner_exchange_min_m(world, k, gpu)))
     return MatmulAllReduceAlgo::kOwnerExchange;
-  if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world, gpu)))
+  if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world, gpu)) &&
+      m >= (override_decode_min_m > 0 ? override_decode_min_m : decode_min_m(world, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
   const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);
   return m >= min_m && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles

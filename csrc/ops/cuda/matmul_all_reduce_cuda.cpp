@@ -640,7 +640,8 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
         m, k, ws.world(), gpu_class(ws.gpu_name()), get_tuning("matmul_all_reduce.fused_min_m"),
         get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"),
         get_tuning("matmul_all_reduce.decode_max_m"), get_tuning("matmul_all_reduce.pair_exchange_min_m"),
-        get_tuning("matmul_all_reduce.owner_exchange_min_m"), get_tuning("matmul_all_reduce.band_scatter_min_m"));
+        get_tuning("matmul_all_reduce.owner_exchange_min_m"), get_tuning("matmul_all_reduce.band_scatter_min_m"),
+        get_tuning("matmul_all_reduce.decode_min_m"));
     // The split-K decode schedule: above the one-kernel decode schedule's rows up to the
     // table's M, or up to an override's M over every schedule (falls back to decode_push
     // below where it does not take the shape).
