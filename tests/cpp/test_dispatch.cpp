@@ -2,6 +2,8 @@
 // evaluate identically.
 #include <gtest/gtest.h>
 
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "distfuse/check.h"
@@ -16,6 +18,14 @@ namespace distfuse {
 namespace {
 
 constexpr GpuClass kH100 = GpuClass::kH100;
+using O = MatmulAllReduceOverrides;
+
+// The schedule table with some entries overridden, e.g. overrides({{&O::decode_max_m, 512}}).
+O overrides(std::initializer_list<std::pair<int64_t O::*, int64_t>> entries) {
+  O o;
+  for (const auto& [field, value] : entries) o.*field = value;
+  return o;
+}
 
 TEST(AllReduceChoice, SmallIsOneShotLargeIsTwoShot) {
   for (int world = 2; world <= kMaxWorld; ++world) {
@@ -178,7 +188,8 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
   EXPECT_EQ(choose_matmul_all_reduce(2047, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 2048, 3, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);  // W = 3: untuned
   EXPECT_EQ(choose_matmul_all_reduce(2048, 14336, 2, kH100), MatmulAllReduceAlgo::kPairExchange);  // W = 2 down_proj
-  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 100, 64), MatmulAllReduceAlgo::kBandPull);
+  const O small_bands = overrides({{&O::band_pull_min_m, 100}, {&O::band_pull_min_k, 64}});
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, small_bands), MatmulAllReduceAlgo::kBandPull);
   EXPECT_TRUE(band_pull_persistent());
 
   EXPECT_FALSE(band_pull_persistent(2));
@@ -255,10 +266,13 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(3, 7168, 4, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(4, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, kH100, 0, 0, 0, 0, 0, 0, 0, 1), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, kH100, overrides({{&O::decode_min_m, 1}})),
+            MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, kH100, 0, 0, 0, 512), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, kH100, overrides({{&O::decode_max_m, 512}})),
+            MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, kH100, overrides({{&O::decode_max_m, 512}})),
+            MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(decode_max_m(2, kH100), 0);
   EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(17, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
@@ -274,7 +288,8 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(choose_matmul_all_reduce(8, 14336, 2, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(9, 2048, 2, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther, 0, 0, 0, 16), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther, overrides({{&O::decode_max_m, 16}})),
+            MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 2, kH100), MatmulAllReduceAlgo::kSequential);
   EXPECT_TRUE(decode_ll(4, 1, 8192 * 2, kDecodeLLCapacityBytes));
   EXPECT_FALSE(decode_ll(4, 8, 8 * 8192 * 2, kDecodeLLCapacityBytes));
@@ -296,16 +311,21 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   // Where the band schedule and the tile exchanges are off (their smallest M raised), the
   // owner schedule from fused_min_m up to fused_max_k.
   constexpr int64_t kNever = int64_t(1) << 40;
-  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4, kH100, 0, kNever), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4, kH100, 0, kNever), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, kH100, 0, kNever, 0, 0, kNever),
+  const O no_bands = overrides({{&O::band_pull_min_m, kNever}});
+  const O no_bands_no_pairs = overrides({{&O::band_pull_min_m, kNever}, {&O::pair_exchange_min_m, kNever}});
+  const O no_bands_no_owners = overrides({{&O::band_pull_min_m, kNever}, {&O::owner_exchange_min_m, kNever}});
+  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4) - 1, 2048, 4, kH100, no_bands), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(fused_min_m(4), 2048, 4, kH100, no_bands), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2), 2, kH100, no_bands_no_pairs),
             MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, kH100, 0, kNever, 0, 0, kNever),
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(2) + 8, 2, kH100, no_bands_no_pairs),
             MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(4), 4, kH100, 0, kNever, 0, 0, 0, kNever),
+  EXPECT_EQ(choose_matmul_all_reduce(4096, fused_max_k(4), 4, kH100, no_bands_no_owners),
             MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 4, kH100, 512), MatmulAllReduceAlgo::kFusedTiles);
-  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, kH100, 512, 0, 0, 0, kNever), MatmulAllReduceAlgo::kFusedTiles);
+  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 4, kH100, overrides({{&O::fused_min_m, 512}})),
+            MatmulAllReduceAlgo::kFusedTiles);
+  const O early_tiles_no_pairs = overrides({{&O::fused_min_m, 512}, {&O::pair_exchange_min_m, kNever}});
+  EXPECT_EQ(choose_matmul_all_reduce(1000, 2048, 2, kH100, early_tiles_no_pairs), MatmulAllReduceAlgo::kFusedTiles);
   EXPECT_GT(consumer_blocks(4, 2048), 0);
   EXPECT_EQ(consumer_blocks(4, 2048, 7), 7);
   EXPECT_GE(owner_group_tiles(4, 7168), 1);
@@ -460,9 +480,12 @@ TEST(MatmulAllReduceDispatch, BandScatterOnlyWhereAsked) {
       for (int64_t k : {1024, 2048, 7168, 14336})
         EXPECT_NE(choose_matmul_all_reduce(m, k, world, kH200), MatmulAllReduceAlgo::kBandScatter);
   // The override: from its M, with the band schedules' K floor.
-  EXPECT_EQ(choose_matmul_all_reduce(100, 2048, 4, kH200, 0, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandScatter);
-  EXPECT_NE(choose_matmul_all_reduce(99, 2048, 4, kH200, 0, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandScatter);
-  EXPECT_NE(choose_matmul_all_reduce(100, 1024, 4, kH200, 0, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandScatter);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 2048, 4, kH200, overrides({{&O::band_scatter_min_m, 100}})),
+            MatmulAllReduceAlgo::kBandScatter);
+  EXPECT_NE(choose_matmul_all_reduce(99, 2048, 4, kH200, overrides({{&O::band_scatter_min_m, 100}})),
+            MatmulAllReduceAlgo::kBandScatter);
+  EXPECT_NE(choose_matmul_all_reduce(100, 1024, 4, kH200, overrides({{&O::band_scatter_min_m, 100}})),
+            MatmulAllReduceAlgo::kBandScatter);
   EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandScatter, 4, 8192, 2048),
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 2048));
 }
@@ -513,8 +536,10 @@ TEST(MatmulAllReduceChoice, PairExchangeAtTwoRanksBelowTheBands) {
   EXPECT_EQ(choose_matmul_all_reduce(128, 4096, 2, kH100), MatmulAllReduceAlgo::kSequential);
   for (int world : {3, 4, 8})
     for (int64_t m : {1024, 2048, 3000}) EXPECT_NE(choose_matmul_all_reduce(m, 4096, world, kH100), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH100, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 2, kH100, overrides({{&O::pair_exchange_min_m, 100}})),
+            MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH100, overrides({{&O::pair_exchange_min_m, 100}})),
+            MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(pair_exchange_min_m(4, 4096), INT64_MAX);
   // H100: down_proj (K_r >= 7168) lost at M = 512 and 768, so from 1024 there; o_proj
   // from 512 as on H200.
@@ -544,10 +569,14 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   }
   EXPECT_NE(choose_matmul_all_reduce(2048, 7160, 3, kH200), MatmulAllReduceAlgo::kOwnerExchange);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 2, kH200), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kOwnerExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 4, kH200, 0, 0, 0, 0, 0, 100), MatmulAllReduceAlgo::kBandPull);
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH200, overrides({{&O::owner_exchange_min_m, 100}})),
+            MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH200, overrides({{&O::owner_exchange_min_m, 100}})),
+            MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH200, overrides({{&O::owner_exchange_min_m, 100}})),
+            MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 4, kH200, overrides({{&O::owner_exchange_min_m, 100}})),
+            MatmulAllReduceAlgo::kBandPull);
   // 128x128 tiles where 128x256 ones make one wave (M = 512-1023), else by M.
   EXPECT_EQ(exchange_tile_shape(2048, 2), 0);
   EXPECT_EQ(exchange_tile_shape(1024, 2), 0);

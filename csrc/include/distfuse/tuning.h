@@ -371,33 +371,39 @@ inline int64_t band_scatter_min_m(int world, int64_t k) {
 // (NOTES.md, v43), 1 / 2: o_proj M = 8192 812.0 / 875.6 us at 16 band CTAs, 787.3 / 914.4
 // at 32; down_proj M = 8192 1513.2 / 1593.0 at 8; band_pull 766.1 and 1388.3 beside them.
 inline bool band_scatter_by_exchange_warps(int64_t override_value = 0) { return override_value != 2; }
+// Overrides of the schedule table below (the tuning keys matmul_all_reduce.<field>):
+// each value > 0 replaces the table's entry.
+struct MatmulAllReduceOverrides {
+  int64_t fused_min_m = 0;
+  int64_t band_pull_min_m = 0;
+  int64_t band_pull_min_k = 0;  // also bounds the owner scatter
+  int64_t decode_min_m = 0;
+  int64_t decode_max_m = 0;
+  int64_t pair_exchange_min_m = 0;  // applies at W = 2 only
+  int64_t owner_exchange_min_m = 0;
+  int64_t band_scatter_min_m = 0;
+};
+
 // Which schedule runs matmul_all_reduce (M rows, K_r columns of A per rank, on `gpu`) when
-// the tile GEMM can run at all. Overrides > 0 replace fused_min_m, band_pull_min_m,
-// band_pull_min_k (which also bounds the owner scatter), decode_max_m, pair_exchange_min_m
-// (which applies at W = 2 only), owner_exchange_min_m, band_scatter_min_m and decode_min_m.
+// the tile GEMM can run at all.
 inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int world, GpuClass gpu,
-                                                    int64_t override_min_m = 0, int64_t override_bp_min_m = 0,
-                                                    int64_t override_bp_min_k = 0,
-                                                    int64_t override_decode_max_m = 0,
-                                                    int64_t override_pe_min_m = 0,
-                                                    int64_t override_oe_min_m = 0,
-                                                    int64_t override_bs_min_m = 0,
-                                                    int64_t override_decode_min_m = 0) {
-  const int64_t bp_min_m = override_bp_min_m > 0 ? override_bp_min_m : band_pull_min_m(world, k, gpu);
-  const int64_t bp_min_k = override_bp_min_k > 0 ? override_bp_min_k : band_pull_min_k(world);
-  if (m >= (override_bs_min_m > 0 ? override_bs_min_m : band_scatter_min_m(world, k)) && k >= bp_min_k)
+                                                    const MatmulAllReduceOverrides& o = {}) {
+  auto pick = [](int64_t override_value, int64_t table_value) {
+    return override_value > 0 ? override_value : table_value;
+  };
+  const int64_t bp_min_k = pick(o.band_pull_min_k, band_pull_min_k(world));
+  if (m >= pick(o.band_scatter_min_m, band_scatter_min_m(world, k)) && k >= bp_min_k)
     return MatmulAllReduceAlgo::kBandScatter;
-  if (m >= bp_min_m && k >= bp_min_k) return MatmulAllReduceAlgo::kBandPull;
-  if (world == 2 && m >= (override_pe_min_m > 0 ? override_pe_min_m : pair_exchange_min_m(world, k, gpu)))
+  if (m >= pick(o.band_pull_min_m, band_pull_min_m(world, k, gpu)) && k >= bp_min_k)
+    return MatmulAllReduceAlgo::kBandPull;
+  if (world == 2 && m >= pick(o.pair_exchange_min_m, pair_exchange_min_m(world, k, gpu)))
     return MatmulAllReduceAlgo::kPairExchange;
-  if (m >= (override_oe_min_m > 0 ? override_oe_min_m : owner_exchange_min_m(world, k, gpu)))
+  if (m >= pick(o.owner_exchange_min_m, owner_exchange_min_m(world, k, gpu)))
     return MatmulAllReduceAlgo::kOwnerExchange;
-  if (m <= (override_decode_max_m > 0 ? override_decode_max_m : decode_max_m(world, gpu)) &&
-      m >= (override_decode_min_m > 0 ? override_decode_min_m : decode_min_m(world, gpu)))
+  if (m >= pick(o.decode_min_m, decode_min_m(world, gpu)) && m <= pick(o.decode_max_m, decode_max_m(world, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
-  const int64_t min_m = override_min_m > 0 ? override_min_m : fused_min_m(world);
-  return m >= min_m && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles
-                                               : MatmulAllReduceAlgo::kSequential;
+  return m >= pick(o.fused_min_m, fused_min_m(world)) && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles
+                                                                                : MatmulAllReduceAlgo::kSequential;
 }
 
 // Consumer CTAs that run beside the GEMM (the GEMM keeps the other SMs). Best of

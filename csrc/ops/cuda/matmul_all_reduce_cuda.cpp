@@ -599,6 +599,20 @@ at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   return with_leading_dims(ob.out, a);
 }
 
+// The schedule table's entries overridden by distfuse.tuning (0: the table's value).
+MatmulAllReduceOverrides table_overrides() {
+  MatmulAllReduceOverrides o;
+  o.fused_min_m = get_tuning("matmul_all_reduce.fused_min_m");
+  o.band_pull_min_m = get_tuning("matmul_all_reduce.band_pull_min_m");
+  o.band_pull_min_k = get_tuning("matmul_all_reduce.band_pull_min_k");
+  o.decode_min_m = get_tuning("matmul_all_reduce.decode_min_m");
+  o.decode_max_m = get_tuning("matmul_all_reduce.decode_max_m");
+  o.pair_exchange_min_m = get_tuning("matmul_all_reduce.pair_exchange_min_m");
+  o.owner_exchange_min_m = get_tuning("matmul_all_reduce.owner_exchange_min_m");
+  o.band_scatter_min_m = get_tuning("matmul_all_reduce.band_scatter_min_m");
+  return o;
+}
+
 // The owner schedule of fused_tiles needs an output tile per rank.
 bool owner_schedule_fits(const at::Tensor& a, const at::Tensor& b, int world) {
   const int64_t k = a.size(-1);
@@ -636,12 +650,7 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
 #ifndef DISTFUSE_NO_GEMM
   if (forced != "sequential" && forced != "chunked" && fused_gemm_supported(a, b)) {
     const int64_t k = a.size(-1), m = a.numel() / k;
-    MatmulAllReduceAlgo algo = choose_matmul_all_reduce(
-        m, k, ws.world(), gpu_class(ws.gpu_name()), get_tuning("matmul_all_reduce.fused_min_m"),
-        get_tuning("matmul_all_reduce.band_pull_min_m"), get_tuning("matmul_all_reduce.band_pull_min_k"),
-        get_tuning("matmul_all_reduce.decode_max_m"), get_tuning("matmul_all_reduce.pair_exchange_min_m"),
-        get_tuning("matmul_all_reduce.owner_exchange_min_m"), get_tuning("matmul_all_reduce.band_scatter_min_m"),
-        get_tuning("matmul_all_reduce.decode_min_m"));
+    MatmulAllReduceAlgo algo = choose_matmul_all_reduce(m, k, ws.world(), gpu_class(ws.gpu_name()), table_overrides());
     // The split-K decode schedule: above the one-kernel decode schedule's rows up to the
     // table's M, or up to an override's M over every schedule (falls back to decode_push
     // below where it does not take the shape).
