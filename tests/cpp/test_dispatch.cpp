@@ -480,12 +480,10 @@ TEST(MatmulAllReduceDispatch, BandScatterOnlyWhereAsked) {
       for (int64_t k : {1024, 2048, 7168, 14336})
         EXPECT_NE(choose_matmul_all_reduce(m, k, world, kH200), MatmulAllReduceAlgo::kBandScatter);
   // The override: from its M, with the band schedules' K floor.
-  EXPECT_EQ(choose_matmul_all_reduce(100, 2048, 4, kH200, overrides({{&O::band_scatter_min_m, 100}})),
-            MatmulAllReduceAlgo::kBandScatter);
-  EXPECT_NE(choose_matmul_all_reduce(99, 2048, 4, kH200, overrides({{&O::band_scatter_min_m, 100}})),
-            MatmulAllReduceAlgo::kBandScatter);
-  EXPECT_NE(choose_matmul_all_reduce(100, 1024, 4, kH200, overrides({{&O::band_scatter_min_m, 100}})),
-            MatmulAllReduceAlgo::kBandScatter);
+  const O scatter_from_100 = overrides({{&O::band_scatter_min_m, 100}});
+  EXPECT_EQ(choose_matmul_all_reduce(100, 2048, 4, kH200, scatter_from_100), MatmulAllReduceAlgo::kBandScatter);
+  EXPECT_NE(choose_matmul_all_reduce(99, 2048, 4, kH200, scatter_from_100), MatmulAllReduceAlgo::kBandScatter);
+  EXPECT_NE(choose_matmul_all_reduce(100, 1024, 4, kH200, scatter_from_100), MatmulAllReduceAlgo::kBandScatter);
   EXPECT_EQ(band_reduce_blocks(MatmulAllReduceAlgo::kBandScatter, 4, 8192, 2048),
             band_reduce_blocks(MatmulAllReduceAlgo::kBandPull, 4, 8192, 2048));
 }
@@ -569,14 +567,11 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   }
   EXPECT_NE(choose_matmul_all_reduce(2048, 7160, 3, kH200), MatmulAllReduceAlgo::kOwnerExchange);
   EXPECT_EQ(choose_matmul_all_reduce(2048, 7168, 2, kH200), MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH200, overrides({{&O::owner_exchange_min_m, 100}})),
-            MatmulAllReduceAlgo::kOwnerExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH200, overrides({{&O::owner_exchange_min_m, 100}})),
-            MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH200, overrides({{&O::owner_exchange_min_m, 100}})),
-            MatmulAllReduceAlgo::kPairExchange);
-  EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 4, kH200, overrides({{&O::owner_exchange_min_m, 100}})),
-            MatmulAllReduceAlgo::kBandPull);
+  const O owners_from_100 = overrides({{&O::owner_exchange_min_m, 100}});
+  EXPECT_EQ(choose_matmul_all_reduce(100, 64, 4, kH200, owners_from_100), MatmulAllReduceAlgo::kOwnerExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(99, 64, 4, kH200, owners_from_100), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(2048, 4096, 2, kH200, owners_from_100), MatmulAllReduceAlgo::kPairExchange);
+  EXPECT_EQ(choose_matmul_all_reduce(8192, 4096, 4, kH200, owners_from_100), MatmulAllReduceAlgo::kBandPull);
   // 128x128 tiles where 128x256 ones make one wave (M = 512-1023), else by M.
   EXPECT_EQ(exchange_tile_shape(2048, 2), 0);
   EXPECT_EQ(exchange_tile_shape(1024, 2), 0);
