@@ -269,6 +269,13 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, kH100, overrides({{&O::decode_min_m, 1}})),
             MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
+  // The split-K decode schedule: never from the table; an override takes it up to its M
+  // over every other schedule.
+  EXPECT_EQ(decode_split_k_max_m(2, GpuClass::kH200), 0);
+  EXPECT_EQ(choose_matmul_all_reduce(4096, 2048, 4, kH100, overrides({{&O::decode_split_k_max_m, 4096}})),
+            MatmulAllReduceAlgo::kDecodeSplitK);
+  EXPECT_EQ(choose_matmul_all_reduce(4097, 2048, 4, kH100, overrides({{&O::decode_split_k_max_m, 4096}})),
+            MatmulAllReduceAlgo::kBandPull);
   EXPECT_EQ(choose_matmul_all_reduce(300, 2048, 4, kH100, overrides({{&O::decode_max_m, 512}})),
             MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, kH100, overrides({{&O::decode_max_m, 512}})),

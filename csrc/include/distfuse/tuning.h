@@ -379,6 +379,7 @@ struct MatmulAllReduceOverrides {
   int64_t band_pull_min_k = 0;  // also bounds the owner scatter
   int64_t decode_min_m = 0;
   int64_t decode_max_m = 0;
+  int64_t decode_split_k_max_m = 0;  // the split-K decode schedule up to it, over every other schedule
   int64_t pair_exchange_min_m = 0;  // applies at W = 2 only
   int64_t owner_exchange_min_m = 0;
   int64_t band_scatter_min_m = 0;
@@ -391,6 +392,7 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
   auto pick = [](int64_t override_value, int64_t table_value) {
     return override_value > 0 ? override_value : table_value;
   };
+  if (m <= o.decode_split_k_max_m) return MatmulAllReduceAlgo::kDecodeSplitK;
   const int64_t bp_min_k = pick(o.band_pull_min_k, band_pull_min_k(world));
   if (m >= pick(o.band_scatter_min_m, band_scatter_min_m(world, k)) && k >= bp_min_k)
     return MatmulAllReduceAlgo::kBandScatter;
@@ -402,6 +404,7 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
     return MatmulAllReduceAlgo::kOwnerExchange;
   if (m >= pick(o.decode_min_m, decode_min_m(world, gpu)) && m <= pick(o.decode_max_m, decode_max_m(world, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
+  if (m <= decode_split_k_max_m(world, gpu)) return MatmulAllReduceAlgo::kDecodeSplitK;
   return m >= pick(o.fused_min_m, fused_min_m(world)) && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles
                                                                                 : MatmulAllReduceAlgo::kSequential;
 }

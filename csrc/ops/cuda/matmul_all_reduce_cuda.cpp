@@ -607,6 +607,7 @@ MatmulAllReduceOverrides table_overrides() {
   o.band_pull_min_k = get_tuning("matmul_all_reduce.band_pull_min_k");
   o.decode_min_m = get_tuning("matmul_all_reduce.decode_min_m");
   o.decode_max_m = get_tuning("matmul_all_reduce.decode_max_m");
+  o.decode_split_k_max_m = get_tuning("matmul_all_reduce.decode_split_k_max_m");
   o.pair_exchange_min_m = get_tuning("matmul_all_reduce.pair_exchange_min_m");
   o.owner_exchange_min_m = get_tuning("matmul_all_reduce.owner_exchange_min_m");
   o.band_scatter_min_m = get_tuning("matmul_all_reduce.band_scatter_min_m");
@@ -651,14 +652,6 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
   if (forced != "sequential" && forced != "chunked" && fused_gemm_supported(a, b)) {
     const int64_t k = a.size(-1), m = a.numel() / k;
     MatmulAllReduceAlgo algo = choose_matmul_all_reduce(m, k, ws.world(), gpu_class(ws.gpu_name()), table_overrides());
-    // The split-K decode schedule: above the one-kernel decode schedule's rows up to the
-    // table's M, or up to an override's M over every schedule (falls back to decode_push
-    // below where it does not take the shape).
-    const int64_t split_k_max_m = get_tuning("matmul_all_reduce.decode_split_k_max_m");
-    if (split_k_max_m > 0 ? m <= split_k_max_m
-                          : algo != MatmulAllReduceAlgo::kDecodePush &&
-                                m <= decode_split_k_max_m(ws.world(), gpu_class(ws.gpu_name())))
-      algo = MatmulAllReduceAlgo::kDecodeSplitK;
     if (forced == "fused_tiles") algo = MatmulAllReduceAlgo::kFusedTiles;
     if (forced == "decode_push") algo = MatmulAllReduceAlgo::kDecodePush;
     if (forced == "decode_split_k") algo = MatmulAllReduceAlgo::kDecodeSplitK;
