@@ -138,7 +138,7 @@ def run_distributed(body, world: int, args: tuple = (), backend: str = "gloo", t
         raise AssertionError("\n".join(lines))
 
 
-def run_capturing_device_stdout(call, log_path: str):
+def _run_capturing_device_stdout(call, log_path: str):
     """Runs call() with this process's stdout (where device printf goes) sent to
     log_path; returns (the RuntimeError's message or None, seconds taken, the log)."""
     import time
@@ -157,3 +157,18 @@ def run_capturing_device_stdout(call, log_path: str):
     elapsed = time.time() - start
     with open(log_path) as f:
         return raised, elapsed, f.read()
+
+
+def assert_rank0_times_out(rank: int, call, log_dir: str, op: str):
+    """After a barrier every rank but 0 returns; rank 0 runs call(), which waits on
+    rank 1 forever unless the op's timeout fires. It must raise within 30 s, with
+    the device's message naming the op and the peer. The trap leaves rank 0's CUDA
+    context unusable; the harness reports the result before tearing down."""
+    import torch.distributed as dist
+    dist.barrier()
+    if rank != 0:
+        return
+    raised, elapsed, text = _run_capturing_device_stdout(call, os.path.join(log_dir, "rank0_stdout.txt"))
+    assert raised is not None, "a missing peer did not raise"
+    assert elapsed < 30, elapsed
+    assert f"distfuse: {op} timed out" in text and "peer rank 1" in text, text
