@@ -22,11 +22,12 @@ def _matmul_all_reduce_setup(ctx, inputs, output):
 def _matmul_all_reduce_backward(ctx, grad):
     a, b = ctx.saved_tensors
     n = grad.shape[-1]
-    grad_a = grad @ b.t() if ctx.needs_input_grad[0] else None
+    needs = ctx.needs_input_grad  # one entry per argument passed: 3 when bias was left out
+    grad_a = grad @ b.t() if needs[0] else None
     grad_b = None
-    if ctx.needs_input_grad[1]:
+    if needs[1]:
         grad_b = a.reshape(-1, a.shape[-1]).t() @ grad.reshape(-1, n)
-    grad_bias = grad.reshape(-1, n).sum(0) if ctx.needs_input_grad[3] else None
+    grad_bias = grad.reshape(-1, n).sum(0) if len(needs) > 3 and needs[3] else None
     return grad_a, grad_b, None, grad_bias
 
 

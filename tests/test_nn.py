@@ -4,8 +4,8 @@ Each spawned run costs a few seconds per rank, so one body runs many checks.
 Weights and inputs come from the same seed on every rank: every rank builds the
 same unsharded reference in its own process and compares its TP output with it.
 
-The layers are inference-only for now (matmul_all_reduce has no backward), so
-forwards run under torch.no_grad().
+Forwards run under torch.no_grad() here; tests/test_autograd.py checks the gradients
+on CPU, and the GPU test below also runs one backward over NCCL.
 """
 import pytest
 import torch
@@ -266,6 +266,24 @@ def _llama_gpu_body(rank, world, group_name):
             base = (ref_bf16(x, pos).float() - expected).abs()
             torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)
             assert err.mean() <= 2 * base.mean() + 2e-3, (err.mean().item(), base.mean().item())
+
+    # Backward over NCCL (the column layers' input gradients are summed over the ranks):
+    # the input's and the replicated norms' gradients, against fp32, within a small
+    # multiple of the unsharded bf16 layer's own error.
+    x, pos = _inputs(config.hidden_size, seed=9, device=device, dtype=torch.bfloat16)[0]
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(10)).to(device)
+    grads = {}
+    for name, layer, dtype in (("fp32", ref, torch.float32), ("bf16", ref_bf16, torch.bfloat16),
+                               ("tp", tp, torch.bfloat16)):
+        layer.zero_grad()
+        xi = x.to(dtype).detach().clone().requires_grad_()
+        layer(xi, pos).backward(upstream.to(dtype))
+        grads[name] = [xi.grad.float(), layer.input_layernorm.weight.grad.float(),
+                       layer.post_attention_layernorm.weight.grad.float()]
+    for what, got, bf16, fp32 in zip(("input", "input_layernorm", "post_attention_layernorm"),
+                                     grads["tp"], grads["bf16"], grads["fp32"]):
+        err, base = (got - fp32).abs().mean().item(), (bf16 - fp32).abs().mean().item()
+        assert err <= 2 * base + 2e-3 * fp32.abs().mean().item(), (what, err, base)
 
 
 @pytest.mark.multigpu

@@ -8,6 +8,13 @@ whose all-reduce starts tile by tile while the GEMM is still running.
 Rank, world size and group name are resolved once at construction, so that
 ``forward`` touches no Python-side ``torch.distributed`` API and traces into one
 graph under ``torch.compile``.
+
+Gradients follow tensor-parallel (Megatron) semantics: whatever is replicated
+across the ranks (a column-parallel layer's input, a row-parallel layer's
+reduced output, a gathered output) has a replicated gradient, equal to the
+gradient of the unsharded layer; each rank's weight shard gets its slice of the
+unsharded weight's gradient. The communication this needs runs in backward only
+when autograd records the forward.
 """
 from __future__ import annotations
 
@@ -37,6 +44,48 @@ def shard_size(what: str, value: int, world: int) -> int:
     if value % world != 0:
         raise ValueError(f"distfuse.nn: {what} = {value} must be divisible by the group size {world}")
     return value // world
+
+
+class _ReplicatedInput(torch.autograd.Function):
+    """Identity in forward; in backward the sum over the ranks of the gradient.
+
+    A replicated input feeds a different shard of the layer on every rank, so each
+    rank's gradient holds only its shard's share; their sum is the input's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group_name: str) -> torch.Tensor:
+        ctx.group_name = group_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        summed = funcol.all_reduce(grad.contiguous(), "sum", ctx.group_name)
+        return funcol.wait_tensor(summed), None
+
+
+def _replicated_input(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    if world > 1 and torch.is_grad_enabled() and x.requires_grad:
+        return _ReplicatedInput.apply(x, group_name)
+    return x
+
+
+def _gather_last_dim(y: torch.Tensor, group_name: str, rank: int, world: int) -> torch.Tensor:
+    """[..., n] on every rank -> [..., W·n], rank r's block at [r·n, (r+1)·n).
+
+    The gathered output is replicated, so its gradient is too: this rank's block of
+    it is y's gradient (no communication in backward).
+    """
+    track = torch.is_grad_enabled() and y.requires_grad
+    # A functional collective (traceable by Dynamo) gathers along dim 0: [W·d0, ..., n].
+    # The regrouping to [..., W·n] is done here, as funcol's own path for another
+    # gather dim is skipped by Dynamo (a graph break).
+    g = funcol.all_gather_tensor((y.detach() if track else y).contiguous(), 0, group_name)
+    full = g.unflatten(0, (world, -1)).movedim(0, -2).flatten(-2)
+    if not track:
+        return full
+    n = y.shape[-1]
+    return torch.cat([full[..., :rank * n], y, full[..., (rank + 1) * n:]], -1)
 
 
 def _init_weight(weight: torch.Tensor, in_features: int) -> None:
@@ -92,13 +141,10 @@ class ColumnParallelLinear(_ShardedLinear):
         _init_weight(self.weight, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _replicated_input(x, self._group_name, self.world_size)
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output and self.world_size > 1:
-            # A functional collective (traceable by Dynamo) gathers along dim 0: [W·d0, ..., n].
-            # The regrouping to [..., W·n] is done here, as funcol's own path for another
-            # gather dim is skipped by Dynamo (a graph break).
-            g = funcol.all_gather_tensor(y.contiguous(), 0, self._group_name)
-            y = g.unflatten(0, (self.world_size, -1)).movedim(0, -2).flatten(-2)
+            y = _gather_last_dim(y, self._group_name, self.rank, self.world_size)
         return y
 
     @torch.no_grad()
@@ -126,12 +172,13 @@ class RowParallelLinear(_ShardedLinear):
     input and the layer takes its slice. ``reduce_results``: return the full y on
     every rank (one fused ``matmul_all_reduce``, bias added once); otherwise return
     this rank's partial product, with the bias on rank 0 only so that the sum of
-    the partials contains it once.
+    the partials contains it once (its gradient then reaches rank 0's bias only).
 
-    ``fused=False`` computes the same thing the unfused way (``F.linear`` then an
-    in-place NCCL ``all_reduce``): the baseline the benchmarks compare against.
-    Gradients flow through the fused op (tensor-parallel semantics: the output
-    gradient is replicated, so no communication is needed in the backward).
+    ``fused=False`` computes the same thing the unfused way (``F.linear``, an
+    in-place NCCL ``all_reduce``, then the bias): the baseline the benchmarks compare
+    against. Gradients: the reduced output's gradient is replicated, so the weight,
+    bias and (parallel) input gradients need no communication; a full input's
+    gradient is summed over the ranks, each having filled its own slice.
     """
 
     def __init__(self, in_features: int, out_features: int, group: GroupLike = None, bias: bool = True,
@@ -155,14 +202,16 @@ class RowParallelLinear(_ShardedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
+            x = _replicated_input(x, self._group_name, self.world_size)
             start = self.rank * self.in_features_per_rank
             x = x[..., start:start + self.in_features_per_rank]
         if not self.reduce_results:
             return F.linear(x, self.weight, self.bias if self.rank == 0 else None)
         if not self.fused:
-            y = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
+            y = F.linear(x, self.weight)
             dist.all_reduce(y, group=dist.distributed_c10d._resolve_process_group(self._group_name))
-            return y
+            # Added after the sum, on every rank: each rank's bias gets the same gradient.
+            return y if self.bias is None else y + self.bias
         # weight.t() is a transposed view; the op takes it without a copy.
         return ops.matmul_all_reduce(x, self.weight.t(), self._group_name, bias=self.bias)
 
