@@ -224,5 +224,7 @@ def tuning(overrides: Dict[str, int]) -> Iterator[None]:
 
 
 def last_path(op: str) -> str:
-    """The path the last call of ``op`` in this process took ("" before the first call)."""
+    """The path the last CUDA call of ``op`` in this process took ("" before the first call).
+    Recorded by the ops that choose among paths, ``all_reduce`` and ``matmul_all_reduce``; the
+    other ops and CPU tensors run one composition each and record nothing."""
     return torch.ops.distfuse._last_path(op)

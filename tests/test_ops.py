@@ -505,7 +505,12 @@ def check_errors(rank, world, group_name, device):
                  "all_reduce_rms_norm", "weight must have the dtype of x", "BFloat16")
     expect_error(lambda: ops.matmul_all_reduce(torch.ones(3, 5, dtype=torch.int32, device=dev),
                                                torch.ones(5, 4, dtype=torch.int32, device=dev), group_name),
-                 "matmul_all_reduce", "a must be a floating-point tensor", "Int")
+                 "matmul_all_reduce", "a must be bfloat16, float16, float32 or float64", "Int")
+    f8 = torch.float8_e4m3fn
+    expect_error(lambda: ops.matmul_all_reduce(t(3, 5).to(f8), t(5, 4).to(f8), group_name),
+                 "matmul_all_reduce", "a must be bfloat16", "Float8_e4m3fn")
+    expect_error(lambda: ops.all_reduce_rms_norm(t(3, 7).to(f8), t(3, 7).to(f8), t(7).to(f8), 1e-6, group_name),
+                 "all_reduce_rms_norm", "x must be bfloat16", "Float8_e4m3fn")
     # sharded dim not divisible by W
     if world > 1:
         expect_error(lambda: ops.matmul_reduce_scatter(t(world + 1, 5), t(5, 4), group_name),
@@ -591,6 +596,25 @@ def _fake_compile_body(rank, world, group_name):
             expect_error(lambda: ops.matmul_reduce_scatter(torch.empty(world + 1, 13), torch.empty(13, 11),
                                                            group_name),
                          "matmul_reduce_scatter", f"= {world + 1}", f"group size {world}")
+        # Bad operands fail while tracing, with the real ops' wording.
+        e = torch.empty
+        expect_error(lambda: ops.matmul_all_reduce(e(3, 5), e(6, 4), group_name),
+                     "matmul_all_reduce", "b must have shape (K, N) with K = a.size(-1) = 5", "[6, 4]")
+        expect_error(lambda: ops.matmul_all_reduce(e(3, 5), e(5, 4), group_name, bias=e(7)),
+                     "matmul_all_reduce", "bias must have shape (N,) with N = b.size(1) = 4", "[7]")
+        expect_error(lambda: ops.matmul_all_reduce(e(3, 5, dtype=torch.bfloat16), e(5, 4), group_name),
+                     "matmul_all_reduce", "b must have the dtype of a")
+        expect_error(lambda: ops.matmul_reduce_scatter(e(4, 5), e(6, 4), group_name),
+                     "matmul_reduce_scatter", "K = a.size(-1) = 5", "[6, 4]")
+        expect_error(lambda: ops.all_gather_matmul(e(5), e(5, 3), group_name),
+                     "all_gather_matmul", "a must have shape", "[5]")
+        expect_error(lambda: ops.all_gather_matmul(e(3, 5, dtype=torch.float8_e4m3fn),
+                                                   e(5, 3, dtype=torch.float8_e4m3fn), group_name),
+                     "all_gather_matmul", "a must be bfloat16, float16, float32 or float64")
+    # A meta operand beside a real one reaches the Meta kernel (the fake): an error, not
+    # an uninitialized result.
+    expect_error(lambda: ops.matmul_all_reduce(torch.randn(4, 8), torch.empty(8, 8, device="meta"), group_name),
+                 "matmul_all_reduce", "b must be on the device of a")
 
     # Fake shapes equal real shapes (strides too) for a sample of real calls.
     g = torch.Generator().manual_seed(rank)
