@@ -38,8 +38,9 @@ def destroy_workspace(group: GroupLike = None) -> None:
 
 
 def workspace_info(group: GroupLike = None) -> Dict[str, int]:
-    """Sizes of the workspace of ``group`` (empty when it has none)."""
+    """Sizes of the workspace of ``group`` (empty when it has none), and the SM count every
+    rank sizes its persistent grids from (the smallest among the members)."""
     values = torch.ops.distfuse._workspace_info(group_name(group))
     keys = ("p2p", "world", "rank", "total_bytes", "one_shot_capacity_bytes", "two_shot_bytes",
-            "tile_bytes", "timeout_ms", "max_output_bytes", "ll128")
+            "tile_bytes", "timeout_ms", "max_output_bytes", "ll128", "sm_count")
     return dict(zip(keys, values))

@@ -174,12 +174,17 @@ def body_back_to_back(rank, world, group_name):
 
 
 def body_reinit_and_streams(rank, world, group_name):
+    import torch.distributed as dist
+
     import distfuse
     dev = torch.device("cuda", torch.cuda.current_device())
     for cycle in range(3):
         assert distfuse.init_workspace(group_name, max_bytes=(cycle + 1) << 20, timeout_ms=20000)
         info = distfuse.workspace_info(group_name)
         assert info["p2p"] == 1 and info["world"] == world and info["rank"] == rank
+        sms = [None] * world  # the grids' SM count: the members' smallest, on every rank
+        dist.all_gather_object(sms, torch.cuda.get_device_properties(dev).multi_processor_count)
+        assert info["sm_count"] == min(sms), (info["sm_count"], sms)
         x = torch.full((5000,), float(rank + 1), device=dev)
         assert torch.equal(distfuse.all_reduce(x, group_name), torch.full_like(x, world * (world + 1) / 2))
         distfuse.destroy_workspace(group_name)

@@ -8,10 +8,12 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 
 namespace distfuse::comm {
 namespace {
@@ -49,11 +51,12 @@ struct PeerVerdict {
 // Every rank learns whether all members sit on one host and can reach each
 // other's GPU memory directly, whether every pair is linked by NVLink (native peer
 // atomics, which PCIe peers lack) between Hopper GPUs, and which GPU model they
-// share. Two rounds through the group's store: identity (host, PCI bus id, GPU
-// name), then each rank's verdict; the answer is the AND of verdicts, the same on
-// every rank. `gpu_name`: the members' common GPU name, "mixed" if they differ.
+// share. Two rounds through the group's store: identity (host, PCI bus id, SM count,
+// GPU name), then each rank's verdict; the answer is the AND of verdicts, the same on
+// every rank. `gpu_name`: the members' common GPU name, "mixed" if they differ;
+// `sm_count`: the smallest SM count among them.
 PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& prefix, int device,
-                                 std::string& gpu_name) {
+                                 std::string& gpu_name, int& sm_count) {
   const int rank = pg.getRank();
   const int world = pg.getSize();
   auto store = pg.getStore();
@@ -63,16 +66,20 @@ PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& pref
   C10_CUDA_CHECK(cudaDeviceGetPCIBusId(bus, sizeof(bus), device));
   cudaDeviceProp prop{};
   C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  store->set(prefix + "id/" + std::to_string(rank), to_bytes(std::string(host) + "|" + bus + "|" + prop.name));
+  store->set(prefix + "id/" + std::to_string(rank),
+             to_bytes(std::string(host) + "|" + bus + "|" + std::to_string(prop.multiProcessorCount) + "|" +
+                      prop.name));
 
   bool ok = true;
   // LL128 grids need their blocks resident together (comm/handle.h).
   bool nvlink = prop.major == 9 && ll128_grid_fits(prop.multiProcessorCount);
   gpu_name = prop.name;
+  sm_count = prop.multiProcessorCount;
   for (int p = 0; p < world; ++p) {
     const std::string id = to_string(store->get(prefix + "id/" + std::to_string(p)));
-    const size_t bar = id.find('|'), bar2 = id.find('|', bar + 1);
-    if (id.substr(bar2 + 1) != gpu_name) gpu_name = "mixed";
+    const size_t bar = id.find('|'), bar2 = id.find('|', bar + 1), bar3 = id.find('|', bar2 + 1);
+    sm_count = std::min(sm_count, std::stoi(id.substr(bar2 + 1, bar3 - bar2 - 1)));
+    if (id.substr(bar3 + 1) != gpu_name) gpu_name = "mixed";
     if (!ok) continue;
     if (id.substr(0, bar) != host) {
       ok = false;  // another host: no load/store access
@@ -124,6 +131,7 @@ void Workspace::allocate(const char* op) {
   rank_ = pg->getRank();
   world_ = pg->getSize();
   device_ = c10::cuda::current_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
   TORCH_CHECK(world_ <= kMaxWorld, "distfuse.", op, ": group '", group_name_, "' has ", world_,
               " ranks; the fused kernels support at most ", kMaxWorld);
 
@@ -132,7 +140,7 @@ void Workspace::allocate(const char* op) {
       "distfuse/" + group_name_ + "/" + std::to_string(generation) + "/";
   p2p_ = ll128_ = false;
   if (world_ > 1) {
-    const PeerVerdict v = exchange_p2p_verdict(*pg, prefix, device_, gpu_name_);
+    const PeerVerdict v = exchange_p2p_verdict(*pg, prefix, device_, gpu_name_, sm_count_);
     p2p_ = v.p2p;
     ll128_ = v.ll128;
   }
@@ -229,7 +237,8 @@ std::vector<int64_t> Workspace::info(const std::string& group_name) {
           w.p2p_ ? static_cast<int64_t>(kOneShotCapacityBytes) : 0,
           static_cast<int64_t>(l.twoshot_bytes), static_cast<int64_t>(l.tiles_bytes),
           static_cast<int64_t>(w.timeout_ms_),
-          static_cast<int64_t>(l.tiles_bytes / tile_region_bytes_for_output(1, w.world_)), w.ll128_};
+          static_cast<int64_t>(l.tiles_bytes / tile_region_bytes_for_output(1, w.world_)), w.ll128_,
+          w.sm_count_};
 }
 
 void* Workspace::gemm_scratch(size_t bytes, const char* op) {

@@ -60,6 +60,9 @@ class Workspace {
   int device() const { return device_; }
   // The GPU name every member shares ("mixed" if they differ; empty without P2P).
   const std::string& gpu_name() const { return gpu_name_; }
+  // The smallest SM count among the members (this GPU's without P2P): persistent
+  // grids whose CTAs pair up with the peers' CTAs are sized from it on every rank.
+  int sm_count() const { return sm_count_; }
   const CommHandle& handle() const { return handle_; }
   size_t one_shot_capacity_bytes() const;
 
@@ -78,6 +81,7 @@ class Workspace {
   int world_ = 1;
   int device_ = -1;
   std::string gpu_name_;
+  int sm_count_ = 0;
   at::Tensor buffer_;
   at::Tensor gemm_scratch_;
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> symm_;

@@ -39,7 +39,8 @@ constexpr int kMinStages = 3;
 constexpr int kMaxClusterCtas = 8;                  // portable cluster size
 constexpr int kSmemLimitBytes = 227 << 10;
 constexpr int kMmaBarrier = 1, kCommBarrier = 2;    // named barriers (0 is __syncthreads)
-constexpr uint64_t kClusterWaitNs = 10ull * 1000 * 1000 * 1000;  // a cluster-internal wait that long is a bug
+// A cluster-internal wait longer than the peer timeout plus this is a defect of the kernel.
+constexpr uint64_t kClusterWaitMarginNs = 10ull * 1000 * 1000 * 1000;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -123,18 +124,26 @@ __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
         : "memory");
   return done != 0;
 }
-// Wait for the completion of the barrier's phase of parity `parity`; bounded: only a
-// defect of this kernel can keep a cluster-internal phase from completing.
+// Wait for the completion of the barrier's phase of parity `parity`. Every phase
+// depends, through the ring and the cluster sum, on the comm warps, which may wait up
+// to the call's timeout for a late peer (then go on without it); a wait past that
+// timeout plus a margin is a defect of this kernel: it reports and traps.
 // The clock is first read after 4096 failed tries (each try already blocks in hardware
 // for a while): reading it on every wait costs the pipeline more than the wait itself.
 template <bool kClusterScope = false>
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, uint64_t peer_timeout_ns) {
   uint64_t start = 0;
   for (uint32_t spins = 1; !mbar_try_wait<kClusterScope>(bar, parity); ++spins) {
     if ((spins & 4095u) != 0) continue;
     const uint64_t now = global_timer_ns();
-    if (start == 0) start = now;
-    else if (now - start > kClusterWaitNs) __trap();
+    if (start == 0) {
+      start = now;
+    } else if (now - start > (peer_timeout_ns ? peer_timeout_ns : kDefaultTimeoutNs) + kClusterWaitMarginNs) {
+      printf("distfuse: matmul_all_reduce (split-K decode schedule): block %d waited %llu ns on a "
+             "cluster-internal barrier\n",
+             int(blockIdx.x), static_cast<unsigned long long>(now - start));
+      __trap();
+    }
   }
 }
 
@@ -300,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
       const int n0 = (cluster_id + j * args.clusters) * kBlockN;
       for (int ks = 0; ks < stage_count; ++ks, ++it) {
         const int s = it % stages;
-        mbar_wait(empty(s), ((it / stages) & 1) ^ 1);
+        mbar_wait(empty(s), ((it / stages) & 1) ^ 1, c.timeout_ns);
         mbar_expect_tx(full(s), uint32_t(stage_bytes + (j == 0 ? boxes * kTokenBoxBytes : 0)));
         for (int x = 0; x < boxes; ++x) {
           const int kb = ks * boxes + x;
@@ -317,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
     for (int j = 0; j < rounds; ++j) {
       for (int ks = 0; ks < stage_count; ++ks, ++it) {
         const int s = it % stages;
-        mbar_wait(full(s), (it / stages) & 1);
+        mbar_wait(full(s), (it / stages) & 1, c.timeout_ns);
         wgmma_stage<T, kTokens>(acc, ring + s * stage_bytes, kBoxBytes, tokens, boxes, ks * boxes);
         // The stage before this one is read: free it (the last stage of a block is
         // freed after the block's final wait below).
@@ -326,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
       cute::warpgroup_wait<0>();
       fence_accumulators(acc);
       if (t == 0) mbar_arrive_local(empty((it - 1) % stages));
-      if (j > 0) mbar_wait<true>(partial_empty, (j - 1) & 1);
+      if (j > 0) mbar_wait<true>(partial_empty, (j - 1) & 1, c.timeout_ns);
       // Accumulator i of thread (w, l): column w·16 + l/4 + 8·((i/2) mod 2), token
       // (i/4)·8 + 2·(l mod 4) + (i mod 2).
 #pragma unroll
@@ -384,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
     bool entered = false;
     for (int j = 0; j < rounds; ++j) {
       const int b = cluster_id + j * args.clusters;
-      mbar_wait<true>(partial_full, j & 1);
+      mbar_wait<true>(partial_full, j & 1, c.timeout_ns);
       uint4 mine[kMaxUnits];
 #pragma unroll
       for (int x = 0; x < kMaxUnits; ++x) {
@@ -446,6 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_k_kernel(const __gri
   if (p.all_reduce) store_epoch_when_last(epoch_value, epoch_value + 1, epoch);
 }
 
+// Launched as the split-K kernel's programmatic dependent.
 __global__ void decode_split_k_timeout_check_kernel(const CommHandle comm) { exchange_timeout_check(comm); }
 
 // ---------------------------------------------------------------------------------

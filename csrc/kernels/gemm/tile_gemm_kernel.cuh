@@ -199,6 +199,7 @@ struct TileGemmKernel {
         Epilogue::prefetch_tma_descriptors(params.epilogue[p]);
       shared.exchange.published = 0;
       shared.exchange.aborted = 0;
+      shared.exchange.tail_aborted = 0;
       if (params.exchange.output != nullptr) {
         exchange_trace(params.exchange.comm, kTraceKernelStart);
         // The timeout check after this kernel is its programmatic dependent: let it launch

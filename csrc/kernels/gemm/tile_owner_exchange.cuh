@@ -71,10 +71,10 @@ __device__ void exchange_tiles_through_owners(const TileExchange& e, int64_t m, 
   const int sum_rows = kExchangeBatch / world;  // rows of a sum batch, every rank's vector staged
   uint4* slot = staging + x;                        // this thread's slots: slot[k * kThreads]
   auto wait_for = [&](const uint32_t* flag, uint32_t what, int index, int peer) {
-    return wait_or_record_timeout(c, cta, flag, epoch, what, index, peer);
+    return wait_or_record_timeout(c, &cta->aborted, flag, epoch, what, index, peer);
   };
 
-  if (x == 0) enter_exchange_call(c, cta, epoch, blockIdx.x == 0);
+  if (x == 0) enter_exchange_call(c, &cta->aborted, epoch, blockIdx.x == 0);
   sync();
   if (cta->aborted) return;
 

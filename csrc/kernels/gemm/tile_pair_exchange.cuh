@@ -53,6 +53,7 @@
 #include "distfuse/comm/signal.cuh"
 #include "kernels/allreduce/rank_order_sum.cuh"
 #include "kernels/allreduce/tile_slots.cuh"
+#include "kernels/common/launch.cuh"
 #include "kernels/common/vec.cuh"
 
 namespace distfuse {
@@ -106,7 +107,12 @@ __device__ __forceinline__ void exchange_trace(const CommHandle& c, int step) {
 // Words of shared memory the consumers and the exchange warps of a CTA share.
 struct ExchangeCtaState {
   uint32_t published;  // tiles the consumers stored so far
-  uint32_t aborted;    // a wait of the exchange timed out: it stops
+  // A wait timed out: that group stops. One word per group of warps, each written by its
+  // own thread 0 before a barrier of the group and read by the group after it, so that
+  // every warp of a group takes the same branch (a word the other group could set
+  // between two warps' reads would leave some of them at the group's next barrier).
+  uint32_t aborted;       // the exchange warps'
+  uint32_t tail_aborted;  // the consumers' (their CTA's last tile)
   uint32_t epoch;      // this call's, read at the kernel's start (the last CTA to finish
                        // rewrites the counter)
   int tiles_end;       // the pair exchange warps take this CTA's tiles below it
@@ -138,9 +144,11 @@ __device__ __forceinline__ void wait_tile_in_cta(const volatile ExchangeCtaState
   __threadfence();
 }
 
-// After the GEMM kernel on the same stream (one thread): traps with the message of
-// a wait of the exchange that timed out, if any.
+// In a kernel launched as the GEMM's programmatic dependent (one thread): waits for the
+// GEMM to end and its writes to be visible, then traps with the message of a wait of
+// the exchange that timed out, if any.
 __device__ __forceinline__ void exchange_timeout_check(const CommHandle& c) {
+  wait_for_previous_kernel();
   const volatile uint32_t* record = exchange_timeout_record(c);
   const uint32_t what = record[0];
   if (what != 0)
@@ -148,13 +156,13 @@ __device__ __forceinline__ void exchange_timeout_check(const CommHandle& c) {
                  int(record[2]), record[3], record[4]);
 }
 
-// Thread 0 of the exchange warps: poll_or_record_timeout, and at the timeout also stops
-// the CTA's exchange.
-__device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, volatile ExchangeCtaState* cta,
+// Thread 0 of a group of exchanging warps: poll_or_record_timeout, and at the timeout also
+// sets the group's stop word (ExchangeCtaState).
+__device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, volatile uint32_t* aborted,
                                                        const uint32_t* flag, uint32_t epoch, uint32_t what,
                                                        int index, int peer) {
   if (poll_or_record_timeout(c, flag, epoch, what, index, peer)) return true;
-  cta->aborted = 1;
+  *aborted = 1;
   return false;
 }
 
@@ -163,14 +171,14 @@ __device__ __forceinline__ bool wait_or_record_timeout(const CommHandle& c, vola
 // and without its trap or block-wide barrier, which the GEMM kernel may not use. With
 // `announce` (CTA 0's exchange warps) tell every peer that this rank entered the call;
 // then wait until every peer did (each peer's CTA 0 tells every CTA here). False, with
-// the CTA's exchange stopped, after a timeout.
-__device__ __forceinline__ bool enter_exchange_call(const CommHandle& c, volatile ExchangeCtaState* cta,
+// the group's stop word set, after a timeout.
+__device__ __forceinline__ bool enter_exchange_call(const CommHandle& c, volatile uint32_t* aborted,
                                                     uint32_t epoch, bool announce) {
   for (int q = 0; q < c.world; ++q)
     if (q != c.rank && announce) store_release_sys(c.flags(q, kChannelTiles) + kTileEntrySlot + c.rank, epoch);
   for (int q = 0; q < c.world; ++q)
-    if (q != c.rank && !wait_or_record_timeout(c, cta, c.flags(c.rank, kChannelTiles) + kTileEntrySlot + q, epoch,
-                                               kExchangeTimeoutEntry, int(blockIdx.x), q))
+    if (q != c.rank && !wait_or_record_timeout(c, aborted, c.flags(c.rank, kChannelTiles) + kTileEntrySlot + q,
+                                               epoch, kExchangeTimeoutEntry, int(blockIdx.x), q))
       return false;
   return true;
 }
@@ -245,7 +253,7 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
   const int lane = x % kLanesPerRow;
   const int64_t step = kRowStep * n;
 
-  if (x == 0) enter_exchange_call(c, cta, epoch, blockIdx.x == 0);
+  if (x == 0) enter_exchange_call(c, &cta->aborted, epoch, blockIdx.x == 0);
   sync();
   if (cta->aborted) return;
   if (x == 0) exchange_trace(c, kTraceEntered);
@@ -266,7 +274,8 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
     if (x == 0) {
       exchange_trace(c, kTraceWarpsPushed);
       store_release_sys(received_flag(c, peer, t, rank), epoch);
-      wait_or_record_timeout(c, cta, received_flag(c, rank, t, peer), epoch, kExchangeTimeoutTile, t, peer);
+      wait_or_record_timeout(c, &cta->aborted, received_flag(c, rank, t, peer), epoch, kExchangeTimeoutTile, t,
+                             peer);
       exchange_trace(c, kTraceWarpsPeerSeen);
     }
     sync();
@@ -321,9 +330,9 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
   const int rank = c.rank, peer = 1 - c.rank;
   const uint32_t epoch = cta->epoch;
   // No byte before the peer entered this call (the exchange warps announce it).
-  if (y == 0) enter_exchange_call(c, cta, epoch, false);
+  if (y == 0) enter_exchange_call(c, &cta->tail_aborted, epoch, false);
   sync();
-  if (cta->aborted) return;
+  if (cta->tail_aborted) return;
   const int64_t mn = m * n;
   const int parity = int(epoch & 1);
 
@@ -352,11 +361,12 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
   if (y == 0) {
     exchange_trace(c, kTraceTailPushed);
     store_release_sys(received_flag(c, peer, t, rank), epoch);
-    wait_or_record_timeout(c, cta, received_flag(c, rank, t, peer), epoch, kExchangeTimeoutTile, t, peer);
+    wait_or_record_timeout(c, &cta->tail_aborted, received_flag(c, rank, t, peer), epoch, kExchangeTimeoutTile, t,
+                           peer);
     exchange_trace(c, kTraceTailPeerSeen);
   }
   sync();
-  if (cta->aborted || !active) return;
+  if (cta->tail_aborted || !active) return;
   // Sum: both copies of kSumVectors rows a pass (as many registers as the push).
   const T* mine = partial_of<T>(c, rank) + first_off;
   const T* from_peer = receive_slot<T>(c, rank, mn, parity, peer) + first_off;

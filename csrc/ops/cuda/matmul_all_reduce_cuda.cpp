@@ -184,15 +184,6 @@ at::Tensor chunked(const comm::Workspace& ws, const at::Tensor& a, const at::Ten
 
 #ifndef DISTFUSE_NO_GEMM
 
-int sm_count(int device) {
-  static std::mutex mutex;
-  static int counts[64] = {0};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (counts[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
-  return counts[device];
-}
-
 // A as row-major [M, K] and B as row-major [K, N] or its transpose [N, K]
 // (nn.Linear's weight), without copies when the layout already fits.
 struct GemmOperands {
@@ -303,7 +294,6 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
                    const std::optional<at::Tensor>& bias, MatmulAllReduceAlgo algo, int spare_sms) {
   BandCall bc{};
   GemmOperands g = gemm_operands(a, b);
-  const int device = ws.device();
   TileGemmParams& gp = bc.gemm;
   gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   const int tile_m = tile_gemm_tile_m(gp);
@@ -313,8 +303,8 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
                                                            : band_tile_rows(tiles_m, ws.world(), bands_knob);
   const int64_t tiles = output_tiles(g.m, g.n, tile_m, tile_gemm_tile_n(gp));
   const int blocks_knob = static_cast<int>(get_tuning("matmul_all_reduce.band_reduce_blocks"));
-  const int sms = sm_count(device) - spare_sms;  // the GEMM's and the band kernel's
-  bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.m, g.k, blocks_knob), sm_count(device) / 2));
+  const int sms = ws.sm_count() - spare_sms;  // the GEMM's and the band kernel's
+  bc.reducers = std::max(1, std::min(band_reduce_blocks(algo, ws.world(), g.m, g.k, blocks_knob), ws.sm_count() / 2));
   bc.reducers = band_reduce_blocks_for_waves(bc.reducers, g.k, tiles, sms, blocks_knob);
   gp.sm_count = sms - bc.reducers;
   gp.whole_tiles = band_gemm_whole_tiles(get_tuning("matmul_all_reduce.band_whole_tiles"));
@@ -435,7 +425,7 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   } else if (tail > 0) {
     // After the GEMM, beside what lane 0 has left on its R SMs.
     const int blocks = std::min(band_tail_blocks(static_cast<int>(get_tuning("matmul_all_reduce.band_tail_blocks"))),
-                                sm_count(device) - bc.reducers);
+                                ws.sm_count() - bc.reducers);
     C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, blocks, /*lane=*/1, bands - tail, bands, sum_ahead, main));
   }
   if (overlapped) side.join_into(main);
@@ -489,8 +479,8 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   TileGemmParams gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   const int tile_m = tile_gemm_tile_m(gp), tile_n = tile_gemm_tile_n(gp);
   const CommHandle& handle = ws.handle();
-  consumers = std::max(1, std::min<int>(consumers, sm_count(device) / 2));
-  gp.sm_count = sm_count(device) - consumers;
+  consumers = std::max(1, std::min<int>(consumers, ws.sm_count() / 2));
+  gp.sm_count = ws.sm_count() - consumers;
 
   const OutputAndBias ob = output_and_bias(g, a, bias);
   TileAllReduceParams rp{};
@@ -543,7 +533,7 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
               "matmul_all_reduce.exchange_tiles must be 0 (by M), 1 (64x128), 2 (128x128) or 3 (128x256), got ",
               gp.tile_shape);
   const int64_t tiles = output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp));
-  gp.sm_count = exchange_ctas(tiles, sm_count(device), static_cast<int>(get_tuning("matmul_all_reduce.exchange_ctas")));
+  gp.sm_count = exchange_ctas(tiles, ws.sm_count(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_ctas")));
   gp.whole_tiles = true;  // the exchange's plan, also when serialized (same bits)
   TORCH_CHECK(tiles <= tile_all_reduce_max_tiles(),
               "matmul_all_reduce: the tile exchange's tiles exceed the flag region (exchange_tiles=", gp.tile_shape,
@@ -568,7 +558,11 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
 // rank's partial, then the distfuse all-reduce.
 at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                   const std::optional<at::Tensor>& bias, Overlap overlap, bool split_k) {
-  const GemmOperands g = gemm_operands(a, b);
+  GemmOperands g = gemm_operands(a, b);
+  if (split_k && !g.b_transposed) {  // the split-K kernel reads the weights as [N, K] rows
+    g.b = g.b.t().contiguous();
+    g.b_transposed = true;
+  }
   const int esize = static_cast<int>(a.element_size());
   ws.ensure_tile_bytes(tile_region_bytes(static_cast<int>(g.m), static_cast<int>(g.n), esize, ws.world()), kOp);
   OutputAndBias ob = output_and_bias(g, a, bias);
@@ -589,7 +583,7 @@ at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   p.ll128 = decode_ll128(ws.world(), g.m, ws.ll128() && decode_ll128_fits(g.m, g.n), push_lines);
   p.ll = !p.ll128 && decode_ll(ws.world(), g.m, g.m * g.n * esize, kDecodeLLCapacityBytes, push_lines);
   const int ctas = decode_ctas(static_cast<int>(get_tuning("matmul_all_reduce.decode_ctas")));
-  p.sm_count = ctas > 0 ? std::min(ctas, sm_count(ws.device())) : sm_count(ws.device());
+  p.sm_count = ctas > 0 ? std::min(ctas, ws.sm_count()) : ws.sm_count();
   p.op = kOpMatmulAllReduce;
   p.comm = ws.handle();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(ws.device());
@@ -686,10 +680,11 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     }
     if (algo == MatmulAllReduceAlgo::kFusedTiles && !owner_schedule_fits(a, b, ws.world()))
       algo = MatmulAllReduceAlgo::kDecodePush;  // decode-sized anyway
-    // The split-K schedule takes the transposed weight view, M <= 128 and N in whole
-    // 64-column blocks; elsewhere the one-kernel decode schedule.
+    // The split-K schedule takes M <= 128 and N in whole 64-column blocks; elsewhere the
+    // one-kernel decode schedule. Not the weights' layout, which may differ between ranks:
+    // decode() gives the kernel a transposed copy of a row-major [K, N] weight.
     if (algo == MatmulAllReduceAlgo::kDecodeSplitK &&
-        !decode_split_k_shape_supported(m, b.size(1), k, b.stride(0) == 1 && b.stride(1) == k))
+        !decode_split_k_shape_supported(m, b.size(1), k, /*b_transposed=*/true))
       algo = MatmulAllReduceAlgo::kDecodePush;
     if (algo == MatmulAllReduceAlgo::kDecodeSplitK) {
       at::Tensor out = decode(ws, a, b, bias, overlap, /*split_k=*/true);
