@@ -142,6 +142,44 @@ def test_bars_matmul_all_reduce_verdicts():
     assert not verdict[("o_proj M=1 w.t()", "fused / best unfused")]
 
 
+def test_bars_name_outputs_off_the_reference():
+    """The bars output names a row whose outputs the file records as off the reference."""
+    from distfuse.bench import bars
+    row = {"shape": {"name": "o_proj", "M": 8, "b_layout": "weight_t"}, "graph": True, "path": "sequential",
+           "times_us": {"matmul": 10.0, "ideal": 10.0, "matmul+nccl": 30.0, "distfuse": 15.0},
+           "rel_err": {"distfuse": 3e-3, "distfuse:band_pull": 0.5}, "wrong_ar": 0}
+    doc = {"op": "matmul_all_reduce", "world_size": 2, "tolerance": 2e-2, "rows": [row]}
+    assert bars.output_problems(doc) == ["o_proj M=8 weight_t graph: distfuse:band_pull rel_err 0.5 > 0.02"]
+    assert "OUTPUT PROBLEMS" in bars.summary_line(doc) and "1 problem(s)" in bars.markdown(doc)
+    row["rel_err"]["distfuse:band_pull"] = 1e-3
+    row["wrong_ar"] = 3
+    assert bars.output_problems(doc) == ["o_proj M=8 weight_t graph: 3 wrong elements (wrong_ar)"]
+    row["wrong_ar"] = 0
+    assert bars.output_problems(doc) == [] and "OUTPUT" not in bars.summary_line(doc)
+
+
+def test_rel_err_sees_one_wrong_tile_and_nan():
+    """One zeroed 128 x 128 tile of a large output, a NaN, or a missing rank's share of a
+    small output: each far above the bf16 tolerance, where rounding stays far below it."""
+    import torch
+
+    from distfuse.bench.matmul_all_reduce import NON_FINITE_ERR, TOLERANCE, rel_err
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(8192, 8192, generator=g)
+    rounded = ref.to(torch.bfloat16)
+    assert rel_err(rounded, ref) < TOLERANCE[torch.bfloat16] / 4
+    one_tile = rounded.clone()
+    one_tile[4096:4224, 128:256] = 0
+    assert torch.linalg.vector_norm(one_tile.float() - ref) / torch.linalg.vector_norm(ref) < 0.02  # the norm alone misses it
+    assert rel_err(one_tile, ref) > 0.9
+    nan = rounded.clone()
+    nan[7, 7] = float("nan")
+    assert rel_err(nan, ref) == NON_FINITE_ERR
+    parts = torch.randn(2, 3, 1000, generator=g)
+    assert rel_err(parts[0], parts.sum(0)) > 0.5
+    assert rel_err(None, ref) is None
+
+
 def test_bars_of_committed_results_are_recomputable():
     """Every committed GPU results file has a bars section equal to the one its JSON gives."""
     from distfuse.bench import bars
@@ -166,7 +204,8 @@ def test_forced_columns_name_the_schedule_that_ran():
     column at W = 2 only."""
     import types
 
-    from distfuse.bench.matmul_all_reduce import forced_cell, forced_paths
+    from distfuse.bench.matmul_all_reduce import forced_paths
+    from distfuse.bench.results import forced_cell
     assert forced_cell("2773.7", "band_scatter", "band_pull") == "2773.7 (band_pull)"
     assert forced_cell("2773.7", "band_pull", "band_pull") == "2773.7"
     assert forced_cell("n/a", "band_pull", None) == "n/a"

@@ -175,7 +175,10 @@ void Workspace::allocate(const char* op) {
 
 void Workspace::release() {
   if (!symm_) return;
-  // Peers may still read this buffer (the tail of their last op): wait for all.
+  // Peers may still read this buffer (the tail of their last op, on any of their
+  // streams): every rank first finishes all its own work, then all meet (the barrier runs
+  // on the current stream only), then none frees before the barrier is done.
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
   symm_->barrier(0, timeout_ms_);
   C10_CUDA_CHECK(cudaDeviceSynchronize());
   symm_.reset();

@@ -11,12 +11,12 @@ before the correctness run, so each timed call reduces fresh data.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .results import OpResult, Table, fmt, fmt_bytes
+from .results import OpResult, Table, fmt, fmt_bytes, forced_cell
 from .timing import BenchContext, Method, Timing, slots_for_bytes, tuned_method_name
 
 OP = "all_reduce"
@@ -207,6 +207,12 @@ def count_wrong(out: Optional[torch.Tensor], expected: torch.Tensor) -> int:
     return int((out.float().reshape(expected.shape) != expected).sum().item())
 
 
+def count_wrong_slots(timing: Timing, expected_of_slot: Callable[[int], torch.Tensor]) -> int:
+    """Elements of every slot's output of the correctness run (each call of a graph) that
+    differ from that slot's exact sum."""
+    return sum(count_wrong(out, expected_of_slot(j)) for j, out in enumerate(timing.outputs))
+
+
 def sizes_for(ctx: BenchContext) -> List[int]:
     given = ctx.options.get("sizes")
     if given:
@@ -241,13 +247,13 @@ def run(ctx: BenchContext) -> OpResult:
         numel = size // esize
         max_slots = max(sl for s, _, sl in plan if s == size)
         srcs_all = [ctx.rand_int([numel], _seed(ctx, ctx.rank, size, s), BOUND) for s in range(max_slots)]
-        expected = expected_sum(ctx, [numel], size, 0)
+        expected = [expected_sum(ctx, [numel], size, s) for s in range(max_slots)]
         for s2, graph, slots in plan:
             if s2 != size:
                 continue
             methods = all_reduce_methods(ctx, srcs_all[:slots], pool, tune=ctx.tune_variants(OP))
             timings = ctx.timer.run_all(methods, graph=graph)
-            rows.append(_row(ctx, size, numel, graph, timings, expected, factor, errors_seen))
+            rows.append(_row(ctx, size, numel, graph, timings, expected.__getitem__, factor, errors_seen))
             ctx.log(_progress(rows[-1], ctx))
         del srcs_all, expected
     for row in rows:
@@ -265,9 +271,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
-def _row(ctx, size, numel, graph, timings: Dict[str, Timing], expected, factor, errors_seen) -> Dict[str, Any]:
+def _row(ctx, size, numel, graph, timings: Dict[str, Timing], expected_of_slot, factor,
+         errors_seen) -> Dict[str, Any]:
     names = list(timings)
-    wrong_local = [count_wrong(timings[n].output, expected) for n in names]
+    wrong_local = [count_wrong_slots(timings[n], expected_of_slot) for n in names]
     wrong = [int(w) for w in ctx.timer.sum_over_ranks(wrong_local)]
     times = {n: timings[n].us for n in names}
     algbw = {n: (size / (t * 1e3) if t else None) for n, t in times.items()}
@@ -309,7 +316,8 @@ def _table(ctx, rows, names, errors_seen) -> Table:
     for r in rows:
         cells = [fmt_bytes(r["shape"]["bytes"]), str(r["shape"]["count"]), r["dtype"],
                  "graph" if r["graph"] else "eager"]
-        cells += [fmt(r["times_us"].get(n)) for n in names]
+        cells += [forced_cell(fmt(r["times_us"].get(n)), n.split(":", 1)[-1], r.get("paths", {}).get(n))
+                  if n.startswith("distfuse:") else fmt(r["times_us"].get(n)) for n in names]
         cells += [fmt(r["busbw_GBs"].get(ctx.backend)), fmt(r["busbw_GBs"].get("distfuse")),
                   str(r.get("path") or "n/a"), str(r["wrong_total"])]
         table.rows.append(cells)

@@ -119,6 +119,39 @@ CHECKS: Dict[str, Callable[[Dict[str, Any]], List[Bar]]] = {
 }
 
 
+def output_problems(doc: Dict[str, Any]) -> List[str]:
+    """What the file says is wrong with the outputs: a distfuse output off the reference
+    beyond the file's tolerance, an all-reduce with wrong elements. Not bars: a row whose
+    output is wrong has no time worth comparing."""
+    problems: List[str] = []
+    tol = doc.get("tolerance")
+    for r in doc["rows"]:
+        s = r["shape"]
+        label = (f"{s['name']} M={s['M']} {s['b_layout']}" if "M" in s else
+                 f"M={s['tokens']}" if "tokens" in s else _size(s["bytes"]))
+        label += " graph" if r["graph"] else " eager"
+        errs = r.get("rel_err")
+        errs = errs if isinstance(errs, dict) else {"distfuse": errs}
+        for method, e in errs.items():
+            if tol is not None and e is not None and not e <= tol:
+                problems.append(f"{label}: {method} rel_err {e:.3g} > {tol:g}")
+        for key in ("wrong_total", "wrong_ar"):
+            if r.get(key):
+                problems.append(f"{label}: {r[key]} wrong elements ({key})")
+    return problems
+
+
+def _peer_notes(doc: Dict[str, Any]) -> List[str]:
+    """all_reduce rows whose best peer is not the best of all three (a peer that did not run)."""
+    if doc.get("op") != "all_reduce":
+        return []
+    rows = [r for r in doc["rows"] if any(r["times_us"].get(p) is None for p in PEERS)]
+    if not rows:
+        return []
+    missing = sorted({p for r in rows for p in PEERS if r["times_us"].get(p) is None})
+    return [f"- {len(rows)} row(s) compare against fewer peers: {', '.join(missing)} did not run there."]
+
+
 def evaluate(doc: Dict[str, Any]) -> Optional[List[Bar]]:
     """The bars of a results document; None for a CPU reference run or an op without bars."""
     if doc.get("cpu_reference") or doc.get("op") not in CHECKS:
@@ -134,6 +167,10 @@ def markdown(doc: Dict[str, Any]) -> str:
     lines = [f"### Bars: {len(bars) - len(missed)} of {len(bars)} met", "",
              "| row | bar | value | limit | verdict |", "|---|---|---:|---:|---|"]
     lines += [b.markdown() for b in bars]
+    problems = output_problems(doc)
+    lines += [""] + ([f"- Outputs: {len(problems)} problem(s): " + "; ".join(problems)] if problems else
+                     ["- Outputs: every checked output within the file's tolerance or exact."])
+    lines += _peer_notes(doc)
     if doc["op"] == "decoder_layer" and doc.get("world_size") != DECODER_WORLD:
         lines += ["", f"- The decoder-layer bar is set at W = {DECODER_WORLD}; this run is W = {doc.get('world_size')}."]
     return "\n".join(lines) + "\n"
@@ -146,7 +183,9 @@ def summary_line(doc: Dict[str, Any]) -> Optional[str]:
     missed = [f"{b.row}: {b.bar} {'n/a' if b.value is None else f'{b.value:.4g}'} (limit {b.limit:.4g})"
               for b in bars if not b.met]
     text = f"BARS {doc['op']} W={doc.get('world_size')}: {len(bars) - len(missed)}/{len(bars)} met"
-    return text + ("; missed: " + "; ".join(missed) if missed else "")
+    problems = output_problems(doc)
+    return (text + ("; missed: " + "; ".join(missed) if missed else "")
+            + ("; OUTPUT PROBLEMS: " + "; ".join(problems) if problems else ""))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -19,8 +19,8 @@ from typing import Any, Dict, List
 import torch
 
 from .all_reduce import ensure_workspace, last_path
-from .matmul_all_reduce import forced_cell, forced_paths, rel_err
-from .results import OpResult, Table, Unavailable, fmt
+from .matmul_all_reduce import forced_paths, output_errors
+from .results import OpResult, Table, Unavailable, fmt, forced_cell
 from .timing import BenchContext, Method
 
 OP = "decoder_layer"
@@ -128,9 +128,7 @@ def run(ctx: BenchContext) -> OpResult:
             methods += [Method(f"distfuse:{p}", lambda slot, p=p: forced_fwd(slot, p), slots=slots, info=path)
                         for p in forced]
             timings = ctx.timer.run_all(methods, graph=graph)
-            err_local = rel_err(timings["distfuse"].output, timings["reference"].output)
-            err = ctx.timer.max_over_ranks([err_local if err_local is not None else -1.0])[0]
-            err = err if err >= 0 else None
+            err = output_errors(ctx, timings, "reference", ["distfuse"])["distfuse"]
             t_df, t_ref = timings["distfuse"].us, timings["reference"].us
             row = {
                 "shape": {"tokens": m, "B": b, "S": s, "hidden": h, "intermediate": dims["intermediate_size"],

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import all_reduce as ar
-from .results import OpResult, Table, Unavailable, fmt
+from .results import OpResult, Table, Unavailable, fmt, forced_cell
 from .timing import BenchContext, Method, Timing, geomean, slots_for_bytes, tuned_method_name
 
 OP = "matmul_all_reduce"
@@ -60,15 +60,6 @@ def forced_paths(ctx, default=DEFAULT_FORCED_PATHS):
     return tuple(p for p in paths if p != "pair_exchange" or ctx.world == 2)
 
 
-def forced_cell(us: str, forced: str, ran: Optional[str]) -> str:
-    """A forced column's cell: its time, and the schedule that ran where the op took another
-    one (a forced schedule that does not fit the shape falls back), so that no column shows
-    one schedule's time under another's name."""
-    if ran is None or ran == forced:
-        return us
-    return f"{us} ({ran})"
-
-
 def shape_dims(ctx: BenchContext, name: str) -> Tuple[int, int]:
     """(K_total, N) of a layer, before sharding."""
     hidden, inter = (CPU_HIDDEN, CPU_INTERMEDIATE) if ctx.cpu else (HIDDEN, INTERMEDIATE)
@@ -84,13 +75,54 @@ def m_list(ctx: BenchContext) -> List[int]:
     return QUICK_M if ctx.quick else FULL_M
 
 
+# Where an output holds NaN or Inf (a call that left it unwritten, say): an error far
+# above every tolerance, and a number that strict JSON can hold.
+NON_FINITE_ERR = 1e30
+_ERR_TILE = 128
+
+
 def rel_err(out: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> Optional[float]:
+    """||out - ref|| / ||ref|| over the whole output and over each of its 128 x 128 tiles
+    (as [rows, N]), the largest: one wrong tile of a large output cannot hide in the norm
+    of the rest. NON_FINITE_ERR where either holds NaN or Inf; None without both."""
     if out is None or ref is None:
         return None
-    o, r = out.float().reshape(ref.shape), ref.float()
-    den = torch.linalg.vector_norm(r).item()
-    num = torch.linalg.vector_norm(o - r).item()
-    return num / den if den > 0 else num
+    r = ref.float().reshape(-1, ref.shape[-1]) if ref.dim() else ref.float().reshape(1, 1)
+    o = out.float().reshape(r.shape)
+    if not (torch.isfinite(o).all() and torch.isfinite(r).all()):
+        return NON_FINITE_ERR
+    d = o - r
+    pad = (0, (-r.shape[1]) % _ERR_TILE, 0, (-r.shape[0]) % _ERR_TILE)
+
+    def tile_norms(x):
+        x = torch.nn.functional.pad(x, pad)
+        return x.reshape(x.shape[0] // _ERR_TILE, _ERR_TILE, x.shape[1] // _ERR_TILE, _ERR_TILE) \
+            .pow(2).sum((1, 3)).sqrt()
+
+    num, den = tile_norms(d), tile_norms(r)
+    tiles = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), num)
+    whole = torch.linalg.vector_norm(d) / torch.linalg.vector_norm(r).clamp_min(torch.finfo(torch.float32).tiny)
+    return max(float(tiles.max()), float(whole))
+
+
+def output_errors(ctx: BenchContext, timings: Dict[str, Timing], ref_name: str,
+                  names: List[str]) -> Dict[str, Optional[float]]:
+    """Per method in `names`: rel_err of every slot of its correctness run against the same
+    slot of `ref_name`'s (both ran on the same inputs), the largest over slots and ranks.
+    None where the method did not run; NON_FINITE_ERR where it ran but the reference left
+    nothing to compare with."""
+    ref = timings[ref_name].outputs
+    local = []
+    for nm in names:
+        outs = timings[nm].outputs
+        if not outs:
+            local.append(-1.0)
+        elif len(ref) < len(outs):
+            local.append(NON_FINITE_ERR)
+        else:
+            local.append(max(rel_err(o, r) for o, r in zip(outs, ref)))
+    merged = ctx.timer.max_over_ranks(local)
+    return {nm: (e if e >= 0 else None) for nm, e in zip(names, merged)}
 
 
 def run(ctx: BenchContext) -> OpResult:
@@ -163,8 +195,8 @@ def _all_reduce_alone(ctx: BenchContext, m: int, n: int, graph: bool, pool) -> D
     srcs = [ctx.rand_int([m, n], ar._seed(ctx, ctx.rank, tag, s), ar.BOUND) for s in range(slots)]
     methods = ar.all_reduce_methods(ctx, srcs, pool, prefix="ar_", forced_paths=())
     timings = ctx.timer.run_all(methods, graph=graph)
-    expected = ar.expected_sum(ctx, [m, n], tag, 0)
-    wrong_local = [ar.count_wrong(t.output, expected) for t in timings.values()]
+    expected = [ar.expected_sum(ctx, [m, n], tag, s) for s in range(slots)]
+    wrong_local = [ar.count_wrong_slots(t, expected.__getitem__) for t in timings.values()]
     wrong = int(sum(ctx.timer.sum_over_ranks(wrong_local)))
     return {"timings": {k: v for k, v in timings.items()}, "wrong": wrong}
 
@@ -224,16 +256,9 @@ def _case(ctx: BenchContext, name, k_total, k, n, layout, m, graph, ar_alone, er
     a_s.clear()  # frees the inputs (the closures above hold the lists)
     b_s.clear()
 
-    # Correctness against matmul + c10d all_reduce on the same slot-0 inputs.
-    ref = timings[f"matmul+{backend}"].output
+    # Correctness against matmul + c10d all_reduce, slot by slot on the same inputs.
     checked = [nm for nm in timings if nm.startswith("distfuse") or nm == "matmul+distfuse_ar"]
-    local = [rel_err(timings[nm].output, ref) for nm in checked]
-    merged = ctx.timer.max_over_ranks([e if e is not None else -1.0 for e in local])
-    errs = {nm: (e if e >= 0 else None) for nm, e in zip(checked, merged)}
-    # NaN never compares <= tol: keep it visible as a failure.
-    for nm, e in zip(checked, local):
-        if e is not None and math.isnan(e):
-            errs[nm] = float("nan")
+    errs = output_errors(ctx, timings, f"matmul+{backend}", checked)
 
     times: Dict[str, Optional[float]] = {}
     times["matmul"] = timings["matmul"].us

@@ -190,6 +190,15 @@ def load(path: str) -> Dict[str, Any]:
 REQUIRED_KEYS = ("op", "gpu", "world_size", "torch", "nccl", "date", "rows")
 
 
+def forced_cell(us: str, forced: str, ran: Optional[str]) -> str:
+    """A forced column's cell: its time, and the schedule that ran where the op took another
+    one (a forced schedule that does not fit the shape falls back), so that no column shows
+    one schedule's time under another's name."""
+    if ran is None or ran == forced:
+        return us
+    return f"{us} ({ran})"
+
+
 def validate(doc: Dict[str, Any]) -> None:
     """Raise ValueError when ``doc`` does not follow the results schema."""
     for k in REQUIRED_KEYS:

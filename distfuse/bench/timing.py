@@ -99,10 +99,17 @@ class Timing:
     name: str
     us: Optional[float] = None
     error: Optional[str] = None
-    output: Optional[torch.Tensor] = None  # slot-0 output of a fresh correctness run
+    # The correctness run's outputs, slot by slot: each of a graph's k back-to-back calls
+    # (poisoned before the replay), or the one eager call on slot 0.
+    outputs: List[torch.Tensor] = field(default_factory=list)
     samples: int = 0
     host_us: Optional[float] = None        # median host time to enqueue one sample (eager: launch cost)
     info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Optional[torch.Tensor]:
+        """Slot 0's output of the correctness run."""
+        return self.outputs[0] if self.outputs else None
 
 
 @dataclass
@@ -364,12 +371,18 @@ class Timer:
             if method.prepare is not None:
                 method.prepare(run.all_slots[:run.k] if run.graph is not None else [0])
             if run.graph is not None:
+                outs = [o for o in run.outs if isinstance(o, torch.Tensor)]
+                # A call that leaves its output unwritten shows as NaN. Not where a prepare
+                # step refilled the inputs: those methods reduce in place.
+                for o in outs if method.prepare is None else ():
+                    if o.is_floating_point():
+                        o.fill_(float("nan"))
                 run.graph.replay()
-                out = run.outs[0]
             else:
                 out = method.fn(0)
+                outs = [out] if isinstance(out, torch.Tensor) else []
             self._sync()
-            result.output = out.detach().clone() if isinstance(out, torch.Tensor) else None
+            result.outputs = [o.detach().clone() for o in outs]
         run.graph, run.outs = None, []  # frees the graph and its memory pool
         self._sync()
         return result

@@ -35,7 +35,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <mutex>
 
 #include "distfuse/tuning.h"
 #include "kernels/allreduce/band_all_reduce.h"
@@ -69,9 +68,11 @@ void all_reduce_in_place(const comm::Workspace& ws, at::Tensor& partial, const s
                  reference ? AllReducePath::kTwoShot : path, kOpMatmulAllReduce);
 }
 
-// Side streams (high priority) with a fork/join event pair each, per device: index 0
-// for the tile consumers and the all-reduces of the chunked and (captured) sequential
-// schedules, 0 and 1 for the copy-engine schedule.
+// Side streams (high priority) with a fork/join event pair each, per device and host
+// thread: index 0 for the tile consumers and the all-reduces of the chunked and
+// (captured) sequential schedules, 0 and 1 for the copy-engine schedule. Per thread, so
+// that two threads' forks and joins never interleave on one event; created, not taken
+// from PyTorch's pool, so that no other work queues in front of kernels that wait on it.
 struct SideStream {
   c10::cuda::CUDAStream stream;
   cudaEvent_t fork;
@@ -91,14 +92,17 @@ struct SideStream {
 
 SideStream& side_stream(int device, int index = 0) {
   constexpr int kPerDevice = 2;
-  static std::mutex mutex;
-  static std::vector<std::unique_ptr<SideStream>> streams(64 * kPerDevice);
+  thread_local std::vector<std::unique_ptr<SideStream>> streams(64 * kPerDevice);
   TORCH_INTERNAL_ASSERT(device >= 0 && device < 64 && index >= 0 && index < kPerDevice);
-  std::lock_guard<std::mutex> lock(mutex);
   auto& slot = streams[device * kPerDevice + index];
   if (!slot) {
+    c10::cuda::CUDAGuard guard(device);
+    int lowest = 0, highest = 0;
+    C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lowest, &highest));
+    cudaStream_t raw = nullptr;
+    C10_CUDA_CHECK(cudaStreamCreateWithPriority(&raw, cudaStreamNonBlocking, highest));
     auto s = std::make_unique<SideStream>(
-        SideStream{c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device), nullptr, nullptr});
+        SideStream{c10::cuda::getStreamFromExternal(raw, static_cast<c10::DeviceIndex>(device)), nullptr, nullptr});
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&s->fork, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&s->join, cudaEventDisableTiming));
     slot = std::move(s);
@@ -283,6 +287,7 @@ enum class Overlap { kOverlapped, kSerialized };
 // whole tile-row groups, on all SMs but `reducers` + `spare_sms`, and the band
 // all-reduce parameters.
 struct BandCall {
+  GemmOperands operands;  // holds the copies gemm's pointers may point into until the launch
   TileGemmParams gemm;
   BandAllReduceParams bands;
   OutputAndBias ob;
@@ -293,7 +298,8 @@ struct BandCall {
 BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                    const std::optional<at::Tensor>& bias, MatmulAllReduceAlgo algo, int spare_sms) {
   BandCall bc{};
-  GemmOperands g = gemm_operands(a, b);
+  bc.operands = gemm_operands(a, b);
+  const GemmOperands& g = bc.operands;
   TileGemmParams& gp = bc.gemm;
   gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   const int tile_m = tile_gemm_tile_m(gp);
