@@ -611,10 +611,21 @@ def _fake_compile_body(rank, world, group_name):
         expect_error(lambda: ops.all_gather_matmul(e(3, 5, dtype=torch.float8_e4m3fn),
                                                    e(5, 3, dtype=torch.float8_e4m3fn), group_name),
                      "all_gather_matmul", "a must be bfloat16, float16, float32 or float64")
+        expect_error(lambda: ops.attention_all_gather(e(1, 4, 3, 8), e(1, 3, 3, 8), e(1, 3, 3, 8), group_name),
+                     "attention_all_gather", "Hkv = 3", "Hq = 4")
+        expect_error(lambda: ops.attention_all_gather(e(1, 4, 3, 8), e(1, 2, 3, 8), e(1, 2, 3, 9), group_name),
+                     "attention_all_gather", "v must have the shape of k")
+        expect_error(lambda: ops.all_reduce_rms_norm(e(3, 7), e(3, 7), e(6), 1e-6, group_name),
+                     "all_reduce_rms_norm", "weight must have shape (N,) with N = x.size(-1) = 7", "[6]")
+        expect_error(lambda: ops.all_reduce_rms_norm(e(3, 7), e(3, 7), e(7), 0.0, group_name),
+                     "all_reduce_rms_norm", "eps must be > 0")
     # A meta operand beside a real one reaches the Meta kernel (the fake): an error, not
     # an uninitialized result.
     expect_error(lambda: ops.matmul_all_reduce(torch.randn(4, 8), torch.empty(8, 8, device="meta"), group_name),
                  "matmul_all_reduce", "b must be on the device of a")
+    expect_error(lambda: ops.all_reduce_rms_norm(torch.randn(3, 8), torch.randn(3, 8), torch.empty(8, device="meta"),
+                                                 1e-6, group_name),
+                 "all_reduce_rms_norm", "weight must be on the device of x")
 
     # Fake shapes equal real shapes (strides too) for a sample of real calls.
     g = torch.Generator().manual_seed(rank)
