@@ -16,6 +16,18 @@ def _check_divisible(op: str, what: str, value: int, world: int) -> None:
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
+def _check_same_device_dtype(op: str, ref_name: str, ref, name: str, t) -> None:
+    torch._check(t.device == ref.device,
+                 lambda: f"distfuse.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+    torch._check(t.dtype == ref.dtype,
+                 lambda: f"distfuse.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def _check_float(op: str, name: str, t) -> None:
+    torch._check(t.dtype in _FLOAT_DTYPES,
+                 lambda: f"distfuse.{op}: {name} must be bfloat16, float16, float32 or float64, got {t.dtype}")
+
+
 def _check_matmul(op: str, a, b, bias=None) -> None:
     """check_matmul of csrc/ops/validate.cpp."""
     _check_float(op, "a", a)
@@ -31,18 +43,6 @@ def _check_matmul(op: str, a, b, bias=None) -> None:
         torch._check(bias.dim() == 1 and bias.shape[0] == b.shape[1],
                      lambda: f"distfuse.{op}: bias must have shape (N,) with N = b.size(1) = {b.shape[1]}, "
                              f"got {list(bias.shape)}")
-
-
-def _check_same_device_dtype(op: str, ref_name: str, ref, name: str, t) -> None:
-    torch._check(t.device == ref.device,
-                 lambda: f"distfuse.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
-    torch._check(t.dtype == ref.dtype,
-                 lambda: f"distfuse.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-
-
-def _check_float(op: str, name: str, t) -> None:
-    torch._check(t.dtype in _FLOAT_DTYPES,
-                 lambda: f"distfuse.{op}: {name} must be bfloat16, float16, float32 or float64, got {t.dtype}")
 
 
 def _check_attention(op: str, q, k, v, scale) -> None:

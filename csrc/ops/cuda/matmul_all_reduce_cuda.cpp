@@ -35,7 +35,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-
 #include "distfuse/tuning.h"
 #include "kernels/allreduce/band_all_reduce.h"
 #include "kernels/allreduce/tile_all_reduce.h"
