@@ -36,4 +36,5 @@ TORCH_LIBRARY(distfuse, m) {
   m.def("_set_tuning(str key, int value) -> ()", &distfuse::ops::set_tuning);
   m.def("_get_tuning(str key) -> int", &distfuse::ops::get_tuning);
   m.def("_built_with_cuda() -> bool", &distfuse::ops::built_with_cuda);
+  m.def("_build_id() -> str", &distfuse::ops::build_id);
 }

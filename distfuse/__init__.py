@@ -45,8 +45,15 @@ def built_with_cuda() -> bool:
     return bool(torch.ops.distfuse._built_with_cuda())
 
 
+def build_id() -> str:
+    """The source revision the loaded library was built from: a git commit, with "+dirty"
+    when the tracked files differed from it, or "unknown"."""
+    return str(torch.ops.distfuse._build_id())
+
+
 __all__ = [
     "all_reduce", "matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul",
     "attention_all_gather", "all_reduce_rms_norm", "init_workspace", "destroy_workspace",
     "workspace_info", "force_path", "last_path", "tuning", "check_calls", "built_with_cuda",
+    "build_id",
 ]

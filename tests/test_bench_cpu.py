@@ -2,11 +2,13 @@
 prints the labelled tables and writes results files that follow the schema."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+import distfuse
 from distfuse.bench.results import CPU_LABEL, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +32,19 @@ def load_checked(path, op, world=2):
     assert doc["op"] == op
     assert doc["gpu"] == "cpu" and doc["world_size"] == world and doc["cpu_reference"] is True
     assert doc["torch"] and doc["date"]
+    assert doc["build"] == distfuse.build_id()
     return doc
+
+
+def test_build_id_names_a_commit_of_this_repository():
+    build = distfuse.build_id()
+    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?|unknown", build), build
+    git = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT, capture_output=True)
+    if build == "unknown" or git.returncode != 0:
+        pytest.skip(f"build id {build!r}, or no git checkout here")
+    commit = build.split("+")[0]
+    found = subprocess.run(["git", "cat-file", "-e", commit + "^{commit}"], cwd=ROOT, capture_output=True)
+    assert found.returncode == 0, f"the library's build id {build} is no commit of this repository"
 
 
 @pytest.mark.parametrize("op", ["matmul_all_reduce", "all_reduce"])
@@ -42,6 +56,7 @@ def test_cpu_bench(tmp_path, op):
     doc = load_checked(stem.with_suffix(".json"), op)
     md = stem.with_suffix(".md").read_text()
     assert CPU_LABEL in md and "world size 2" in md and "torch" in md and "NCCL" in md
+    assert f"distfuse build: {doc['build']}" in md
     assert md.count("\n|") >= 3  # header, rule, at least one row
     for row in doc["rows"]:
         assert row["graph"] is False  # no graphs on CPU

@@ -24,6 +24,9 @@ int64_t get_tuning(std::string key);
 
 // Whether this library was built with the fused CUDA kernels.
 bool built_with_cuda();
+// The source revision this library was built from (git commit, "+dirty" when the
+// tracked files differed from it, or "unknown"); defined in a file the build generates.
+std::string build_id();
 
 bool init_workspace(std::string group_name, int64_t tile_bytes, int64_t timeout_ms);
 void destroy_workspace(std::string group_name);

@@ -185,7 +185,7 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
     report: List[Dict[str, Any]] = []
     if rank == 0:
         head = f"distfuse-bench: {env['gpu_name']} x {world}, torch {env['torch']}, NCCL {env['nccl']}, " \
-               f"dtype {opts['dtype']}, ops {', '.join(opts['ops'])}"
+               f"dtype {opts['dtype']}, distfuse build {env['build']}, ops {', '.join(opts['ops'])}"
         print(head, flush=True)
         if env["cpu_reference"]:
             print(results.CPU_LABEL, flush=True)

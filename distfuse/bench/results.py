@@ -5,7 +5,8 @@ JSON schema (DESIGN.md, measuring)::
     {"op", "gpu", "world_size", "torch", "nccl", "date",
      "rows": [{"shape": {...}, "graph": bool, "times_us": {"<method>": us or null, ...}, ...extra}]}
 
-plus descriptive fields (``gpu_name``, ``dtype``, ``cpu_reference``, ``config``, ``notes``).
+plus descriptive fields (``gpu_name``, ``build``: the revision the distfuse library was built
+from, ``dtype``, ``cpu_reference``, ``config``, ``notes``).
 Non-finite numbers are written as null so that every file is strict JSON.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def nccl_version() -> Optional[str]:
 
 
 def environment(device: torch.device) -> Dict[str, Any]:
-    """What every results file records about the machine."""
+    """What every results file records about the machine and the build."""
+    import distfuse
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -58,6 +60,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "torch": torch.__version__,
         "nccl": nccl_version(),
         "cuda": torch.version.cuda,
+        "build": distfuse.build_id(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu_reference": device.type != "cuda",
     }
@@ -121,6 +124,8 @@ def header_lines(op: str, doc: Dict[str, Any]) -> List[str]:
         f"- torch {doc['torch']}, NCCL {doc['nccl'] or 'n/a'}, CUDA {doc.get('cuda') or 'n/a'}",
         f"- date: {doc['date']}",
     ]
+    if doc.get("build"):
+        lines.append(f"- distfuse build: {doc['build']}")
     if doc.get("dtype"):
         lines.append(f"- dtype: {doc['dtype']}")
     cfg = doc.get("config") or {}
