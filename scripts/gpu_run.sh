@@ -68,7 +68,7 @@ if ! ls distfuse/_C*.so >/dev/null 2>&1; then
         exit 2
     fi
 fi
-if ! timeout 120 "$PY" -c "import distfuse; print('distfuse', distfuse.__version__, 'built_with_cuda =', distfuse.built_with_cuda(), 'from', distfuse._LIBRARY_PATH)"; then
+if ! timeout 120 "$PY" -c "import distfuse; print('distfuse', distfuse.__version__, 'build', distfuse.build_id(), 'built_with_cuda =', distfuse.built_with_cuda(), 'from', distfuse._LIBRARY_PATH)"; then
     echo "ERROR: distfuse does not import (see above)"
     exit 2
 fi
