@@ -252,7 +252,7 @@ TEST(MatmulAllReduceChoice, BandPullFromLargeM) {
 
 TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
   for (int world : {2, 4, 8}) {
-    const int64_t lo = decode_min_m(world, kH100), hi = decode_max_m(world, kH100);
+    const int64_t lo = decode_min_m(world, kH100), hi = decode_max_m(world, 2048, kH100);
     EXPECT_EQ(choose_matmul_all_reduce(lo, 2048, world, kH100), lo <= hi ? MatmulAllReduceAlgo::kDecodePush
                                                                          : MatmulAllReduceAlgo::kSequential);
     EXPECT_EQ(choose_matmul_all_reduce(hi + 1, 7168, world, kH100), MatmulAllReduceAlgo::kSequential);
@@ -280,20 +280,22 @@ TEST(MatmulAllReduceChoice, DecodeThenSequentialUnlessLargeMAndModestK) {
             MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(513, 2048, 4, kH100, overrides({{&O::decode_max_m, 512}})),
             MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(decode_max_m(2, kH100), 0);
+  EXPECT_EQ(decode_max_m(2, 14336, kH100), 0);
   EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, kH100), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(17, 2048, 4, kH100), MatmulAllReduceAlgo::kSequential);
   // The decode schedule only where it was measured to win: up to M = 16 on H100 and H200,
-  // and at W = 2 up to M = 8 on H200.
+  // and at W = 2 up to M = 8 on H200 where K_r >= 7168.
   EXPECT_EQ(gpu_class("NVIDIA H100 80GB HBM3"), GpuClass::kH100);
   EXPECT_EQ(gpu_class("NVIDIA H200"), GpuClass::kH200);
   EXPECT_EQ(gpu_class("mixed"), GpuClass::kOther);
   EXPECT_EQ(gpu_class("NVIDIA A100-SXM4-80GB"), GpuClass::kOther);
   EXPECT_EQ(choose_matmul_all_reduce(16, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(17, 2048, 4, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
-  EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 2, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 7168, 2, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
   EXPECT_EQ(choose_matmul_all_reduce(8, 14336, 2, GpuClass::kH200), MatmulAllReduceAlgo::kDecodePush);
-  EXPECT_EQ(choose_matmul_all_reduce(9, 2048, 2, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(9, 14336, 2, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(1, 4096, 2, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
+  EXPECT_EQ(choose_matmul_all_reduce(8, 4096, 2, GpuClass::kH200), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther), MatmulAllReduceAlgo::kSequential);
   EXPECT_EQ(choose_matmul_all_reduce(1, 2048, 4, GpuClass::kOther, overrides({{&O::decode_max_m, 16}})),
             MatmulAllReduceAlgo::kDecodePush);

@@ -290,10 +290,17 @@ inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return
 // vs sequential, w.t()): o_proj M = 1 22.2 / 22.2 / 22.3 / 22.2 vs 22.7 / 22.8 / 22.8 / 22.7,
 // M = 8 22.9 / 22.9 / 23.0 / 22.7 vs 23.2 / 23.3 / 23.4 / 23.0; down_proj M = 1 58.2 / 58.3 /
 // 59.4 / 58.5 vs 60.2 / 60.3 / 61.6 / 60.3, M = 8 59.2 / 59.2 / 60.5 / 59.6 vs 61.2 / 61.3 /
-// 62.8 / 61.4; from M = 32 it loses (30.1 vs 25.3). W = 2 on H100: never (level or slower).
-inline int64_t decode_max_m(int world, GpuClass gpu) {
+// 62.8 / 61.4; from M = 32 it loses (30.1 vs 25.3). Since the unfused order's all-reduce
+// moved to a side stream, o_proj (K_r = 4096) went to it: 2 x H200, three runs of build
+// 2d4cac0 (NOTES.md, "W = 2 decode dispatch on H200"), sequential vs decode_push, µs, w.t()
+// / row: M = 1 22.31 / 22.25 vs 22.33 / 22.00, M = 2 22.22 / 21.96 vs 22.52 / 22.28, M = 8
+// 22.76 / 22.11 vs 22.97 / 22.71 (the other runs within 0.2); down_proj (K_r = 14336)
+// M = 1 / 8 61.30 / 62.46 vs 59.35 / 60.40, M = 16 63.00 vs 67.88. So at W = 2 on H200 up
+// to M = 8 where K_r >= 7168 (a weight stream long enough that the push's saved hop
+// outweighs its GEMM), else never. W = 2 on H100: never (level or slower).
+inline int64_t decode_max_m(int world, int64_t k, GpuClass gpu) {
   if (world < 2) return 0;
-  if (world == 2) return gpu == GpuClass::kH200 ? 8 : 0;
+  if (world == 2) return gpu == GpuClass::kH200 && k >= 7168 ? 8 : 0;
   return gpu == GpuClass::kH100 || gpu == GpuClass::kH200 ? 16 : 0;
 }
 // ... and from M = decode_min_m. On H100 at W >= 3 the unfused order took M <= 2 back
@@ -402,7 +409,7 @@ inline MatmulAllReduceAlgo choose_matmul_all_reduce(int64_t m, int64_t k, int wo
     return MatmulAllReduceAlgo::kPairExchange;
   if (m >= pick(o.owner_exchange_min_m, owner_exchange_min_m(world, k, gpu)))
     return MatmulAllReduceAlgo::kOwnerExchange;
-  if (m >= pick(o.decode_min_m, decode_min_m(world, gpu)) && m <= pick(o.decode_max_m, decode_max_m(world, gpu)))
+  if (m >= pick(o.decode_min_m, decode_min_m(world, gpu)) && m <= pick(o.decode_max_m, decode_max_m(world, k, gpu)))
     return MatmulAllReduceAlgo::kDecodePush;
   if (m <= decode_split_k_max_m(world, gpu)) return MatmulAllReduceAlgo::kDecodeSplitK;
   return m >= pick(o.fused_min_m, fused_min_m(world)) && k <= fused_max_k(world) ? MatmulAllReduceAlgo::kFusedTiles
