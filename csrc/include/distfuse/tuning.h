@@ -9,6 +9,11 @@
 
 namespace distfuse {
 
+// The measured layers split at K_r = 7168: o_proj (K_r = 2048 / 4096 at W = 4 / 2) below
+// it, down_proj (7168 / 14336) from it, where the GEMM is long beside its all-reduce.
+// The rules measured to differ between the two layers split there.
+constexpr int64_t kLongGemmMinK = 7168;
+
 enum class AllReduceAlgo : int { kOneShot = 0, kTwoShot = 1, kTwoShotLL = 2, kTwoShotLL128 = 3, kOneShotLL128 = 4 };
 
 // Largest all-reduce (bytes per rank) taken by the one-shot algorithm.
@@ -184,8 +189,8 @@ inline int64_t fused_max_k(int world) {
 // rows"): band_pull 443.5 / 444.7 / 445.0 / 441.7 us against the owner exchange 448.9 /
 // 448.7 / 459.0 / 449.9 and sequential 464.0 / 470.8 / 478.1 / 479.4.
 inline int64_t band_pull_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
-  if (world >= 4 && k >= 7168 && (gpu == GpuClass::kH100 || gpu == GpuClass::kH200)) return 2048;
-  if (world == 2 && k < 7168) return 16384;
+  if (world >= 4 && k >= kLongGemmMinK && (gpu == GpuClass::kH100 || gpu == GpuClass::kH200)) return 2048;
+  if (world == 2 && k < kLongGemmMinK) return 16384;
   return world >= 4 && k < 4096 && gpu == GpuClass::kH200 ? 2048 : 4096;
 }
 inline int64_t band_pull_min_k(int world) {
@@ -216,7 +221,7 @@ inline int64_t band_pull_min_k(int world) {
 // H100 from M = 512 where K_r < 7168, from 1024 above (measured at K_r = 4096 and 14336).
 inline int64_t pair_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
   if (world != 2) return INT64_MAX;
-  return gpu == GpuClass::kH100 && k >= 7168 ? 1024 : 512;
+  return gpu == GpuClass::kH100 && k >= kLongGemmMinK ? 1024 : 512;
 }
 
 // The owner exchange (any group size: the tile GEMM's idle producer warps push every
@@ -233,7 +238,7 @@ inline int64_t pair_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClass
 // Since the band GEMM takes whole tiles (v33) band_pull beats it at W = 4 on H200 too
 // (band_pull_min_m), so it runs at W = 3 only. W > 4: untuned, same rule.
 inline int64_t owner_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClass::kH200) {
-  return world >= 3 && k >= 7168 && gpu != GpuClass::kH100 ? 2048 : INT64_MAX;
+  return world >= 3 && k >= kLongGemmMinK && gpu != GpuClass::kH100 ? 2048 : INT64_MAX;
 }
 
 // Both tile exchanges: output tile (TileGemmParams::tile_shape: 0 by M, 1 64x128, 2
@@ -300,7 +305,7 @@ inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return
 // outweighs its GEMM), else never. W = 2 on H100: never (level or slower).
 inline int64_t decode_max_m(int world, int64_t k, GpuClass gpu) {
   if (world < 2) return 0;
-  if (world == 2) return gpu == GpuClass::kH200 && k >= 7168 ? 8 : 0;
+  if (world == 2) return gpu == GpuClass::kH200 && k >= kLongGemmMinK ? 8 : 0;
   return gpu == GpuClass::kH100 || gpu == GpuClass::kH200 ? 16 : 0;
 }
 // ... and from M = decode_min_m. On H100 at W >= 3 the unfused order took M <= 2 back
@@ -481,7 +486,7 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
   if (override_blocks > 0) return override_blocks;
   if (algo != MatmulAllReduceAlgo::kBandPull && algo != MatmulAllReduceAlgo::kBandScatter) return 16;
   if (k >= 14336) return 4;
-  if (k >= 7168) return m >= 8192 ? 8 : 16;
+  if (k >= kLongGemmMinK) return m >= 8192 ? 8 : 16;
   return world <= 2 && m >= 16384 ? 14 : 16;
 }
 
@@ -504,7 +509,7 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
 // with an override. Where the GEMM has 5 waves or fewer, up to a quarter of the SMs: W = 4
 // down_proj M = 2048, 512 tiles take 5 waves on 103 to 127 CTAs; 4 x H100, forced, same run
 // (v33): 16 / 20 / 24 / 29 CTAs 461.3 / 458.9 / 456.8 / 453.7 us.
-inline bool gemm_hides_band_all_reduce(int64_t k) { return k >= 7168; }
+inline bool gemm_hides_band_all_reduce(int64_t k) { return k >= kLongGemmMinK; }
 constexpr int kWaveFreeBandCtas = 10;
 constexpr int kFewWaves = 5;
 inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, int sms, int override_blocks = 0) {
