@@ -198,7 +198,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in args.files:
         doc = load(path)
         text = markdown(doc)
-        title = f"{os.path.basename(path)} ({doc.get('gpu_name', doc.get('gpu'))}, W={doc.get('world_size')})"
+        build = f", build {doc['build']}" if doc.get("build") else ""
+        title = f"{os.path.basename(path)} ({doc.get('gpu_name', doc.get('gpu'))}, W={doc.get('world_size')}{build})"
         print(f"## {title}\n\n{text or 'no bars (CPU reference run or op without bars)'}\n")
         md = os.path.splitext(path)[0] + ".md"
         if args.append_md and text and os.path.exists(md):
