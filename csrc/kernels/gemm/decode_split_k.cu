@@ -138,7 +138,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, uint64_
     const uint64_t now = global_timer_ns();
     if (start == 0) {
       start = now;
-    } else if (now - start > (peer_timeout_ns ? peer_timeout_ns : kDefaultTimeoutNs) + kClusterWaitMarginNs) {
+    } else if (now - start > timeout_bound_ns(peer_timeout_ns) + kClusterWaitMarginNs) {
       printf("distfuse: matmul_all_reduce (split-K decode schedule): block %d waited %llu ns on a "
              "cluster-internal barrier\n",
              int(blockIdx.x), static_cast<unsigned long long>(now - start));

@@ -38,6 +38,10 @@
 namespace distfuse {
 
 constexpr uint64_t kDefaultTimeoutNs = 60ull * 1000 * 1000 * 1000;  // 60 s
+// A wait's bound: the call's timeout, or the default where it has none (0).
+__host__ __device__ constexpr uint64_t timeout_bound_ns(uint64_t timeout_ns) {
+  return timeout_ns ? timeout_ns : kDefaultTimeoutNs;
+}
 
 __device__ __forceinline__ const char* op_name(int op) {
   switch (op) {
@@ -105,7 +109,7 @@ __device__ __forceinline__ bool poll_flag_reached(const uint32_t* p, uint32_t ep
   uint32_t v = load_acquire_sys(p);
   if (epoch_reached(v, epoch)) return true;
   const uint64_t start = global_timer_ns();
-  const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
+  const uint64_t bound = timeout_bound_ns(timeout_ns);
   for (uint32_t spins = 1;; ++spins) {
     v = load_acquire_sys(p);
     if (epoch_reached(v, epoch)) return true;
@@ -139,7 +143,7 @@ __device__ __forceinline__ uint2 ll_load(const LLLine* p, uint32_t flag, uint64_
                                          int op, int block, int peer) {
   uint32_t d0, f0, d1, f1;
   uint64_t start = 0;
-  const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
+  const uint64_t bound = timeout_bound_ns(timeout_ns);
   for (uint32_t spins = 0;; ++spins) {
     asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(d0), "=r"(f0), "=r"(d1), "=r"(f1)
@@ -164,7 +168,7 @@ __device__ __forceinline__ ulonglong2 ll128_load_warp(const void* p, bool valid,
                                                       uint64_t timeout_ns, int op, int block, int peer) {
   ulonglong2 v = make_ulonglong2(0, 0);
   uint64_t start = 0;
-  const uint64_t bound = timeout_ns ? timeout_ns : kDefaultTimeoutNs;
+  const uint64_t bound = timeout_bound_ns(timeout_ns);
   for (uint32_t spins = 0;; ++spins) {
     if (valid)
       asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p) : "memory");
