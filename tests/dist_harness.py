@@ -5,6 +5,8 @@
 
     run_distributed(body, world=2, args=(arg1,))                 # CPU, gloo
     run_distributed(body, world=2, backend="nccl", args=(...))   # one GPU per rank
+    run_distributed(body, world=8, backend="fake")               # rank 0 alone, torch's
+                                                                 # fake group of 8
 
 Each rank initialises torch.distributed (file:// rendezvous in a fresh temporary
 directory), sets its CUDA device for nccl, imports distfuse, and calls
@@ -58,6 +60,9 @@ def _worker(rank, world, backend, init_file, body, args, queue, env):
             else:
                 dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                         device_id=torch.device("cuda", torch.cuda.current_device()))
+        elif backend == "fake":  # torch's fake backend: one process, collectives do nothing
+            from torch.testing._internal.distributed.fake_pg import FakeStore
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         else:
             dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                     world_size=world)
@@ -98,16 +103,17 @@ def run_distributed(body, world: int, args: tuple = (), backend: str = "gloo", t
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker,
-                             args=(r, world, backend, init_file, body, args, queue, env or {}))
-                 for r in range(world)]
-        for p in procs:
+        ranks = [0] if backend == "fake" else list(range(world))
+        procs = {r: ctx.Process(target=_worker,
+                                args=(r, world, backend, init_file, body, args, queue, env or {}))
+                 for r in ranks}
+        for p in procs.values():
             p.start()
         results = {}
         deadline = time.monotonic() + timeout
         crash_seen = None  # when a rank was first seen dead without a report
         try:
-            while len(results) < world and time.monotonic() < deadline:
+            while len(results) < len(ranks) and time.monotonic() < deadline:
                 try:
                     rank, err = queue.get(timeout=1)
                     results[rank] = err
@@ -115,17 +121,17 @@ def run_distributed(body, world: int, args: tuple = (), backend: str = "gloo", t
                 except queue_mod.Empty:
                     pass
                 if crash_seen is None and any(p.exitcode is not None and r not in results
-                                              for r, p in enumerate(procs)):
+                                              for r, p in procs.items()):
                     crash_seen = time.monotonic()
                 if crash_seen is not None and time.monotonic() - crash_seen > 10:
                     break
         finally:
-            for p in procs:
-                p.join(timeout=10 if len(results) == world else 0.1)
+            for p in procs.values():
+                p.join(timeout=10 if len(results) == len(ranks) else 0.1)
                 if p.is_alive():
                     p.kill()
                     p.join()
-    missing = [r for r in range(world) if r not in results]
+    missing = [r for r in ranks if r not in results]
     failures = {r: e for r, e in results.items() if e is not None}
     if missing or failures:
         lines = []
