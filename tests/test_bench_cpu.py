@@ -95,6 +95,22 @@ def test_cpu_decoder_layer_forced_paths(tmp_path):
         assert set(row["forced_ran"]) == {"sequential", "pair_exchange"}
 
 
+def test_cpu_decoder_layer_compiled(tmp_path):
+    """--compiled: the F.linear + all_reduce layer compiled by Inductor, without and with
+    the distfuse.compile pass, timed beside the eager columns and checked against them."""
+    out = run_bench(tmp_path, "--op", "decoder_layer", "--compiled")
+    assert "RESULT ok" in out and "compiled, gain of the pass" in out, out[-3000:]
+    doc = load_checked(tmp_path / "decoder_layer_cpu_w2.json", "decoder_layer")
+    md = (tmp_path / "decoder_layer_cpu_w2.md").read_text()
+    assert "compiled us" in md and "compiled+pass us" in md and "compile gain" in md
+    assert doc["rows"]
+    for row in doc["rows"]:
+        for key in ("compiled", "compiled+pass"):
+            assert row["times_us"][key] is not None and row["times_us"][key] > 0, key
+            assert 0.0 <= row["compiled_rel_err"][key] <= doc["tolerance"], key
+        assert row["compile_gain_pct"] is not None
+
+
 def test_cpu_bench_at_world_size_8(tmp_path):
     """The TP=8 setting: every benchmark runs its W = 8 code paths over gloo with 8
     processes (shapes, shards, decoder heads), exact all-reduces, results files valid."""

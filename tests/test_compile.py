@@ -177,6 +177,29 @@ def _real_sums_body(rank, world, group_name, device_type, dtypes):
     torch._dynamo.reset()
 
 
+def _llama_layer_body(rank, world, group_name, device_type, dtype):
+    """A TP Llama decoder layer whose row-parallel projections are written the unfused way
+    (F.linear + dist.all_reduce): compiled with the pass, both (o_proj, down_proj) become
+    the fused op, and the layer's output matches the eager layer's with the fused op."""
+    from distfuse.bench.decoder_layer import set_fused
+    from distfuse.nn.llama import LlamaConfig, TPLlamaDecoderLayer
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=16)
+    torch.manual_seed(100 + rank)
+    with torch.no_grad():
+        layer = TPLlamaDecoderLayer(config, group=group_name, dtype=dtype, device=device).eval()
+        x = _rand(torch.Generator().manual_seed(5), 2, 7, 128, dtype=dtype, device=device)  # replicated
+        fused_eager = layer(x)
+        set_fused(layer, False)
+        unfused_eager = layer(x)
+        rewrites, (compiled_out,) = _compile_and_run(layer, [(x,)])
+    assert rewrites == 2, f"TP Llama layer: {rewrites} chains rewritten, expected 2 (o_proj, down_proj)"
+    assert_close("compiled layer vs eager fused layer", compiled_out, fused_eager.double(), dtype)
+    assert_close("compiled layer vs eager unfused layer", compiled_out, unfused_eager.double(), dtype)
+    assert_same_on_all_ranks("compiled layer", compiled_out, dist.group.WORLD)
+
+
 def test_pass_on_fake_group():
     run_distributed(_fake_group_body, 4, backend="fake")
 
@@ -185,6 +208,15 @@ def test_compiled_sums_on_cpu():
     run_distributed(_real_sums_body, 2, args=("cpu", (torch.bfloat16,)))
 
 
+def test_compiled_llama_layer_on_cpu():
+    run_distributed(_llama_layer_body, 2, args=("cpu", torch.bfloat16))
+
+
 @pytest.mark.multigpu
 def test_compiled_sums_on_gpus():
     run_distributed(_real_sums_body, 2, backend="nccl", args=("cuda", (torch.bfloat16, torch.float16)))
+
+
+@pytest.mark.multigpu
+def test_compiled_llama_layer_on_gpus():
+    run_distributed(_llama_layer_body, 2, backend="nccl", args=("cuda", torch.bfloat16))

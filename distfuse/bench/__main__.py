@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matmul_all_reduce: the forced-path columns to time (default: every schedule)")
     p.add_argument("--sizes", nargs="+", default=None, help="all_reduce: sizes in bytes (4K, 1M, 256MB, ...)")
     p.add_argument("--tokens", nargs="+", default=None, help="decoder_layer: tokens M = B*S")
+    p.add_argument("--compiled", action="store_true",
+                   help="decoder_layer: also the F.linear + NCCL layer compiled by Inductor, without and "
+                        "with the distfuse.compile pass")
     p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
                    help="auto: CUDA graphs for short ops (all_reduce <= 4 MB also eager, matmul M <= 512, "
                         "decoder M <= 128); on: graphs everywhere; off: eager only")
@@ -133,7 +136,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         "max_seconds": max_seconds,
         "output_dir": os.path.abspath(args.output_dir), "quick": quick, "seed": args.seed,
         "timeout": args.timeout, "verbose": args.verbose, "tune": dict(args.tune), "tune_path": args.tune_path,
-        "paths": args.paths,
+        "paths": args.paths, "compiled": bool(args.compiled),
     }
 
 
@@ -179,7 +182,7 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
     ctx = BenchContext(rank=rank, world=world, group=group, group_name=group.group_name, device=device,
                        dtype=DTYPES[opts["dtype"]], timer=timer, graph_mode=opts["graph"], quick=opts["quick"],
                        seed=opts["seed"], options={k: opts[k] for k in ("m", "shapes", "sizes", "tokens", "tune", "tune_path",
-                                                                   "paths")})
+                                                                   "paths", "compiled")})
     env = results.environment(device)
     modules = {"all_reduce": all_reduce, "matmul_all_reduce": matmul_all_reduce, "decoder_layer": decoder_layer}
     report: List[Dict[str, Any]] = []

@@ -7,7 +7,10 @@ through ``distfuse.matmul_all_reduce`` and its dispatcher) and ``reference``
 (the same layer with its row-parallel linears computed as ``F.linear`` + in-place
 NCCL ``all_reduce``: torch.matmul + NCCL). ``gain`` = (reference - distfuse) / reference.
 With ``--paths``, one more column per schedule: the layer with every
-``matmul_all_reduce`` call forced onto it (``df:<path>``).
+``matmul_all_reduce`` call forced onto it (``df:<path>``). With ``--compiled``, two
+more: the reference layer compiled by Inductor (``compiled``) and compiled with the
+``distfuse.compile`` pass (``compiled+pass``, its F.linear + all_reduce pairs rewritten
+to the fused op); ``compile gain`` = (compiled - compiled+pass) / compiled.
 
 M = B·S tokens: M <= 128 is a decode batch (B = M, S = 1), larger M one prefill
 sequence (B = 1, S = M, causal attention over it).
@@ -59,6 +62,37 @@ def set_fused(module: torch.nn.Module, fused: bool) -> None:
             sub.fused = fused
 
 
+COMPILED = ("compiled", "compiled+pass")
+
+
+def compiled_layers(layer: torch.nn.Module, config, ctx: BenchContext):
+    """A copy of `layer` sharing its weights, with its row-parallel linears unfused
+    (F.linear + NCCL all_reduce), compiled by Inductor as it is and with the
+    distfuse.compile pass. Returns ({column: compiled layer}, the pass)."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    from ..compile import MatmulAllReducePass
+    from ..nn.llama import TPLlamaDecoderLayer
+    unfused = TPLlamaDecoderLayer(config, group=ctx.group_name, dtype=ctx.dtype, device=ctx.device)
+    unfused.load_state_dict(layer.state_dict(), assign=True)  # the same tensors
+    set_fused(unfused, False)
+    unfused.eval()
+    fusion = MatmulAllReducePass()
+
+    def inductor_with_pass(gm, example_inputs):
+        # No graph from Inductor's caches: the pass (and its count) must see every graph.
+        with inductor_config.patch(post_grad_custom_post_pass=fusion, fx_graph_cache=False,
+                                   fx_graph_remote_cache=False), \
+                functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs)
+
+    # Two backends: Dynamo keeps a compiled graph per backend, so neither column runs the
+    # other's code.
+    return {"compiled": torch.compile(unfused), "compiled+pass": torch.compile(unfused, backend=inductor_with_pass)}, fusion
+
+
 def run(ctx: BenchContext) -> OpResult:
     try:
         from ..nn.llama import LlamaConfig, TPLlamaDecoderLayer
@@ -92,6 +126,9 @@ def run(ctx: BenchContext) -> OpResult:
     # Schedules of --paths forced onto the layer's matmul_all_reduce calls, a column each;
     # none unless given (the runs of record time the dispatcher's choice).
     forced = forced_paths(ctx, default=())
+    compiled = {}
+    if ctx.options.get("compiled"):
+        compiled, fusion = compiled_layers(layer, config, ctx)
 
     rows: List[Dict[str, Any]] = []
     failures: List[str] = []
@@ -127,7 +164,19 @@ def run(ctx: BenchContext) -> OpResult:
                        Method("reference", ref, slots=slots, info=path)]
             methods += [Method(f"distfuse:{p}", lambda slot, p=p: forced_fwd(slot, p), slots=slots, info=path)
                         for p in forced]
+            for name, fn in compiled.items():
+                with torch.no_grad():
+                    fn(xs[0])  # compiles for this shape, outside the timed runs and any graph capture
+
+                def compiled_fwd(slot, fn=fn):
+                    with torch.no_grad():
+                        return fn(xs[slot])
+                methods.append(Method(name, compiled_fwd, slots=slots, info=path if name == "compiled+pass" else None))
+            if compiled and fusion.rewrites < 2:
+                failures.append(f"decoder_layer M={m}: the compile pass rewrote {fusion.rewrites} of the layer's "
+                                f"2 row-parallel linears")
             timings = ctx.timer.run_all(methods, graph=graph)
+            compiled_errs = output_errors(ctx, timings, "reference", list(compiled))
             err = output_errors(ctx, timings, "reference", ["distfuse"])["distfuse"]
             t_df, t_ref = timings["distfuse"].us, timings["reference"].us
             row = {
@@ -136,12 +185,17 @@ def run(ctx: BenchContext) -> OpResult:
                 "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(ctx.dtype, "fp32"),
                 "graph": bool(graph),
                 "times_us": {"distfuse": t_df, "reference": t_ref,
-                             **{f"distfuse:{p}": timings[f"distfuse:{p}"].us for p in forced}},
+                             **{f"distfuse:{p}": timings[f"distfuse:{p}"].us for p in forced},
+                             **{name: timings[name].us for name in compiled}},
                 "path": timings["distfuse"].info.get("path"),
                 "forced_ran": {p: timings[f"distfuse:{p}"].info.get("path") for p in forced},
-                "gain_pct": (100.0 * (t_ref - t_df) / t_ref) if (t_df and t_ref) else None,
+                "gain_pct": _gain(t_ref, t_df),
                 "speedup": (t_ref / t_df) if (t_df and t_ref) else None,
                 "rel_err": err,
+                **({"compiled_path": timings["compiled+pass"].info.get("path"),
+                    "compiled_rel_err": compiled_errs,
+                    "compile_gain_pct": _gain(timings["compiled"].us, timings["compiled+pass"].us)}
+                   if compiled else {}),
                 "samples": {k: v.samples for k, v in timings.items()},
                 "host_us": {k: v.host_us for k, v in timings.items()},
             }
@@ -154,33 +208,58 @@ def run(ctx: BenchContext) -> OpResult:
             ctx.log(f"  [decoder_layer] M={m} (B={b}, S={s}) {'graph' if graph else 'eager'}: distfuse "
                     f"{fmt(t_df)} us ({row['path']}), reference {fmt(t_ref)} us, gain {fmt(row['gain_pct'])}%, "
                     f"rel_err {fmt(err, 5)}")
-            if err is not None and not (err <= tol):
-                failures.append(f"decoder_layer M={m} graph={graph}: rel_err {err:.3g} > {tol}")
+            for name, e in [("distfuse", err), *compiled_errs.items()]:
+                if e is not None and not (e <= tol):
+                    failures.append(f"decoder_layer M={m} graph={graph} {name}: rel_err {e:.3g} > {tol}")
+            if compiled:
+                ctx.log(f"  [decoder_layer] M={m} compiled {fmt(row['times_us']['compiled'])} us, compiled+pass "
+                        f"{fmt(row['times_us']['compiled+pass'])} us ({row['compiled_path']}), gain "
+                        f"{fmt(row['compile_gain_pct'])}%")
             xs.clear()  # frees the inputs (the closures above hold the list)
 
-    layer = None  # frees the weights before the next op
+    layer = compiled = None  # frees the weights before the next op
+    compiled_cols = list(COMPILED) if rows and "compile_gain_pct" in rows[0] else []
     table = Table(["tokens M", "B", "S", "mode", "distfuse us", "path"] + [f"df:{p} us" for p in forced]
-                  + ["reference us", "gain", "rel_err"])
+                  + ["reference us", "gain", "rel_err"]
+                  + [f"{c} us" for c in compiled_cols] + (["compile gain"] if compiled_cols else []))
     for r in rows:
         s = r["shape"]
         table.rows.append([str(s["tokens"]), str(s["B"]), str(s["S"]), "graph" if r["graph"] else "eager",
                            fmt(r["times_us"]["distfuse"]), str(r["path"] or "n/a")]
                           + [forced_cell(fmt(r["times_us"][f"distfuse:{p}"]), p, r["forced_ran"][p]) for p in forced]
                           + [fmt(r["times_us"]["reference"]),
-                           (f"{r['gain_pct']:.1f}%" if r["gain_pct"] is not None else "n/a"),
-                           (f"{r['rel_err']:.2e}" if r["rel_err"] is not None else "n/a")])
+                           _pct(r["gain_pct"]),
+                           (f"{r['rel_err']:.2e}" if r["rel_err"] is not None else "n/a")]
+                          + [fmt(r["times_us"][c]) for c in compiled_cols]
+                          + ([_pct(r["compile_gain_pct"])] if compiled_cols else []))
     table.notes.append(f"Layer: hidden {h}, intermediate {dims['intermediate_size']}, {hq} q / {hkv} kv heads, "
                        f"head_dim {dims['head_dim']}, TP over W = {ctx.world}. µs per forward (max over ranks "
                        f"of medians). reference: the same layer with F.linear + NCCL all_reduce. gain = "
                        f"(reference - distfuse) / reference. rel_err: distfuse vs reference output "
                        f"(tolerance {tol:g}).")
+    if compiled_cols:
+        table.notes.append("compiled: the reference layer compiled by Inductor (torch.compile); compiled+pass: "
+                           "the same with the distfuse.compile pass, which turns its F.linear + all_reduce pairs "
+                           "into distfuse.matmul_all_reduce. compile gain = (compiled - compiled+pass) / compiled.")
     for k, e in errors_seen.items():
         table.notes.append(f"{k}: n/a ({e})")
     summary = "decoder_layer gain: " + ", ".join(
         f"M={r['shape']['tokens']}{' g' if r['graph'] else ''} {fmt(r['gain_pct'])}%" for r in rows)
+    if compiled_cols:
+        summary += "; compiled, gain of the pass: " + ", ".join(
+            f"M={r['shape']['tokens']}{' g' if r['graph'] else ''} {fmt(r['compile_gain_pct'])}%" for r in rows)
     return OpResult(OP, rows, table, extra={"dtype": rows[0]["dtype"] if rows else None,
                                             "layer": dims, "tolerance": tol},
                     summary=summary, failures=failures, plot=plot)
+
+
+def _gain(before, after):
+    """(before - after) / before in percent, None where either is missing."""
+    return 100.0 * (before - after) / before if (before and after) else None
+
+
+def _pct(value) -> str:
+    return f"{value:.1f}%" if value is not None else "n/a"
 
 
 def plot(plt, rows, title):

@@ -187,6 +187,8 @@ class RowParallelLinear(_ShardedLinear):
                  fused: bool = True):
         super().__init__()
         self._group_name, self.rank, self.world_size = resolve_group(group)
+        # The unfused path's group, resolved once: torch.compile cannot trace the lookup.
+        self._process_group = dist.distributed_c10d._resolve_process_group(self._group_name)
         self.fused = fused
         self.in_features = in_features
         self.out_features = out_features
@@ -209,7 +211,7 @@ class RowParallelLinear(_ShardedLinear):
             return F.linear(x, self.weight, self.bias if self.rank == 0 else None)
         if not self.fused:
             y = F.linear(x, self.weight)
-            dist.all_reduce(y, group=dist.distributed_c10d._resolve_process_group(self._group_name))
+            dist.all_reduce(y, group=self._process_group)
             # Added after the sum, on every rank: each rank's bias gets the same gradient.
             return y if self.bias is None else y + self.bias
         # weight.t() is a transposed view; the op takes it without a copy.
