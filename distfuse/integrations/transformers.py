@@ -1,0 +1,75 @@
+"""Tensor parallelism for HuggingFace transformers decoder models, on distfuse layers.
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16).cuda()
+    distfuse.integrations.transformers.tensor_parallel(model, group)   # on every rank
+
+Every attention block (q_proj, k_proj, v_proj -> o_proj) and every gated MLP (gate_proj,
+up_proj -> down_proj) is sharded in place over the group, Megatron style: the first
+projections become ``distfuse.nn.ColumnParallelLinear`` (this rank's heads and
+intermediate features, no communication) and the last one ``RowParallelLinear``, whose
+matmul and all-reduce run as one ``distfuse.matmul_all_reduce``. Each rank loads the full
+model and keeps its shard. Attention then runs on this rank's heads: the models whose
+attention reshapes by head_dim with an inferred head count (Llama, Mistral, Qwen2 and
+their kin in transformers 5) need nothing else. Embeddings, norms and the LM head stay
+replicated, so the logits are whole on every rank.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..nn.linear import ColumnParallelLinear, RowParallelLinear, resolve_group
+from ..ops import GroupLike
+
+__all__ = ["tensor_parallel", "BLOCKS"]
+
+# (column-parallel projections, row-parallel projection) of each block kind.
+BLOCKS: Tuple[Tuple[Tuple[str, ...], str], ...] = (
+    (("q_proj", "k_proj", "v_proj"), "o_proj"),
+    (("gate_proj", "up_proj"), "down_proj"),
+)
+
+
+def _plain_linear(module: nn.Module, name: str) -> bool:
+    linear = getattr(module, name, None)
+    if not isinstance(linear, nn.Linear):
+        return False
+    if type(linear.weight.data) is not torch.Tensor:  # a DTensor: sharded by transformers' tp_plan
+        raise ValueError(f"distfuse.integrations.transformers: {name}.weight is a "
+                         f"{type(linear.weight.data).__name__}: load the model without tp_plan")
+    return True
+
+
+def _check_heads(config, world: int) -> None:
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, field, None)
+        if heads is not None and heads % world:
+            raise ValueError(f"distfuse.integrations.transformers: config.{field} = {heads} must be "
+                             f"divisible by the group size {world}: each rank takes whole heads")
+
+
+def tensor_parallel(model: nn.Module, group: GroupLike = None) -> nn.Module:
+    """Shard `model`'s attention and MLP blocks over `group` in place (see the module's
+    docstring); call it on every rank with the same model. Returns the model. Raises
+    ValueError where the heads do not split evenly, where the model has no such block,
+    or where transformers' own tensor parallelism already sharded it."""
+    _, _, world = resolve_group(group)
+    config = getattr(model, "config", None)
+    if config is not None:
+        _check_heads(getattr(config, "text_config", config), world)
+    sharded = 0
+    for module in list(model.modules()):
+        for columns, row in BLOCKS:
+            if not all(_plain_linear(module, name) for name in (*columns, row)):
+                continue
+            for name in columns:
+                setattr(module, name, ColumnParallelLinear.from_unsharded(getattr(module, name), group))
+            setattr(module, row, RowParallelLinear.from_unsharded(getattr(module, row), group))
+            sharded += 1
+    if sharded == 0:
+        raise ValueError("distfuse.integrations.transformers: no attention (q_proj, k_proj, v_proj, o_proj) "
+                         "or gated MLP (gate_proj, up_proj, down_proj) block of nn.Linear layers in "
+                         f"{type(model).__name__}")
+    return model
