@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.11.0" "nvidia-cutlass==4.2.0.0" numpy pytest \
-  expecttest ninja "setuptools>=64" wheel matplotlib "transformers==5.23.0"
+  expecttest ninja "setuptools>=64" wheel matplotlib "transformers==5.23.0" "accelerate==1.15.0"
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

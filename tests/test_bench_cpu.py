@@ -111,6 +111,19 @@ def test_cpu_decoder_layer_compiled(tmp_path):
         assert row["compile_gain_pct"] is not None
 
 
+def test_cpu_hf_llama(tmp_path):
+    """--op hf_llama: a transformers Llama sharded by transformers' tp_plan and by
+    distfuse.integrations.transformers, timed side by side, their outputs compared."""
+    out = run_bench(tmp_path, "--op", "hf_llama")
+    assert "RESULT ok" in out and "hf_llama gain over transformers' TP" in out, out[-3000:]
+    doc = load_checked(tmp_path / "hf_llama_cpu_w2.json", "hf_llama")
+    assert doc["rows"]
+    for row in doc["rows"]:
+        for key in ("distfuse", "transformers_tp"):
+            assert row["times_us"][key] is not None and row["times_us"][key] > 0, key
+        assert row["rel_err"] is not None and 0.0 <= row["rel_err"] <= doc["tolerance"]
+
+
 def test_cpu_bench_at_world_size_8(tmp_path):
     """The TP=8 setting: every benchmark runs its W = 8 code paths over gloo with 8
     processes (shapes, shards, decoder heads), exact all-reduces, results files valid."""

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 # NVLink multicast stays off in every process (DESIGN.md, machines).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-OPS = ("matmul_all_reduce", "all_reduce", "decoder_layer")
+OPS = ("matmul_all_reduce", "all_reduce", "decoder_layer", "hf_llama")
 DEFAULT_OUTPUT = os.path.join("benchmarks", "results")
 
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", nargs="+", default=None, choices=FORCED_PATHS,
                    help="matmul_all_reduce: the forced-path columns to time (default: every schedule)")
     p.add_argument("--sizes", nargs="+", default=None, help="all_reduce: sizes in bytes (4K, 1M, 256MB, ...)")
-    p.add_argument("--tokens", nargs="+", default=None, help="decoder_layer: tokens M = B*S")
+    p.add_argument("--tokens", nargs="+", default=None, help="decoder_layer, hf_llama: tokens M = B*S")
     p.add_argument("--compiled", action="store_true",
                    help="decoder_layer: also the F.linear + NCCL layer compiled by Inductor, without and "
                         "with the distfuse.compile pass")
@@ -170,7 +170,7 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
     import torch.distributed as dist
 
     import distfuse  # noqa: F401  (loads the ops)
-    from . import all_reduce, decoder_layer, matmul_all_reduce, results
+    from . import all_reduce, decoder_layer, hf_llama, matmul_all_reduce, results
     from .timing import DTYPES, BenchContext, Timer, TimingConfig, set_verbose
 
     set_verbose(opts["verbose"])
@@ -184,7 +184,8 @@ def _run_ops(rank, world, device, opts, report_file) -> None:
                        seed=opts["seed"], options={k: opts[k] for k in ("m", "shapes", "sizes", "tokens", "tune", "tune_path",
                                                                    "paths", "compiled")})
     env = results.environment(device)
-    modules = {"all_reduce": all_reduce, "matmul_all_reduce": matmul_all_reduce, "decoder_layer": decoder_layer}
+    modules = {"all_reduce": all_reduce, "matmul_all_reduce": matmul_all_reduce, "decoder_layer": decoder_layer,
+               "hf_llama": hf_llama}
     report: List[Dict[str, Any]] = []
     if rank == 0:
         head = f"distfuse-bench: {env['gpu_name']} x {world}, torch {env['torch']}, NCCL {env['nccl']}, " \
