@@ -52,9 +52,29 @@ def _models(ctx: BenchContext, path: str):
     from transformers import LlamaForCausalLM
 
     from ..integrations.transformers import tensor_parallel
-    # transformers places its shards on the device LOCAL_RANK names.
-    os.environ["LOCAL_RANK"] = str(ctx.device.index if ctx.device.type == "cuda" else 0)
-    hf_tp = LlamaForCausalLM.from_pretrained(path, tp_plan="auto", dtype=ctx.dtype).eval()
+    # transformers reads the launcher's variables: without RANK and WORLD_SIZE some versions
+    # load the whole model on every rank; LOCAL_RANK names the device of the shards.
+    os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world),
+                      LOCAL_RANK=str(ctx.device.index if ctx.device.type == "cuda" else 0))
+    try:
+        from transformers.distributed import DistributedConfig
+        tp = {"distributed_config": DistributedConfig(tp_plan="auto")}
+    except ImportError:  # before transformers 5.17
+        tp = {"tp_plan": "auto"}
+    hf_tp = LlamaForCausalLM.from_pretrained(path, dtype=ctx.dtype, **tp).eval()
+    # The plan places the sharded weights only; the replicated ones (embeddings, norms) may
+    # stay on the CPU.
+    hf_tp.to(ctx.device)
+    for name, p in hf_tp.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if local.device != ctx.device:
+            raise RuntimeError(f"hf_llama: transformers_tp's {name} is on {local.device}, not {ctx.device}")
+    # The baseline must really be tensor-parallel: q_proj holds this rank's heads only.
+    q = hf_tp.model.layers[0].self_attn.q_proj.weight
+    local_rows = (q.to_local() if hasattr(q, "to_local") else q).shape[0]
+    if ctx.world > 1 and local_rows * ctx.world != q.shape[0]:
+        raise RuntimeError(f"hf_llama: transformers did not shard the model (q_proj holds {local_rows} of "
+                           f"{q.shape[0]} rows on each of {ctx.world} ranks)")
     ours = tensor_parallel(LlamaForCausalLM.from_pretrained(path, dtype=ctx.dtype).to(ctx.device).eval(),
                            ctx.group_name)
     return hf_tp, ours
