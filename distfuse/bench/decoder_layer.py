@@ -263,12 +263,18 @@ def _pct(value) -> str:
 
 
 def plot(plt, rows, title):
+    return paired_bars(plt, rows, title, "reference", "reference (torch.matmul + NCCL)")
+
+
+def paired_bars(plt, rows, title, baseline: str, baseline_label: str, ylabel: str = "µs per layer forward"):
+    """µs per forward of `baseline` and distfuse, a pair of bars per row (log scale),
+    each distfuse bar labelled with the row's gain_pct."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = [f"M={r['shape']['tokens']}{' (g)' if r['graph'] else ''}" for r in rows]
     x = list(range(len(rows)))
-    ref = [r["times_us"]["reference"] or 0 for r in rows]
+    ref = [r["times_us"][baseline] or 0 for r in rows]
     df = [r["times_us"]["distfuse"] or 0 for r in rows]
-    ax.bar([i - 0.2 for i in x], ref, width=0.4, label="reference (torch.matmul + NCCL)")
+    ax.bar([i - 0.2 for i in x], ref, width=0.4, label=baseline_label)
     ax.bar([i + 0.2 for i in x], df, width=0.4, label="distfuse")
     for i, r in enumerate(rows):
         if r["gain_pct"] is not None:
@@ -276,7 +282,7 @@ def plot(plt, rows, title):
     ax.set_xticks(x)
     ax.set_xticklabels(labels)
     ax.set_yscale("log")
-    ax.set_ylabel("µs per layer forward")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.suptitle(title)
     return fig

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .all_reduce import ensure_workspace, last_path
 from .decoder_layer import (CPU_CONFIG, GRAPH_MAX_TOKENS, LLAMA_70B, TOLERANCE, _gain, _pct, batch_seq,
-                            tokens_for)
+                            paired_bars, tokens_for)
 from .matmul_all_reduce import output_errors
 from .results import OpResult, Table, Unavailable, fmt
 from .timing import BenchContext, Method
@@ -174,4 +174,9 @@ def run(ctx: BenchContext) -> OpResult:
     summary = "hf_llama gain over transformers' TP: " + ", ".join(
         f"M={r['shape']['tokens']}{' g' if r['graph'] else ''} {fmt(r['gain_pct'])}%" for r in rows)
     return OpResult(OP, rows, table, extra={"dtype": rows[0]["dtype"] if rows else None, "layer": dims,
-                                            "tolerance": tol}, summary=summary, failures=failures)
+                                            "tolerance": tol}, summary=summary, failures=failures, plot=plot)
+
+
+def plot(plt, rows, title):
+    return paired_bars(plt, rows, title, "transformers_tp", "transformers tp_plan (DTensor + NCCL)",
+                       ylabel="µs per base-model forward (1 layer)")
