@@ -14,7 +14,8 @@ and the pass rewrites that chain into
 
     distfuse.matmul_all_reduce(a, b, group) -> [reshape]
 
-so each GEMM tile's all-reduce starts as soon as the tile is written. Usage:
+so each GEMM tile's all-reduce starts as soon as the tile is written. Row-wise layers on
+DTensor weights (transformers' tp_plan) compile to the same chain. Usage:
 
     import distfuse.compile
     distfuse.compile.install()            # or: with distfuse.compile.installed(): ...

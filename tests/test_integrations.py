@@ -1,7 +1,8 @@
 """distfuse.integrations.transformers: a HuggingFace Llama sharded over the group computes
 the logits and the greedy continuation of the full model on every rank (CPU over gloo;
 on GPUs over NCCL, where its row-parallel projections run the fused kernels), and bad
-groups or models get clear errors."""
+groups or models get clear errors. Also: a Llama sharded by transformers' own tensor
+parallelism and compiled with the distfuse.compile pass runs the fused op."""
 from __future__ import annotations
 
 import pytest
@@ -62,6 +63,45 @@ def _sharded_llama_body(rank, world, group_name, device_type, dtype):
                  "no attention", "gated MLP", "Sequential", exc=ValueError)
 
 
+def _transformers_tp_compiled_body(rank, world, group_name, device_type, dtype):
+    """A Llama sharded by transformers' own tensor parallelism (DTensor weights), compiled by
+    Inductor with the distfuse.compile pass: its row-parallel matmul + all-reduce pairs become
+    the fused op (one per o_proj and down_proj), and the output matches the eager model's."""
+    import os
+    import shutil
+    import tempfile
+
+    import distfuse
+    from test_compile import _compile_and_run
+    from transformers import LlamaForCausalLM
+    from transformers.distributed import DistributedConfig
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    pg = dist.group.WORLD
+    path = [tempfile.mkdtemp(prefix="distfuse-test-") if rank == 0 else None]
+    if rank == 0:
+        _tiny_llama(dtype, "cpu").save_pretrained(path[0])
+    dist.broadcast_object_list(path, src=0)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(device.index or 0))
+    model = LlamaForCausalLM.from_pretrained(path[0], dtype=dtype,
+                                             distributed_config=DistributedConfig(tp_plan="auto")).eval()
+    model.to(device)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path[0], ignore_errors=True)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert hasattr(q, "to_local") and q.to_local().shape[0] * world == q.shape[0], "transformers did not shard"
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad():
+        eager = model.model(input_ids=tokens, use_cache=False).last_hidden_state
+        rewrites, (compiled,) = _compile_and_run(
+            lambda ids: model.model(input_ids=ids, use_cache=False).last_hidden_state, [(tokens,)])
+    assert rewrites == 4, f"{rewrites} chains rewritten, expected 4 (o_proj and down_proj of 2 layers)"
+    if device.type == "cuda":
+        assert distfuse.last_path("matmul_all_reduce") != "reference", "no fused kernel ran"
+    assert_close("transformers TP compiled with the pass", compiled, eager.double(), dtype)
+    assert_same_on_all_ranks("transformers TP compiled with the pass", compiled, pg)
+
+
 def test_sharded_llama_on_cpu():
     run_distributed(_sharded_llama_body, 2, args=("cpu", torch.float32))
 
@@ -69,3 +109,12 @@ def test_sharded_llama_on_cpu():
 @pytest.mark.multigpu
 def test_sharded_llama_on_gpus():
     run_distributed(_sharded_llama_body, 2, backend="nccl", args=("cuda", torch.bfloat16))
+
+
+def test_transformers_tp_compiled_on_cpu():
+    run_distributed(_transformers_tp_compiled_body, 2, args=("cpu", torch.bfloat16))
+
+
+@pytest.mark.multigpu
+def test_transformers_tp_compiled_on_gpus():
+    run_distributed(_transformers_tp_compiled_body, 2, backend="nccl", args=("cuda", torch.bfloat16))
