@@ -196,15 +196,8 @@ def run(ctx: BenchContext) -> OpResult:
                     "compiled_rel_err": compiled_errs,
                     "compile_gain_pct": _gain(timings["compiled"].us, timings["compiled+pass"].us)}
                    if compiled else {}),
-                "samples": {k: v.samples for k, v in timings.items()},
-                "host_us": {k: v.host_us for k, v in timings.items()},
             }
-            errors = {k: v.error for k, v in timings.items() if v.error}
-            if errors:
-                row["errors"] = errors
-                for k, e in errors.items():
-                    errors_seen.setdefault(k, e)
-            rows.append(row)
+            rows.append(with_timing_details(row, timings, errors_seen))
             ctx.log(f"  [decoder_layer] M={m} (B={b}, S={s}) {'graph' if graph else 'eager'}: distfuse "
                     f"{fmt(t_df)} us ({row['path']}), reference {fmt(t_ref)} us, gain {fmt(row['gain_pct'])}%, "
                     f"rel_err {fmt(err, 5)}")
@@ -251,6 +244,19 @@ def run(ctx: BenchContext) -> OpResult:
     return OpResult(OP, rows, table, extra={"dtype": rows[0]["dtype"] if rows else None,
                                             "layer": dims, "tolerance": tol},
                     summary=summary, failures=failures, plot=plot)
+
+
+def with_timing_details(row: Dict[str, Any], timings, errors_seen: Dict[str, str]) -> Dict[str, Any]:
+    """`row` with every method's samples and host times, and the errors of the methods that
+    failed (each method's first error also kept in `errors_seen`, for the table's notes)."""
+    row["samples"] = {k: v.samples for k, v in timings.items()}
+    row["host_us"] = {k: v.host_us for k, v in timings.items()}
+    errors = {k: v.error for k, v in timings.items() if v.error}
+    if errors:
+        row["errors"] = errors
+        for k, e in errors.items():
+            errors_seen.setdefault(k, e)
+    return row
 
 
 def _gain(before, after):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .all_reduce import ensure_workspace, last_path
 from .decoder_layer import (CPU_CONFIG, GRAPH_MAX_TOKENS, LLAMA_70B, TOLERANCE, _gain, _pct, batch_seq,
-                            paired_bars, tokens_for)
+                            paired_bars, tokens_for, with_timing_details)
 from .matmul_all_reduce import output_errors
 from .results import OpResult, Table, Unavailable, fmt
 from .timing import BenchContext, Method
@@ -138,15 +138,8 @@ def run(ctx: BenchContext) -> OpResult:
                 "path": timings["distfuse"].info.get("path"),
                 "gain_pct": _gain(t_hf, t_df),
                 "rel_err": err,
-                "samples": {k: v.samples for k, v in timings.items()},
-                "host_us": {k: v.host_us for k, v in timings.items()},
             }
-            errors = {k: v.error for k, v in timings.items() if v.error}
-            if errors:
-                row["errors"] = errors
-                for k, e in errors.items():
-                    errors_seen.setdefault(k, e)
-            rows.append(row)
+            rows.append(with_timing_details(row, timings, errors_seen))
             ctx.log(f"  [hf_llama] M={m} {'graph' if graph else 'eager'}: distfuse {fmt(t_df)} us "
                     f"({row['path']}), transformers_tp {fmt(t_hf)} us, gain {fmt(row['gain_pct'])}%, "
                     f"rel_err {fmt(err, 5)}")
