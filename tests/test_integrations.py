@@ -61,6 +61,8 @@ def _sharded_llama_body(rank, world, group_name, device_type, dtype):
                  "num_key_value_heads = 1", f"divisible by the group size {world}", exc=ValueError)
     expect_error(lambda: tensor_parallel(torch.nn.Sequential(torch.nn.Linear(4, 4)), group_name),
                  "no attention", "gated MLP", "Sequential", exc=ValueError)
+    expect_error(lambda: tensor_parallel(model, group_name), "LlamaForCausalLM already holds",
+                 "applied before", exc=ValueError)
 
 
 def _transformers_tp_compiled_body(rank, world, group_name, device_type, dtype):
@@ -90,6 +92,9 @@ def _transformers_tp_compiled_body(rank, world, group_name, device_type, dtype):
         shutil.rmtree(path[0], ignore_errors=True)
     q = model.model.layers[0].self_attn.q_proj.weight
     assert hasattr(q, "to_local") and q.to_local().shape[0] * world == q.shape[0], "transformers did not shard"
+    from distfuse.integrations.transformers import tensor_parallel
+    expect_error(lambda: tensor_parallel(model, group_name), "DTensor", "load the model without tp_plan",
+                 exc=ValueError)
     tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3)).to(device)
     with torch.no_grad():
         eager = model.model(input_ids=tokens, use_cache=False).last_hidden_state

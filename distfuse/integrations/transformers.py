@@ -54,8 +54,11 @@ def tensor_parallel(model: nn.Module, group: GroupLike = None) -> nn.Module:
     """Shard `model`'s attention and MLP blocks over `group` in place (see the module's
     docstring); call it on every rank with the same model. Returns the model. Raises
     ValueError where the heads do not split evenly, where the model has no such block,
-    or where transformers' own tensor parallelism already sharded it."""
+    or where it was sharded before (by this function or by transformers' tp_plan)."""
     _, _, world = resolve_group(group)
+    if any(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in model.modules()):
+        raise ValueError(f"distfuse.integrations.transformers: {type(model).__name__} already holds "
+                         "distfuse tensor-parallel layers (tensor_parallel was applied before)")
     config = getattr(model, "config", None)
     if config is not None:
         _check_heads(getattr(config, "text_config", config), world)
