@@ -39,13 +39,15 @@ from typing import Iterator, Optional
 
 import torch
 import torch.fx
+import torch._functorch.config as functorch_config
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import distfuse  # noqa: F401  (registers torch.ops.distfuse)
 
-__all__ = ["fuse_matmul_all_reduce", "MatmulAllReducePass", "install", "uninstall", "installed"]
+__all__ = ["fuse_matmul_all_reduce", "MatmulAllReducePass", "install", "uninstall", "installed",
+           "without_compile_caches"]
 
 _aten = torch.ops.aten
 _RESHAPES = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
@@ -164,3 +166,13 @@ def installed() -> Iterator[MatmulAllReducePass]:
     finally:
         if not was_installed:
             uninstall()
+
+
+@contextlib.contextmanager
+def without_compile_caches() -> Iterator[None]:
+    """Compile every graph afresh (Inductor's FX-graph caches and AOTAutograd's off): a graph
+    served from a cache went through the pass when it was first compiled and is not seen
+    again, so MatmulAllReducePass.rewrites counts only graphs compiled in such a block."""
+    with inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
+        yield

@@ -21,21 +21,13 @@ def _linear_all_reduce(x, w, group):
     return y
 
 
-def _no_compile_caches():
-    import contextlib
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False, fx_graph_remote_cache=False))
-    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
-    return stack
-
-
 def _compile_and_run(fn, calls, dynamic=False):
     """fn compiled by Inductor with the pass installed, run on each argument tuple of
     `calls`; returns (chains rewritten, outputs). Compiled graphs are not taken from
     Inductor's caches, which would skip the pass and its count."""
     import distfuse.compile
     torch._dynamo.reset()
-    with distfuse.compile.installed() as fusion, _no_compile_caches():
+    with distfuse.compile.installed() as fusion, distfuse.compile.without_compile_caches():
         compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
         outs = [compiled(*args) for args in calls]
     torch._dynamo.reset()
@@ -163,7 +155,7 @@ def _real_sums_body(rank, world, group_name, device_type, dtypes):
     x, w, _ = operands(3, 32, dtype)
     torch._dynamo.reset()
     import distfuse.compile
-    with distfuse.compile.installed() as fusion, _no_compile_caches():
+    with distfuse.compile.installed() as fusion, distfuse.compile.without_compile_caches():
         compiled = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
         for seed in (4, 5, 6):
             x_new, w_new, oracle = operands(seed, 32, dtype)

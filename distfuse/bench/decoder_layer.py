@@ -23,7 +23,7 @@ import torch
 
 from .all_reduce import ensure_workspace, last_path
 from .matmul_all_reduce import forced_paths, output_errors
-from .results import OpResult, Table, Unavailable, fmt, forced_cell
+from .results import OpResult, Table, Unavailable, fmt, fmt_pct, forced_cell, gain_pct, with_timing_details
 from .timing import BenchContext, Method
 
 OP = "decoder_layer"
@@ -69,11 +69,10 @@ def compiled_layers(layer: torch.nn.Module, config, ctx: BenchContext):
     """A copy of `layer` sharing its weights, with its row-parallel linears unfused
     (F.linear + NCCL all_reduce), compiled by Inductor as it is and with the
     distfuse.compile pass. Returns ({column: compiled layer}, the pass)."""
-    import torch._functorch.config as functorch_config
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    from ..compile import MatmulAllReducePass
+    from ..compile import MatmulAllReducePass, without_compile_caches
     from ..nn.llama import TPLlamaDecoderLayer
     unfused = TPLlamaDecoderLayer(config, group=ctx.group_name, dtype=ctx.dtype, device=ctx.device)
     unfused.load_state_dict(layer.state_dict(), assign=True)  # the same tensors
@@ -82,10 +81,8 @@ def compiled_layers(layer: torch.nn.Module, config, ctx: BenchContext):
     fusion = MatmulAllReducePass()
 
     def inductor_with_pass(gm, example_inputs):
-        # No graph from Inductor's caches: the pass (and its count) must see every graph.
-        with inductor_config.patch(post_grad_custom_post_pass=fusion, fx_graph_cache=False,
-                                   fx_graph_remote_cache=False), \
-                functorch_config.patch(enable_autograd_cache=False):
+        # No graph from the caches: the pass (and its count) must see every graph.
+        with inductor_config.patch(post_grad_custom_post_pass=fusion), without_compile_caches():
             return compile_fx(gm, example_inputs)
 
     # Two backends: Dynamo keeps a compiled graph per backend, so neither column runs the
@@ -176,8 +173,8 @@ def run(ctx: BenchContext) -> OpResult:
                 failures.append(f"decoder_layer M={m}: the compile pass rewrote {fusion.rewrites} of the layer's "
                                 f"2 row-parallel linears")
             timings = ctx.timer.run_all(methods, graph=graph)
-            compiled_errs = output_errors(ctx, timings, "reference", list(compiled))
-            err = output_errors(ctx, timings, "reference", ["distfuse"])["distfuse"]
+            compiled_errs = output_errors(ctx, timings, "reference", ["distfuse", *compiled])
+            err = compiled_errs.pop("distfuse")
             t_df, t_ref = timings["distfuse"].us, timings["reference"].us
             row = {
                 "shape": {"tokens": m, "B": b, "S": s, "hidden": h, "intermediate": dims["intermediate_size"],
@@ -189,12 +186,12 @@ def run(ctx: BenchContext) -> OpResult:
                              **{name: timings[name].us for name in compiled}},
                 "path": timings["distfuse"].info.get("path"),
                 "forced_ran": {p: timings[f"distfuse:{p}"].info.get("path") for p in forced},
-                "gain_pct": _gain(t_ref, t_df),
+                "gain_pct": gain_pct(t_ref, t_df),
                 "speedup": (t_ref / t_df) if (t_df and t_ref) else None,
                 "rel_err": err,
                 **({"compiled_path": timings["compiled+pass"].info.get("path"),
                     "compiled_rel_err": compiled_errs,
-                    "compile_gain_pct": _gain(timings["compiled"].us, timings["compiled+pass"].us)}
+                    "compile_gain_pct": gain_pct(timings["compiled"].us, timings["compiled+pass"].us)}
                    if compiled else {}),
             }
             rows.append(with_timing_details(row, timings, errors_seen))
@@ -221,10 +218,10 @@ def run(ctx: BenchContext) -> OpResult:
                            fmt(r["times_us"]["distfuse"]), str(r["path"] or "n/a")]
                           + [forced_cell(fmt(r["times_us"][f"distfuse:{p}"]), p, r["forced_ran"][p]) for p in forced]
                           + [fmt(r["times_us"]["reference"]),
-                           _pct(r["gain_pct"]),
+                           fmt_pct(r["gain_pct"]),
                            (f"{r['rel_err']:.2e}" if r["rel_err"] is not None else "n/a")]
                           + [fmt(r["times_us"][c]) for c in compiled_cols]
-                          + ([_pct(r["compile_gain_pct"])] if compiled_cols else []))
+                          + ([fmt_pct(r["compile_gain_pct"])] if compiled_cols else []))
     table.notes.append(f"Layer: hidden {h}, intermediate {dims['intermediate_size']}, {hq} q / {hkv} kv heads, "
                        f"head_dim {dims['head_dim']}, TP over W = {ctx.world}. µs per forward (max over ranks "
                        f"of medians). reference: the same layer with F.linear + NCCL all_reduce. gain = "
@@ -244,28 +241,6 @@ def run(ctx: BenchContext) -> OpResult:
     return OpResult(OP, rows, table, extra={"dtype": rows[0]["dtype"] if rows else None,
                                             "layer": dims, "tolerance": tol},
                     summary=summary, failures=failures, plot=plot)
-
-
-def with_timing_details(row: Dict[str, Any], timings, errors_seen: Dict[str, str]) -> Dict[str, Any]:
-    """`row` with every method's samples and host times, and the errors of the methods that
-    failed (each method's first error also kept in `errors_seen`, for the table's notes)."""
-    row["samples"] = {k: v.samples for k, v in timings.items()}
-    row["host_us"] = {k: v.host_us for k, v in timings.items()}
-    errors = {k: v.error for k, v in timings.items() if v.error}
-    if errors:
-        row["errors"] = errors
-        for k, e in errors.items():
-            errors_seen.setdefault(k, e)
-    return row
-
-
-def _gain(before, after):
-    """(before - after) / before in percent, None where either is missing."""
-    return 100.0 * (before - after) / before if (before and after) else None
-
-
-def _pct(value) -> str:
-    return f"{value:.1f}%" if value is not None else "n/a"
 
 
 def plot(plt, rows, title):

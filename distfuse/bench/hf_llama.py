@@ -23,10 +23,9 @@ import torch
 import torch.distributed as dist
 
 from .all_reduce import ensure_workspace, last_path
-from .decoder_layer import (CPU_CONFIG, GRAPH_MAX_TOKENS, LLAMA_70B, TOLERANCE, _gain, _pct, batch_seq,
-                            paired_bars, tokens_for, with_timing_details)
+from .decoder_layer import CPU_CONFIG, GRAPH_MAX_TOKENS, LLAMA_70B, TOLERANCE, batch_seq, paired_bars, tokens_for
 from .matmul_all_reduce import output_errors
-from .results import OpResult, Table, Unavailable, fmt
+from .results import OpResult, Table, Unavailable, fmt, fmt_pct, gain_pct, with_timing_details
 from .timing import BenchContext, Method
 
 OP = "hf_llama"
@@ -136,7 +135,7 @@ def run(ctx: BenchContext) -> OpResult:
                 "graph": bool(graph),
                 "times_us": {"distfuse": t_df, "transformers_tp": t_hf},
                 "path": timings["distfuse"].info.get("path"),
-                "gain_pct": _gain(t_hf, t_df),
+                "gain_pct": gain_pct(t_hf, t_df),
                 "rel_err": err,
             }
             rows.append(with_timing_details(row, timings, errors_seen))
@@ -153,7 +152,7 @@ def run(ctx: BenchContext) -> OpResult:
         sh = r["shape"]
         table.rows.append([str(sh["tokens"]), str(sh["B"]), str(sh["S"]), "graph" if r["graph"] else "eager",
                            fmt(r["times_us"]["distfuse"]), str(r["path"] or "n/a"),
-                           fmt(r["times_us"]["transformers_tp"]), _pct(r["gain_pct"]),
+                           fmt(r["times_us"]["transformers_tp"]), fmt_pct(r["gain_pct"]),
                            f"{r['rel_err']:.2e}" if r["rel_err"] is not None else "n/a"])
     table.notes.append(f"transformers LlamaForCausalLM base model (embeddings, 1 decoder layer: hidden "
                        f"{dims['hidden_size']}, intermediate {dims['intermediate_size']}, "

@@ -204,6 +204,28 @@ def forced_cell(us: str, forced: str, ran: Optional[str]) -> str:
     return f"{us} ({ran})"
 
 
+def gain_pct(before: Optional[float], after: Optional[float]) -> Optional[float]:
+    """(before - after) / before in percent, None where either is missing."""
+    return 100.0 * (before - after) / before if (before and after) else None
+
+
+def fmt_pct(value: Optional[float]) -> str:
+    return f"{value:.1f}%" if value is not None else "n/a"
+
+
+def with_timing_details(row: Dict[str, Any], timings, errors_seen: Dict[str, str]) -> Dict[str, Any]:
+    """`row` with every method's samples and host times, and the errors of the methods that
+    failed (each method's first error also kept in `errors_seen`, for the table's notes)."""
+    row["samples"] = {k: v.samples for k, v in timings.items()}
+    row["host_us"] = {k: v.host_us for k, v in timings.items()}
+    errors = {k: v.error for k, v in timings.items() if v.error}
+    if errors:
+        row["errors"] = errors
+        for k, e in errors.items():
+            errors_seen.setdefault(k, e)
+    return row
+
+
 def validate(doc: Dict[str, Any]) -> None:
     """Raise ValueError when ``doc`` does not follow the results schema."""
     for k in REQUIRED_KEYS:
