@@ -258,6 +258,63 @@ def body_graphs_survive_growth(rank, world, group_name):
         _replays_are_exact(graph, tensors, rank, world, 5, (path, m, "after growth"))
 
 
+def body_failed_growth(rank, world, group_name):
+    """A growth of the tile region that one rank cannot allocate raises the same clear
+    error on every rank, well before any timeout, and leaves every workspace as it was:
+    calls that fit the old region still run and are right, and the same growth succeeds
+    once the memory is back."""
+    import time
+
+    import torch.distributed as dist
+
+    import distfuse
+    from distfuse.ops import force_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=16 << 20, timeout_ms=30000)
+    before = distfuse.workspace_info(group_name)
+
+    def fused_call(m, k, n):
+        a = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) / k ** 0.5
+        _poison_allocator(m * n, torch.bfloat16, dev)
+        with force_path("matmul_all_reduce", "fused_tiles"):
+            out = distfuse.matmul_all_reduce(a, w.t(), group_name)
+        ref = _reference64(a, w, None, world)
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, (m, k, n, rel)
+
+    fused_call(1000, 256, 1024)
+    # 256 MB of output: a tile region of (1 + 2 W) x 256 MB. The last rank leaves itself
+    # 1 GB of free memory, less than that region.
+    big = (16384, 64, 8192)
+    hog = None
+    if rank == world - 1:
+        free, _ = torch.cuda.mem_get_info(dev)
+        hog = torch.empty(free - (1 << 30), dtype=torch.uint8, device=dev)
+    dist.barrier()
+    start = time.monotonic()
+    try:
+        fused_call(*big)
+    except RuntimeError as e:
+        message = str(e).splitlines()[0]
+    else:
+        raise AssertionError("a growth the last rank cannot allocate did not raise")
+    elapsed = time.monotonic() - start
+    assert f"rank {world - 1}:" in message and "could not be allocated" in message, message
+    assert f"group '{group_name}'" in message and "matmul_all_reduce" in message, message
+    assert elapsed < 20, elapsed  # the store round, not the 30 s timeout of a rendezvous
+    messages = [None] * world
+    dist.all_gather_object(messages, message.split(" on rank ")[1])
+    assert len(set(messages)) == 1, messages  # the same verdict on every rank
+    assert distfuse.workspace_info(group_name) == before
+    fused_call(1000, 256, 1024)  # the old region still serves what fits
+    del hog
+    torch.cuda.empty_cache()
+    dist.barrier()
+    fused_call(*big)
+    assert distfuse.workspace_info(group_name)["max_output_bytes"] >= 16384 * 8192 * 2
+
+
 def body_decode_variants(rank, world, group_name):
     """The decode schedule with LL lines, LL128 lines or flags, with one or several column blocks
     per CTA, back to back in mixed order: exact on integer inputs, the same bits as the
@@ -512,6 +569,11 @@ def test_thousand_calls_random_m_exact():
 @pytest.mark.parametrize("world", gpu_world_sizes())
 def test_graph_capture_replays(world):
     run_distributed(body_graphs, world, backend="nccl", timeout=300)
+
+
+@pytest.mark.skipif(SHARED_GPU, reason="one rank must be alone on its GPU to run it out of memory")
+def test_failed_growth_keeps_every_workspace():
+    run_distributed(body_failed_growth, 2, backend="nccl", timeout=300)
 
 
 def test_graphs_survive_workspace_growth():

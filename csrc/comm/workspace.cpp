@@ -113,6 +113,27 @@ PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& pref
   return v;
 }
 
+// Whether every rank allocated its buffer: each one reports through the store (an empty
+// value, or why its allocation failed) and reads every report, so that a rank that ran
+// out of memory makes all of them raise the same error instead of leaving its peers in
+// the rendezvous until the store times out. Returns "" or "rank r: reason".
+std::string exchange_allocation_failures(c10d::ProcessGroup& pg, const std::string& prefix,
+                                         const std::string& own_failure) {
+  auto store = pg.getStore();
+  store->set(prefix + "alloc/" + std::to_string(pg.getRank()), to_bytes(own_failure));
+  for (int p = 0; p < pg.getSize(); ++p) {
+    const std::string failure = to_string(store->get(prefix + "alloc/" + std::to_string(p)));
+    if (!failure.empty()) return "rank " + std::to_string(p) + ": " + failure;
+  }
+  return "";
+}
+
+// The first line of an exception's message (c10 errors append a C++ backtrace).
+std::string first_line(const char* what) {
+  const std::string s(what);
+  return s.substr(0, s.find('\n'));
+}
+
 }  // namespace
 
 Workspace::Workspace(std::string group_name, size_t max_output_bytes, uint64_t timeout_ms)
@@ -120,7 +141,7 @@ Workspace::Workspace(std::string group_name, size_t max_output_bytes, uint64_t t
 
 size_t Workspace::one_shot_capacity_bytes() const { return kOneShotCapacityBytes; }
 
-void Workspace::allocate(const char* op) {
+void Workspace::allocate(const char* op, size_t tile_bytes) {
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
   try {
     pg = c10d::resolve_process_group(group_name_);
@@ -128,49 +149,78 @@ void Workspace::allocate(const char* op) {
     TORCH_CHECK(false, "distfuse.", op, ": unknown group_name '", group_name_,
                 "': pass a torch.distributed ProcessGroup or its .group_name");
   }
-  rank_ = pg->getRank();
-  world_ = pg->getSize();
-  device_ = c10::cuda::current_device();
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
-  TORCH_CHECK(world_ <= kMaxWorld, "distfuse.", op, ": group '", group_name_, "' has ", world_,
+  // Everything is computed into locals and assigned at the end: a failure on the way
+  // leaves this workspace as it was (a failed growth keeps the old buffer usable).
+  const int rank = pg->getRank();
+  const int world = pg->getSize();
+  const int device = c10::cuda::current_device();
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  TORCH_CHECK(world <= kMaxWorld, "distfuse.", op, ": group '", group_name_, "' has ", world,
               " ranks; the fused kernels support at most ", kMaxWorld);
 
   const int generation = (*g_generation)[group_name_]++;
   const std::string prefix =
       "distfuse/" + group_name_ + "/" + std::to_string(generation) + "/";
-  p2p_ = ll128_ = false;
-  if (world_ > 1) {
-    const PeerVerdict v = exchange_p2p_verdict(*pg, prefix, device_, gpu_name_, sm_count_);
-    p2p_ = v.p2p;
-    ll128_ = v.ll128;
+  PeerVerdict verdict;
+  std::string gpu_name = gpu_name_;
+  if (world > 1) verdict = exchange_p2p_verdict(*pg, prefix, device, gpu_name, sm_count);
+  auto commit_identity = [&] {
+    rank_ = rank;
+    world_ = world;
+    device_ = device;
+    sm_count_ = sm_count;
+    gpu_name_ = gpu_name;
+    p2p_ = verdict.p2p;
+    ll128_ = verdict.ll128;
+  };
+  if (!verdict.p2p) {
+    commit_identity();
+    return;
   }
-  if (!p2p_) return;
 
-  tile_bytes_ = std::max<size_t>(tile_bytes_, tile_region_bytes_for_output(max_output_bytes_, world_));
-  const WorkspaceLayout layout = make_layout(world_, tile_bytes_);
-  buffer_ = c10d::symmetric_memory::empty_strided_p2p(
-      {static_cast<int64_t>(layout.total_bytes)}, {1}, at::kByte, at::Device(at::kCUDA, device_),
-      group_name_, std::nullopt);
-  symm_ = c10d::symmetric_memory::rendezvous(buffer_, group_name_);
-  TORCH_CHECK(symm_->get_world_size() == world_ && symm_->get_rank() == rank_,
+  tile_bytes = std::max<size_t>(tile_bytes, tile_region_bytes_for_output(max_output_bytes_, world));
+  const WorkspaceLayout layout = make_layout(world, tile_bytes);
+  at::Tensor buffer;
+  std::string failure;
+  try {
+    buffer = c10d::symmetric_memory::empty_strided_p2p(
+        {static_cast<int64_t>(layout.total_bytes)}, {1}, at::kByte, at::Device(at::kCUDA, device),
+        group_name_, std::nullopt);
+  } catch (const std::exception& e) {
+    failure = first_line(e.what());
+    if (failure.empty()) failure = "allocation failed";
+  }
+  failure = exchange_allocation_failures(*pg, prefix, failure);
+  TORCH_CHECK(failure.empty(), "distfuse.", op, ": the workspace of group '", group_name_, "' needs ",
+              layout.total_bytes, " bytes on every rank (a tile region of ", tile_bytes,
+              " bytes) and could not be allocated on ", failure,
+              "; no rank changed its workspace. Free GPU memory, or use smaller fused outputs "
+              "(the tile region holds ", 1 + 2 * world, " x the largest M x N x element size)");
+  auto symm = c10d::symmetric_memory::rendezvous(buffer, group_name_);
+  TORCH_CHECK(symm->get_world_size() == world && symm->get_rank() == rank,
               "distfuse: symmetric memory of group '", group_name_, "' reports rank ",
-              symm_->get_rank(), " of ", symm_->get_world_size(), ", expected ", rank_, " of ",
-              world_);
-  const std::vector<void*> ptrs = symm_->get_buffer_ptrs();
-  const size_t offset = symm_->get_offset();
-  handle_ = CommHandle{};
-  for (int p = 0; p < world_; ++p) handle_.peer_base[p] = static_cast<unsigned char*>(ptrs[p]) + offset;
-  handle_.rank = rank_;
-  handle_.world = world_;
-  handle_.timeout_ns = timeout_ms_ * 1000000ull;
-  handle_.layout = layout;
+              symm->get_rank(), " of ", symm->get_world_size(), ", expected ", rank, " of ", world);
+  const std::vector<void*> ptrs = symm->get_buffer_ptrs();
+  const size_t offset = symm->get_offset();
+  CommHandle handle{};
+  for (int p = 0; p < world; ++p) handle.peer_base[p] = static_cast<unsigned char*>(ptrs[p]) + offset;
+  handle.rank = rank;
+  handle.world = world;
+  handle.timeout_ns = timeout_ms_ * 1000000ull;
+  handle.layout = layout;
 
   // Counters, flags and LL lines start at zero (epoch 0 never appears).
   // The barrier keeps peers from writing into this buffer before it is cleared.
-  auto stream = at::cuda::getCurrentCUDAStream(device_);
-  C10_CUDA_CHECK(cudaMemsetAsync(handle_.peer_base[rank_], 0, layout.twoshot_offset, stream));
-  symm_->barrier(0, timeout_ms_);
+  auto stream = at::cuda::getCurrentCUDAStream(device);
+  C10_CUDA_CHECK(cudaMemsetAsync(handle.peer_base[rank], 0, layout.twoshot_offset, stream));
+  symm->barrier(0, timeout_ms_);
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+  commit_identity();
+  buffer_ = std::move(buffer);
+  symm_ = std::move(symm);
+  handle_ = handle;
 }
 
 void Workspace::release() {
@@ -192,6 +242,11 @@ Workspace& Workspace::create(const std::string& group_name, size_t max_output_by
   TORCH_CHECK(!capturing(), "distfuse.init_workspace: cannot create the workspace of group '",
               group_name, "' during CUDA graph capture; call it before capturing");
   std::lock_guard<std::mutex> lock(g_mutex);
+  return create_locked(group_name, max_output_bytes, timeout_ms, op);
+}
+
+Workspace& Workspace::create_locked(const std::string& group_name, size_t max_output_bytes,
+                                    uint64_t timeout_ms, const char* op) {
   auto it = g_workspaces->find(group_name);
   if (it != g_workspaces->end()) {
     c10::cuda::CUDAGuard guard(it->second->device_ >= 0 ? it->second->device_
@@ -201,22 +256,22 @@ Workspace& Workspace::create(const std::string& group_name, size_t max_output_by
   }
   std::unique_ptr<Workspace> ws(
       new Workspace(group_name, max_output_bytes, timeout_from_env(timeout_ms)));
-  ws->allocate(op);
+  ws->allocate(op, 0);
   Workspace& ref = *ws;
   (*g_workspaces)[group_name] = std::move(ws);
   return ref;
 }
 
 Workspace& Workspace::get(const std::string& group_name, const char* op) {
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_workspaces->find(group_name);
-    if (it != g_workspaces->end()) return *it->second;
-  }
+  // One lock over the lookup and the creation: two threads of a rank that both find no
+  // workspace must not both create one (the second would release the first's).
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_workspaces->find(group_name);
+  if (it != g_workspaces->end()) return *it->second;
   TORCH_CHECK(!capturing(), "distfuse.", op, ": group '", group_name,
               "' has no workspace and one cannot be created during CUDA graph capture; call "
               "distfuse.init_workspace(group, max_bytes) on every rank before capturing");
-  return create(group_name, 0, 0, op);
+  return create_locked(group_name, 0, 0, op);
 }
 
 void Workspace::destroy(const std::string& group_name) {
@@ -276,10 +331,13 @@ void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
   std::lock_guard<std::mutex> lock(g_mutex);
   // CUDA graphs captured earlier keep using the old buffer (its own flags and
   // epochs, identical on every rank): it is retired, not freed, until release().
-  retired_buffers_.push_back(buffer_);
-  retired_symm_.push_back(symm_);
-  tile_bytes_ = grown;
-  allocate(op);
+  // A growth that fails (allocate raises the same error on every rank) leaves the
+  // workspace as it was, so calls that fit the old region still run.
+  auto old_buffer = buffer_;
+  auto old_symm = symm_;
+  allocate(op, grown);
+  retired_buffers_.push_back(std::move(old_buffer));
+  retired_symm_.push_back(std::move(old_symm));
 }
 
 }  // namespace distfuse::comm

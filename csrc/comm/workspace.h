@@ -42,7 +42,8 @@ class Workspace {
   // Grows the tile region to at least `bytes` (collective: every rank calls it
   // with the same size because shapes are identical). Inside CUDA-graph capture
   // growth is impossible and raises an error naming the size to pre-allocate.
-  // The old buffer is kept (graphs captured before use it) until release().
+  // The old buffer is kept (graphs captured before use it) until release(). When a
+  // rank cannot allocate the new one, every rank raises and keeps the old region.
   void ensure_tile_bytes(size_t bytes, const char* op);
 
   // A zero-filled local device buffer of at least `bytes` for the GEMM's split-K
@@ -68,12 +69,16 @@ class Workspace {
 
  private:
   Workspace(std::string group_name, size_t max_output_bytes, uint64_t timeout_ms);
-  void allocate(const char* op);
+  static Workspace& create_locked(const std::string& group_name, size_t max_output_bytes,
+                                  uint64_t timeout_ms, const char* op);
+  // Collective: the P2P verdict, then a buffer with a tile region of at least
+  // `tile_bytes` (and of what max_output_bytes_ needs). Either every member is assigned
+  // or, on an error, none (the same error on every rank where a rank cannot allocate).
+  void allocate(const char* op, size_t tile_bytes);
   void release();
 
   std::string group_name_;
   size_t max_output_bytes_;  // as asked by init_workspace
-  size_t tile_bytes_ = 0;    // tile region: for max_output_bytes_, or grown by a call
   uint64_t timeout_ms_;
   bool p2p_ = false;
   bool ll128_ = false;

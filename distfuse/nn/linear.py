@@ -31,11 +31,17 @@ from .. import ops
 from ..ops import GroupLike
 
 
-def resolve_group(group: GroupLike) -> Tuple[str, int, int]:
-    """(group_name, rank in the group, group size) of a ProcessGroup, a group name or None (WORLD)."""
+def named_process_group(group: GroupLike) -> Tuple[str, dist.ProcessGroup]:
+    """(group_name, ProcessGroup) of a ProcessGroup, a group name or None (WORLD)."""
     name = ops.group_name(group)
     pg = group if isinstance(group, dist.ProcessGroup) else \
         dist.distributed_c10d._resolve_process_group(name)
+    return name, pg
+
+
+def resolve_group(group: GroupLike) -> Tuple[str, int, int]:
+    """(group_name, rank in the group, group size) of a ProcessGroup, a group name or None (WORLD)."""
+    name, pg = named_process_group(group)
     return name, pg.rank(), pg.size()
 
 
@@ -186,9 +192,9 @@ class RowParallelLinear(_ShardedLinear):
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
                  fused: bool = True):
         super().__init__()
-        self._group_name, self.rank, self.world_size = resolve_group(group)
-        # The unfused path's group, resolved once: torch.compile cannot trace the lookup.
-        self._process_group = dist.distributed_c10d._resolve_process_group(self._group_name)
+        # The unfused path's group is kept: torch.compile cannot trace the lookup by name.
+        self._group_name, self._process_group = named_process_group(group)
+        self.rank, self.world_size = self._process_group.rank(), self._process_group.size()
         self.fused = fused
         self.in_features = in_features
         self.out_features = out_features
