@@ -329,6 +329,7 @@ void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
   constexpr size_t kGrain = 64ull << 20;
   const size_t grown = (bytes + kGrain - 1) / kGrain * kGrain;
   std::lock_guard<std::mutex> lock(g_mutex);
+  if (bytes <= handle_.layout.tiles_bytes) return;  // another thread of this rank grew it
   // CUDA graphs captured earlier keep using the old buffer (its own flags and
   // epochs, identical on every rank): it is retired, not freed, until release().
   // A growth that fails (allocate raises the same error on every rank) leaves the
