@@ -51,8 +51,10 @@ def body_exact_and_bitwise(rank, world, group_name):
     # The one-shot also in its second CTA geometry (two LL lines per thread).
     variants = [(path, {}) for path in PATHS] + [("one_shot", {"all_reduce.one_shot_lines_per_thread": 2})]
     for dtype in DTYPES:
+        # The LL128 two-shot's region full, and one element more (then the two-shot).
+        ll128_full = world * 17920 * 120 // torch.tensor([], dtype=dtype).element_size()
         for path, overrides in variants:
-            for numel in sizes:
+            for numel in sizes + [ll128_full, ll128_full + 1]:
                 seed += 1
                 xs = _int_inputs(numel, dtype, world, seed, dev)
                 x = xs[rank].clone()
@@ -65,6 +67,9 @@ def body_exact_and_bitwise(rank, world, group_name):
                 # its own (W MB), runs the two-shot.
                 want = "two_shot" if numel * x.element_size() > _capacity(path, world, ll128) else path
                 assert path == "auto" or taken == want, (path, taken)
+                if path == "auto" and world == 4 and ll128 and numel in (ll128_full, ll128_full + 1):
+                    # W = 4 takes the LL128 two-shot up to its whole region.
+                    assert taken == ("two_shot_ll128" if numel == ll128_full else "two_shot"), (numel, taken)
                 assert torch.equal(out, expected), (dtype, path, numel, (out.double() - expected.double()).abs().max())
                 assert torch.equal(x, xs[rank]), "input modified"
                 for other in _gather(out, world):

@@ -104,6 +104,12 @@ TEST(AllReduceChoice, LL128TwoShotOnlyWhereTheGroupAllowsItsLines) {
             AllReduceAlgo::kTwoShot);
   EXPECT_EQ(choose_all_reduce(3 << 20, 4, kOneShotCapacityBytes, 0, ll_capacity, 0, ll128_capacity, 4 << 20),
             AllReduceAlgo::kTwoShotLL128);
+  // W = 4: the whole region (the 8 MB output of M = 512 rows fits); W = 3 stays at 4 MB.
+  EXPECT_EQ(two_shot_ll128_max_bytes(4), ll128_capacity);
+  EXPECT_EQ(choose_all_reduce(8 << 20, 4, kOneShotCapacityBytes, 0, ll_capacity, 0, ll128_capacity),
+            AllReduceAlgo::kTwoShotLL128);
+  EXPECT_EQ(choose_all_reduce((4 << 20) + 16, 3, kOneShotCapacityBytes, 0, ll_capacity, 0, 3 * 17920 * 120),
+            AllReduceAlgo::kTwoShot);
 }
 
 TEST(AllReduceChoice, LL128OneShotBeforeTheOtherRangesWhereAllowed) {

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "distfuse/comm/handle.h"
+
 namespace distfuse {
 
 // The measured layers split at K_r = 7168: o_proj (K_r = 2048 / 4096 at W = 4 / 2) below
@@ -40,7 +42,10 @@ inline int64_t two_shot_ll_max_bytes(int world, int64_t override_bytes = 0) {
 // LL two-shot's fixed cost plus 1.07x the two-shot's bytes, ~12 us at 1 MB against
 // 14.4-14.5 for the two-shot. W = 4 at 4 MB (LL128 two-shot / two-shot, us): 4 x H100
 // with 384-block LL128 grids 25.0 / 29.1 graph, 29.8 / 35.0 eager; 4 x H200 with 256
-// 27.3 / 27.9, 32.6 / 33.3: up to 4 MB at W <= 4. W > 4: untuned, 2 MB.
+// 27.3 / 27.9, 32.6 / 33.3: up to 4 MB at W <= 4. At W = 4 beyond that, up to what its
+// region holds (8.6 MB; 4 x H200, graph, LL128 two-shot / two-shot: 6 MB 36.5 / 37.7 us,
+// 8 MB 44.8 / 46.3; cuBLAS + the all-reduce at M = 512, o_proj 69.6 / 71.4, down_proj
+// 122.3 / 125.0): the whole region. W = 3: 4 MB (untuned above). W > 4: untuned, 2 MB.
 // `override_bytes` > 0 replaces the table.
 inline int64_t two_shot_ll128_min_bytes(int world) {
   const int64_t one_shot = one_shot_threshold_bytes(world);
@@ -48,7 +53,8 @@ inline int64_t two_shot_ll128_min_bytes(int world) {
 }
 inline int64_t two_shot_ll128_max_bytes(int world, int64_t override_bytes = 0) {
   if (override_bytes > 0) return override_bytes;
-  return world <= 4 ? int64_t(4) << 20 : int64_t(2) << 20;
+  if (world == 4) return int64_t(4 * kTwoShotLL128LinesPerSlot * kLL128PayloadBytes);
+  return world < 4 ? int64_t(4) << 20 : int64_t(2) << 20;
 }
 
 // The LL128 one-shot takes (one_shot_ll128_min_bytes, one_shot_ll128_max_bytes] where
