@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .results import OpResult, Table, fmt, fmt_bytes, forced_cell
+from .results import OpResult, Table, dtype_name, fmt, fmt_bytes, forced_cell
 from .timing import BenchContext, Method, Timing, slots_for_bytes, tuned_method_name
 
 OP = "all_reduce"
@@ -263,12 +263,8 @@ def run(ctx: BenchContext) -> OpResult:
 
     names = list(rows[0]["times_us"].keys()) if rows else []
     table = _table(ctx, rows, names, errors_seen)
-    return OpResult(OP, rows, table, extra={"dtype": _dtype_name(ctx.dtype), "methods": names},
+    return OpResult(OP, rows, table, extra={"dtype": dtype_name(ctx.dtype), "methods": names},
                     summary=_summary(ctx, rows), failures=failures, plot=plot)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
 def _row(ctx, size, numel, graph, timings: Dict[str, Timing], expected_of_slot, factor,
@@ -284,7 +280,7 @@ def _row(ctx, size, numel, graph, timings: Dict[str, Timing], expected_of_slot, 
         errors_seen.setdefault(n, e)
     row = {
         "shape": {"bytes": size, "count": numel},
-        "dtype": _dtype_name(ctx.dtype),
+        "dtype": dtype_name(ctx.dtype),
         "graph": bool(graph),
         "times_us": times,
         "algbw_GBs": algbw,

@@ -23,7 +23,8 @@ import torch
 
 from .all_reduce import ensure_workspace, last_path
 from .matmul_all_reduce import forced_paths, output_errors
-from .results import OpResult, Table, Unavailable, fmt, fmt_pct, forced_cell, gain_pct, with_timing_details
+from .results import (OpResult, Table, Unavailable, dtype_name, fmt, fmt_err, fmt_pct, forced_cell, gain_pct,
+                      with_timing_details)
 from .timing import BenchContext, Method
 
 OP = "decoder_layer"
@@ -179,7 +180,7 @@ def run(ctx: BenchContext) -> OpResult:
             row = {
                 "shape": {"tokens": m, "B": b, "S": s, "hidden": h, "intermediate": dims["intermediate_size"],
                           "heads": hq, "kv_heads": hkv, "head_dim": dims["head_dim"]},
-                "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(ctx.dtype, "fp32"),
+                "dtype": dtype_name(ctx.dtype),
                 "graph": bool(graph),
                 "times_us": {"distfuse": t_df, "reference": t_ref,
                              **{f"distfuse:{p}": timings[f"distfuse:{p}"].us for p in forced},
@@ -219,7 +220,7 @@ def run(ctx: BenchContext) -> OpResult:
                           + [forced_cell(fmt(r["times_us"][f"distfuse:{p}"]), p, r["forced_ran"][p]) for p in forced]
                           + [fmt(r["times_us"]["reference"]),
                            fmt_pct(r["gain_pct"]),
-                           (f"{r['rel_err']:.2e}" if r["rel_err"] is not None else "n/a")]
+                           fmt_err(r["rel_err"])]
                           + [fmt(r["times_us"][c]) for c in compiled_cols]
                           + ([fmt_pct(r["compile_gain_pct"])] if compiled_cols else []))
     table.notes.append(f"Layer: hidden {h}, intermediate {dims['intermediate_size']}, {hq} q / {hkv} kv heads, "

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .all_reduce import ensure_workspace, last_path
 from .decoder_layer import CPU_CONFIG, GRAPH_MAX_TOKENS, LLAMA_70B, TOLERANCE, batch_seq, paired_bars, tokens_for
 from .matmul_all_reduce import output_errors
-from .results import OpResult, Table, Unavailable, fmt, fmt_pct, gain_pct, with_timing_details
+from .results import OpResult, Table, Unavailable, dtype_name, fmt, fmt_err, fmt_pct, gain_pct, with_timing_details
 from .timing import BenchContext, Method
 
 OP = "hf_llama"
@@ -131,7 +131,7 @@ def run(ctx: BenchContext) -> OpResult:
                 "shape": {"tokens": m, "B": b, "S": s, "hidden": dims["hidden_size"],
                           "intermediate": dims["intermediate_size"], "heads": dims["num_attention_heads"],
                           "kv_heads": dims["num_key_value_heads"], "layers": 1, "vocab": config.vocab_size},
-                "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(ctx.dtype, "fp32"),
+                "dtype": dtype_name(ctx.dtype),
                 "graph": bool(graph),
                 "times_us": {"distfuse": t_df, "transformers_tp": t_hf},
                 "path": timings["distfuse"].info.get("path"),
@@ -153,7 +153,7 @@ def run(ctx: BenchContext) -> OpResult:
         table.rows.append([str(sh["tokens"]), str(sh["B"]), str(sh["S"]), "graph" if r["graph"] else "eager",
                            fmt(r["times_us"]["distfuse"]), str(r["path"] or "n/a"),
                            fmt(r["times_us"]["transformers_tp"]), fmt_pct(r["gain_pct"]),
-                           f"{r['rel_err']:.2e}" if r["rel_err"] is not None else "n/a"])
+                           fmt_err(r["rel_err"])])
     table.notes.append(f"transformers LlamaForCausalLM base model (embeddings, 1 decoder layer: hidden "
                        f"{dims['hidden_size']}, intermediate {dims['intermediate_size']}, "
                        f"{dims['num_attention_heads']} q / {dims['num_key_value_heads']} kv heads; final norm), "

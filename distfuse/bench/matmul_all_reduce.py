@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import all_reduce as ar
-from .results import OpResult, Table, Unavailable, fmt, forced_cell
+from .results import OpResult, Table, Unavailable, dtype_name, fmt, fmt_err, forced_cell
 from .timing import BenchContext, Method, Timing, geomean, slots_for_bytes, tuned_method_name
 
 OP = "matmul_all_reduce"
@@ -183,7 +183,7 @@ def run(ctx: BenchContext) -> OpResult:
 
     table = _table(ctx, rows, errors_seen, notes, tol)
     return OpResult(OP, rows, table,
-                    extra={"dtype": ar._dtype_name(ctx.dtype), "tolerance": tol, "p2p": bool(p2p)},
+                    extra={"dtype": dtype_name(ctx.dtype), "tolerance": tol, "p2p": bool(p2p)},
                     summary=_summary(ctx, rows), failures=failures, plot=plot)
 
 
@@ -290,7 +290,7 @@ def _case(ctx: BenchContext, name, k_total, k, n, layout, m, graph, ar_alone, er
         errors_seen.setdefault(nm, e)
     row = {
         "shape": {"name": name, "M": m, "K": k, "N": n, "K_total": k_total, "b_layout": layout},
-        "dtype": ar._dtype_name(ctx.dtype),
+        "dtype": dtype_name(ctx.dtype),
         "graph": bool(graph),
         "times_us": times,
         "path": timings["distfuse"].info.get("path"),
@@ -337,7 +337,7 @@ def _table(ctx, rows, errors_seen, notes, tol) -> Table:
         cells += [fmt(t.get("distfuse")), str(r["path"] or "n/a"), fmt(t.get("ideal")),
                   (f"{100 * r['hidden_share']:.0f}%" if r["hidden_share"] is not None else "n/a"),
                   (f"{r['speedup']:.2f}x" if r["speedup"] is not None else "n/a"),
-                  (f"{r['rel_err_max']:.2e}" if r["rel_err_max"] is not None else "n/a")]
+                  fmt_err(r["rel_err_max"])]
         table.rows.append(cells)
     table.notes.append("µs per call, max over ranks of each rank's median. AR best: fastest all-reduce alone of "
                        f"the [M, N] output among {b}, torch symm_mem one/two-shot and distfuse. ideal = max(mm, AR "

@@ -213,6 +213,16 @@ def fmt_pct(value: Optional[float]) -> str:
     return f"{value:.1f}%" if value is not None else "n/a"
 
 
+def fmt_err(value: Optional[float]) -> str:
+    """A relative error for a table cell."""
+    return f"{value:.2e}" if value is not None else "n/a"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a results file gives a dtype (bf16, fp16, fp32)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
 def with_timing_details(row: Dict[str, Any], timings, errors_seen: Dict[str, str]) -> Dict[str, Any]:
     """`row` with every method's samples and host times, and the errors of the methods that
     failed (each method's first error also kept in `errors_seen`, for the table's notes)."""

@@ -53,7 +53,7 @@ inline int64_t two_shot_ll128_min_bytes(int world) {
 }
 inline int64_t two_shot_ll128_max_bytes(int world, int64_t override_bytes = 0) {
   if (override_bytes > 0) return override_bytes;
-  if (world == 4) return int64_t(4 * kTwoShotLL128LinesPerSlot * kLL128PayloadBytes);
+  if (world == 4) return int64_t(two_shot_ll128_capacity_bytes(world));
   return world < 4 ? int64_t(4) << 20 : int64_t(2) << 20;
 }
 

@@ -720,7 +720,7 @@ cudaError_t launch_all_reduce_two_shot_ll(const AllReduceParams& p, cudaStream_t
 }
 
 int64_t all_reduce_two_shot_ll128_max_numel(DType dtype, int world) {
-  return int64_t(kTwoShotLL128LinesPerSlot) * int64_t(kLL128PayloadBytes) * world / dtype_size(dtype);
+  return int64_t(two_shot_ll128_capacity_bytes(world)) / dtype_size(dtype);
 }
 
 cudaError_t launch_all_reduce_two_shot_ll128(const AllReduceParams& p, cudaStream_t stream) {

@@ -91,6 +91,10 @@ constexpr uint64_t kLL128LineBytes = 128;
 constexpr uint64_t kLL128PayloadBytes = 120;
 constexpr int kLL128LineWords = int(kLL128PayloadBytes / 8);  // 8-byte payload words per line
 constexpr uint64_t kTwoShotLL128LinesPerSlot = 17920;
+// Most bytes one LL128 two-shot call of a `world`-rank group carries.
+constexpr uint64_t two_shot_ll128_capacity_bytes(int world) {
+  return uint64_t(world) * kLL128PayloadBytes * kTwoShotLL128LinesPerSlot;
+}
 // Grid of every LL128 launch at most: block b handles line chunks b, b + kLL128MaxBlocks,
 // ... (32 lines each), a map that does not depend on the call's size. The blocks must be
 // resident together (no block may wait for a peer block that has no SM), so LL128 lines
