@@ -52,7 +52,7 @@ def body_exact_and_bitwise(rank, world, group_name):
     variants = [(path, {}) for path in PATHS] + [("one_shot", {"all_reduce.one_shot_lines_per_thread": 2})]
     for dtype in DTYPES:
         # The LL128 two-shot's region full, and one element more (then the two-shot).
-        ll128_full = world * 17920 * 120 // torch.tensor([], dtype=dtype).element_size()
+        ll128_full = _capacity("two_shot_ll128", world) // torch.tensor([], dtype=dtype).element_size()
         for path, overrides in variants:
             for numel in sizes + [ll128_full, ll128_full + 1]:
                 seed += 1
