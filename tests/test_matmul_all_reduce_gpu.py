@@ -233,29 +233,67 @@ def body_graphs(rank, world, group_name):
         _replays_are_exact(graph, tensors, rank, world, 4 if SHARED_GPU else 20, (path, m))
 
 
-def body_graphs_survive_growth(rank, world, group_name):
-    """Graphs captured on a small workspace still replay correctly after later eager
-    calls grew its tile region and the GEMM's split-K scratch (the old buffers must
-    stay alive), and after the allocator's cache was emptied."""
+def _eager_calls(group_name, calls, dev):
     import distfuse
     from distfuse.ops import force_path
+    for path, m in calls:
+        a = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
+        w = torch.randn(4096, 1024, dtype=torch.bfloat16, device=dev)
+        with force_path("matmul_all_reduce", path):
+            distfuse.matmul_all_reduce(a, w.t(), group_name)
+
+
+def body_graphs_survive_growth(rank, world, group_name):
+    """Eager growths of the tile region and the split-K scratch free what they replace
+    when no graph was captured on it. Graphs captured on a small workspace still replay
+    correctly after later eager calls grew it (their buffers are kept: retired_bytes),
+    after the allocator's cache was emptied, and after init_workspace re-created the
+    workspace (a graph captured on the grown buffer too); destroy_workspace frees them."""
+    import distfuse
     dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free_before, _ = torch.cuda.mem_get_info(dev)
+    # Tile regions of ~60, ~100, ~135 and ~170 MB at W = 2 (64 MB grains): three growths.
+    _eager_calls(group_name, (("band_pull", 1500), ("fused_tiles", 2500), ("band_pull", 3300),
+                              ("fused_tiles", 4097)), dev)
+    info = distfuse.workspace_info(group_name)
+    assert info["max_output_bytes"] >= 4097 * 4096 * 2, info  # it grew
+    assert info["retired_bytes"] == 0, info  # and kept nothing: no graph was captured
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free_after, _ = torch.cuda.mem_get_info(dev)
+    if not SHARED_GPU:  # the region now, not every size it passed (~380 MB more at W = 2)
+        assert free_before - free_after < info["total_bytes"] + (64 << 20), (free_before, free_after, info)
+
+    distfuse.destroy_workspace(group_name)
     distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
     captured = [(path, m, _captured_call(group_name, path, m, 256, 1024, dev))
                 for path, m in (("fused_tiles", 1000), ("band_pull", 1000), ("pair_exchange", 1000),
                                 ("owner_exchange", 1000), ("band_scatter", 1000), ("sequential", 8), ("auto", 4),
                                 ("decode_push", 4), ("decode_push", 40), ("decode_split_k", 40))]
-    for path, m in (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000), ("pair_exchange", 4097),
-                    ("owner_exchange", 4097), ("band_scatter", 4097)):
-        a = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
-        w = torch.randn(4096, 1024, dtype=torch.bfloat16, device=dev)
-        with force_path("matmul_all_reduce", path):
-            distfuse.matmul_all_reduce(a, w.t(), group_name)
-    assert distfuse.workspace_info(group_name)["max_output_bytes"] >= 4097 * 4096 * 2  # it grew
+    _eager_calls(group_name, (("band_pull", 4097), ("fused_tiles", 4097), ("copy_engine", 2000),
+                              ("pair_exchange", 4097), ("owner_exchange", 4097), ("band_scatter", 4097)), dev)
+    info = distfuse.workspace_info(group_name)
+    assert info["max_output_bytes"] >= 4097 * 4096 * 2, info  # it grew
+    assert info["retired_bytes"] > 0, info  # the captured graphs' buffers are kept
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     for path, m, (graph, tensors) in captured:
         _replays_are_exact(graph, tensors, rank, world, 5, (path, m, "after growth"))
+
+    # A graph on the grown buffer, then a re-creation: every graph still replays.
+    captured.append(("band_pull", 3000, _captured_call(group_name, "band_pull", 3000, 256, 1024, dev)))
+    distfuse.init_workspace(group_name, max_bytes=2 << 20, timeout_ms=30000)
+    assert distfuse.workspace_info(group_name)["retired_bytes"] > info["retired_bytes"]
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    for path, m, (graph, tensors) in captured:
+        _replays_are_exact(graph, tensors, rank, world, 3, (path, m, "after re-creation"))
+    del captured
+    distfuse.destroy_workspace(group_name)
+    assert distfuse.workspace_info(group_name) == {}
 
 
 def body_failed_growth(rank, world, group_name):
@@ -510,6 +548,28 @@ def body_tile_exchanges_mixed(rank, world, group_name):
         assert torch.equal(out.double(), exact), turn
 
 
+def body_exchange_tiles_beyond_flags(rank, world, group_name):
+    """A shape whose tile exchange would need more tile flags than the region holds
+    (128 x 128 tiles at M = 512-1023, a very wide N): forced or chosen by the dispatch,
+    the exchanges give way to the band schedule, and the result is exact."""
+    import distfuse
+    from distfuse.ops import force_path, last_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=1 << 20, timeout_ms=30000)
+    m, k, n = 1000, 64, 140000  # 8 x 1094 tiles of 128 x 128, more than the 8192 flags
+    a, b, _, _, exact = _integer_operands(rank, world, m, k, n, torch.float16, dev, 5, row_major=False,
+                                          with_bias=False)
+    for path in ("pair_exchange", "owner_exchange", "auto"):
+        _poison_allocator(m * n, torch.float16, dev)
+        with force_path("matmul_all_reduce", path):
+            out = distfuse.matmul_all_reduce(a, b, group_name)
+        assert torch.equal(out.double(), exact), path
+        taken = last_path("matmul_all_reduce")
+        assert taken not in ("pair_exchange", "owner_exchange"), (path, taken)
+        if path != "auto":
+            assert taken == "band_pull", (path, taken)
+
+
 def body_exchange_missing_peer(rank, world, group_name, log_dir, path):
     """Rank 1 never makes the second call: rank 0's tile exchange or split-K decode
     schedule (kernels that may not print) must fail within the timeout with a message
@@ -535,6 +595,11 @@ def body_exchange_missing_peer(rank, world, group_name, log_dir, path):
 @pytest.mark.parametrize("path", ("pair_exchange", "owner_exchange", "decode_split_k"))
 def test_exchange_missing_peer_times_out(tmp_path, path):
     run_distributed(body_exchange_missing_peer, 2, args=(str(tmp_path), path), backend="nccl", timeout=120)
+
+
+@pytest.mark.parametrize("world", gpu_world_sizes())
+def test_exchange_tiles_beyond_flags_fall_back(world):
+    run_distributed(body_exchange_tiles_beyond_flags, world, backend="nccl", timeout=300)
 
 
 @pytest.mark.parametrize("world", gpu_world_sizes())

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -27,6 +28,29 @@ auto* g_workspaces = new std::map<std::string, std::unique_ptr<Workspace>>();
 // re-created workspace never reads a stale exchange.
 auto* g_generation = new std::map<std::string, int>();
 
+// Buffers of a group that a growth or a re-creation replaced while CUDA graphs captured
+// before may still use them (their kernels keep the old addresses): kept until
+// destroy_workspace. A buffer no graph may use is freed instead, so a sweep of growing
+// shapes in eager mode holds one tile region, not every size it passed.
+struct RetiredBuffers {
+  std::vector<at::Tensor> buffers;
+  std::vector<c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory>> symm;
+  int64_t bytes() const {
+    int64_t total = 0;
+    for (const at::Tensor& b : buffers) total += static_cast<int64_t>(b.nbytes());
+    return total;
+  }
+};
+auto* g_retired = new std::map<std::string, RetiredBuffers>();
+
+// Every rank finishes all its work (on any stream), then all meet on `symm`'s barrier
+// (collective): afterwards no kernel of any rank reads or writes the group's buffers.
+void wait_for_every_rank(c10d::symmetric_memory::SymmetricMemory& symm, uint64_t timeout_ms) {
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  symm.barrier(0, timeout_ms);
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 uint64_t timeout_from_env(uint64_t requested_ms) {
   if (requested_ms) return requested_ms;
   if (const char* env = std::getenv("DISTFUSE_TIMEOUT_MS")) {
@@ -42,6 +66,17 @@ bool capturing() {
 
 std::string to_string(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
 std::vector<uint8_t> to_bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
+
+// This machine as the members compare it: the host name and the kernel's boot id, so that
+// two hosts given the same name (containers started with one --hostname) still differ,
+// while containers on one host (one kernel) match.
+std::string host_identity() {
+  char host[256] = {0};
+  if (gethostname(host, sizeof(host) - 1) != 0) host[0] = 0;
+  std::string boot_id;
+  std::ifstream("/proc/sys/kernel/random/boot_id") >> boot_id;
+  return std::string(host) + "/" + boot_id;
+}
 
 struct PeerVerdict {
   bool p2p = false;    // every member reaches every other's GPU memory directly
@@ -60,14 +95,13 @@ PeerVerdict exchange_p2p_verdict(c10d::ProcessGroup& pg, const std::string& pref
   const int rank = pg.getRank();
   const int world = pg.getSize();
   auto store = pg.getStore();
-  char host[256] = {0};
-  gethostname(host, sizeof(host) - 1);
+  const std::string host = host_identity();
   char bus[64] = {0};
   C10_CUDA_CHECK(cudaDeviceGetPCIBusId(bus, sizeof(bus), device));
   cudaDeviceProp prop{};
   C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   store->set(prefix + "id/" + std::to_string(rank),
-             to_bytes(std::string(host) + "|" + bus + "|" + std::to_string(prop.multiProcessorCount) + "|" +
+             to_bytes(host + "|" + bus + "|" + std::to_string(prop.multiProcessorCount) + "|" +
                       prop.name));
 
   bool ok = true;
@@ -226,15 +260,12 @@ void Workspace::allocate(const char* op, size_t tile_bytes) {
 void Workspace::release() {
   if (!symm_) return;
   // Peers may still read this buffer (the tail of their last op, on any of their
-  // streams): every rank first finishes all its own work, then all meet (the barrier runs
-  // on the current stream only), then none frees before the barrier is done.
-  C10_CUDA_CHECK(cudaDeviceSynchronize());
-  symm_->barrier(0, timeout_ms_);
-  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  // streams): none frees before every rank's work is done.
+  wait_for_every_rank(*symm_, timeout_ms_);
   symm_.reset();
   buffer_ = at::Tensor();
-  retired_symm_.clear();
-  retired_buffers_.clear();
+  gemm_scratch_ = at::Tensor();
+  g_retired->erase(group_name_);
 }
 
 Workspace& Workspace::create(const std::string& group_name, size_t max_output_bytes,
@@ -249,10 +280,21 @@ Workspace& Workspace::create_locked(const std::string& group_name, size_t max_ou
                                     uint64_t timeout_ms, const char* op) {
   auto it = g_workspaces->find(group_name);
   if (it != g_workspaces->end()) {
-    c10::cuda::CUDAGuard guard(it->second->device_ >= 0 ? it->second->device_
-                                                        : c10::cuda::current_device());
-    it->second->release();
+    // The old buffers are freed once every rank's work is done, except those CUDA graphs
+    // captured on them may use: those join the group's retired buffers.
+    std::unique_ptr<Workspace> previous = std::move(it->second);
     g_workspaces->erase(it);
+    if (previous->symm_) {
+      c10::cuda::CUDAGuard guard(previous->device_);
+      wait_for_every_rank(*previous->symm_, previous->timeout_ms_);
+      RetiredBuffers& retired = (*g_retired)[group_name];
+      if (previous->tiles_in_graphs_) {
+        retired.buffers.push_back(previous->buffer_);
+        retired.symm.push_back(previous->symm_);
+      }
+      if (previous->scratch_in_graphs_ && previous->gemm_scratch_.defined())
+        retired.buffers.push_back(previous->gemm_scratch_);
+    }
   }
   std::unique_ptr<Workspace> ws(
       new Workspace(group_name, max_output_bytes, timeout_from_env(timeout_ms)));
@@ -267,7 +309,11 @@ Workspace& Workspace::get(const std::string& group_name, const char* op) {
   // workspace must not both create one (the second would release the first's).
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_workspaces->find(group_name);
-  if (it != g_workspaces->end()) return *it->second;
+  if (it != g_workspaces->end()) {
+    // The op's kernels are being captured into a graph that keeps these addresses.
+    if (capturing()) it->second->tiles_in_graphs_ = it->second->scratch_in_graphs_ = true;
+    return *it->second;
+  }
   TORCH_CHECK(!capturing(), "distfuse.", op, ": group '", group_name,
               "' has no workspace and one cannot be created during CUDA graph capture; call "
               "distfuse.init_workspace(group, max_bytes) on every rank before capturing");
@@ -296,7 +342,7 @@ std::vector<int64_t> Workspace::info(const std::string& group_name) {
           static_cast<int64_t>(l.twoshot_bytes), static_cast<int64_t>(l.tiles_bytes),
           static_cast<int64_t>(w.timeout_ms_),
           static_cast<int64_t>(l.tiles_bytes / tile_region_bytes_for_output(1, w.world_)), w.ll128_,
-          w.sm_count_};
+          w.sm_count_, g_retired->count(group_name) ? g_retired->at(group_name).bytes() : 0};
 }
 
 void* Workspace::gemm_scratch(size_t bytes, const char* op) {
@@ -307,11 +353,19 @@ void* Workspace::gemm_scratch(size_t bytes, const char* op) {
               "with these shapes before capturing");
   constexpr size_t kGrain = 4ull << 20;
   const size_t grown = (bytes + kGrain - 1) / kGrain * kGrain;
-  // CUDA graphs captured earlier keep the old buffer's address: it is retired, not
-  // freed, until the workspace is released.
-  if (gemm_scratch_.defined()) retired_buffers_.push_back(gemm_scratch_);
+  // CUDA graphs captured on the old buffer keep its address: it is retired, not freed.
+  // Else it is freed once this rank's work is done (only this rank's kernels use it).
+  if (gemm_scratch_.defined()) {
+    if (scratch_in_graphs_) {
+      (*g_retired)[group_name_].buffers.push_back(gemm_scratch_);
+    } else {
+      C10_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+    gemm_scratch_ = at::Tensor();
+  }
   gemm_scratch_ = at::zeros({static_cast<int64_t>(grown)},
                             at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device_));
+  scratch_in_graphs_ = false;
   return gemm_scratch_.data_ptr();
 }
 
@@ -330,15 +384,21 @@ void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
   const size_t grown = (bytes + kGrain - 1) / kGrain * kGrain;
   std::lock_guard<std::mutex> lock(g_mutex);
   if (bytes <= handle_.layout.tiles_bytes) return;  // another thread of this rank grew it
-  // CUDA graphs captured earlier keep using the old buffer (its own flags and
-  // epochs, identical on every rank): it is retired, not freed, until release().
-  // A growth that fails (allocate raises the same error on every rank) leaves the
-  // workspace as it was, so calls that fit the old region still run.
-  auto old_buffer = buffer_;
+  // CUDA graphs captured on the old buffer keep using it (its own flags and epochs,
+  // identical on every rank): it is retired, not freed, until destroy_workspace. Else it
+  // is freed once every rank's work on it is done. A growth that fails (allocate raises
+  // the same error on every rank) leaves the workspace as it was, so calls that fit the
+  // old region still run.
+  at::Tensor old_buffer = buffer_;
   auto old_symm = symm_;
   allocate(op, grown);
-  retired_buffers_.push_back(std::move(old_buffer));
-  retired_symm_.push_back(std::move(old_symm));
+  wait_for_every_rank(*old_symm, timeout_ms_);
+  if (tiles_in_graphs_) {
+    RetiredBuffers& retired = (*g_retired)[group_name_];
+    retired.buffers.push_back(std::move(old_buffer));
+    retired.symm.push_back(std::move(old_symm));
+  }
+  tiles_in_graphs_ = false;
 }
 
 }  // namespace distfuse::comm

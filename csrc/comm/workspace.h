@@ -29,26 +29,31 @@ class Workspace {
   // to pre-size (`op` names the calling op in that message).
   static Workspace& get(const std::string& group_name, const char* op);
   // (Re-)creates the workspace with a tile region for fused GEMM outputs of up to
-  // `max_output_bytes` (M·N·element size); collective.
+  // `max_output_bytes` (M·N·element size); collective. The buffers it replaces are
+  // freed, or kept until destroy() where CUDA graphs captured on them may use them.
   static Workspace& create(const std::string& group_name, size_t max_output_bytes,
                            uint64_t timeout_ms, const char* op = "init_workspace");
-  // Frees the workspace after every rank's pending work finished; collective.
+  // Frees the workspace, and the buffers kept for CUDA graphs (which must not be
+  // replayed after it), after every rank's pending work finished; collective.
   static void destroy(const std::string& group_name);
   // {p2p, world, rank, total_bytes, one_shot_capacity, two_shot_bytes, tile_bytes, timeout_ms,
-  //  max_output_bytes (the largest fused GEMM output the tile region holds), ll128};
+  //  max_output_bytes (the largest fused GEMM output the tile region holds), ll128, sm_count,
+  //  retired_bytes (buffers replaced by growths and kept for CUDA graphs captured before)};
   // empty when the group has no workspace.
   static std::vector<int64_t> info(const std::string& group_name);
 
   // Grows the tile region to at least `bytes` (collective: every rank calls it
   // with the same size because shapes are identical). Inside CUDA-graph capture
   // growth is impossible and raises an error naming the size to pre-allocate.
-  // The old buffer is kept (graphs captured before use it) until release(). When a
-  // rank cannot allocate the new one, every rank raises and keeps the old region.
+  // The old buffer is kept until destroy() where a CUDA graph captured since it was
+  // made may use it, else freed once every rank's work on it is done. When a rank
+  // cannot allocate the new one, every rank raises and keeps the old region.
   void ensure_tile_bytes(size_t bytes, const char* op);
 
   // A zero-filled local device buffer of at least `bytes` for the GEMM's split-K
   // counters and partials (kernels leave the counters at zero). Grows outside
-  // CUDA-graph capture only; inside capture, needing more is an error.
+  // CUDA-graph capture only; inside capture, needing more is an error. The old buffer
+  // is kept or freed as in ensure_tile_bytes.
   void* gemm_scratch(size_t bytes, const char* op);
 
   bool p2p() const { return p2p_; }
@@ -75,6 +80,7 @@ class Workspace {
   // `tile_bytes` (and of what max_output_bytes_ needs). Either every member is assigned
   // or, on an error, none (the same error on every rank where a rank cannot allocate).
   void allocate(const char* op, size_t tile_bytes);
+  // Frees the buffers, the group's retired ones too, once every rank's work is done.
   void release();
 
   std::string group_name_;
@@ -90,10 +96,10 @@ class Workspace {
   at::Tensor buffer_;
   at::Tensor gemm_scratch_;
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> symm_;
-  // Buffers replaced by a growth: CUDA graphs captured before it still use them, so
-  // they live as long as the workspace (released with it).
-  std::vector<at::Tensor> retired_buffers_;
-  std::vector<c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory>> retired_symm_;
+  // Whether a CUDA graph was captured with an op of this group since the tile buffer
+  // (buffer_, symm_) or the split-K scratch was made: such graphs keep their addresses.
+  bool tiles_in_graphs_ = false;
+  bool scratch_in_graphs_ = false;
   CommHandle handle_{};
 };
 
