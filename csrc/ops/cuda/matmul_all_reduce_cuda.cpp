@@ -541,8 +541,8 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
   gp.sm_count = exchange_ctas(tiles, ws.sm_count(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_ctas")));
   gp.whole_tiles = true;  // the exchange's plan, also when serialized (same bits)
   TORCH_CHECK(tiles <= tile_all_reduce_max_tiles(),
-              "matmul_all_reduce: the tile exchange's tiles exceed the flag region (exchange_tiles=", gp.tile_shape,
-              ", M=", g.m, ", N=", g.n, ")");
+              "matmul_all_reduce: the tile exchange's ", tiles, " tiles exceed the flag region's ",
+              tile_all_reduce_max_tiles(), " (exchange_tiles=", gp.tile_shape, ", M=", g.m, ", N=", g.n, ")");
   if (!serialized) {
     gp.exchange_output = ob.out.data_ptr();
     gp.exchange_bias = ob.bias_ptr();
@@ -613,6 +613,20 @@ MatmulAllReduceOverrides table_overrides() {
   return o;
 }
 
+// The tile exchanges count tiles with their own shape (exchange_tile_shape: 128 x 128
+// at M = 512-1023, twice the tiles fused_gemm_supported counted by M), each with a flag
+// in the tile region: where they exceed it, the dispatch falls back to the band schedule.
+// A bad exchange_tiles override is left to tile_exchange, which names it.
+bool tile_exchange_fits(const at::Tensor& a, const at::Tensor& b, int world) {
+  const int64_t k = a.size(-1);
+  TileGemmParams shape{};
+  shape.m = static_cast<int>(a.numel() / k);
+  shape.tile_shape = exchange_tile_shape(shape.m, world, static_cast<int>(get_tuning("matmul_all_reduce.exchange_tiles")));
+  if (shape.tile_shape < 0 || shape.tile_shape > 3) return true;
+  return output_tiles(shape.m, b.size(1), tile_gemm_tile_m(shape), tile_gemm_tile_n(shape)) <=
+         tile_all_reduce_max_tiles();
+}
+
 // The owner schedule of fused_tiles needs an output tile per rank.
 bool owner_schedule_fits(const at::Tensor& a, const at::Tensor& b, int world) {
   const int64_t k = a.size(-1);
@@ -662,6 +676,10 @@ at::Tensor matmul_all_reduce_cuda(const at::Tensor& a, const at::Tensor& b,
     if (forced == "band_scatter") algo = MatmulAllReduceAlgo::kBandScatter;
     // Too many tiles for a flag slot per rank and tile: the same bands, pulled.
     if (algo == MatmulAllReduceAlgo::kBandScatter && !band_scatter_fits(a, b, ws.world()))
+      algo = MatmulAllReduceAlgo::kBandPull;
+    // Too many exchange tiles for the flag region: the band schedule, whose tiles fit.
+    if ((algo == MatmulAllReduceAlgo::kPairExchange || algo == MatmulAllReduceAlgo::kOwnerExchange) &&
+        !tile_exchange_fits(a, b, ws.world()))
       algo = MatmulAllReduceAlgo::kBandPull;
     // "serialized" runs the schedule auto would pick, without the overlap.
     const bool serialized = forced == "serialized";
