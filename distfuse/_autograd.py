@@ -5,6 +5,9 @@ is the gradient that flows back into it. Hence:
   all_reduce:         forward Σ_r x_r, backward identity (each rank's x_r gets dy);
   matmul_all_reduce:  y = Σ_r a_r @ b_r + bias, so da_r = dy @ b_rᵀ,
                       db_r = a_rᵀ @ dy and dbias = Σ_rows dy, with no communication.
+The other ops have no backward formula yet: their backward raises, naming the op,
+rather than letting autograd differentiate through their kernels' internals (which
+gives wrong gradients, for example none for the gathered operands).
 """
 import torch
 
@@ -30,6 +33,17 @@ def _matmul_all_reduce_backward(ctx, grad):
     grad_bias = grad.reshape(-1, n).sum(0) if len(needs) > 3 and needs[3] else None
     return grad_a, grad_b, None, grad_bias
 
+
+def _no_backward(op):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"distfuse.{op} has no backward formula: call it under torch.no_grad() or "
+                           f"on tensors that do not require grad (all_reduce and matmul_all_reduce "
+                           f"have backward formulas)")
+    return backward
+
+
+for _op in ("matmul_reduce_scatter", "all_gather_matmul", "attention_all_gather", "all_reduce_rms_norm"):
+    torch.library.register_autograd(f"distfuse::{_op}", _no_backward(_op))
 
 torch.library.register_autograd("distfuse::all_reduce", _all_reduce_backward)
 torch.library.register_autograd("distfuse::matmul_all_reduce", _matmul_all_reduce_backward,

@@ -81,7 +81,20 @@ def group_name(group: GroupLike) -> str:
         group = dist.group.WORLD
     if group is None:
         raise ValueError("distfuse: no process group given and torch.distributed is not initialized")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"distfuse: group must be a torch.distributed ProcessGroup, its group_name or None, "
+                        f"got {type(group).__name__} {group!r}")
     return group.group_name
+
+
+def _autocast(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Inside torch.autocast, the matmul ops' floating operands in the autocast dtype, as
+    torch.matmul and F.linear get them (fp32 weights with bf16 activations, say)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def _described(value) -> str:
@@ -147,22 +160,30 @@ def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None,
     ``bias`` is the layer's replicated bias and must hold the same values on every
     rank (each part of the output adds the copy of whichever rank reduces it).
     This is the row-parallel linear layer: each GEMM tile's all-reduce starts as
-    soon as the tile is written.
+    soon as the tile is written. A 1-D ``a`` [K_r] gives [N], as with torch.matmul.
+    Inside ``torch.autocast`` the operands are cast to the autocast dtype.
     """
+    a, b, bias = _autocast(a, b, bias)
+    if a.dim() == 1:
+        return matmul_all_reduce(a.unsqueeze(0), b, group, bias=bias).squeeze(0)
     if _call_checks:
         _check_same_call("matmul_all_reduce", group, a=a, b=b, bias=bias)
     return torch.ops.distfuse.matmul_all_reduce(a, b, group_name(group), bias=bias)
 
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
-    """Rows [r·M/W, (r+1)·M/W) of Σ_r a_r @ b_r, where M = prod(a.shape[:-1]) -> [M/W, N]."""
+    """Rows [r·M/W, (r+1)·M/W) of Σ_r a_r @ b_r, where M = prod(a.shape[:-1]) -> [M/W, N].
+    Inside ``torch.autocast`` the operands are cast to the autocast dtype."""
+    a, b = _autocast(a, b)
     if _call_checks:
         _check_same_call("matmul_reduce_scatter", group, a=a, b=b)
     return torch.ops.distfuse.matmul_reduce_scatter(a, b, group_name(group))
 
 
 def all_gather_matmul(a: torch.Tensor, b: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
-    """concat_r(a_r) @ b: a [M/W, K] (this rank's rows), b [K, N_r] -> [M, N_r]."""
+    """concat_r(a_r) @ b: a [M/W, K] (this rank's rows), b [K, N_r] -> [M, N_r].
+    Inside ``torch.autocast`` the operands are cast to the autocast dtype."""
+    a, b = _autocast(a, b)
     if _call_checks:
         _check_same_call("all_gather_matmul", group, a=a, b=b)
     return torch.ops.distfuse.all_gather_matmul(a, b, group_name(group))
@@ -211,7 +232,7 @@ def tuning(overrides: Dict[str, int]) -> Iterator[None]:
     for key, value in overrides.items():
         if key not in TUNING_KEYS:
             raise ValueError(f"distfuse.tuning: key must be one of {TUNING_KEYS}, got {key!r}")
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"distfuse.tuning: {key} must be an int >= 0, got {value!r}")
     previous = {key: int(torch.ops.distfuse._get_tuning(key)) for key in overrides}
     for key, value in overrides.items():

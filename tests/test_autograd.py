@@ -55,6 +55,42 @@ def test_matmul_all_reduce_backward_without_bias():
     run_distributed(body_matmul_all_reduce_backward_without_bias, 2)
 
 
+def body_ops_without_backward_raise(rank, world, group_name):
+    """The ops without a backward formula run forward on tensors that require grad (the
+    same result as without), and their backward raises, naming the op, instead of
+    differentiating through the kernels' internals."""
+    import distfuse
+    torch.manual_seed(3)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64).requires_grad_()
+
+    calls = {
+        "matmul_reduce_scatter": lambda t: distfuse.matmul_reduce_scatter(t[0], t[1], group_name),
+        "all_gather_matmul": lambda t: distfuse.all_gather_matmul(t[0], t[1], group_name),
+        "attention_all_gather": lambda t: distfuse.attention_all_gather(t[0], t[1], t[2], group_name,
+                                                                          is_causal=True),
+        "all_reduce_rms_norm": lambda t: distfuse.all_reduce_rms_norm(t[0], t[1], t[2], 1e-6, group_name)[0],
+    }
+    operands = {
+        "matmul_reduce_scatter": (leaf(4, 6), leaf(6, 5)),
+        "all_gather_matmul": (leaf(3, 6), leaf(6, 5)),
+        "attention_all_gather": (leaf(1, 2, 3, 8), leaf(1, 2, 3, 8), leaf(1, 2, 3, 8)),
+        "all_reduce_rms_norm": (leaf(3, 8), leaf(3, 8), leaf(8)),
+    }
+    for op, call in calls.items():
+        with torch.no_grad():
+            expected = call(operands[op])
+        out = call(operands[op])
+        assert torch.equal(out, expected), op
+        with pytest.raises(RuntimeError, match=f"distfuse.{op} has no backward formula"):
+            out.sum().backward()
+
+
+def test_ops_without_backward_raise():
+    run_distributed(body_ops_without_backward_raise, 2)
+
+
 # ---------------------------------------------------------------- nn layers (Megatron semantics)
 
 def _shard_grads(tp_layer, full_layer, rank, kind):

@@ -104,6 +104,19 @@ def _linear_body(rank, world, group_name):
             col_nb = ColumnParallelLinear.from_unsharded(lin_nobias, group_name, gather_output=True)
             torch.testing.assert_close(col_nb(x), lin_nobias(x), **tol)
 
+    with torch.no_grad():
+        # A 1-D input (one token), as nn.Linear takes it.
+        x = torch.randn(in_f)
+        row = RowParallelLinear.from_unsharded(lin, group_name)
+        torch.testing.assert_close(row(x[cols]), lin(x), **tol)
+        # torch.autocast with fp32 weights: the layer computes in the autocast dtype, as
+        # nn.Linear does (the op's operands cast, not refused).
+        x = torch.randn(3, in_f)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, y = lin(x), row(x[..., cols])
+        assert y.dtype == expected.dtype == torch.bfloat16, (y.dtype, expected.dtype)
+        torch.testing.assert_close(y.float(), lin(x), rtol=3e-2, atol=5e-2)
+
     # Clear errors: an uneven split names the argument and the values; a shape mismatch on load.
     if world > 1:
         with pytest.raises(ValueError, match=rf"out_features = {world + 1} must be divisible by the "

@@ -553,6 +553,16 @@ def check_errors(rank, world, group_name, device):
                  "matmul_all_reduce", "bias must have shape (N,)", "4", "[5]")
     expect_error(lambda: ops.matmul_all_reduce(t(3, 5), t(5, 4), group_name, bias=t(1, 4)),
                  "matmul_all_reduce", "bias must have shape (N,)", "[1, 4]")
+    # all_reduce takes the floating dtypes only
+    expect_error(lambda: distfuse.all_reduce(torch.ones(4, dtype=torch.int32, device=dev), group_name),
+                 "all_reduce", "x must be bfloat16, float16, float32 or float64", "Int")
+    # a group that is neither a ProcessGroup, its name nor None; workspace arguments
+    expect_error(lambda: distfuse.all_reduce(t(4), 0), "group must be a torch.distributed ProcessGroup",
+                 "int 0", exc=TypeError)
+    expect_error(lambda: distfuse.init_workspace(group_name, timeout_ms=-1), "init_workspace",
+                 "timeout_ms must be an int >= 0", "-1")
+    expect_error(lambda: distfuse.init_workspace(group_name, max_bytes=1.5), "init_workspace",
+                 "max_bytes must be an int >= 0", "1.5")
     # the group is still in step after all those errors
     x = torch.full((4,), float(rank + 1), device=dev)
     assert torch.equal(distfuse.all_reduce(x, group_name).cpu(),
@@ -819,5 +829,8 @@ def test_tuning_overrides_are_scoped_and_checked():
             pass
     with pytest.raises(ValueError, match="consumer_blocks must be an int >= 0, got -1"):
         with distfuse.tuning({key: -1}):
+            pass
+    with pytest.raises(ValueError, match="consumer_blocks must be an int >= 0, got True"):
+        with distfuse.tuning({key: True}):
             pass
     assert get(key) == 0
