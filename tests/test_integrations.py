@@ -13,9 +13,9 @@ from dist_harness import run_distributed
 from test_ops import assert_close, assert_same_on_all_ranks, expect_error
 
 
-def _tiny_llama(dtype, device, heads=4, kv_heads=2, bias=False):
+def _tiny_llama(dtype, device, heads=4, kv_heads=2, bias=False, intermediate=256):
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
                          attention_bias=bias, mlp_bias=bias)
     torch.manual_seed(7)  # the same full model on every rank
@@ -65,6 +65,23 @@ def _sharded_llama_body(rank, world, group_name, device_type, dtype):
                  "applied before", exc=ValueError)
 
 
+def _uneven_split_body(rank, world, group_name):
+    """An intermediate_size the group does not divide: one error naming the first projection
+    that cannot split, raised before any module is replaced (the model still runs unsharded)."""
+    from distfuse.integrations.transformers import tensor_parallel
+    from distfuse.nn import ColumnParallelLinear, RowParallelLinear
+    model = _tiny_llama(torch.float32, "cpu", intermediate=2 * 64 + 1)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(tokens).logits
+    expect_error(lambda: tensor_parallel(model, group_name), "model.layers.0.mlp.gate_proj",
+                 "out_features = 129", f"divisible by the group size {world}", exc=ValueError)
+    assert not any(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in model.modules()), \
+        "the failed call left distfuse layers in the model"
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, before), "the failed call changed the model's logits"
+
+
 def _transformers_tp_compiled_body(rank, world, group_name, device_type, dtype):
     """A Llama sharded by transformers' own tensor parallelism (DTensor weights), compiled by
     Inductor with the distfuse.compile pass: its row-parallel matmul + all-reduce pairs become
@@ -109,6 +126,10 @@ def _transformers_tp_compiled_body(rank, world, group_name, device_type, dtype):
 
 def test_sharded_llama_on_cpu():
     run_distributed(_sharded_llama_body, 2, args=("cpu", torch.float32))
+
+
+def test_uneven_split_leaves_model_untouched():
+    run_distributed(_uneven_split_body, 2)
 
 
 @pytest.mark.multigpu

@@ -50,6 +50,19 @@ def _check_heads(config, world: int) -> None:
                              f"divisible by the group size {world}: each rank takes whole heads")
 
 
+def _check_splits(blocks, world: int) -> None:
+    # What the loaders divide: a column-parallel layer's out_features, a row-parallel one's in_features.
+    bad = [(f"{path}.{name}" if path else name, dim, getattr(getattr(module, name), dim))
+           for path, module, columns, row in blocks
+           for name, dim in (*((c, "out_features") for c in columns), (row, "in_features"))
+           if getattr(getattr(module, name), dim) % world]
+    if bad:
+        where, dim, value = bad[0]
+        more = f" (and {len(bad) - 1} more projections)" if len(bad) > 1 else ""
+        raise ValueError(f"distfuse.integrations.transformers: {where}.{dim} = {value} must be divisible by "
+                         f"the group size {world}{more}; the model was left unchanged")
+
+
 def tensor_parallel(model: nn.Module, group: GroupLike = None) -> nn.Module:
     """Shard `model`'s attention and MLP blocks over `group` in place (see the module's
     docstring); call it on every rank with the same model. Returns the model. Raises
@@ -62,16 +75,17 @@ def tensor_parallel(model: nn.Module, group: GroupLike = None) -> nn.Module:
     config = getattr(model, "config", None)
     if config is not None:
         _check_heads(getattr(config, "text_config", config), world)
-    sharded = 0
-    for module in list(model.modules()):
-        for columns, row in BLOCKS:
-            if not all(_plain_linear(module, name) for name in (*columns, row)):
-                continue
-            for name in columns:
-                setattr(module, name, ColumnParallelLinear.from_unsharded(getattr(module, name), group))
-            setattr(module, row, RowParallelLinear.from_unsharded(getattr(module, row), group))
-            sharded += 1
-    if sharded == 0:
+    # Find every block and check every split before replacing anything: a loader failing
+    # midway would leave the model half sharded (and a retry refused as sharded before).
+    blocks = [(path, module, columns, row)
+              for path, module in model.named_modules() for columns, row in BLOCKS
+              if all(_plain_linear(module, name) for name in (*columns, row))]
+    _check_splits(blocks, world)
+    for _, module, columns, row in blocks:
+        for name in columns:
+            setattr(module, name, ColumnParallelLinear.from_unsharded(getattr(module, name), group))
+        setattr(module, row, RowParallelLinear.from_unsharded(getattr(module, row), group))
+    if not blocks:
         raise ValueError("distfuse.integrations.transformers: no attention (q_proj, k_proj, v_proj, o_proj) "
                          "or gated MLP (gate_proj, up_proj, down_proj) block of nn.Linear layers in "
                          f"{type(model).__name__}")
