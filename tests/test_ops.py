@@ -553,9 +553,6 @@ def check_errors(rank, world, group_name, device):
                  "matmul_all_reduce", "bias must have shape (N,)", "4", "[5]")
     expect_error(lambda: ops.matmul_all_reduce(t(3, 5), t(5, 4), group_name, bias=t(1, 4)),
                  "matmul_all_reduce", "bias must have shape (N,)", "[1, 4]")
-    # all_reduce takes the floating dtypes only
-    expect_error(lambda: distfuse.all_reduce(torch.ones(4, dtype=torch.int32, device=dev), group_name),
-                 "all_reduce", "x must be bfloat16, float16, float32 or float64", "Int")
     # a group that is neither a ProcessGroup, its name nor None; workspace arguments
     expect_error(lambda: distfuse.all_reduce(t(4), 0), "group must be a torch.distributed ProcessGroup",
                  "int 0", exc=TypeError)
