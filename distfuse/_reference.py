@@ -142,9 +142,10 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
                         group: GroupLike = None, *, precise: bool = False
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(y) · weight, y) with y = Σ_r x_r + residual, normalised over the last dim.
-    Without ``precise`` the norm is computed in float32 and cast back to x's dtype."""
+    Without ``precise`` the norm is computed in float32 (float64 for float64 inputs) and cast
+    back to x's dtype."""
     x, residual, weight = _prep(x, precise), _prep(residual, precise), _prep(weight, precise)
     y = _sum(x, resolve_group(group)) + residual
-    acc = y if precise else y.float()
+    acc = y.to(torch.promote_types(y.dtype, torch.float32))
     normed = acc * torch.rsqrt(acc.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(acc.dtype)
     return normed.to(y.dtype), y

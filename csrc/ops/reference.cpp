@@ -116,10 +116,13 @@ at::Tensor attention_all_gather_reference(const at::Tensor& q, const at::Tensor&
   return at::scaled_dot_product_attention(q, k_all, v_all, mask, 0.0, false, scale).contiguous();
 }
 
+// The norm's and the residual sum's arithmetic: float32, or float64 for float64 inputs.
+static at::ScalarType rms_norm_accumulation(const at::Tensor& t) { return at::promote_types(t.scalar_type(), at::kFloat); }
+
 at::Tensor rms_norm_reference(const at::Tensor& y, const at::Tensor& weight, double eps) {
-  at::Tensor yf = y.to(at::kFloat);
+  at::Tensor yf = y.to(rms_norm_accumulation(y));
   at::Tensor inv = at::rsqrt(yf.pow(2).mean({-1}, true) + eps);
-  return (yf * inv * weight.to(at::kFloat)).to(y.scalar_type());
+  return (yf * inv * weight.to(yf.scalar_type())).to(y.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> all_reduce_rms_norm_reference(const at::Tensor& x,
@@ -127,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor> all_reduce_rms_norm_reference(const at::Tenso
                                                                  const at::Tensor& weight,
                                                                  double eps,
                                                                  c10::string_view group_name) {
-  at::Tensor y = (sum_over_group(x, group_name).to(at::kFloat) + residual.to(at::kFloat))
-                     .to(x.scalar_type());
+  const at::ScalarType acc = rms_norm_accumulation(x);
+  at::Tensor y = (sum_over_group(x, group_name).to(acc) + residual.to(acc)).to(x.scalar_type());
   return {rms_norm_reference(y, weight, eps), y};
 }
 

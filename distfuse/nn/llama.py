@@ -46,8 +46,8 @@ class LlamaConfig:
 
 
 class LlamaRMSNorm(nn.Module):
-    """RMSNorm computed in fp32, cast back to the input dtype once at the end
-    (the same rounding as ``distfuse.ops.all_reduce_rms_norm``)."""
+    """RMSNorm computed in fp32 (fp64 for fp64 inputs), cast back to the input dtype once at
+    the end (the same rounding as ``distfuse.ops.all_reduce_rms_norm``)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, dtype=None, device=None):
         super().__init__()
@@ -55,9 +55,9 @@ class LlamaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
 
 
 class LlamaRotaryEmbedding(nn.Module):
