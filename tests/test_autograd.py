@@ -242,6 +242,17 @@ def test_sharded_op_grads_match_unsharded(world, check_compile):
     run_distributed(body_sharded_op_grads, world, args=(check_compile,))
 
 
+def body_sharded_op_grads_on_gpu(rank, world, group_name):
+    # The same checks on CUDA tensors over NCCL (the backward's functional collectives there).
+    torch.set_default_device(torch.device("cuda", torch.cuda.current_device()))
+    body_sharded_op_grads(rank, world, group_name, False)
+
+
+@pytest.mark.multigpu
+def test_sharded_op_grads_match_unsharded_over_nccl():
+    run_distributed(body_sharded_op_grads_on_gpu, 2, backend="nccl")
+
+
 # ---------------------------------------------------------------- nn layers (Megatron semantics)
 
 def _shard_grads(tp_layer, full_layer, rank, kind):
