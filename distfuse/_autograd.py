@@ -26,7 +26,8 @@ eagerly and are traced as graph ops when AOTAutograd traces the backward (torch.
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
-import torch.nn.functional as F
+
+from ._reference import local_attention
 
 
 def _wait(t):
@@ -72,9 +73,13 @@ def _matmul_all_reduce_backward(ctx, grad):
     return grad_a, grad_b, None, grad_bias
 
 
-# ---------------------------------------------------------------- matmul_reduce_scatter
+# ---------------------------------------------------------------- matmul_reduce_scatter, all_gather_matmul
 
-def _matmul_reduce_scatter_setup(ctx, inputs, output):
+def _matmul_operands_setup(ctx, inputs, output):
+    # a for db, b for da (matmul_reduce_scatter and all_gather_matmul). all_gather_matmul
+    # keeps only the local a and gathers A = concat_s(a_s) again in backward: keeping A
+    # would hold W times a's memory from forward to backward, and the extra all-gather is
+    # the one that Megatron's sequence parallelism pays too.
     a, b, ctx.group_name = inputs
     ctx.a_shape = a.shape
     ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
@@ -90,16 +95,6 @@ def _matmul_reduce_scatter_backward(ctx, grad):
 
 
 # ---------------------------------------------------------------- all_gather_matmul
-
-def _all_gather_matmul_setup(ctx, inputs, output):
-    a, b, ctx.group_name = inputs
-    ctx.a_shape = a.shape
-    # Only the local a is kept; db's A = concat_s(a_s) is gathered again in backward:
-    # keeping A would hold W times a's memory from forward to backward, and the extra
-    # all-gather is the one that Megatron's sequence parallelism pays too.
-    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
-                          b if ctx.needs_input_grad[0] else None)
-
 
 def _all_gather_matmul_backward(ctx, grad):
     a, b = ctx.saved_tensors
@@ -140,21 +135,6 @@ def _all_reduce_rms_norm_backward(ctx, grad_y, grad_h):
 
 # ---------------------------------------------------------------- attention_all_gather
 
-def _local_attention(q, k_all, v_all, rank, is_causal, scale):
-    """The reference's attention of this rank's queries over the gathered keys and values:
-    query head h uses key/value head h // (Hq / Hkv); causal in global positions."""
-    hq, hkv, s = q.shape[1], k_all.shape[1], q.shape[2]
-    if hq != hkv:
-        k_all = k_all.repeat_interleave(hq // hkv, dim=1)
-        v_all = v_all.repeat_interleave(hq // hkv, dim=1)
-    mask = None
-    if is_causal:
-        q_pos = torch.arange(rank * s, (rank + 1) * s, device=q.device)[:, None]
-        k_pos = torch.arange(k_all.shape[2], device=q.device)[None, :]
-        mask = k_pos <= q_pos
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale)
-
-
 def _attention_all_gather_setup(ctx, inputs, keyword_only_inputs, output):
     q, k, v, ctx.group_name = inputs
     ctx.is_causal = keyword_only_inputs.get("is_causal", False)
@@ -169,7 +149,7 @@ def _attention_all_gather_backward(ctx, grad):
     k_all, v_all = _all_gather(k, 2, ctx.group_name), _all_gather(v, 2, ctx.group_name)
     with torch.enable_grad():
         q_, k_, v_ = (t.detach().requires_grad_(n) for t, n in zip((q, k_all, v_all), needs[:3]))
-        out = _local_attention(q_, k_, v_, _rank(ctx.group_name), ctx.is_causal, ctx.scale)
+        out = local_attention(q_, k_, v_, _rank(ctx.group_name), ctx.is_causal, ctx.scale)
         wanted = [t for t in (q_, k_, v_) if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
     grad_q, grad_k_all, grad_v_all = (next(grads) if n else None for n in needs[:3])
@@ -183,9 +163,9 @@ torch.library.register_autograd("distfuse::all_reduce", _all_reduce_backward)
 torch.library.register_autograd("distfuse::matmul_all_reduce", _matmul_all_reduce_backward,
                                 setup_context=_matmul_all_reduce_setup)
 torch.library.register_autograd("distfuse::matmul_reduce_scatter", _matmul_reduce_scatter_backward,
-                                setup_context=_matmul_reduce_scatter_setup)
+                                setup_context=_matmul_operands_setup)
 torch.library.register_autograd("distfuse::all_gather_matmul", _all_gather_matmul_backward,
-                                setup_context=_all_gather_matmul_setup)
+                                setup_context=_matmul_operands_setup)
 torch.library.register_autograd("distfuse::all_reduce_rms_norm", _all_reduce_rms_norm_backward,
                                 setup_context=_all_reduce_rms_norm_setup)
 torch.library.register_autograd("distfuse::attention_all_gather", _attention_all_gather_backward,

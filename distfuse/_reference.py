@@ -120,20 +120,29 @@ def attention_all_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
     h // (Hq / Hkv)."""
     q, k, v = _prep(q, precise), _prep(k, precise), _prep(v, precise)
     pg = resolve_group(group)
-    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-    hq, hkv, s = q.shape[1], k.shape[1], q.shape[2]
+    rank = dist.get_rank(pg)
+    hq, hkv = q.shape[1], k.shape[1]
     if hq % hkv:
         raise ValueError(f"attention_all_gather reference: Hkv = {hkv} does not divide Hq = {hq}")
     # Sequence-major so that rank order is sequence order: [s, B, H, D] -> [W*s, B, H, D].
     k_all = _gather_rows(k.permute(2, 0, 1, 3), pg).permute(1, 2, 0, 3)
     v_all = _gather_rows(v.permute(2, 0, 1, 3), pg).permute(1, 2, 0, 3)
+    return local_attention(q, k_all, v_all, rank, is_causal, scale)
+
+
+def local_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, rank: int, is_causal: bool,
+                    scale: Optional[float]) -> torch.Tensor:
+    """Attention of rank ``rank``'s queries q [B, Hq, s, D] over the gathered keys and values
+    [B, Hkv, W·s, D]: query head h uses key/value head h // (Hq / Hkv); causal in global
+    positions. Also the recomputation of the op's backward (distfuse/_autograd.py)."""
+    hq, hkv, s = q.shape[1], k_all.shape[1], q.shape[2]
     if hq != hkv:
         k_all = k_all.repeat_interleave(hq // hkv, dim=1)
         v_all = v_all.repeat_interleave(hq // hkv, dim=1)
     mask = None
     if is_causal:
         q_pos = torch.arange(rank * s, (rank + 1) * s, device=q.device)[:, None]
-        k_pos = torch.arange(world * s, device=q.device)[None, :]
+        k_pos = torch.arange(k_all.shape[2], device=q.device)[None, :]
         mask = k_pos <= q_pos
     return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale)
 
