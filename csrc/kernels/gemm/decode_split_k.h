@@ -18,7 +18,9 @@
 // to 64), Q clusters resident together. Column block b (64 columns) belongs to
 // cluster b mod Q, which takes its blocks in order b, b + Q, ...; the block's rows
 // are split among the cluster's CTAs (CTA i owns rows [i·R, (i + 1)·R), R = Mt / C,
-// Mt the token tile: 8, 16, 32, 64 or 128). Identical on every rank.
+// Mt the token tile: 8, 16, 32, 64 or 128). C, Mt and the K slices are identical on every
+// rank; Q is each GPU's own count of resident clusters, which may differ between ranks
+// and needs not match: the flags are per column block and CTA, whoever computes them.
 //
 // Warps of a CTA
 // --------------
