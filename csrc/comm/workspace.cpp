@@ -35,6 +35,11 @@ auto* g_generation = new std::map<std::string, int>();
 struct RetiredBuffers {
   std::vector<at::Tensor> buffers;
   std::vector<c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory>> symm;
+  // A buffer, with its symmetric-memory handle where it has one (the tile region).
+  void keep(at::Tensor buffer, c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> handle = {}) {
+    buffers.push_back(std::move(buffer));
+    if (handle) symm.push_back(std::move(handle));
+  }
   int64_t bytes() const {
     int64_t total = 0;
     for (const at::Tensor& b : buffers) total += static_cast<int64_t>(b.nbytes());
@@ -288,12 +293,8 @@ Workspace& Workspace::create_locked(const std::string& group_name, size_t max_ou
       c10::cuda::CUDAGuard guard(previous->device_);
       wait_for_every_rank(*previous->symm_, previous->timeout_ms_);
       RetiredBuffers& retired = (*g_retired)[group_name];
-      if (previous->tiles_in_graphs_) {
-        retired.buffers.push_back(previous->buffer_);
-        retired.symm.push_back(previous->symm_);
-      }
-      if (previous->scratch_in_graphs_ && previous->gemm_scratch_.defined())
-        retired.buffers.push_back(previous->gemm_scratch_);
+      if (previous->tiles_in_graphs_) retired.keep(previous->buffer_, previous->symm_);
+      if (previous->scratch_in_graphs_ && previous->gemm_scratch_.defined()) retired.keep(previous->gemm_scratch_);
     }
   }
   std::unique_ptr<Workspace> ws(
@@ -357,7 +358,7 @@ void* Workspace::gemm_scratch(size_t bytes, const char* op) {
   // Else it is freed once this rank's work is done (only this rank's kernels use it).
   if (gemm_scratch_.defined()) {
     if (scratch_in_graphs_) {
-      (*g_retired)[group_name_].buffers.push_back(gemm_scratch_);
+      (*g_retired)[group_name_].keep(gemm_scratch_);
     } else {
       C10_CUDA_CHECK(cudaDeviceSynchronize());
     }
@@ -393,11 +394,7 @@ void Workspace::ensure_tile_bytes(size_t bytes, const char* op) {
   auto old_symm = symm_;
   allocate(op, grown);
   wait_for_every_rank(*old_symm, timeout_ms_);
-  if (tiles_in_graphs_) {
-    RetiredBuffers& retired = (*g_retired)[group_name_];
-    retired.buffers.push_back(std::move(old_buffer));
-    retired.symm.push_back(std::move(old_symm));
-  }
+  if (tiles_in_graphs_) (*g_retired)[group_name_].keep(std::move(old_buffer), std::move(old_symm));
   tiles_in_graphs_ = false;
 }
 

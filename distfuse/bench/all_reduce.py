@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .results import OpResult, Table, dtype_name, fmt, fmt_bytes, forced_cell
+from .results import OpResult, Table, dtype_name, fmt, fmt_bytes, forced_cell, with_timing_details
 from .timing import BenchContext, Method, Timing, slots_for_bytes, tuned_method_name
 
 OP = "all_reduce"
@@ -275,9 +275,6 @@ def _row(ctx, size, numel, graph, timings: Dict[str, Timing], expected_of_slot, 
     times = {n: timings[n].us for n in names}
     algbw = {n: (size / (t * 1e3) if t else None) for n, t in times.items()}
     busbw = {n: (v * factor if v is not None else None) for n, v in algbw.items()}
-    errors = {n: timings[n].error for n in names if timings[n].error}
-    for n, e in errors.items():
-        errors_seen.setdefault(n, e)
     row = {
         "shape": {"bytes": size, "count": numel},
         "dtype": dtype_name(ctx.dtype),
@@ -289,12 +286,8 @@ def _row(ctx, size, numel, graph, timings: Dict[str, Timing], expected_of_slot, 
         "wrong_total": sum(wrong),
         "path": timings["distfuse"].info.get("path") if "distfuse" in timings else None,
         "paths": {n: t.info.get("path") for n, t in timings.items() if t.info.get("path")},
-        "samples": {n: timings[n].samples for n in names},
-        "host_us": {n: timings[n].host_us for n in names},
     }
-    if errors:
-        row["errors"] = errors
-    return row
+    return with_timing_details(row, timings, errors_seen)
 
 
 def _progress(row, ctx) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import all_reduce as ar
-from .results import OpResult, Table, Unavailable, dtype_name, fmt, fmt_err, forced_cell
+from .results import OpResult, Table, Unavailable, dtype_name, fmt, fmt_err, forced_cell, with_timing_details
 from .timing import BenchContext, Method, Timing, geomean, slots_for_bytes, tuned_method_name
 
 OP = "matmul_all_reduce"
@@ -285,9 +285,6 @@ def _case(ctx: BenchContext, name, k_total, k, n, layout, m, graph, ar_alone, er
 
     all_t = dict(timings)
     all_t.update(ar_alone["timings"])
-    errors = {nm: t.error for nm, t in all_t.items() if t.error}
-    for nm, e in errors.items():
-        errors_seen.setdefault(nm, e)
     row = {
         "shape": {"name": name, "M": m, "K": k, "N": n, "K_total": k_total, "b_layout": layout},
         "dtype": dtype_name(ctx.dtype),
@@ -302,12 +299,8 @@ def _case(ctx: BenchContext, name, k_total, k, n, layout, m, graph, ar_alone, er
         "rel_err_max": max([e for e in errs.values() if e is not None], default=None),
         "wrong_ar": ar_alone["wrong"],
         "tflops_matmul": (2.0 * m * k * n / (mmt * 1e-6) / 1e12) if mmt else None,
-        "samples": {nm: t.samples for nm, t in all_t.items()},
-        "host_us": {nm: t.host_us for nm, t in all_t.items()},
     }
-    if errors:
-        row["errors"] = errors
-    return row
+    return with_timing_details(row, all_t, errors_seen)
 
 
 def _progress(row) -> str:
