@@ -30,6 +30,7 @@ TORCH_LIBRARY(distfuse, m) {
         &distfuse::ops::init_workspace);
   m.def("_destroy_workspace(str group_name) -> ()", &distfuse::ops::destroy_workspace);
   m.def("_workspace_info(str group_name) -> int[]", &distfuse::ops::workspace_info);
+  m.def("_side_streams_made() -> int", &distfuse::ops::side_streams_made);
   m.def("_set_forced_path(str op, str path) -> ()", &distfuse::ops::set_forced_path);
   m.def("_forced_path(str op) -> str", &distfuse::ops::forced_path);
   m.def("_last_path(str op) -> str", &distfuse::ops::last_path);

@@ -570,6 +570,45 @@ def body_exchange_tiles_beyond_flags(rank, world, group_name):
             assert taken == "band_pull", (path, taken)
 
 
+def body_side_streams_reused(rank, world, group_name):
+    """Short-lived host threads, one after another on every rank, each run one call of a
+    schedule that forks onto side streams (fused_tiles: stream 0; copy_engine: 0 and 1):
+    every result is exact, and a thread takes the streams an ended thread handed back, so
+    the process makes at most one stream per index instead of one per thread."""
+    import threading
+
+    import distfuse
+    from distfuse.ops import force_path, last_path
+    dev = torch.device("cuda", torch.cuda.current_device())
+    distfuse.init_workspace(group_name, max_bytes=16 << 20, timeout_ms=30000)
+    made = torch.ops.distfuse._side_streams_made
+    m, k, n = 256, 128, 1024
+    a, b, _, _, exact = _integer_operands(rank, world, m, k, n, torch.float16, dev, 13, row_major=False,
+                                          with_bias=False)
+    failures = []
+
+    def one_call(path):
+        try:
+            torch.cuda.set_device(dev)
+            _poison_allocator(m * n, torch.float16, dev)
+            with force_path("matmul_all_reduce", path):
+                out = distfuse.matmul_all_reduce(a, b, group_name)
+            assert last_path("matmul_all_reduce") == path, (path, last_path("matmul_all_reduce"))
+            assert torch.equal(out.double(), exact), path
+        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+            failures.append(f"{path}: {e!r}")
+
+    threads = 24
+    before = made()
+    for i in range(threads):
+        t = threading.Thread(target=one_call, args=(("fused_tiles", "copy_engine")[i % 2],))
+        t.start()
+        t.join(timeout=120)
+        assert not t.is_alive(), f"thread {i} did not finish"
+        assert not failures, failures
+    assert made() - before <= 2, (made() - before, threads)
+
+
 def body_exchange_missing_peer(rank, world, group_name, log_dir, path):
     """Rank 1 never makes the second call: rank 0's tile exchange or split-K decode
     schedule (kernels that may not print) must fail within the timeout with a message
@@ -643,3 +682,7 @@ def test_failed_growth_keeps_every_workspace():
 
 def test_graphs_survive_workspace_growth():
     run_distributed(body_graphs_survive_growth, gpu_world_sizes()[-1], backend="nccl", timeout=300)
+
+
+def test_side_streams_reused_across_threads():
+    run_distributed(body_side_streams_reused, 2, backend="nccl", timeout=300)

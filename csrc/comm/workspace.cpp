@@ -21,6 +21,10 @@ namespace {
 
 constexpr uint64_t kDefaultTimeoutMs = 60000;
 
+// Held across creations and growths, rendezvous included, for every group at once:
+// PyTorch's symmetric-memory rendezvous numbers its store exchanges with one counter per
+// process, not per group, so two groups' rendezvous must never interleave in a process
+// (and must come in the same order on every rank, which README asks of the caller).
 std::mutex g_mutex;
 // Never destroyed: freeing peer-mapped memory during interpreter teardown is unsafe.
 auto* g_workspaces = new std::map<std::string, std::unique_ptr<Workspace>>();

@@ -10,6 +10,7 @@
 
 #ifdef DISTFUSE_WITH_CUDA
 #include "comm/workspace.h"
+#include "ops/cuda/side_streams.h"
 #endif
 
 namespace distfuse::ops {
@@ -88,6 +89,7 @@ std::vector<int64_t> workspace_info(std::string group_name) {
   return comm::Workspace::info(group_name);
 }
 #else
+int64_t side_streams_made() { return 0; }
 bool built_with_cuda() { return false; }
 bool init_workspace(std::string, int64_t, int64_t) { return false; }
 void destroy_workspace(std::string) {}

@@ -40,6 +40,7 @@
 #include "kernels/allreduce/tile_all_reduce.h"
 #include "ops/control.h"
 #include "ops/cuda/glue.h"
+#include "ops/cuda/side_streams.h"
 #include "ops/reference.h"
 #include "ops/validate.h"
 
@@ -65,48 +66,6 @@ void all_reduce_in_place(const comm::Workspace& ws, at::Tensor& partial, const s
       choose_all_reduce_path(ws, partial.numel() * partial.element_size(), dtype, &reference);
   run_all_reduce(ws, partial, partial, bias.has_value() ? &bias_c : nullptr,
                  reference ? AllReducePath::kTwoShot : path, kOpMatmulAllReduce);
-}
-
-// Side streams (high priority) with a fork/join event pair each, per device and host
-// thread: index 0 for the tile consumers and the all-reduces of the chunked and
-// (captured) sequential schedules, 0 and 1 for the copy-engine schedule. Per thread, so
-// that two threads' forks and joins never interleave on one event; created, not taken
-// from PyTorch's pool, so that no other work queues in front of kernels that wait on it.
-struct SideStream {
-  c10::cuda::CUDAStream stream;
-  cudaEvent_t fork;
-  cudaEvent_t join;
-
-  // The side stream's next work waits for what `main` has queued so far.
-  void fork_from(cudaStream_t main) {
-    C10_CUDA_CHECK(cudaEventRecord(fork, main));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, fork, 0));
-  }
-  // `main`'s next work waits for what the side stream has queued so far.
-  void join_into(cudaStream_t main) {
-    C10_CUDA_CHECK(cudaEventRecord(join, stream));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(main, join, 0));
-  }
-};
-
-SideStream& side_stream(int device, int index = 0) {
-  constexpr int kPerDevice = 2;
-  thread_local std::vector<std::unique_ptr<SideStream>> streams(64 * kPerDevice);
-  TORCH_INTERNAL_ASSERT(device >= 0 && device < 64 && index >= 0 && index < kPerDevice);
-  auto& slot = streams[device * kPerDevice + index];
-  if (!slot) {
-    c10::cuda::CUDAGuard guard(device);
-    int lowest = 0, highest = 0;
-    C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lowest, &highest));
-    cudaStream_t raw = nullptr;
-    C10_CUDA_CHECK(cudaStreamCreateWithPriority(&raw, cudaStreamNonBlocking, highest));
-    auto s = std::make_unique<SideStream>(
-        SideStream{c10::cuda::getStreamFromExternal(raw, static_cast<c10::DeviceIndex>(device)), nullptr, nullptr});
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&s->fork, cudaEventDisableTiming));
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&s->join, cudaEventDisableTiming));
-    slot = std::move(s);
-  }
-  return *slot;
 }
 
 // cuBLAS, then the all-reduce. Under graph capture the all-reduce goes to the side
