@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from ._reference import local_attention
+from ._reference import local_attention, resolve_group
 
 
 def _wait(t):
@@ -45,8 +45,7 @@ def _reduce_scatter(x, dim, group_name):
 
 
 def _rank(group_name):
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    return dist.get_rank(_resolve_process_group(group_name))
+    return dist.get_rank(resolve_group(group_name))
 
 
 # ---------------------------------------------------------------- all_reduce, matmul_all_reduce

@@ -10,7 +10,6 @@
 
 #ifdef DISTFUSE_WITH_CUDA
 #include "comm/workspace.h"
-#include "ops/cuda/side_streams.h"
 #endif
 
 namespace distfuse::ops {

@@ -31,7 +31,8 @@ std::string build_id();
 bool init_workspace(std::string group_name, int64_t tile_bytes, int64_t timeout_ms);
 void destroy_workspace(std::string group_name);
 std::vector<int64_t> workspace_info(std::string group_name);
-// How many side streams the fused schedules have made in this process (ops/cuda/side_streams.h).
+// How many side streams the fused schedules have made in this process (tests: host threads
+// reuse them; ops/cuda/side_streams.cpp).
 int64_t side_streams_made();
 
 }  // namespace distfuse::ops

@@ -1,5 +1,7 @@
 #include "ops/cuda/side_streams.h"
 
+#include "ops/control.h"  // side_streams_made
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>

@@ -4,8 +4,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include <cstdint>
-
 namespace distfuse::ops {
 
 // A high-priority stream with a fork/join event pair, for work that runs beside the
@@ -31,8 +29,5 @@ constexpr int kSideStreamsPerDevice = 2;
 // before any is made, so a program that starts many short-lived threads holds as many
 // streams as it ran threads at once.
 SideStream& side_stream(int device, int index = 0);
-
-// How many side streams this process has made (tests: threads reuse them).
-int64_t side_streams_made();
 
 }  // namespace distfuse::ops
