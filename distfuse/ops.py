@@ -62,7 +62,8 @@ TUNING_KEYS = (
     "matmul_all_reduce.owner_exchange_min_m",  # smallest M that takes the owner exchange
     "matmul_all_reduce.band_scatter_min_m",  # smallest M that takes the owner-scatter band schedule
     "matmul_all_reduce.band_scatter_by_warps",  # owner scatter by the GEMM's exchange warps 1, its TMA stores 2
-    "matmul_all_reduce.exchange_tiles",    # both exchanges: output tile 1 64x128, 2 128x128, 3 128x256 (0: by M)
+    "matmul_all_reduce.exchange_tiles",    # both exchanges: output tile 1 64x128, 2 128x128, 3 128x256,
+                                           # 4 128x128 in ping-pong (0: by M)
     "matmul_all_reduce.exchange_ctas",     # both exchanges: CTAs (0: whole waves, at most one per SM)
     "matmul_all_reduce.exchange_consumer_tail",  # pair exchange: consumers exchange each CTA's last tile: 1 on, 2 off
 )

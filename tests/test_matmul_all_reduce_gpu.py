@@ -520,9 +520,9 @@ def body_tile_exchanges_mixed(rank, world, group_name):
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         a, b, bias, partials, exact = _integer_operands(rank, world, m, k, n, dtype, dev, 5000 + i,
                                                         row_major=i % 4 == 0, with_bias=i % 3 == 1)
-        # Tile shape (0 by M, 64x128, 128x128, 128x256) and CTAs (0: one per SM).
+        # Tile shape (0 by M, 64x128, 128x128, 128x256, 128x128 ping-pong) and CTAs (0: one per SM).
         exchange = path.endswith("_exchange") and _expected_path(path, m, n, world) == path
-        knobs = {"matmul_all_reduce.exchange_tiles": i % 4,
+        knobs = {"matmul_all_reduce.exchange_tiles": i % 5,
                  "matmul_all_reduce.exchange_ctas": (0, 7, 64)[i % 3],
                  "matmul_all_reduce.exchange_consumer_tail": (1, 2)[(i // 3) % 2]} if exchange else {}
         # What makes auto pick the same exchange (for "serialized").

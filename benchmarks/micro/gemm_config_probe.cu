@@ -11,8 +11,9 @@
 //     pingpong 128x128  one warp group per 128 x 128 tile; one group's epilogue runs under
 //                     the other's MMAs (two waves)
 //     pingpong 64x256   one warp group per 64 x 256 tile (two waves)
-//     tile GEMM 128x128 / 128x256  distfuse's tile GEMM (kernels/gemm/tile_gemm.h) as the
-//                     pair exchange runs it (whole tiles, its grid), without flags or exchange
+//     tile GEMM 128x128 / 128x256 / pp 128x128  distfuse's tile GEMM (kernels/gemm/tile_gemm.h)
+//                     as the pair exchange runs it (whole tiles, its grid), without flags or
+//                     exchange; pp: its ping-pong configuration
 //
 // Each case is a CUDA graph of ten calls on ten weight sets (none read from L2), replayed
 // after an L2 flush. The cases' replays are interleaved, one of each per round in a
@@ -143,9 +144,9 @@ void run_shape(const probe::Timing& timing, cublasHandle_t blas, const probe::Sh
   add_cutlass_case(cases, "coop 128x128", s, shape, a, w, k2);
   add_cutlass_case(cases, "pingpong 128x128", s, shape, a, w, k3);
   add_cutlass_case(cases, "pingpong 64x256", s, shape, a, w, k4);
-  for (const int tile_shape : {2, 3}) {
+  for (const int tile_shape : {2, 3, 4}) {
     Case c;
-    c.name = tile_shape == 2 ? "tile GEMM 128x128" : "tile GEMM 128x256";
+    c.name = tile_shape == 2 ? "tile GEMM 128x128" : tile_shape == 3 ? "tile GEMM 128x256" : "tile GEMM pp 128x128";
     std::vector<distfuse::TileGemmParams> params(kSets);
     for (int i = 0; i < kSets; ++i) {
       Element* d;
@@ -164,11 +165,12 @@ void run_shape(const probe::Timing& timing, cublasHandle_t blas, const probe::Sh
       p.k = shape.k;
       p.b_transposed = true;
       p.dtype = distfuse::DType::kBFloat16;
+      p.tile_shape = tile_shape;
       // The pair exchange's grid: equal whole waves of tiles (distfuse/tuning.h).
-      const int64_t tiles = int64_t((shape.m + 127) / 128) * ((shape.n + (tile_shape == 2 ? 127 : 255)) / (tile_shape == 2 ? 128 : 256));
+      const int tile_n = distfuse::tile_gemm_tile_n(p);
+      const int64_t tiles = int64_t((shape.m + 127) / 128) * ((shape.n + tile_n - 1) / tile_n);
       p.sm_count = distfuse::exchange_ctas(tiles, sm_count);
       p.whole_tiles = true;
-      p.tile_shape = tile_shape;
       if (distfuse::tile_gemm_workspace_bytes(p) != 0) {
         std::printf("tile GEMM: a whole-tile plan needs no workspace\n");
         std::exit(1);

@@ -65,7 +65,7 @@ struct TileGemmParams {
   int last_group_row0;    // > 0: the tile rows from this one form one last group of the order
   bool whole_tiles;       // every tile computed whole by one CTA (no stream-K), as with the exchange
   int tile_shape;         // output tile: 0 by M (64x128 up to M = 128, else 128x256), 1 64x128,
-                          // 2 128x128, 3 128x256
+                          // 2 128x128, 3 128x256, 4 128x128 in ping-pong (whole tiles only)
   // Pair exchange (two ranks; kernels/gemm/tile_pair_exchange.cuh): when
   // exchange_output is set, d is this rank's tile partial in `comm`'s workspace,
   // tile_flags is null, and the kernel also writes exchange_output [M, N] (ld = N)

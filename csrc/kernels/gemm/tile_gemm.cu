@@ -45,14 +45,16 @@ constexpr int kMinBlocksPerRange = 4;
 constexpr int kMaxCtas = 1024;
 constexpr size_t kSplitCounterBytes = 2 * kMaxCtas * sizeof(uint32_t);
 
-enum class Variant { kDecode, kMid, kPrefill };
+enum class Variant { kDecode, kMid, kPrefill, kMidPingpong };
 
 // A tile configuration: tile shape, the pipeline stages the shared memory must
 // hold, and the schedules that select the builder's TiledMma and epilogue (the
 // kernel is ours).
-template <int kTileM_, int kTileN_, int kStages_, class MainloopSchedule_, class EpilogueSchedule_>
+template <int kTileM_, int kTileN_, int kStages_, class MainloopSchedule_, class EpilogueSchedule_,
+          int kConsumerGroups_ = 1>
 struct TileConfig {
   static constexpr int kStages = kStages_;
+  static constexpr int kConsumerGroups = kConsumerGroups_;  // 2: ping-pong (TileGemmKernel)
   static constexpr int kTileM = kTileM_;
   static constexpr int kTileN = kTileN_;
   using Tile = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
@@ -67,6 +69,10 @@ using DecodeShape = TileConfig<64, 128, 8, cutlass::gemm::KernelTmaWarpSpecializ
 // last wave (only when TileGemmParams::tile_shape asks for it).
 using MidShape = TileConfig<128, 128, 6, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                             cutlass::epilogue::TmaWarpSpecializedCooperative>;
+// The mid tile with a warp group per tile (the builder's 1-warp-group TiledMma), two
+// consumer groups taking turns: each epilogue runs under the other group's MMAs.
+using MidPingpongShape = TileConfig<128, 128, 6, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                    cutlass::epilogue::TmaWarpSpecialized, 2>;
 // The builder's TiledMma of 2 warp groups splitting the tile's 128 rows.
 using PrefillShape = TileConfig<128, 256, 4, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
@@ -101,7 +107,7 @@ struct Config {
           int(sizeof(typename Epilogue::SharedStorage)) + kKernelSmemBytes>,
       typename ShapeConfig::MainloopSchedule>::CollectiveOp;
 
-  using Kernel = TileGemmKernel<Mainloop, Epilogue>;
+  using Kernel = TileGemmKernel<Mainloop, Epilogue, ShapeConfig::kConsumerGroups>;
   static_assert(Mainloop::DispatchPolicy::Stages >= ShapeConfig::kStages,
                 "the kernel's shared storage costs the mainloop a pipeline stage");
   static_assert(sizeof(typename Kernel::SharedStorage) <= 227 * 1024,
@@ -123,15 +129,26 @@ Variant variant_for(const TileGemmParams& p) {
     case 1: return Variant::kDecode;
     case 2: return Variant::kMid;
     case 3: return Variant::kPrefill;
+    case 4: return Variant::kMidPingpong;
     default: return p.m <= kDecodeMaxM ? Variant::kDecode : Variant::kPrefill;
   }
 }
 
 int tile_m_of(Variant v) {
-  return v == Variant::kDecode ? DecodeShape::kTileM : v == Variant::kMid ? MidShape::kTileM : PrefillShape::kTileM;
+  switch (v) {
+    case Variant::kDecode: return DecodeShape::kTileM;
+    case Variant::kMid: return MidShape::kTileM;
+    case Variant::kMidPingpong: return MidPingpongShape::kTileM;
+    default: return PrefillShape::kTileM;
+  }
 }
 int tile_n_of(Variant v) {
-  return v == Variant::kDecode ? DecodeShape::kTileN : v == Variant::kMid ? MidShape::kTileN : PrefillShape::kTileN;
+  switch (v) {
+    case Variant::kDecode: return DecodeShape::kTileN;
+    case Variant::kMid: return MidShape::kTileN;
+    case Variant::kMidPingpong: return MidPingpongShape::kTileN;
+    default: return PrefillShape::kTileN;
+  }
 }
 
 Plan make_plan(const TileGemmParams& p) {
@@ -151,8 +168,10 @@ Plan make_plan(const TileGemmParams& p) {
 
   const int64_t waves = ceil_div(tiles, ctas);
   const double wave_efficiency = double(tiles) / double(waves * ctas);
-  // The tile exchanges need every tile computed whole by a CTA known on every rank.
-  const bool whole_tiles = p.whole_tiles || p.exchange_output != nullptr || p.scatter_by_exchange_warps;
+  // The tile exchanges need every tile computed whole by a CTA known on every rank; the
+  // ping-pong groups take whole tiles in turns.
+  const bool whole_tiles = p.whole_tiles || p.exchange_output != nullptr || p.scatter_by_exchange_warps ||
+                           plan.variant == Variant::kMidPingpong;
   if (whole_tiles || wave_efficiency >= kMinWaveEfficiency || s.k_tiles < 2 * kMinBlocksPerRange) {
     s.num_ctas = tiles < ctas ? tiles : ctas;
     s.dp_tiles = tiles;
@@ -177,7 +196,7 @@ __global__ void exchange_timeout_check_kernel(const CommHandle comm) { exchange_
 
 cudaError_t check_params(const TileGemmParams& p) {
   if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
-      p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.tile_shape < 0 || p.tile_shape > 3 ||
+      p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.tile_shape < 0 || p.tile_shape > 4 ||
       p.lda < p.k || p.ldd < p.n ||
       p.ldb < (p.b_transposed ? p.k : p.n)) {
     return cudaErrorInvalidValue;
@@ -192,6 +211,9 @@ cudaError_t check_params(const TileGemmParams& p) {
     return cudaErrorInvalidValue;
   }
   if (p.scatter_world != 0) {
+    // The ping-pong groups publish each tile in their epilogue's turn; the epilogue's
+    // owner scatter publishes a tile only after the next one's stores.
+    if (variant_for(p) == Variant::kMidPingpong && !p.scatter_by_exchange_warps) return cudaErrorInvalidValue;
     if (p.scatter_world < 2 || p.scatter_world > kMaxWorld || p.scatter_band_tile_rows < 1 ||
         p.exchange_output != nullptr)
       return cudaErrorInvalidValue;
@@ -299,6 +321,7 @@ cudaError_t launch_for_dtype(const TileGemmParams& p, const Plan& plan, void* wo
   switch (plan.variant) {
     case Variant::kDecode: return launch_for_layout<Element, DecodeShape>(p, plan, workspace, stream);
     case Variant::kMid: return launch_for_layout<Element, MidShape>(p, plan, workspace, stream);
+    case Variant::kMidPingpong: return launch_for_layout<Element, MidPingpongShape>(p, plan, workspace, stream);
     default: return launch_for_layout<Element, PrefillShape>(p, plan, workspace, stream);
   }
 }

@@ -18,7 +18,7 @@
 //       + 1 or 2 consumer warp groups (wgmma, then the epilogue of the tile)
 //
 // Two configurations, chosen by M (TileGemmParams::tile_shape may name any of
-// the three):
+// the four):
 //   decode  (M <= 128): 64 x 128 x 64 tile, 1 consumer warp group. Few output
 //           tiles and B streamed from HBM dominates, so the K loop of the tiles
 //           is spread over all CTAs (stream-K) and every SM streams B.
@@ -28,6 +28,11 @@
 //   mid     (asked for: the tile exchanges at M = 512-1023): 128 x 128 x 64 tile,
 //           2 consumer warp groups; twice the prefill tiles, so a tile exchange has
 //           a shorter last wave.
+//   mid ping-pong (asked for): the mid tile, but each consumer warp group computes
+//           whole tiles, the two taking the CTA's tiles in turns, so that one's
+//           epilogue (and the flag's wait) runs under the other's MMAs
+//           (TileGemmKernel's diagram). Whole tiles only (no stream-K), and not with
+//           the epilogue's owner scatter.
 //
 // Per-tile sequence of the CTA that finishes a tile
 // --------------------------------------------------

@@ -138,7 +138,19 @@ __device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t
   return old;
 }
 
-template <class Mainloop_, class Epilogue_>
+// kConsumerGroups_ = 1: the consumer warp groups (the TiledMma's) share each tile.
+// kConsumerGroups_ = 2 (ping-pong): two consumer warp groups, each the whole TiledMma,
+// take the CTA's units in turn, and one's epilogue runs under the other's MMAs:
+//
+//   group 0:  [mma u0]          [epi u0]▸ [mma u2]          [epi u2]▸ [mma u4] ...
+//   group 1:           [mma u1]           [epi u1]▸ [mma u3]          [epi u3]▸ ...
+//   producer: loads u0, u1, u2, ... into one ring; each group skips the other's stages
+//
+// An ordered barrier of two stages (MMA, epilogue) lets the groups' MMAs and their
+// epilogues each alternate, so the tiles are still stored, flagged and published in
+// the CTA in unit order (the exchange warps count them in that order). Data-parallel
+// plans only: every unit is a whole tile of k_tiles blocks.
+template <class Mainloop_, class Epilogue_, int kConsumerGroups_ = 1>
 struct TileGemmKernel {
   using Mainloop = Mainloop_;
   using Epilogue = Epilogue_;
@@ -149,8 +161,11 @@ struct TileGemmKernel {
   using EpilogueLoadPipeline = typename Epilogue::LoadPipeline;
   using EpilogueStorePipeline = typename Epilogue::StorePipeline;
 
+  static constexpr int kConsumerGroups = kConsumerGroups_;
+  static constexpr bool kPingpong = kConsumerGroups == 2;
+  // Threads that compute one tile (one consumer group).
   static constexpr int kMmaThreads = int(cute::size(TiledMma{}));
-  static constexpr int kThreads = cutlass::NumThreadsPerWarpGroup + kMmaThreads;
+  static constexpr int kThreads = cutlass::NumThreadsPerWarpGroup + kConsumerGroups * kMmaThreads;
   static constexpr int kTileM = int(cute::size<0>(TileShape{}));
   static constexpr int kTileN = int(cute::size<1>(TileShape{}));
   static constexpr int kTileElems = kTileM * kTileN;
@@ -162,7 +177,10 @@ struct TileGemmKernel {
   // the exchange warps; user ids start after the ones CUTLASS's collectives reserve.
   static constexpr uint32_t kSplitBarrier = 0;
   static constexpr uint32_t kExchangeBarrier = 1;
-  static constexpr uint32_t kConsumerExchangeBarrier = 2;
+  static constexpr uint32_t kConsumerExchangeBarrier = 2;  // + the consumer group (ping-pong)
+  static_assert(!kPingpong || kMmaThreads == cutlass::NumThreadsPerWarpGroup, "ping-pong: a warp group per tile");
+  // Ping-pong: stage 0 orders the groups' MMAs, stage 1 their epilogues.
+  using MathOrderBarrier = cutlass::OrderedSequenceBarrier<2, 2>;
   // The exchange's element type (cuda_fp16 / cuda_bf16 types of the same layout).
   using ExchangeElement = std::conditional_t<std::is_same_v<typename Mainloop::ElementA, cutlass::half_t>,
                                              __half, __nv_bfloat16>;
@@ -176,6 +194,7 @@ struct TileGemmKernel {
     alignas(1024) typename Epilogue::TensorStorage epilogue;
     alignas(16) typename Mainloop::PipelineStorage mainloop_pipeline;
     alignas(16) typename Epilogue::PipelineStorage epilogue_load_pipeline;
+    alignas(16) typename MathOrderBarrier::SharedStorage math_order;
     // Broadcasts of the split-tile reduction: two words, so that each is
     // rewritten only after a barrier that every reader of its last value passed.
     uint32_t split_others_arrived;
@@ -242,6 +261,11 @@ struct TileGemmKernel {
     epilogue_store_params.always_wait = true;
     EpilogueStorePipeline epilogue_store_pipeline(epilogue_store_params);
 
+    typename MathOrderBarrier::Params math_order_params;
+    math_order_params.group_id = is_producer ? 0 : uint32_t(cutlass::canonical_warp_group_idx() - 1);
+    math_order_params.group_size = kMmaThreads;
+    MathOrderBarrier math_order(shared.math_order, math_order_params);
+
     __syncthreads();  // barrier initialization visible to every warp
 
     Mainloop mainloop;
@@ -273,6 +297,13 @@ struct TileGemmKernel {
     }
 
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
+    if constexpr (kPingpong) {
+      const int consumer_thread = thread_idx - cutlass::NumThreadsPerWarpGroup;
+      consume_in_turns(params, shared, mainloop, mainloop_pipeline, epilogue_load_pipeline,
+                       epilogue_store_pipeline, math_order, work, consumer_thread / kMmaThreads,
+                       consumer_thread % kMmaThreads);
+      return;
+    }
     const int mma_thread_idx = thread_idx - cutlass::NumThreadsPerWarpGroup;
     TiledMma tiled_mma;
     Epilogue epilogue(params.epilogue[0], shared.epilogue);
@@ -323,13 +354,8 @@ struct TileGemmKernel {
       ++tiles_stored;
       if (params.scatter.by_epilogue()) {
         unpublished_flag = params.scatter.owner_flags[owner] + flag_index;
-      } else if (params.tile_flags != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp) {
-        publish_tile_flag(params.tile_flags + flag_index);
-      }
-      if (params.exchange_warps_busy() && mma_thread_idx < cutlass::NumThreadsPerWarp) {
-        publish_tile_in_cta(&shared.exchange, tiles_stored);
-        if (params.exchange.output != nullptr && mma_thread_idx == 0)
-          exchange_trace(params.exchange.comm, kTracePublished);
+      } else if (mma_thread_idx < cutlass::NumThreadsPerWarp) {
+        publish_stored_tile(params, shared, tm, tn, tiles_stored);
       }
     }
     if (unpublished_flag != nullptr && mma_thread_idx < cutlass::NumThreadsPerWarp)
@@ -345,6 +371,91 @@ struct TileGemmKernel {
           params.exchange, get<0>(params.problem), get<1>(params.problem), last_tile, &shared.exchange,
           mma_thread_idx, exchange_tile_coord(params.schedule),
           [] { cutlass::arch::NamedBarrier::sync(kMmaThreads, kConsumerExchangeBarrier); });
+    }
+  }
+
+  // Consumer warp 0 of a group, after the group's epilogue issued and committed the TMA
+  // stores of tile (tm, tn), the CTA's `count`-th: the tile's flag, and its publication to
+  // the exchange warps.
+  __device__ static void publish_stored_tile(const Params& params, SharedStorage& shared, int tm, int tn,
+                                             uint32_t count) {
+    if (params.tile_flags != nullptr) publish_tile_flag(params.tile_flags + tm * params.schedule.tiles_n + tn);
+    if (params.exchange_warps_busy()) {
+      publish_tile_in_cta(&shared.exchange, count);
+      if (params.exchange.output != nullptr && threadIdx.x % cutlass::NumThreadsPerWarpGroup == 0)
+        exchange_trace(params.exchange.comm, kTracePublished);
+    }
+  }
+
+  // Ping-pong consumers: group `group` (0 or 1) takes the CTA's units group, group + 2, ...
+  // (the diagram above TileGemmKernel); mma_thread_idx is the thread's index in its group.
+  __device__ static void consume_in_turns(const Params& params, SharedStorage& shared, Mainloop& mainloop,
+                                          MainloopPipeline& mainloop_pipeline,
+                                          EpilogueLoadPipeline& epilogue_load_pipeline,
+                                          EpilogueStorePipeline& epilogue_store_pipeline,
+                                          MathOrderBarrier& order, CtaWork& work, int group, int mma_thread_idx) {
+    using namespace cute;
+    TiledMma tiled_mma;
+    Epilogue epilogue(params.epilogue[0], shared.epilogue);
+    typename Mainloop::PipelineState read_state;
+    typename Epilogue::LoadPipelineState epilogue_load_state;
+    auto epilogue_store_state = cutlass::make_producer_start_state<EpilogueStorePipeline>();
+    constexpr auto kLoadIncrement = Epilogue::get_load_pipe_increment(TileShape{});
+    constexpr auto kStoreIncrement = Epilogue::get_store_pipe_increment(TileShape{});
+    const int k_tiles = params.schedule.k_tiles;  // every unit's: whole tiles only
+    const bool leader_warp = mma_thread_idx < cutlass::NumThreadsPerWarp;
+    WorkUnit unit;
+    uint32_t unit_number = 0;  // of the CTA's last unit taken (by either group), from 1
+    int last_tile = -1;       // the CTA's last tile, when it is this group's
+    if (group == 1) {         // start past group 0's first unit and its pipeline stages
+      if (work.next(unit)) ++unit_number;
+      read_state.advance(k_tiles);
+      epilogue_load_state.advance(kLoadIncrement);
+      epilogue_store_state.advance(kStoreIncrement);
+    }
+    while (work.next(unit)) {
+      ++unit_number;
+      const int tile = unit.tile;
+      auto accum = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
+      order.wait();
+      mainloop.mma(mainloop_pipeline, read_state, accum, k_tiles, mma_thread_idx, shared.mainloop,
+                   params.mainloop);
+      order.arrive();
+      mainloop.mma_tail(mainloop_pipeline, read_state, k_tiles);
+      read_state.advance(2 * k_tiles);  // this unit's stages and the other group's next unit's
+      if (params.exchange.output != nullptr && mma_thread_idx == 0) exchange_trace(params.exchange.comm, kTraceMmaDone);
+
+      int tm, tn;
+      tile_gemm_tile_coord(tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
+                           params.schedule.group_rows, params.schedule.last_group_row0);
+      order.wait();
+      auto [load_state, store_state] = epilogue.store(
+          epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline, epilogue_store_state,
+          params.problem, TileShape{}, make_coord(tm, tn, _, 0), accum, tiled_mma, mma_thread_idx,
+          shared.epilogue);
+      // The other group's epilogue reuses the shared memory these stores read from.
+      auto [load_state_tail, store_state_tail] =
+          epilogue.store_tail(epilogue_load_pipeline, load_state, epilogue_store_pipeline, store_state);
+      epilogue_load_state = load_state_tail;
+      epilogue_store_state = store_state_tail;
+      epilogue_load_state.advance(kLoadIncrement);
+      epilogue_store_state.advance(kStoreIncrement);
+      // Inside the epilogue's turn, so that the CTA publishes its tiles in unit order.
+      if (leader_warp) publish_stored_tile(params, shared, tm, tn, unit_number);
+      order.arrive();
+      if (work.next(unit)) {  // the other group's
+        ++unit_number;
+      } else {
+        last_tile = tile;
+        break;
+      }
+    }
+    if (params.exchange.output != nullptr && params.exchange.last_tile_in_consumers && last_tile >= 0) {
+      exchange_last_tile_in_consumers<ExchangeElement, kTileM, kExchangeLanesPerRow, kMmaThreads>(
+          params.exchange, get<0>(params.problem), get<1>(params.problem), last_tile, &shared.exchange,
+          mma_thread_idx, exchange_tile_coord(params.schedule), [group] {
+            cutlass::arch::NamedBarrier::sync(kMmaThreads, kConsumerExchangeBarrier + uint32_t(group));
+          });
     }
   }
 

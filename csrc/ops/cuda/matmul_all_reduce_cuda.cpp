@@ -493,8 +493,9 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
                                  : tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   gp.tile_flags = nullptr;
   gp.tile_shape = exchange_tile_shape(g.m, ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_tiles")));
-  TORCH_CHECK(gp.tile_shape >= 0 && gp.tile_shape <= 3,
-              "matmul_all_reduce.exchange_tiles must be 0 (by M), 1 (64x128), 2 (128x128) or 3 (128x256), got ",
+  TORCH_CHECK(gp.tile_shape >= 0 && gp.tile_shape <= 4,
+              "matmul_all_reduce.exchange_tiles must be 0 (by M), 1 (64x128), 2 (128x128), 3 (128x256) or 4 "
+              "(128x128 ping-pong), got ",
               gp.tile_shape);
   const int64_t tiles = output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp));
   gp.sm_count = exchange_ctas(tiles, ws.sm_count(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_ctas")));
@@ -581,7 +582,7 @@ bool tile_exchange_fits(const at::Tensor& a, const at::Tensor& b, int world) {
   TileGemmParams shape{};
   shape.m = static_cast<int>(a.numel() / k);
   shape.tile_shape = exchange_tile_shape(shape.m, world, static_cast<int>(get_tuning("matmul_all_reduce.exchange_tiles")));
-  if (shape.tile_shape < 0 || shape.tile_shape > 3) return true;
+  if (shape.tile_shape < 0 || shape.tile_shape > 4) return true;
   return output_tiles(shape.m, b.size(1), tile_gemm_tile_m(shape), tile_gemm_tile_n(shape)) <=
          tile_all_reduce_max_tiles();
 }
