@@ -29,6 +29,7 @@
 #include <cublas_v2.h>
 
 #include <cmath>
+#include <cstdio>
 #include <algorithm>
 #include <functional>
 #include <memory>
@@ -200,9 +201,11 @@ void run_shape(const probe::Timing& timing, cublasHandle_t blas, const probe::Sh
   std::printf("M = %d, N = %d, K = %d (µs per call, median of %d rounds; min; max rel. diff vs cublas)\n", shape.m,
               shape.n, shape.k, rounds);
   const size_t n = size_t(shape.m) * shape.n;
+  // The host compares 2 x M x N elements per set: at large M only the first set.
+  const int compared_sets = n <= (size_t(16) << 20) ? kSets : 1;
   for (Case& c : cases) {
     float worst = 0.f;
-    for (int i = 0; i < kSets; ++i) worst = std::fmax(worst, relative_difference(c.d[i], cases[0].d[i], n));
+    for (int i = 0; i < compared_sets; ++i) worst = std::fmax(worst, relative_difference(c.d[i], cases[0].d[i], n));
     std::printf("  %-18s %8.1f  %8.1f  %.2e\n", c.name.c_str(), probe::median(c.samples),
                 *std::min_element(c.samples.begin(), c.samples.end()), worst);
     if (worst > 2e-2f) std::printf("  WRONG: %s differs from cublas\n", c.name.c_str());
@@ -230,6 +233,7 @@ int main(int argc, char** argv) {
     else if (arg.find(',') != std::string::npos) mk.push_back({std::atoi(arg.c_str()), std::atoi(arg.c_str() + arg.find(',') + 1)});
   }
   if (mk.empty()) mk = {{512, 4096}, {512, 2048}, {512, 14336}, {1024, 4096}};
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line as it comes, also into a file
   CHECK(cudaSetDevice(0));
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));

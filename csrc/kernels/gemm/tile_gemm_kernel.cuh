@@ -177,7 +177,7 @@ struct TileGemmKernel {
   // the exchange warps; user ids start after the ones CUTLASS's collectives reserve.
   static constexpr uint32_t kSplitBarrier = 0;
   static constexpr uint32_t kExchangeBarrier = 1;
-  static constexpr uint32_t kConsumerExchangeBarrier = 2;  // + the consumer group (ping-pong)
+  static constexpr uint32_t kConsumerExchangeBarrier = 2;
   static_assert(!kPingpong || kMmaThreads == cutlass::NumThreadsPerWarpGroup, "ping-pong: a warp group per tile");
   // Ping-pong: stage 0 orders the groups' MMAs, stage 1 their epilogues.
   using MathOrderBarrier = cutlass::OrderedSequenceBarrier<2, 2>;
@@ -406,7 +406,6 @@ struct TileGemmKernel {
     const bool leader_warp = mma_thread_idx < cutlass::NumThreadsPerWarp;
     WorkUnit unit;
     uint32_t unit_number = 0;  // of the CTA's last unit taken (by either group), from 1
-    int last_tile = -1;       // the CTA's last tile, when it is this group's
     if (group == 1) {         // start past group 0's first unit and its pipeline stages
       if (work.next(unit)) ++unit_number;
       read_state.advance(k_tiles);
@@ -443,19 +442,18 @@ struct TileGemmKernel {
       // Inside the epilogue's turn, so that the CTA publishes its tiles in unit order.
       if (leader_warp) publish_stored_tile(params, shared, tm, tn, unit_number);
       order.arrive();
-      if (work.next(unit)) {  // the other group's
-        ++unit_number;
-      } else {
-        last_tile = tile;
-        break;
-      }
+      if (!work.next(unit)) break;  // the other group's
+      ++unit_number;
     }
-    if (params.exchange.output != nullptr && params.exchange.last_tile_in_consumers && last_tile >= 0) {
-      exchange_last_tile_in_consumers<ExchangeElement, kTileM, kExchangeLanesPerRow, kMmaThreads>(
-          params.exchange, get<0>(params.problem), get<1>(params.problem), last_tile, &shared.exchange,
-          mma_thread_idx, exchange_tile_coord(params.schedule), [group] {
-            cutlass::arch::NamedBarrier::sync(kMmaThreads, kConsumerExchangeBarrier + uint32_t(group));
-          });
+    if (params.exchange.output != nullptr && params.exchange.last_tile_in_consumers) {
+      // Both groups take the CTA's last tile (tiles_end), the one that stored it and the
+      // one already done: the tile in flight from twice the threads. The stores' group
+      // published it (stores complete); the barrier inside orders that before every load.
+      constexpr int kConsumerThreads = kConsumerGroups * kMmaThreads;
+      exchange_last_tile_in_consumers<ExchangeElement, kTileM, kExchangeLanesPerRow, kConsumerThreads>(
+          params.exchange, get<0>(params.problem), get<1>(params.problem), shared.exchange.tiles_end,
+          &shared.exchange, group * kMmaThreads + mma_thread_idx, exchange_tile_coord(params.schedule),
+          [] { cutlass::arch::NamedBarrier::sync(kConsumerThreads, kConsumerExchangeBarrier); });
     }
   }
 
