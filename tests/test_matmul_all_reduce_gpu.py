@@ -444,8 +444,8 @@ def body_band_variants(rank, world, group_name):
     """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
     bands in a second kernel of 2 to 40 CTAs or in the two-shot all-reduce after the GEMM;
     1 to 3 bands summed ahead of a gather; the GEMM's last wave as a band of its own or
-    not; the GEMM's last waves split by K or whole) and as one kernel per band, and every
-    third call its owner-scatter form (the GEMM's exchange warps or its epilogue move each
+    not; the GEMM's last waves split by K or whole; its tiles by M or ping-pong 128 x 128)
+    and as one kernel per band, and every third call its owner-scatter form (the GEMM's exchange warps or its epilogue move each
     tile to its owner), with 1 to 40 CTAs and 1 to 16 bands, back to back in mixed order
     (so the band sequences of the persistent kernels' flags and the tile slots run on
     across calls of different shapes, CTA, band and tail counts): exact on integer inputs,
@@ -468,7 +468,8 @@ def body_band_variants(rank, world, group_name):
                  "matmul_all_reduce.band_tail_two_shot": (2, 1)[(i // 13) % 2],
                  "matmul_all_reduce.band_sum_ahead": (1, 2, 3)[(i // 11) % 3],
                  "matmul_all_reduce.band_last_wave": (1, 2)[(i // 6) % 2],
-                 "matmul_all_reduce.band_whole_tiles": (1, 2)[(i // 9) % 2], **lowered}
+                 "matmul_all_reduce.band_whole_tiles": (1, 2)[(i // 9) % 2],
+                 "matmul_all_reduce.band_tiles": (0, 4)[(i // 8) % 2], **lowered}
         path = "band_scatter" if i % 3 == 2 else "band_pull"
         if path == "band_scatter":
             knobs["matmul_all_reduce.band_scatter_min_m"] = 1

@@ -591,9 +591,15 @@ TEST(MatmulAllReduceDispatch, OwnerExchangeForLongKBelowTheBands) {
   EXPECT_EQ(exchange_tile_shape(2048, 2), 0);
   EXPECT_EQ(exchange_tile_shape(1024, 2), 0);
   EXPECT_EQ(exchange_tile_shape(511, 2), 0);
-  EXPECT_EQ(exchange_tile_shape(512, 2), 2);
-  EXPECT_EQ(exchange_tile_shape(1023, 2), 2);
+  EXPECT_EQ(exchange_tile_shape(512, 2), 4);  // ping-pong at two ranks
+  EXPECT_EQ(exchange_tile_shape(1023, 2), 4);
+  EXPECT_EQ(exchange_tile_shape(512, 4), 2);
+  EXPECT_EQ(exchange_tile_shape(1023, 3), 2);
+  EXPECT_EQ(exchange_tile_shape(1024, 4), 0);
   EXPECT_EQ(exchange_tile_shape(512, 2, 3), 3);
+  // The band schedules' tiles: by M unless told.
+  EXPECT_EQ(band_tile_shape(), 0);
+  EXPECT_EQ(band_tile_shape(4), 4);
   // The CTAs: whole waves (as few CTAs as the waves of one per SM need), or as told.
   const struct { int64_t tiles; int ctas; } whole_waves[] = {
       {512, 128}, {256, 128}, {128, 128}, {100, 100}, {133, 67}, {2049, 129}, {1, 1}};

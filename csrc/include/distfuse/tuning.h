@@ -255,11 +255,16 @@ inline int64_t owner_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClas
 // 147.7 / 277.4 vs 84.9 / 145.9 / 251.0; with the last tiles in the consumers (v19) 74.6 /
 // 141.6 / 265.9 vs 80.4 / 140.4 / 245.8, down_proj M = 512 191.3 vs 195.9. So: 128x128
 // tiles from M = 512 (two waves of them where 128x256 makes one) below M = 1024, else by
-// M.
+// M. At W = 2 those 128x128 tiles in ping-pong (4: each epilogue under the other warp
+// group's MMAs; NOTES.md, "The ping-pong tile GEMM"), 2 x H200, same runs, w.t(): o_proj
+// M = 512 72.9 / 72.7 us against 74.5 / 74.6, down_proj M = 512 195.8 against 199.6; at
+// M = 2048 / 8192 ping-pong 128x128 tiles lose to 128x256 (256.3 / 979.2 against 241.8 /
+// 865.7: twice the tiles for the exchange warps). The owner exchange (W >= 3) with
+// ping-pong tiles is unmeasured.
 inline int exchange_tile_shape(int64_t m, int world, int override_value = 0) {
-  (void)world;
   if (override_value > 0) return override_value;
-  return m >= 512 && m < 1024 ? 2 : 0;
+  if (m >= 512 && m < 1024) return world == 2 ? 4 : 2;
+  return 0;
 }
 // CTAs: as few as take the tiles in as many waves as one per SM would, so that every
 // wave is whole and every CTA's last tile ends with the others' (512 tiles on 132 SMs:
@@ -536,6 +541,14 @@ inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, in
 // 369.1 whole). Of the benchmark rows only W = 4 M = 2048 (512 tiles on 116 CTAs) splits
 // otherwise (v33). Override: 1 on, 2 off.
 inline bool band_gemm_whole_tiles(int64_t override_value = 0) { return override_value != 2; }
+
+// Band schedules: the tile GEMM's output tile (TileGemmParams::tile_shape; 0 by M). 4, the
+// ping-pong 128x128 tiles, where their flags fit and (owner scatter) the exchange warps
+// make the stores to the owners. Unmeasured beside the band kernel: 0 until measured.
+// Override: a tile shape, 1-4.
+inline int band_tile_shape(int64_t override_value = 0) {
+  return override_value > 0 ? static_cast<int>(override_value) : 0;
+}
 
 // SM-pull band schedule: one persistent kernel for every band (per-CTA flags, no
 // launch or grid-wide arrival per band) rather than one kernel per band (v13; same

@@ -260,6 +260,20 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   const GemmOperands& g = bc.operands;
   TileGemmParams& gp = bc.gemm;
   gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
+  gp.tile_shape = band_tile_shape(get_tuning("matmul_all_reduce.band_tiles"));
+  TORCH_CHECK(gp.tile_shape >= 0 && gp.tile_shape <= 4,
+              "matmul_all_reduce.band_tiles must be 0 (by M), 1 (64x128), 2 (128x128), 3 (128x256) or 4 "
+              "(128x128 ping-pong), got ", gp.tile_shape);
+  // Where that tile shape's flags do not fit (or the epilogue makes the owner scatter's
+  // stores, which the ping-pong tiles do not), the tiles by M, which fused_gemm_supported counted.
+  const bool scatter_by_epilogue =
+      algo == MatmulAllReduceAlgo::kBandScatter &&
+      !band_scatter_by_exchange_warps(get_tuning("matmul_all_reduce.band_scatter_by_warps"));
+  const int64_t shape_tiles = output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp));
+  if (shape_tiles > tile_all_reduce_max_tiles() ||
+      (algo == MatmulAllReduceAlgo::kBandScatter && ws.world() * shape_tiles > kMaxTiles) ||
+      (gp.tile_shape == 4 && scatter_by_epilogue))
+    gp.tile_shape = 0;
   const int tile_m = tile_gemm_tile_m(gp);
   const int64_t tiles_m = (g.m + tile_m - 1) / tile_m;
   const int64_t bands_knob = get_tuning("matmul_all_reduce.bands");
