@@ -542,10 +542,14 @@ inline int band_reduce_blocks_for_waves(int blocks, int64_t k, int64_t tiles, in
 // otherwise (v33). Override: 1 on, 2 off.
 inline bool band_gemm_whole_tiles(int64_t override_value = 0) { return override_value != 2; }
 
-// Band schedules: the tile GEMM's output tile (TileGemmParams::tile_shape; 0 by M). 4, the
-// ping-pong 128x128 tiles, where their flags fit and (owner scatter) the exchange warps
-// make the stores to the owners. Unmeasured beside the band kernel: 0 until measured.
-// Override: a tile shape, 1-4.
+// Band schedules: the tile GEMM's output tile (TileGemmParams::tile_shape; 0 by M; a
+// shape whose flags do not fit, or ping-pong tiles with the epilogue's owner scatter, falls
+// back to 0). The ping-pong 128x128 tiles (4) are faster alone from M = 2048 (1 x H200,
+// K = 7168, M = 8192 / 16384: 1413.8 / 2772.3 us against 1456.1 / 2963.7 for 128x256) but
+// lose beside the band kernel, whose traffic shares L2 with their third more loads per
+// flop (NOTES.md, "The ping-pong tile GEMM"; 2 x H200, W = 2, band_pull, same run, 4 / by
+// M: o_proj M = 2048 / 8192 279.3 / 898.0 against 267.3 / 865.1, down_proj 755.0 / 2746.0
+// against 687.6 / 2611.3). W = 4 unmeasured. Override: a tile shape, 1-4.
 inline int band_tile_shape(int64_t override_value = 0) {
   return override_value > 0 ? static_cast<int>(override_value) : 0;
 }
