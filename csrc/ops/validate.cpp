@@ -37,6 +37,12 @@ void check_divisible(const char* op, const char* what, int64_t value, int64_t wo
               " must be divisible by the group size ", world);
 }
 
+void fail_launch(const char* op, const char* schedule, const char* launch, const std::string& shape,
+                 const char* error) {
+  TORCH_CHECK(false, "distfuse.", op, " (", schedule, ", ", shape, "): ", launch, " failed: ", error,
+              ". The other ranks of the group may wait for this call until the workspace's timeout.");
+}
+
 int64_t check_matmul(const char* op, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias) {
   check_float(op, "a", a);

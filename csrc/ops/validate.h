@@ -21,6 +21,12 @@ void check_same_device_dtype(const char* op, const char* ref_name, const at::Ten
 void check_float(const char* op, const char* name, const at::Tensor& t);
 void check_divisible(const char* op, const char* what, int64_t value, int64_t world);
 
+// Raises the error of a failed kernel launch of `op`: it names the schedule, the launch
+// function, the call's shape (e.g. "M=512, N=8192, K=4096") and the CUDA error, and warns
+// that the other ranks may wait for this one until the workspace's timeout.
+[[noreturn]] void fail_launch(const char* op, const char* schedule, const char* launch, const std::string& shape,
+                              const char* error);
+
 // a [..., K], b [K, N], bias [N]. Returns N.
 int64_t check_matmul(const char* op, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias);

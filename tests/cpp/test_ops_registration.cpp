@@ -29,6 +29,20 @@ TEST(Registration, EverySchemaIsRegistered) {
   }
 }
 
+TEST(Validation, AFailedLaunchNamesTheScheduleTheShapeAndTheError) {
+  const std::string message = error_of([] {
+    fail_launch("matmul_all_reduce", "pair_exchange", "launch_tile_gemm", "M=512, N=8192, K=4096",
+                "invalid argument");
+  });
+  EXPECT_NE(message.find("distfuse.matmul_all_reduce (pair_exchange, M=512, N=8192, K=4096): "
+                         "launch_tile_gemm failed: invalid argument."),
+            std::string::npos)
+      << message;
+  EXPECT_NE(message.find("other ranks of the group may wait for this call until the workspace's timeout"),
+            std::string::npos)
+      << message;
+}
+
 TEST(Validation, MatmulShapesDtypesAndBias) {
   auto a = at::zeros({4, 8});
   EXPECT_NE(error_of([&] { check_matmul("matmul_all_reduce", a, at::zeros({7, 3}), std::nullopt); })

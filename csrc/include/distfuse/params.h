@@ -17,6 +17,18 @@ enum OpId : int {
   kOpAllReduceRmsNorm = 2,
 };
 
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline const char* op_name(int op) {
+  switch (op) {
+    case kOpAllReduce: return "all_reduce";
+    case kOpMatmulAllReduce: return "matmul_all_reduce";
+    case kOpAllReduceRmsNorm: return "all_reduce_rms_norm";
+    default: return "distfuse op";
+  }
+}
+
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 // Whether a pointer the kernels read or write in 16-byte vectors is aligned for them.

@@ -105,8 +105,9 @@ void run_all_reduce(const comm::Workspace& ws, const at::Tensor& input, at::Tens
                           : path == AllReducePath::kTwoShotLL128 ? launch_all_reduce_two_shot_ll128(p, stream)
                           : path == AllReducePath::kOneShotLL128 ? launch_all_reduce_one_shot_ll128(p, stream)
                                                                  : launch_all_reduce_two_shot(p, stream);
-  TORCH_CHECK(err == cudaSuccess, "distfuse: ", path_name(path), " all-reduce launch failed: ",
-              cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    fail_launch(op_name(op), path_name(path), "the all-reduce launch", c10::str(p.numel, " elements"),
+                cudaGetErrorString(err));
 }
 
 namespace {

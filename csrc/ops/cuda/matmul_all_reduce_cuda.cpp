@@ -237,6 +237,12 @@ OutputAndBias output_and_bias(const GemmOperands& g, const at::Tensor& a, const 
   return r;
 }
 
+// A launch of `schedule` for operands `g`: its status, or an error naming both.
+void check_launch(cudaError_t status, const char* schedule, const char* launch, const GemmOperands& g) {
+  if (status != cudaSuccess)
+    fail_launch(kOp, schedule, launch, c10::str("M=", g.m, ", N=", g.n, ", K=", g.k), cudaGetErrorString(status));
+}
+
 // kSerialized: every step on the main stream after the whole GEMM (same kernels,
 // same bits, no overlap).
 enum class Overlap { kOverlapped, kSerialized };
@@ -366,10 +372,11 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& side = side_stream(device, 0);
   const bool overlapped = overlap == Overlap::kOverlapped;
-  if (scatter) C10_CUDA_CHECK(launch_band_scatter_entry(bc.bands, main));
+  const char* schedule = scatter ? "band_scatter" : "band_pull";
+  if (scatter) check_launch(launch_band_scatter_entry(bc.bands, main), schedule, "launch_band_scatter_entry", bc.operands);
   if (overlapped) side.fork_from(main);
   // GEMM first: it never waits on anything (see fused()).
-  C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
+  check_launch(launch_tile_gemm(bc.gemm, main, bc.scratch), schedule, "launch_tile_gemm", bc.operands);
   cudaStream_t stream = overlapped ? side.stream.stream() : main;
   const int bands = static_cast<int>(band_count(bc.bands));
   const int sum_ahead = band_sum_ahead(static_cast<int>(get_tuning("matmul_all_reduce.band_sum_ahead")));
@@ -385,9 +392,11 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
       const int64_t wave_tile_rows = (bc.gemm.sm_count + tiles_n - 1) / tiles_n;
       tail = band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows, tail_knob);
     }
-    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, sum_ahead, stream));
+    check_launch(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, sum_ahead, stream),
+                 schedule, "launch_band_pull_persistent", bc.operands);
   } else {
-    for (int step = 0; step <= bands; ++step) C10_CUDA_CHECK(launch_band_pull(bc.bands, step, bc.reducers, stream));
+    for (int step = 0; step <= bands; ++step)
+      check_launch(launch_band_pull(bc.bands, step, bc.reducers, stream), schedule, "launch_band_pull", bc.operands);
   }
   if (tail > 0 && two_shot_tail) {
     // After the GEMM, beside what lane 0 has left on its R SMs: the tail's rows of this
@@ -399,12 +408,14 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
     at::Tensor out_rows = bc.ob.out.view({-1}).narrow(0, row0 * bc.bands.n, numel);
     run_all_reduce(ws, partial, out_rows, bc.ob.bias.defined() ? &bc.ob.bias : nullptr, AllReducePath::kTwoShot,
                    kOpMatmulAllReduce);
-    C10_CUDA_CHECK(launch_band_consume_tiles(bc.bands, bands - tail, bands, main));
+    check_launch(launch_band_consume_tiles(bc.bands, bands - tail, bands, main), schedule,
+                 "launch_band_consume_tiles", bc.operands);
   } else if (tail > 0) {
     // After the GEMM, beside what lane 0 has left on its R SMs.
     const int blocks = std::min(band_tail_blocks(static_cast<int>(get_tuning("matmul_all_reduce.band_tail_blocks"))),
                                 ws.sm_count() - bc.reducers);
-    C10_CUDA_CHECK(launch_band_pull_persistent(bc.bands, blocks, /*lane=*/1, bands - tail, bands, sum_ahead, main));
+    check_launch(launch_band_pull_persistent(bc.bands, blocks, /*lane=*/1, bands - tail, bands, sum_ahead, main),
+                 schedule, "launch_band_pull_persistent", bc.operands);
   }
   if (overlapped) side.join_into(main);
   return with_leading_dims(bc.ob.out, a);
@@ -419,6 +430,7 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
                        const std::optional<at::Tensor>& bias, Overlap overlap) {
   const BandCall bc = band_call(ws, a, b, bias, MatmulAllReduceAlgo::kCopyEngine, /*spare_sms=*/1);  // one SM for the waits and signals
   const BandAllReduceParams& bp = bc.bands;
+  constexpr const char* kSchedule = "copy_engine";
   const int device = ws.device();
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& rs = side_stream(device, 0);  // reduce-scatter pushes
@@ -431,17 +443,17 @@ at::Tensor copy_engine(comm::Workspace& ws, const at::Tensor& a, const at::Tenso
     ag.fork_from(main);
   }
   // GEMM first: it never waits on anything (see fused()).
-  C10_CUDA_CHECK(launch_tile_gemm(bc.gemm, main, bc.scratch));
+  check_launch(launch_tile_gemm(bc.gemm, main, bc.scratch), kSchedule, "launch_tile_gemm", bc.operands);
   const int bands = static_cast<int>(band_count(bp));
   for (int band = 0; band < bands; ++band) {
-    C10_CUDA_CHECK(launch_band_wait_ready(bp, band, rs_stream));
+    check_launch(launch_band_wait_ready(bp, band, rs_stream), kSchedule, "launch_band_wait_ready", bc.operands);
     // The sum of the band reads this rank's D: the wait above is its dependency.
     if (overlapped) ag.fork_from(rs_stream);
-    C10_CUDA_CHECK(band_push_partials(bp, band, rs_stream));
-    C10_CUDA_CHECK(launch_band_signal_landed(bp, band, rs_stream));
-    C10_CUDA_CHECK(launch_band_reduce(bp, band, bc.reducers, ag_stream));
-    C10_CUDA_CHECK(launch_band_wait_reduced(bp, band, ag_stream));
-    C10_CUDA_CHECK(band_pull_sums(bp, band, ag_stream));
+    check_launch(band_push_partials(bp, band, rs_stream), kSchedule, "band_push_partials", bc.operands);
+    check_launch(launch_band_signal_landed(bp, band, rs_stream), kSchedule, "launch_band_signal_landed", bc.operands);
+    check_launch(launch_band_reduce(bp, band, bc.reducers, ag_stream), kSchedule, "launch_band_reduce", bc.operands);
+    check_launch(launch_band_wait_reduced(bp, band, ag_stream), kSchedule, "launch_band_wait_reduced", bc.operands);
+    check_launch(band_pull_sums(bp, band, ag_stream), kSchedule, "band_pull_sums", bc.operands);
   }
   if (overlapped) {
     rs.join_into(main);
@@ -477,16 +489,16 @@ at::Tensor fused(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
 
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   if (overlap == Overlap::kSerialized) {
-    C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
-    C10_CUDA_CHECK(launch_tile_all_reduce(rp, consumers, main));
+    check_launch(launch_tile_gemm(gp, main, scratch), "fused_tiles", "launch_tile_gemm", g);
+    check_launch(launch_tile_all_reduce(rp, consumers, main), "fused_tiles", "launch_tile_all_reduce", g);
   } else {
     SideStream& side = side_stream(device);
     side.fork_from(main);
     // GEMM first: it never waits on anything. A first launch loads its kernel
     // module (lazy loading), which can synchronize the context; done while spinning
     // consumers already run, that waits for them while they wait for the GEMM.
-    C10_CUDA_CHECK(launch_tile_gemm(gp, main, scratch));
-    C10_CUDA_CHECK(launch_tile_all_reduce(rp, consumers, side.stream));
+    check_launch(launch_tile_gemm(gp, main, scratch), "fused_tiles", "launch_tile_gemm", g);
+    check_launch(launch_tile_all_reduce(rp, consumers, side.stream), "fused_tiles", "launch_tile_all_reduce", g);
     side.join_into(main);
   }
   return with_leading_dims(ob.out, a);
@@ -526,7 +538,8 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
         exchange_last_tile_in_consumers(get_tuning("matmul_all_reduce.exchange_consumer_tail"));
     gp.comm = ws.handle();
   }
-  C10_CUDA_CHECK(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)));
+  check_launch(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)),
+               through_owners ? "owner_exchange" : "pair_exchange", "launch_tile_gemm", g);
   at::Tensor out = ob.out;
   if (serialized) all_reduce_in_place(ws, out, bias);
   return with_leading_dims(out, a);
@@ -566,8 +579,11 @@ at::Tensor decode(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
   p.op = kOpMatmulAllReduce;
   p.comm = ws.handle();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(ws.device());
-  C10_CUDA_CHECK(split_k ? launch_decode_split_k_matmul_all_reduce(p, stream)
-                         : launch_decode_matmul_all_reduce(p, stream));
+  if (split_k)
+    check_launch(launch_decode_split_k_matmul_all_reduce(p, stream), "decode_split_k",
+                 "launch_decode_split_k_matmul_all_reduce", g);
+  else
+    check_launch(launch_decode_matmul_all_reduce(p, stream), "decode_push", "launch_decode_matmul_all_reduce", g);
   if (!p.all_reduce) all_reduce_in_place(ws, ob.out, bias);
   return with_leading_dims(ob.out, a);
 }

@@ -43,15 +43,6 @@ __host__ __device__ constexpr uint64_t timeout_bound_ns(uint64_t timeout_ns) {
   return timeout_ns ? timeout_ns : kDefaultTimeoutNs;
 }
 
-__device__ __forceinline__ const char* op_name(int op) {
-  switch (op) {
-    case kOpAllReduce: return "all_reduce";
-    case kOpMatmulAllReduce: return "matmul_all_reduce";
-    case kOpAllReduceRmsNorm: return "all_reduce_rms_norm";
-    default: return "distfuse op";
-  }
-}
-
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
