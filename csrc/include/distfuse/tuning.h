@@ -259,8 +259,8 @@ inline int64_t owner_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClas
 // group's MMAs; NOTES.md, "The ping-pong tile GEMM"), 2 x H200, same runs, w.t(): o_proj
 // M = 512 72.9 / 72.7 us against 74.5 / 74.6, down_proj M = 512 195.8 against 199.6; at
 // M = 2048 / 8192 ping-pong 128x128 tiles lose to 128x256 (256.3 / 979.2 against 241.8 /
-// 865.7: twice the tiles for the exchange warps). The owner exchange (W >= 3) with
-// ping-pong tiles is unmeasured.
+// 865.7: twice the tiles for the exchange warps). Unmeasured: the owner exchange (W >= 3)
+// with ping-pong tiles, and H100 (the same SMs; the gain is the epilogue under the MMAs).
 inline int exchange_tile_shape(int64_t m, int world, int override_value = 0) {
   if (override_value > 0) return override_value;
   if (m >= 512 && m < 1024) return world == 2 ? 4 : 2;
