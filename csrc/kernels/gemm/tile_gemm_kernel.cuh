@@ -42,6 +42,10 @@ struct TileSchedule {
   int sk_tiles;
   int64_t sk_iters;  // sk_tiles * k_tiles
 
+  // (tm, tn) of tile number `tile` in the tile order (tile_gemm.h).
+  __host__ __device__ void coord(int tile, int* tm, int* tn) const {
+    tile_gemm_tile_coord(tile, tiles_m, tiles_n, tm, tn, group_rows, last_group_row0);
+  }
   __host__ __device__ int64_t sk_range_begin(int cta) const {
     return int64_t(cta) * sk_iters / num_ctas;
   }
@@ -284,8 +288,7 @@ struct TileGemmKernel {
       auto write_state = cutlass::make_producer_start_state<MainloopPipeline>();
       while (work.next(unit)) {
         int tm, tn;
-        tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
-                             params.schedule.group_rows, params.schedule.last_group_row0);
+        params.schedule.coord(unit.tile, &tm, &tn);
         auto k_tile_iter = make_coord_iterator(idx2crd(unit.k_begin, k_tile_shape), k_tile_shape);
         mainloop.load(params.mainloop, mainloop_pipeline, write_state, load_inputs,
                       make_coord(tm, tn, _, 0), k_tile_iter, unit.k_count,
@@ -331,8 +334,7 @@ struct TileGemmKernel {
       }
 
       int tm, tn;
-      tile_gemm_tile_coord(unit.tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
-                             params.schedule.group_rows, params.schedule.last_group_row0);
+      params.schedule.coord(unit.tile, &tm, &tn);
       const int flag_index = tm * params.schedule.tiles_n + tn;
       int owner = 0;
       if (params.scatter.by_epilogue()) {  // the epilogue's TMA stores go to the tile's owner
@@ -425,8 +427,7 @@ struct TileGemmKernel {
       if (params.exchange.output != nullptr && mma_thread_idx == 0) exchange_trace(params.exchange.comm, kTraceMmaDone);
 
       int tm, tn;
-      tile_gemm_tile_coord(tile, params.schedule.tiles_m, params.schedule.tiles_n, &tm, &tn,
-                           params.schedule.group_rows, params.schedule.last_group_row0);
+      params.schedule.coord(tile, &tm, &tn);
       order.wait();
       auto [load_state, store_state] = epilogue.store(
           epilogue_load_pipeline, epilogue_load_state, epilogue_store_pipeline, epilogue_store_state,
@@ -461,7 +462,7 @@ struct TileGemmKernel {
   __device__ static auto exchange_tile_coord(const TileSchedule& s) {
     return [&s](int tile, int* t, int64_t* row0, int64_t* col0) {
       int tm, tn;
-      tile_gemm_tile_coord(tile, s.tiles_m, s.tiles_n, &tm, &tn, s.group_rows, s.last_group_row0);
+      s.coord(tile, &tm, &tn);
       *t = tm * s.tiles_n + tn;
       *row0 = int64_t(tm) * kTileM;
       *col0 = int64_t(tn) * kTileN;

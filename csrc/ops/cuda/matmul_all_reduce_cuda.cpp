@@ -237,6 +237,12 @@ OutputAndBias output_and_bias(const GemmOperands& g, const at::Tensor& a, const 
   return r;
 }
 
+// A tile shape a knob (exchange_tiles, band_tiles) set: one TileGemmParams::tile_shape knows.
+void check_tile_shape_knob(const char* knob, int shape) {
+  TORCH_CHECK(shape >= 0 && shape <= 4, "matmul_all_reduce.", knob,
+              " must be 0 (by M), 1 (64x128), 2 (128x128), 3 (128x256) or 4 (128x128 ping-pong), got ", shape);
+}
+
 // A launch of `schedule` for operands `g`: its status, or an error naming both.
 void check_launch(cudaError_t status, const char* schedule, const char* launch, const GemmOperands& g) {
   if (status != cudaSuccess)
@@ -267,14 +273,11 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
   TileGemmParams& gp = bc.gemm;
   gp = tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   gp.tile_shape = band_tile_shape(get_tuning("matmul_all_reduce.band_tiles"));
-  TORCH_CHECK(gp.tile_shape >= 0 && gp.tile_shape <= 4,
-              "matmul_all_reduce.band_tiles must be 0 (by M), 1 (64x128), 2 (128x128), 3 (128x256) or 4 "
-              "(128x128 ping-pong), got ", gp.tile_shape);
+  check_tile_shape_knob("band_tiles", gp.tile_shape);
   // Where that tile shape's flags do not fit (or the epilogue makes the owner scatter's
   // stores, which the ping-pong tiles do not), the tiles by M, which fused_gemm_supported counted.
-  const bool scatter_by_epilogue =
-      algo == MatmulAllReduceAlgo::kBandScatter &&
-      !band_scatter_by_exchange_warps(get_tuning("matmul_all_reduce.band_scatter_by_warps"));
+  const bool scatter_by_warps = band_scatter_by_exchange_warps(get_tuning("matmul_all_reduce.band_scatter_by_warps"));
+  const bool scatter_by_epilogue = algo == MatmulAllReduceAlgo::kBandScatter && !scatter_by_warps;
   const int64_t shape_tiles = output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp));
   if (shape_tiles > tile_all_reduce_max_tiles() ||
       (algo == MatmulAllReduceAlgo::kBandScatter && ws.world() * shape_tiles > kMaxTiles) ||
@@ -327,8 +330,7 @@ BandCall band_call(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b
       gp.scatter_d[p] = band_region(bp, p, scattered_partial_offset(bp, c.rank, p));
       gp.scatter_flags[p] = c.flags(p, kChannelTiles) + c.rank * tiles;
     }
-    gp.scatter_by_exchange_warps =
-        band_scatter_by_exchange_warps(get_tuning("matmul_all_reduce.band_scatter_by_warps"));
+    gp.scatter_by_exchange_warps = scatter_by_warps;
     gp.comm = c;
   }
   const size_t scratch_bytes = tile_gemm_workspace_bytes(gp);
@@ -519,10 +521,7 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
                                  : tile_gemm_into_workspace(ws, g, a.scalar_type(), static_cast<int>(a.element_size()));
   gp.tile_flags = nullptr;
   gp.tile_shape = exchange_tile_shape(g.m, ws.world(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_tiles")));
-  TORCH_CHECK(gp.tile_shape >= 0 && gp.tile_shape <= 4,
-              "matmul_all_reduce.exchange_tiles must be 0 (by M), 1 (64x128), 2 (128x128), 3 (128x256) or 4 "
-              "(128x128 ping-pong), got ",
-              gp.tile_shape);
+  check_tile_shape_knob("exchange_tiles", gp.tile_shape);
   const int64_t tiles = output_tiles(g.m, g.n, tile_gemm_tile_m(gp), tile_gemm_tile_n(gp));
   gp.sm_count = exchange_ctas(tiles, ws.sm_count(), static_cast<int>(get_tuning("matmul_all_reduce.exchange_ctas")));
   gp.whole_tiles = true;  // the exchange's plan, also when serialized (same bits)
