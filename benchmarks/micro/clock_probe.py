@@ -4,7 +4,7 @@ lower SM clock (a power cap), or at the same clock (the memory system)?
 
     python3 benchmarks/micro/clock_probe.py [--m 8192] [--k 4096] [--n 8192] [--seconds 3]
                                             [--paths pair_exchange,band_pull] [--world-size W]
-                                            [--out DIR]
+                                            [--tune KEY=V1,V2] [--rounds R] [--out DIR]
 
 Runs W ranks (default: every visible GPU, at least 2), one per GPU. nvidia-smi samples
 every GPU's SM clock, power draw and clock-event reasons every 20 ms in the background.
@@ -13,7 +13,9 @@ phase's window is the time between two barriers, and each sample inside it count
 that phase. Printed per phase: µs per call (CUDA events over the whole window, max over
 ranks), then per GPU the median SM clock (MHz), the median power (W) and the most
 frequent clock-event reasons bitmask. The samples go to DIR/clock_samples.csv when --out
-is given.
+is given. With --tune each fused path runs once per value of the distfuse tuning key,
+and with --rounds R the fused phases are repeated R times in turn (A B A B ...), so that
+a drift of the board weighs on every value alike.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ def _phases(args, rank, group_name):
     b = w.t()  # the nn.Linear weight view
     y = torch.randn(args.m, args.n, device=dev, dtype=torch.bfloat16, generator=g)
 
-    def fused(path):
+    def fused(path, knobs):
         def call():
-            with distfuse.force_path("matmul_all_reduce", path):
+            with distfuse.tuning(knobs), distfuse.force_path("matmul_all_reduce", path):
                 distfuse.matmul_all_reduce(a, b, group_name)
         return call
 
@@ -63,7 +65,12 @@ def _phases(args, rank, group_name):
         dist.all_reduce(out)
 
     phases = [("cublas matmul", lambda: torch.matmul(a, b))]
-    phases += [(f"fused {p}", fused(p)) for p in args.paths.split(",")]
+    knobs = [{}]
+    if args.tune:
+        key, values = args.tune.split("=")
+        knobs = [{key: int(v)} for v in values.split(",")]
+    phases += [(" ".join([f"fused {p}"] + [f"{k.split('.')[-1]}={v}" for k, v in kn.items()]), fused(p, kn))
+               for _ in range(args.rounds) for p in args.paths.split(",") for kn in knobs]
     phases += [("matmul + NCCL", mm_nccl), ("distfuse all_reduce", lambda: distfuse.all_reduce(y, group_name)),
                ("cublas matmul (again)", lambda: torch.matmul(a, b))]
     return phases
@@ -136,6 +143,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--paths", default="pair_exchange")
     ap.add_argument("--world-size", type=int, default=None, help="ranks, one per GPU (default: every GPU)")
+    ap.add_argument("--tune", default=None, help="KEY=V1,V2: each fused path once per value of a tuning key")
+    ap.add_argument("--rounds", type=int, default=1, help="the fused phases this many times in turn")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.world_size is None:
@@ -177,7 +186,7 @@ def main():
 
     print(f"{torch.cuda.get_device_name(0)} x {world}; M = {args.m}, K = {args.k}, N = {args.n}, bf16, B = weight.t(); "
           f"{args.seconds} s per phase")
-    print(f"{'phase':24s} {'us/call':>9s} | "
+    print(f"{'phase':40s} {'us/call':>9s} | "
           + " | ".join(f"{f'GPU{g} MHz':>8s} {'W':>6s} {'reasons':>18s}" for g in range(world)) + " | samples")
     for i, (name, t0, t1, _) in enumerate(results[0]):
         us = max(results[r][i][3] for r in range(world))
@@ -192,7 +201,7 @@ def main():
             reasons = collections.Counter(s[4] for s in inside).most_common(1)[0][0]
             cells.append(f"{statistics.median(s[2] for s in inside):8.0f} "
                          f"{statistics.median(s[3] for s in inside):6.0f} {reasons:>18s}")
-        print(f"{name:24s} {us:9.1f} | " + " | ".join(cells) + f" | {count}")
+        print(f"{name:40s} {us:9.1f} | " + " | ".join(cells) + f" | {count}")
 
 
 if __name__ == "__main__":
