@@ -67,7 +67,6 @@ TUNING_KEYS = (
                                            # 4 128x128 in ping-pong (0: by M)
     "matmul_all_reduce.exchange_ctas",     # both exchanges: CTAs (0: whole waves, at most one per SM)
     "matmul_all_reduce.exchange_consumer_tail",  # pair exchange: consumers exchange each CTA's last tile: 1 on, 2 off
-    "matmul_all_reduce.exchange_discard",  # pair exchange: summed copies dropped from L2, not written back: 1 on, 2 off
 )
 
 

@@ -503,8 +503,8 @@ def body_tile_exchanges_mixed(rank, world, group_name):
     schedule and the band schedules (pulled and scattered) on the same workspace (they
     share its tile slots, flags and call epochs), with shapes that change every call,
     partial tiles (M, N not multiples of the tile), odd M, each tile shape, fewer CTAs
-    than tiles, the pair exchange's last tiles taken by the consumer warps or by the
-    exchange warps, and its summed copies dropped from L2 or not: exact on integer inputs, the same bits as the unfused order, identical
+    than tiles, and the pair exchange's last tiles taken by the consumer warps or by the
+    exchange warps: exact on integer inputs, the same bits as the unfused order, identical
     across ranks; then a CUDA graph of it replayed between eager calls of the others."""
     import distfuse
     from distfuse.ops import force_path, last_path
@@ -525,8 +525,7 @@ def body_tile_exchanges_mixed(rank, world, group_name):
         exchange = path.endswith("_exchange") and _expected_path(path, m, n, world) == path
         knobs = {"matmul_all_reduce.exchange_tiles": i % 5,
                  "matmul_all_reduce.exchange_ctas": (0, 7, 64)[i % 3],
-                 "matmul_all_reduce.exchange_consumer_tail": (1, 2)[(i // 3) % 2],
-                 "matmul_all_reduce.exchange_discard": (1, 2)[(i // 2) % 2]} if exchange else {}
+                 "matmul_all_reduce.exchange_consumer_tail": (1, 2)[(i // 3) % 2]} if exchange else {}
         # What makes auto pick the same exchange (for "serialized").
         picked = {"pair_exchange": {"matmul_all_reduce.pair_exchange_min_m": 1},
                   "owner_exchange": {"matmul_all_reduce.owner_exchange_min_m": 1, **NO_PAIR_EXCHANGE}}.get(path, {})

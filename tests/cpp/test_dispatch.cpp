@@ -736,10 +736,6 @@ TEST(MatmulAllReduceDispatch, ConsumersTakeTheLastExchangeTileUnlessTurnedOff) {
   EXPECT_TRUE(exchange_last_tile_in_consumers());
   EXPECT_TRUE(exchange_last_tile_in_consumers(1));
   EXPECT_FALSE(exchange_last_tile_in_consumers(2));
-  EXPECT_FALSE(exchange_discards_read_lines(8192));
-  EXPECT_TRUE(exchange_discards_read_lines(8192, 1));
-  EXPECT_FALSE(exchange_discards_read_lines(8200, 1));
-  EXPECT_FALSE(exchange_discards_read_lines(8192, 2));
 }
 
 }  // namespace

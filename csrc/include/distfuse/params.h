@@ -85,13 +85,10 @@ struct TileGemmParams {
   // exchange_through_owners: the same for any group size, through tile owners
   // (kernels/gemm/tile_owner_exchange.cuh). exchange_last_tile_in_consumers (pair
   // exchange only): each CTA's consumer warp groups exchange its last tile themselves.
-  // exchange_discard_read_lines (pair exchange only, N % 64 == 0): both summed copies of
-  // each tile are dropped from L2 once read, so they are never written back to HBM.
   void* exchange_output;
   const void* exchange_bias;
   bool exchange_through_owners;
   bool exchange_last_tile_in_consumers;
-  bool exchange_discard_read_lines;
   CommHandle comm;
   // Owner scatter (the band_scatter schedule, kernels/allreduce/band_all_reduce.h): when
   // scatter_world > 0 the epilogue stores tile (tm, tn) straight into its owner rank's

@@ -288,14 +288,6 @@ inline int exchange_ctas(int64_t tiles, int sms, int override_ctas = 0) {
 // 685.8. Override: 1 on, 2 off.
 inline bool exchange_last_tile_in_consumers(int64_t override_value = 0) { return override_value != 2; }
 
-// Pair exchange: drop each tile's two summed copies (this rank's partial, the peer's)
-// from L2 once the sum read them, so that they are never written back to HBM. Only where
-// a 128-byte line lies within one row's tile columns (N a multiple of 64 elements).
-// Unmeasured: off unless asked for. Override: 1 on, 2 off.
-inline bool exchange_discards_read_lines(int64_t n, int64_t override_value = 0) {
-  return override_value == 1 && n % 64 == 0;
-}
-
 // The one-kernel decode schedule (skinny GEMM pushing its column blocks) up to
 // M = decode_max_m; 0: never (forced only). 4 x H100, graph, against cuBLAS + the distfuse
 // all-reduce in the same run (benchmarks/NOTES.md, v12f: 128-deep K stages): W = 4 o_proj

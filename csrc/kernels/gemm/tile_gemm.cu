@@ -207,7 +207,6 @@ cudaError_t check_params(const TileGemmParams& p) {
   if (p.exchange_output != nullptr &&
       (p.comm.world < 2 || p.comm.world > max_world || p.comm.rank < 0 || p.comm.rank >= p.comm.world ||
        p.tile_flags != nullptr || (p.exchange_through_owners && p.exchange_last_tile_in_consumers) ||
-       (p.exchange_discard_read_lines && (p.exchange_through_owners || p.n % 64 != 0)) ||
        !aligned16(p.exchange_output) || !aligned16(p.exchange_bias) || p.ldd != p.n)) {
     return cudaErrorInvalidValue;
   }
@@ -294,7 +293,7 @@ cudaError_t launch(const TileGemmParams& p, const Plan& plan, void* workspace,
   params.split_counters = reinterpret_cast<uint32_t*>(workspace_bytes);
   params.split_partials = reinterpret_cast<float*>(workspace_bytes + kSplitCounterBytes);
   params.exchange = TileExchange{p.exchange_output, p.exchange_bias, p.comm, p.exchange_through_owners,
-                                 p.exchange_last_tile_in_consumers, p.exchange_discard_read_lines};
+                                 p.exchange_last_tile_in_consumers};
   params.scatter = scatter;
 
   const auto kernel = tile_gemm_kernel<Kernel>;

@@ -65,7 +65,6 @@ struct TileExchange {
   CommHandle comm;              // D is this rank's tile partial in its workspace
   bool through_owners;          // any W: tile owners sum (tile_owner_exchange.cuh); else W = 2, both sum
   bool last_tile_in_consumers;  // pair exchange: each CTA's consumers exchange its last tile
-  bool discard_read_lines;      // pair exchange: drop both summed copies from L2 (needs N % 64 == 0)
 };
 
 constexpr int kExchangeThreads = 96;  // warps 1..3 of the producer warp group
@@ -126,26 +125,6 @@ __device__ __forceinline__ void cp_async_16(uint4* smem, const void* gmem) {
 // Waits for every cp.async this thread issued.
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
-}
-
-// The 128-byte L2 lines of a tile's two summed copies (this rank's partial and the
-// peer's) are dead once the sum has read them: dropped from L2 they are never written
-// back to HBM, one HBM write fewer per byte of each copy (under the board's power cap
-// the exchange's bytes cost the GEMM clock, NOTES v36). With N % 64 == 0 (16-bit
-// elements) a line is one row's 64 columns, read by 8 neighbouring threads of one
-// warp; after a sync of those 8 the first one drops it. Each of the 8 threads calls
-// this with the same mask of its k rows (bit k: row a + k * step / b + k * step read).
-template <int kRows, typename T>
-__device__ __forceinline__ void discard_read_lines(const T* a, const T* b, int64_t step, unsigned rows_read,
-                                                   int lane) {
-  __syncwarp(0xffu << (lane & 24));  // the 8 threads' reads of the lines are done
-  if ((lane & 7) != 0) return;
-#pragma unroll
-  for (int k = 0; k < kRows; ++k)
-    if (rows_read & (1u << k)) {
-      asm volatile("discard.global.L2 [%0], 128;" ::"l"(a + k * step) : "memory");
-      asm volatile("discard.global.L2 [%0], 128;" ::"l"(b + k * step) : "memory");
-    }
 }
 
 // Consumer warp 0, after it committed the TMA stores of the CTA's `count`-th tile:
@@ -321,13 +300,6 @@ __device__ void exchange_tiles_with_peer(const TileExchange& e, int64_t m, int64
             const uint4 pair[2] = {slot[k * kThreads], slot[(kSum + k) * kThreads]};
             store_plain(to, sum_in_rank_order<T, 2>(pair, bias_vec));
           }
-        if (e.discard_read_lines) {
-          unsigned rows_read = 0;
-#pragma unroll
-          for (int k = 0; k < kSum; ++k)
-            if (r + k * kRowStep < rows) rows_read |= 1u << k;
-          discard_read_lines<kSum>(first + off, second + off, step, rows_read, x & 31);
-        }
       }
     }
 #if defined(DISTFUSE_EXCHANGE_TRACE)
@@ -415,13 +387,6 @@ __device__ void exchange_last_tile_in_consumers(const TileExchange& e, int64_t m
     for (int k = 0; k < kSumVectors; ++k)
       if (r0 + (k0 + k) * kRowStep < rows)
         store_plain(out + (k0 + k) * step, sum_in_rank_order<T, 2>(pairs[k], bias_vec));
-    if (e.discard_read_lines) {
-      unsigned rows_read = 0;
-#pragma unroll
-      for (int k = 0; k < kSumVectors; ++k)
-        if (r0 + (k0 + k) * kRowStep < rows) rows_read |= 1u << k;
-      discard_read_lines<kSumVectors>(first + k0 * step, second + k0 * step, step, rows_read, y & 31);
-    }
   }
   exchange_trace(c, kTraceTailSummed);  // every thread: the last stamp is the slowest one's
 }

@@ -535,8 +535,6 @@ at::Tensor tile_exchange(comm::Workspace& ws, const at::Tensor& a, const at::Ten
     gp.exchange_last_tile_in_consumers =
         !through_owners &&
         exchange_last_tile_in_consumers(get_tuning("matmul_all_reduce.exchange_consumer_tail"));
-    gp.exchange_discard_read_lines =
-        !through_owners && exchange_discards_read_lines(g.n, get_tuning("matmul_all_reduce.exchange_discard"));
     gp.comm = ws.handle();
   }
   check_launch(launch_tile_gemm(gp, at::cuda::getCurrentCUDAStream(device)),
