@@ -259,8 +259,10 @@ inline int64_t owner_exchange_min_m(int world, int64_t k, GpuClass gpu = GpuClas
 // group's MMAs; NOTES.md, "The ping-pong tile GEMM"), 2 x H200, same runs, w.t(): o_proj
 // M = 512 72.9 / 72.7 us against 74.5 / 74.6, down_proj M = 512 195.8 against 199.6; at
 // M = 2048 / 8192 ping-pong 128x128 tiles lose to 128x256 (256.3 / 979.2 against 241.8 /
-// 865.7: twice the tiles for the exchange warps). Unmeasured: the owner exchange (W >= 3)
-// with ping-pong tiles, and H100 (the same SMs; the gain is the epilogue under the MMAs).
+// 865.7: twice the tiles for the exchange warps). The owner exchange (W >= 3) keeps the
+// cooperative 128x128 tiles: 4 x H200, W = 4, M = 512, same run, 2 / 4: o_proj 101.2 /
+// 103.7 us, down_proj 149.0 / 148.4. Unmeasured on H100 (the same SMs; the gain is the
+// epilogue under the MMAs).
 inline int exchange_tile_shape(int64_t m, int world, int override_value = 0) {
   if (override_value > 0) return override_value;
   if (m >= 512 && m < 1024) return world == 2 ? 4 : 2;
@@ -549,7 +551,8 @@ inline bool band_gemm_whole_tiles(int64_t override_value = 0) { return override_
 // lose beside the band kernel, whose traffic shares L2 with their third more loads per
 // flop (NOTES.md, "The ping-pong tile GEMM"; 2 x H200, W = 2, band_pull, same run, 4 / by
 // M: o_proj M = 2048 / 8192 279.3 / 898.0 against 267.3 / 865.1, down_proj 755.0 / 2746.0
-// against 687.6 / 2611.3). W = 4 unmeasured. Override: a tile shape, 1-4.
+// against 687.6 / 2611.3; 4 x H200, W = 4, down_proj M = 8192 / 16384, 3 / 4: 1388.9 /
+// 2743.6 against 1462.9 / 2878.5). Override: a tile shape, 1-4.
 inline int band_tile_shape(int64_t override_value = 0) {
   return override_value > 0 ? static_cast<int>(override_value) : 0;
 }
