@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distfuse.bench.__main__ import _tune_item
+
 
 def _smi_fields():
     """The query fields; drivers before the rename know the reasons as clocks_throttle_reasons."""
@@ -67,8 +69,8 @@ def _phases(args, rank, group_name):
     phases = [("cublas matmul", lambda: torch.matmul(a, b))]
     knobs = [{}]
     if args.tune:
-        key, values = args.tune.split("=")
-        knobs = [{key: int(v)} for v in values.split(",")]
+        key, values = args.tune
+        knobs = [{key: v} for v in values]
     phases += [(" ".join([f"fused {p}"] + [f"{k.split('.')[-1]}={v}" for k, v in kn.items()]), fused(p, kn))
                for _ in range(args.rounds) for p in args.paths.split(",") for kn in knobs]
     phases += [("matmul + NCCL", mm_nccl), ("distfuse all_reduce", lambda: distfuse.all_reduce(y, group_name)),
@@ -143,10 +145,13 @@ def main():
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--paths", default="pair_exchange")
     ap.add_argument("--world-size", type=int, default=None, help="ranks, one per GPU (default: every GPU)")
-    ap.add_argument("--tune", default=None, help="KEY=V1,V2: each fused path once per value of a tuning key")
+    ap.add_argument("--tune", type=_tune_item, default=None,
+                    help="KEY=V1,V2: each fused path once per value of a tuning key")
     ap.add_argument("--rounds", type=int, default=1, help="the fused phases this many times in turn")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.world_size is None:
         args.world_size = torch.cuda.device_count()
     if not 2 <= args.world_size <= torch.cuda.device_count():
