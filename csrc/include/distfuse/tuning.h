@@ -509,7 +509,9 @@ inline int band_reduce_blocks(MatmulAllReduceAlgo algo, int world, int64_t m, in
 // G = `sms` - CTAs; `sms`: the GEMM's and the band kernel's). W = 4 down_proj M = 16384
 // on 132 SMs: 7 CTAs leave 125 for 4096 tiles, 33 waves, where 8 leave 124, 34 waves;
 // 4 x H100, forced, two runs (benchmarks/NOTES.md, v24): 2776.0 / 2782.8 us vs 2804.2 /
-// 2835.2 at 8, 2882.2 at 6 (33 waves too: too few CTAs), 2847.3 at 11 (34 waves). Where
+// 2835.2 at 8, 2882.2 at 6 (33 waves too: too few CTAs), 2847.3 at 11 (34 waves); 4 x
+// H200, forced, same run (NOTES.md, "Smaller bands"): 2763.3 at 7 vs 2790.8 / 2799.1 /
+// 2804.9 / 2843.7 at 8 / 10 / 11 / 6, and M = 8192 1403.3 at 10 vs 1422.5 / 1441.1 at 8 / 7. Where
 // no wave is saved, one fewer only adds to the tail: M = 8192 (17 waves at 7 and 8)
 // 1449.1 vs 1444.7. Otherwise more, up to kWaveFreeBandCtas, while they cost the GEMM no
 // wave: the band kernel beside the GEMM then falls less far behind it. W = 4 down_proj
