@@ -50,6 +50,9 @@ struct AllReduceParams {
   CommHandle comm;
 };
 
+// The largest TileGemmParams::tile_shape (the list at the field).
+constexpr int kMaxTileShape = 4;
+
 // GEMM whose every output tile publishes a readiness flag.
 //
 //   D[M, N] = A[M, K] @ B[K, N]        (fp32 accumulation, D in A's dtype)
@@ -77,7 +80,8 @@ struct TileGemmParams {
   int last_group_row0;    // > 0: the tile rows from this one form one last group of the order
   bool whole_tiles;       // every tile computed whole by one CTA (no stream-K), as with the exchange
   int tile_shape;         // output tile: 0 by M (64x128 up to M = 128, else 128x256), 1 64x128,
-                          // 2 128x128, 3 128x256, 4 128x128 in ping-pong (whole tiles only)
+                          // 2 128x128, 3 128x256, 4 128x128 in ping-pong (whole tiles only):
+                          // at most kMaxTileShape
   // Pair exchange (two ranks; kernels/gemm/tile_pair_exchange.cuh): when
   // exchange_output is set, d is this rank's tile partial in `comm`'s workspace,
   // tile_flags is null, and the kernel also writes exchange_output [M, N] (ld = N)

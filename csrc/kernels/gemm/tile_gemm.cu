@@ -196,8 +196,8 @@ __global__ void exchange_timeout_check_kernel(const CommHandle comm) { exchange_
 
 cudaError_t check_params(const TileGemmParams& p) {
   if (p.a == nullptr || p.b == nullptr || p.d == nullptr || p.m < 1 || p.n < 1 || p.k < 1 ||
-      p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.tile_shape < 0 || p.tile_shape > 4 ||
-      p.lda < p.k || p.ldd < p.n ||
+      p.sm_count < 1 || p.sm_count > kMaxCtas || p.group_rows < 0 || p.tile_shape < 0 ||
+      p.tile_shape > kMaxTileShape || p.lda < p.k || p.ldd < p.n ||
       p.ldb < (p.b_transposed ? p.k : p.n)) {
     return cudaErrorInvalidValue;
   }

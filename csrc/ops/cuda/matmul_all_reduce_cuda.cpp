@@ -239,7 +239,7 @@ OutputAndBias output_and_bias(const GemmOperands& g, const at::Tensor& a, const 
 
 // A tile shape a knob (exchange_tiles, band_tiles) set: one TileGemmParams::tile_shape knows.
 void check_tile_shape_knob(const char* knob, int shape) {
-  TORCH_CHECK(shape >= 0 && shape <= 4, "matmul_all_reduce.", knob,
+  TORCH_CHECK(shape >= 0 && shape <= kMaxTileShape, "matmul_all_reduce.", knob,
               " must be 0 (by M), 1 (64x128), 2 (128x128), 3 (128x256) or 4 (128x128 ping-pong), got ", shape);
 }
 
@@ -611,7 +611,7 @@ bool tile_exchange_fits(const at::Tensor& a, const at::Tensor& b, int world) {
   TileGemmParams shape{};
   shape.m = static_cast<int>(a.numel() / k);
   shape.tile_shape = exchange_tile_shape(shape.m, world, static_cast<int>(get_tuning("matmul_all_reduce.exchange_tiles")));
-  if (shape.tile_shape < 0 || shape.tile_shape > 4) return true;
+  if (shape.tile_shape < 0 || shape.tile_shape > kMaxTileShape) return true;
   return output_tiles(shape.m, b.size(1), tile_gemm_tile_m(shape), tile_gemm_tile_n(shape)) <=
          tile_all_reduce_max_tiles();
 }
