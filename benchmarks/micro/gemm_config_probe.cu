@@ -168,8 +168,8 @@ void run_shape(const probe::Timing& timing, cublasHandle_t blas, const probe::Sh
       p.dtype = distfuse::DType::kBFloat16;
       p.tile_shape = tile_shape;
       // The pair exchange's grid: equal whole waves of tiles (distfuse/tuning.h).
-      const int tile_n = distfuse::tile_gemm_tile_n(p);
-      const int64_t tiles = int64_t((shape.m + 127) / 128) * ((shape.n + tile_n - 1) / tile_n);
+      const int tile_m = distfuse::tile_gemm_tile_m(p), tile_n = distfuse::tile_gemm_tile_n(p);
+      const int64_t tiles = int64_t((shape.m + tile_m - 1) / tile_m) * ((shape.n + tile_n - 1) / tile_n);
       p.sm_count = distfuse::exchange_ctas(tiles, sm_count);
       p.whole_tiles = true;
       if (distfuse::tile_gemm_workspace_bytes(p) != 0) {
