@@ -52,7 +52,6 @@ TUNING_KEYS = (
     "matmul_all_reduce.band_last_wave",    # ... the GEMM's last wave as a band of its own: 1 on, 2 off
     "matmul_all_reduce.band_tail_two_shot",  # ... or those bands by the two-shot all-reduce (1 on, 2 off)
     "matmul_all_reduce.band_sum_ahead",    # ... bands a CTA may sum before it gathers the oldest
-    "matmul_all_reduce.band_push_reduce_scatter",  # ... its CTAs push each peer's shard: 1 on, 2 off
     "matmul_all_reduce.band_whole_tiles",  # band schedules: the GEMM's tiles whole, no stream-K: 1 on, 2 off
     "matmul_all_reduce.band_tiles",        # band schedules: the GEMM's output tile, as exchange_tiles (0: by M)
     "matmul_all_reduce.decode_max_m",      # largest M that takes the one-kernel decode schedule

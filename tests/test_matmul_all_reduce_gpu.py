@@ -443,9 +443,8 @@ def body_decode_split_k(rank, world, group_name):
 def body_band_variants(rank, world, group_name):
     """The SM-pull band schedule as one persistent kernel (alone, or with its last 1 or 3
     bands in a second kernel of 2 to 40 CTAs or in the two-shot all-reduce after the GEMM;
-    1 to 3 bands summed ahead of a gather; the reduce-scatter half pulled or pushed; the
-    GEMM's last wave as a band of its own or not; the GEMM's last waves split by K or
-    whole; its tiles by M or ping-pong 128 x 128)
+    1 to 3 bands summed ahead of a gather; the GEMM's last wave as a band of its own or
+    not; the GEMM's last waves split by K or whole; its tiles by M or ping-pong 128 x 128)
     and as one kernel per band, and every third call its owner-scatter form (the GEMM's
     exchange warps or its epilogue move each tile to its owner), with 1 to 40 CTAs and 1 to 16 bands, back to back in mixed order
     (so the band sequences of the persistent kernels' flags and the tile slots run on
@@ -468,7 +467,6 @@ def body_band_variants(rank, world, group_name):
                  "matmul_all_reduce.band_tail_blocks": (2, 16, 40)[(i // 7) % 3],
                  "matmul_all_reduce.band_tail_two_shot": (2, 1)[(i // 13) % 2],
                  "matmul_all_reduce.band_sum_ahead": (1, 2, 3)[(i // 11) % 3],
-                 "matmul_all_reduce.band_push_reduce_scatter": (2, 1)[(i // 2) % 2],
                  "matmul_all_reduce.band_last_wave": (1, 2)[(i // 6) % 2],
                  "matmul_all_reduce.band_whole_tiles": (1, 2)[(i // 9) % 2],
                  "matmul_all_reduce.band_tiles": (0, 4)[(i // 8) % 2], **lowered}
@@ -487,14 +485,12 @@ def body_band_variants(rank, world, group_name):
                 unfused = distfuse.matmul_all_reduce(a, b, group_name, bias=bias)
         _exact_and_bitwise(out, unfused, partials, exact, world, (i, m, k, n, knobs))
     graphs = []
-    for path, persistent, tail, two_shot, by_warps, pushed in (
-            ("band_pull", 1, 1, 2, 1, 2), ("band_pull", 2, 1, 2, 1, 2), ("band_pull", 1, 3, 2, 1, 1),
-            ("band_pull", 1, 3, 1, 1, 2), ("band_pull", 1, 1, 2, 1, 1), ("band_scatter", 1, 3, 1, 1, 2),
-            ("band_scatter", 1, 1, 2, 2, 2)):
+    for path, persistent, tail, two_shot, by_warps in (
+            ("band_pull", 1, 1, 2, 1), ("band_pull", 2, 1, 2, 1), ("band_pull", 1, 3, 2, 1), ("band_pull", 1, 3, 1, 1),
+            ("band_scatter", 1, 3, 1, 1), ("band_scatter", 1, 1, 2, 2)):
         knobs = {"matmul_all_reduce.band_persistent": persistent, "matmul_all_reduce.band_tail": tail,
                  "matmul_all_reduce.band_tail_two_shot": two_shot,
-                 "matmul_all_reduce.band_scatter_by_warps": by_warps,
-                 "matmul_all_reduce.band_push_reduce_scatter": pushed}
+                 "matmul_all_reduce.band_scatter_by_warps": by_warps}
         with distfuse.tuning(knobs):
             graphs.append((path, knobs, _captured_call(group_name, path, 1500, 256, 2048, dev)))
     for turn in range(4):
@@ -504,7 +500,7 @@ def body_band_variants(rank, world, group_name):
 
 def body_tile_exchanges_mixed(rank, world, group_name):
     """The pair exchange (two ranks) and the owner exchange between calls of the owner
-    schedule and the band schedules (pulled, pushed and scattered) on the same workspace (they
+    schedule and the band schedules (pulled and scattered) on the same workspace (they
     share its tile slots, flags and call epochs), with shapes that change every call,
     partial tiles (M, N not multiples of the tile), odd M, each tile shape, fewer CTAs
     than tiles, and the pair exchange's last tiles taken by the consumer warps or by the
@@ -530,8 +526,6 @@ def body_tile_exchanges_mixed(rank, world, group_name):
         knobs = {"matmul_all_reduce.exchange_tiles": i % 5,
                  "matmul_all_reduce.exchange_ctas": (0, 7, 64)[i % 3],
                  "matmul_all_reduce.exchange_consumer_tail": (1, 2)[(i // 3) % 2]} if exchange else {}
-        if path == "band_pull":  # its reduce-scatter pushed into peers' workspace, or pulled
-            knobs = {"matmul_all_reduce.band_push_reduce_scatter": (1, 2)[(i // 7) % 2]}
         # What makes auto pick the same exchange (for "serialized").
         picked = {"pair_exchange": {"matmul_all_reduce.pair_exchange_min_m": 1},
                   "owner_exchange": {"matmul_all_reduce.owner_exchange_min_m": 1, **NO_PAIR_EXCHANGE}}.get(path, {})

@@ -650,11 +650,6 @@ inline int band_tail_blocks(int override_blocks = 0) { return override_blocks > 
 // later gather slower (the peers' sums leave their L2 in the meantime, presumably).
 inline int band_sum_ahead(int override_value = 0) { return override_value > 0 ? override_value : 1; }
 
-// SM-pull band schedule, persistent kernel: the reduce-scatter half pushed by the band
-// CTAs into the shard owners' workspace (stores) instead of pulled by the owners (loads).
-// Override: 1 on, 2 off. Off until measured faster.
-inline bool band_push_reduce_scatter(int64_t override_value = 0) { return override_value == 1; }
-
 // The sequential schedule under graph capture: its all-reduce on the side stream, between
 // a fork and a join, instead of right behind the cuBLAS GEMM on the caller's stream.
 // 4 x H200, graph, same run (NOTES.md, "The sequential schedule's all-reduce on a side

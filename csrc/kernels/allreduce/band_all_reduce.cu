@@ -199,10 +199,9 @@ __device__ __forceinline__ uint32_t* pull_summed_flag(const CommHandle& c, int d
 constexpr int kPullUnroll = 8;  // 16-byte loads in flight per thread: NVLink needs ~1 MB per GPU
 
 // The 16-byte vectors first + u·kReduceThreads (u < kPullUnroll), then the same
-// `stride` further on, ... < end, of one thread: copied from `from` to `to` (a pull
-// when `from` is a peer's, a push when `to` is).
+// `stride` further on, ... < end, of one thread: copied from `from` to `to`.
 template <typename T>
-__device__ __forceinline__ void copy_vectors(const T* from, T* to, int64_t first, int64_t end, int64_t stride) {
+__device__ __forceinline__ void pull_vectors(const T* from, T* to, int64_t first, int64_t end, int64_t stride) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kUnroll = kPullUnroll;
   for (int64_t v0 = first; v0 < end; v0 += stride) {
@@ -239,7 +238,7 @@ __device__ void gather_peer_sums(const BandAllReduceParams& p, int band, uint32_
   wait_band_flags(c, band, epoch, rank, [&](int src) { return pull_summed_flag(c, rank, band, src); });
   for (int k = 1; k < W; ++k) {
     const PeerSums<T> s = peer_sums<T>(p, band, rank + k < W ? rank + k : rank + k - W);
-    copy_vectors(s.from, s.to, int64_t(blockIdx.x) * kPullUnroll * kReduceThreads + threadIdx.x, s.vectors,
+    pull_vectors(s.from, s.to, int64_t(blockIdx.x) * kPullUnroll * kReduceThreads + threadIdx.x, s.vectors,
                  int64_t(gridDim.x) * kPullUnroll * kReduceThreads);
   }
 }
@@ -255,12 +254,12 @@ __device__ void sum_shard_vectors(const BandAllReduceParams& p, int band, int64_
   const int64_t off0 = band_shard(p, band, rank).row0 * p.n;
   T* out = static_cast<T*>(p.output) + off0;
   T* red = static_cast<T*>(band_region(p, rank, band_slot_offset(p, rank) + off0));
-  const T* rows_of[W];  // every rank's partial of this shard: its D (scattered or pushed: landed here)
+  const T* rows_of[W];  // every rank's partial of this shard: its D (scattered: landed here)
 #pragma unroll
   for (int k = 0; k < W; ++k)
     rows_of[k] = static_cast<const T*>(
-        p.tiles_scattered || p.partials_pushed ? band_region(p, rank, scattered_partial_offset(p, k, rank) + off0)
-                                               : band_region(p, k, off0));
+        p.tiles_scattered ? band_region(p, rank, scattered_partial_offset(p, k, rank) + off0)
+                          : band_region(p, k, off0));
   for (int64_t v0 = first; v0 < end; v0 += stride)
     sum_batch_in_rank_order<T, W, kReduceUnroll<W>, kReduceThreads>(
         v0, end, [&](int src, int64_t v) { return rows_of[src] + v * kVec; }, static_cast<const T*>(p.bias),
@@ -368,7 +367,7 @@ __device__ __forceinline__ void gather_peer_slices(const BandAllReduceParams& p,
   for (int k = 1; k < W; ++k) {
     const PeerSums<T> from = peer_sums<T>(p, band, rank + k < W ? rank + k : rank + k - W);
     const RowRange mine = cta_slice(from.vectors, cta, gridDim.x);
-    copy_vectors(from.from, from.to, mine.row0 + threadIdx.x, mine.row0 + mine.rows,
+    pull_vectors(from.from, from.to, mine.row0 + threadIdx.x, mine.row0 + mine.rows,
                  int64_t(kPullUnroll) * kReduceThreads);
   }
 }
@@ -386,25 +385,10 @@ __device__ bool band_tiles_published(const BandAllReduceParams& p, int band) {
   return __syncthreads_and(published);
 }
 
-// Slice `cta` of every peer's shard of `band`, from this rank's D into the peer's
-// recv[rank] (pushed partials): the slice the peer's CTA `cta` sums.
-template <typename T, int W>
-__device__ __forceinline__ void push_partial_slices(const BandAllReduceParams& p, int band) {
-  const int rank = p.comm.rank, cta = blockIdx.x;
-  for (int k = 1; k < W; ++k) {
-    const int owner = rank + k < W ? rank + k : rank + k - W;
-    const int64_t off = band_shard(p, band, owner).row0 * p.n;
-    const RowRange mine = cta_slice(shard_vectors<T>(p, band, owner), cta, gridDim.x);
-    copy_vectors(static_cast<const T*>(band_region(p, rank, off)),
-                 static_cast<T*>(band_region(p, owner, band_slot_offset(p, rank) + off)), mine.row0 + threadIdx.x,
-                 mine.row0 + mine.rows, int64_t(kPullUnroll) * kReduceThreads);
-  }
-}
-
 // Slice `cta` of this rank's shard of `band`, once this rank's tiles of the band are
-// published and every peer's CTA `cta` says the same of its own (pushed partials: once
-// every peer's CTA `cta` pushed its slice here; scattered tiles: once every rank's tiles
-// of the shard landed here): Σ in rank order, then flagged to every peer's CTA `cta`.
+// published and every peer's CTA `cta` says the same of its own (scattered tiles: once
+// every rank's tiles of the shard landed here): Σ in rank order, then flagged to every
+// peer's CTA `cta`.
 template <typename T, int W>
 __device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int64_t slots, int band,
                                               uint32_t seq) {
@@ -414,10 +398,6 @@ __device__ __forceinline__ void sum_own_slice(const BandAllReduceParams& p, int6
   wait_band_tiles(p, band, /*consume=*/false);
   __syncthreads();  // the acquires of every tile precede the releases (and the CTA's loads)
   if (!p.tiles_scattered) {
-    if (p.partials_pushed) {
-      push_partial_slices<T, W>(p, band);
-      __syncthreads();  // every push of the CTA precedes the releases
-    }
     if (int(threadIdx.x) < W) store_release_sys(persistent_ready_flag(c, slots, threadIdx.x, rank, cta), seq);
     wait_band_flags(c, band, seq, rank, [&](int src) { return persistent_ready_flag(c, slots, rank, src, cta); });
   }
@@ -485,16 +465,15 @@ __global__ void __launch_bounds__(kWaitThreads)
   for (int band = first_band; band < end_band; ++band) wait_band_tiles(p, band, /*consume=*/true);
 }
 
-// kChannelBandPull flags [kPeerStoresEntrySlot, + W): the entry handshake of the
-// schedules that store into peers' workspace (scattered tiles, pushed partials).
-constexpr int64_t kPeerStoresEntrySlot = kPersistentReadySlot + kPersistentLanes * kPersistentLaneSlots;
-static_assert(kPeerStoresEntrySlot + kMaxWorld <= int64_t(kFlagsPerChannel), "band flags overflow the channel");
+// kChannelBandPull flags [kScatterEntrySlot, + W): the band_scatter schedule's entry handshake.
+constexpr int64_t kScatterEntrySlot = kPersistentReadySlot + kPersistentLanes * kPersistentLaneSlots;
+static_assert(kScatterEntrySlot + kMaxWorld <= int64_t(kFlagsPerChannel), "band flags overflow the channel");
 
-// Before a GEMM or band kernel that stores into peers' workspace: every rank entered
-// this call. The call's number is lane 0's band sequence plus one: the same on every
-// rank, and larger in every call (each call's lane 0 kernel advances it, after this kernel).
-__global__ void __launch_bounds__(kSignalThreads) band_peer_stores_entry_kernel(BandAllReduceParams p) {
-  enter_call(p.comm, kChannelBandPull, kPeerStoresEntrySlot, *lane_sequence(p.comm, 0) + 1u, kOpMatmulAllReduce);
+// Before a GEMM that stores into peers' workspace: every rank entered this call. The
+// call's number is lane 0's band sequence plus one: the same on every rank, and larger
+// in every call (each call's lane 0 kernel advances it, after this kernel).
+__global__ void __launch_bounds__(kSignalThreads) band_scatter_entry_kernel(BandAllReduceParams p) {
+  enter_call(p.comm, kChannelBandPull, kScatterEntrySlot, *lane_sequence(p.comm, 0) + 1u, kOpMatmulAllReduce);
 }
 
 // Scattered tiles are for the persistent SM-pull kernel only (`scattered_ok`), and
@@ -504,7 +483,7 @@ bool valid(const BandAllReduceParams& p, int band, bool scattered_ok = false) {
                                                       p.last_band_row0 % p.tile_m == 0 && !p.tiles_scattered);
   return p.dtype != DType::kFloat32 && p.n % 8 == 0 && p.band_rows > 0 && p.band_rows % p.tile_m == 0 &&
          last_band_ok && band >= 0 && band < band_count(p) && band_count(p) <= kMaxBands &&
-         (scattered_ok || !p.tiles_scattered) && !(p.tiles_scattered && p.partials_pushed);
+         (scattered_ok || !p.tiles_scattered);
 }
 
 }  // namespace
@@ -531,8 +510,7 @@ cudaError_t launch_band_reduce(const BandAllReduceParams& p, int band, int block
 
 cudaError_t launch_band_pull(const BandAllReduceParams& p, int step, int blocks, cudaStream_t stream) {
   const int bands = static_cast<int>(band_count(p));
-  if (!valid(p, step == bands ? 0 : step) || p.partials_pushed || blocks <= 0 || blocks > kMaxBlocks)
-    return cudaErrorInvalidValue;  // pushed partials: the persistent kernel only
+  if (!valid(p, step == bands ? 0 : step) || blocks <= 0 || blocks > kMaxBlocks) return cudaErrorInvalidValue;
   return visit_half_dtype_and_world(p.dtype, p.comm.world, [&](auto t, auto w) {
     band_pull_kernel<decltype(t), decltype(w)::value><<<blocks, kReduceThreads, 0, stream>>>(p, step, bands);
     return cudaGetLastError();
@@ -560,11 +538,10 @@ cudaError_t launch_band_consume_tiles(const BandAllReduceParams& p, int first_ba
   return cudaGetLastError();
 }
 
-cudaError_t launch_band_peer_stores_entry(const BandAllReduceParams& p, cudaStream_t stream) {
-  if (!valid(p, 0, /*scattered_ok=*/true) || !(p.tiles_scattered || p.partials_pushed) ||
-      p.comm.world > kSignalThreads)
+cudaError_t launch_band_scatter_entry(const BandAllReduceParams& p, cudaStream_t stream) {
+  if (!valid(p, 0, /*scattered_ok=*/true) || !p.tiles_scattered || p.comm.world > kSignalThreads)
     return cudaErrorInvalidValue;
-  band_peer_stores_entry_kernel<<<1, kSignalThreads, 0, stream>>>(p);
+  band_scatter_entry_kernel<<<1, kSignalThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -138,28 +138,6 @@
 // the handshake (enter_call) on the main stream: no peer is still in an earlier call
 // that reads its region (of another layout: another shape or schedule).
 //
-// Pushed partials (band_pull with BandAllReduceParams::partials_pushed, persistent kernel
-// only): the reduce-scatter half by stores instead of loads. CTA j pushes slice j of every
-// peer's shard of its own D into that peer's recv[r], then raises ready_j(s) there; the
-// sum then reads W local copies, as with scattered tiles, and the gather pulls as before.
-// Stores from a few CTAs move more than loads under all-to-all traffic (NOTES.md, the
-// copy-engine probe: 16 CTAs push ~300-330 GB/s and pull ~255). The pushes go to peers'
-// workspace, so the entry handshake runs first, on the band kernel's stream:
-//
-//   CTA j of rank r, band s:
-//     sum(s):    wait this rank's tiles of s ─ push slice j of D_r[s, shard p] ─▶ recv_p[r]
-//                for every p ≠ r ─ flag ready_j(s) to every peer ─ wait ready_j(s) of
-//                every peer ─ Σ in rank order (+ bias) of slice j of the W local copies
-//                ─▶ out and red_r ─ flag summed_j(s) to every peer
-//     gather(s): as above
-//
-//   main: ─fork─[ tile GEMM on SMs - R ................................... ][tail]─join─▶
-//   side:       [entry][push+Σ b0][gather b0][push+Σ b1][gather b1] ... ──────────┘
-//
-// Reuse: rank r pushes slice j into recv_p[r] in call e+1 only after its call e ended,
-// which waited for p's summed_j of every band of call e, raised after p's CTA j read
-// slice j of recv_p[r] for the last time; the entry covers a call e of another layout.
-//
 // Entry (copy-engine schedule): band 0's wait on stream A starts with a handshake
 // (enter_call): no copy goes to a peer before it entered the same call, so a peer
 // still reading the previous call's data (of another shape or schedule over the
@@ -200,10 +178,8 @@ cudaError_t launch_band_pull_persistent(const BandAllReduceParams& p, int blocks
 cudaError_t launch_band_consume_tiles(const BandAllReduceParams& p, int first_band, int end_band,
                                       cudaStream_t stream);
 
-// The entry handshake of the schedules that store into peers' workspace: the owner
-// scatter (p.tiles_scattered, before its GEMM) and pushed partials (p.partials_pushed,
-// before the band kernel).
-cudaError_t launch_band_peer_stores_entry(const BandAllReduceParams& p, cudaStream_t stream);
+// The owner-scatter schedule's entry handshake (p.tiles_scattered), before its GEMM.
+cudaError_t launch_band_scatter_entry(const BandAllReduceParams& p, cudaStream_t stream);
 
 // The copies of the schedule (cudaMemcpyAsync on `stream`): push this rank's
 // shard p of `band` to every peer p, or pull every peer's sum into the output.

@@ -27,10 +27,6 @@ struct BandAllReduceParams {
   // The GEMM stored every rank's partial of this rank's shards here (band_scatter):
   // rank src's at recv[src], this rank's own at D. Shards are then whole tile rows.
   bool tiles_scattered;
-  // The band kernel's CTAs pushed every peer's shard of this rank's D into the peer's
-  // recv[rank] (band_push_reduce_scatter), so each rank sums local copies as with
-  // scattered tiles; shards as without them.
-  bool partials_pushed;
 };
 
 // Rows [row0, row0 + rows) of D.

@@ -367,20 +367,15 @@ bool band_scatter_fits(const at::Tensor& a, const at::Tensor& b, int world) {
 //   side:              [Σ b0 (local)][gather b0][Σ b1 (local)][gather b1] ... ────────────┘
 at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias, Overlap overlap, bool scatter) {
-  BandCall bc = band_call(ws, a, b, bias,
-                          scatter ? MatmulAllReduceAlgo::kBandScatter : MatmulAllReduceAlgo::kBandPull,
-                          /*spare_sms=*/0);
-  const bool persistent = scatter || band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"));
-  bc.bands.partials_pushed =
-      !scatter && persistent && band_push_reduce_scatter(get_tuning("matmul_all_reduce.band_push_reduce_scatter"));
+  const BandCall bc = band_call(ws, a, b, bias,
+                                scatter ? MatmulAllReduceAlgo::kBandScatter : MatmulAllReduceAlgo::kBandPull,
+                                /*spare_sms=*/0);
   const int device = ws.device();
   cudaStream_t main = at::cuda::getCurrentCUDAStream(device);
   SideStream& side = side_stream(device, 0);
   const bool overlapped = overlap == Overlap::kOverlapped;
   const char* schedule = scatter ? "band_scatter" : "band_pull";
-  if (scatter)
-    check_launch(launch_band_peer_stores_entry(bc.bands, main), schedule, "launch_band_peer_stores_entry",
-                 bc.operands);
+  if (scatter) check_launch(launch_band_scatter_entry(bc.bands, main), schedule, "launch_band_scatter_entry", bc.operands);
   if (overlapped) side.fork_from(main);
   // GEMM first: it never waits on anything (see fused()).
   check_launch(launch_tile_gemm(bc.gemm, main, bc.scratch), schedule, "launch_tile_gemm", bc.operands);
@@ -390,7 +385,7 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
   const bool two_shot_tail =
       !scatter && band_tail_two_shot(bc.gemm.k, get_tuning("matmul_all_reduce.band_tail_two_shot"));
   int tail = 0;
-  if (persistent) {
+  if (scatter || band_pull_persistent(get_tuning("matmul_all_reduce.band_persistent"))) {
     const int64_t tail_knob = get_tuning("matmul_all_reduce.band_tail");
     if (two_shot_tail) {
       tail = band_two_shot_tail_bands(ws.world(), bands, tail_knob);
@@ -399,11 +394,6 @@ at::Tensor band_pull(comm::Workspace& ws, const at::Tensor& a, const at::Tensor&
       const int64_t wave_tile_rows = (bc.gemm.sm_count + tiles_n - 1) / tiles_n;
       tail = band_tail_bands(bc.gemm.k, bands, bc.bands.band_rows / bc.bands.tile_m, wave_tile_rows, tail_knob);
     }
-    // Pushed partials store into peers' workspace: the entry handshake first, on the
-    // band kernel's stream (the GEMM stores only here).
-    if (bc.bands.partials_pushed)
-      check_launch(launch_band_peer_stores_entry(bc.bands, stream), schedule, "launch_band_peer_stores_entry",
-                   bc.operands);
     check_launch(launch_band_pull_persistent(bc.bands, bc.reducers, /*lane=*/0, 0, bands - tail, sum_ahead, stream),
                  schedule, "launch_band_pull_persistent", bc.operands);
   } else {
