@@ -28,46 +28,9 @@
 
 #include "probe_check.h"
 
-#define CHECK_CUBLAS(call)                                                         \
-  do {                                                                             \
-    cublasStatus_t st_ = (call);                                                   \
-    if (st_ != CUBLAS_STATUS_SUCCESS) {                                            \
-      std::fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #call, int(st_)); \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
-
 namespace {
 
-constexpr int kMaxGpus = 8;
-
-// SM all-to-all: piece k of `vectors` 16-byte words from src[k] to dst[k]; one side of
-// each is in a peer's memory. Eight words in flight per thread.
-struct SmCopies {
-  const uint4* src[kMaxGpus - 1];
-  uint4* dst[kMaxGpus - 1];
-  int pieces;
-  long long vectors;
-};
-
-__global__ void __launch_bounds__(512) sm_all_to_all(SmCopies p) {
-  constexpr int U = 8;
-  const long long total = p.vectors * p.pieces;
-  const long long stride = (long long)gridDim.x * blockDim.x * U;
-  for (long long base = (long long)blockIdx.x * blockDim.x * U + threadIdx.x; base < total; base += stride) {
-    uint4 x[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long i = base + (long long)u * blockDim.x;
-      if (i < total) x[u] = __ldcg(p.src[i / p.vectors] + i % p.vectors);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long i = base + (long long)u * blockDim.x;
-      if (i < total) p.dst[i / p.vectors][i % p.vectors] = x[u];
-    }
-  }
-}
+using probe::kMaxGpus;
 
 struct Gpu {
   char* ce_send;  // (W - 1) x round bytes, one slot per peer
@@ -102,8 +65,10 @@ void enqueue_ce_round(int d, bool per_peer) {
     }
 }
 
+// One round of SM all-to-all on GPU d: every peer's `round_bytes` by stores (push) or
+// loads (pull), eight 16-byte words in flight per thread.
 void enqueue_sm_round(int d, bool pull, int ctas) {
-  SmCopies p{};
+  probe::AllToAll p{};
   p.pieces = gpus - 1;
   p.vectors = (long long)(round_bytes() / 16);
   for (int k = 0; k < gpus - 1; ++k) {
@@ -113,7 +78,7 @@ void enqueue_sm_round(int d, bool pull, int ctas) {
     p.src[k] = reinterpret_cast<const uint4*>(g[src_owner].sm_send + slot(src_owner, src_to) * round_bytes());
     p.dst[k] = reinterpret_cast<uint4*>(g[dst_owner].sm_recv + slot(dst_owner, dst_from) * round_bytes());
   }
-  sm_all_to_all<<<ctas, 512, 0, g[d].sm>>>(p);
+  probe::all_to_all_kernel<8><<<ctas, 512, 0, g[d].sm>>>(p);
   CHECK(cudaGetLastError());
 }
 

@@ -91,36 +91,9 @@ float time_kernel_u(int unroll, const Probe& p, int ctas, int threads, cudaStrea
   }
 }
 
-constexpr int kMaxGpus = 8;
-
-// Per GPU: pieces[k] moves `vectors` 16-byte vectors from src[k] to dst[k], one
-// piece per peer; either src (pull) or dst (push) is in the peer's memory.
-struct AllToAll {
-  const uint4* src[kMaxGpus - 1];
-  uint4* dst[kMaxGpus - 1];
-  int pieces;
-  long long vectors;
-};
-
-// The pieces laid end to end; each thread keeps U vectors in flight.
-template <int U>
-__global__ void all_to_all_kernel(AllToAll p) {
-  const long long total = p.vectors * p.pieces;
-  const long long stride = (long long)gridDim.x * blockDim.x * U;
-  for (long long base = (long long)blockIdx.x * blockDim.x * U + threadIdx.x; base < total; base += stride) {
-    uint4 x[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long i = base + (long long)u * blockDim.x;
-      if (i < total) x[u] = __ldcg(p.src[i / p.vectors] + i % p.vectors);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long i = base + (long long)u * blockDim.x;
-      if (i < total) p.dst[i / p.vectors][i % p.vectors] = x[u];
-    }
-  }
-}
+using probe::AllToAll;
+using probe::all_to_all_kernel;
+using probe::kMaxGpus;
 
 // Every visible GPU (all pairs with peer access) at once: GPU g sends `piece` bytes
 // to each peer and receives `piece` from each. GB/s per GPU per direction, timed on

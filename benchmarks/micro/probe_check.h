@@ -1,7 +1,8 @@
 // What the standalone probes share: CHECK(call), which stops at the first failing CUDA
-// call and names it; GPUs 0 and 1 with access to each other's memory; random bf16 fills;
-// the median of a set of timings; plain 16-byte reads; graphs of ten calls timed after an
-// L2 flush.
+// call and names it (CHECK_CUBLAS the same for cuBLAS, in probes that include it); GPUs 0
+// and 1 with access to each other's memory; random bf16 fills; the median of a set of
+// timings; plain 16-byte reads; all-to-all copies between GPUs; graphs of ten calls timed
+// after an L2 flush.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,6 +20,15 @@
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
       std::exit(1);                                                                               \
     }                                                                                             \
+  } while (0)
+
+#define CHECK_CUBLAS(call)                                                                     \
+  do {                                                                                         \
+    cublasStatus_t st_ = (call);                                                               \
+    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                        \
+      std::fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #call, int(st_)); \
+      std::exit(1);                                                                            \
+    }                                                                                          \
   } while (0)
 
 namespace probe {
@@ -72,6 +82,35 @@ __global__ void read_kernel(const uint4* p, int64_t n, uint4* sink) {
     for (int u = 0; u < kUnroll; ++u) acc.x ^= x[u].x ^ x[u].y ^ x[u].z ^ x[u].w;
   }
   if (acc.x == 0x12345678u) sink[0] = acc;
+}
+
+// All-to-all traffic of one GPU: piece k of `vectors` 16-byte words from src[k] to dst[k],
+// one side of each in a peer's memory (stores to peers: a push; loads from them: a pull).
+// The pieces laid end to end; each thread keeps U words in flight.
+constexpr int kMaxGpus = 8;
+struct AllToAll {
+  const uint4* src[kMaxGpus - 1];
+  uint4* dst[kMaxGpus - 1];
+  int pieces;
+  long long vectors;
+};
+template <int U>
+__global__ void all_to_all_kernel(AllToAll p) {
+  const long long total = p.vectors * p.pieces;
+  const long long stride = (long long)gridDim.x * blockDim.x * U;
+  for (long long base = (long long)blockIdx.x * blockDim.x * U + threadIdx.x; base < total; base += stride) {
+    uint4 x[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long i = base + (long long)u * blockDim.x;
+      if (i < total) x[u] = __ldcg(p.src[i / p.vectors] + i % p.vectors);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long i = base + (long long)u * blockDim.x;
+      if (i < total) p.dst[i / p.vectors][i % p.vectors] = x[u];
+    }
+  }
 }
 
 // µs per call of a CUDA graph of ten calls, call i enqueued by enqueue_call(i) (each on
