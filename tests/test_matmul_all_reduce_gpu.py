@@ -446,9 +446,10 @@ def body_band_variants(rank, world, group_name):
     1 to 3 bands summed ahead of a gather; the GEMM's last wave as a band of its own or
     not; the GEMM's last waves split by K or whole; its tiles by M or ping-pong 128 x 128)
     and as one kernel per band, and every third call its owner-scatter form (the GEMM's
-    exchange warps or its epilogue move each tile to its owner), with 1 to 40 CTAs and 1 to 16 bands, back to back in mixed order
-    (so the band sequences of the persistent kernels' flags and the tile slots run on
-    across calls of different shapes, CTA, band and tail counts): exact on integer inputs,
+    exchange warps or its epilogue move each tile to its owner), with 1 to 40 CTAs and 1 to
+    16 bands, back to back in mixed order (so the band sequences of the persistent kernels'
+    flags and the tile slots run on across calls of different shapes, CTA, band and tail
+    counts): exact on integer inputs,
     the same bits as the unfused order, identical across ranks; then CUDA graphs of six of
     these forms, replayed in turns."""
     import distfuse

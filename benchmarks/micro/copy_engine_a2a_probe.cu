@@ -40,7 +40,7 @@ struct Gpu {
   __nv_bfloat16 *a, *b, *c;
   cublasHandle_t blas;
   cudaStream_t gemm, ce[kMaxGpus], sm;
-  cudaEvent_t start, first, end[kMaxGpus + 2];
+  cudaEvent_t start, first, end[kMaxGpus];
 };
 
 int gpus = 0;
@@ -102,33 +102,33 @@ __global__ void gate_kernel(const volatile int* flag) {
   } while (*flag == 0 && t - t0 < 10000000000ull);
 }
 
-// A phase: on every GPU, `background` (if any) starts first and `foreground` waits
-// for its first unit of work, so that it runs beside the background's steady state.
-// Returns the foreground's ms (its start to its last stream's end, slowest GPU).
+// A phase: on every GPU, `foreground` on `fg_streams`, timed. With a background, its
+// `bg_unit` starts first, `bg_count` times on `bg_streams`, and the foreground waits for
+// the first unit, so that it runs beside the background's steady state. Returns the
+// foreground's ms (its start to its last stream's end, slowest GPU).
 using Enqueue = std::function<void(int d)>;
-float run_phase(const Enqueue& fg_first, const Enqueue& fg_rest, const std::vector<int>& fg_streams,
-                const Enqueue& bg_first, const Enqueue& bg_rest, const std::vector<int>& bg_streams) {
+float run_phase(const Enqueue& foreground, const std::vector<int>& fg_streams, const Enqueue& bg_unit = {},
+                int bg_count = 0, const std::vector<int>& bg_streams = {}) {
   // Stream ids: 0 gemm, 1 sm, 2 + k the copy-engine stream k.
   auto stream = [](int d, int id) { return id == 0 ? g[d].gemm : id == 1 ? g[d].sm : g[d].ce[id - 2]; };
   *gate = 0;
   for (int d = 0; d < gpus; ++d) {
     CHECK(cudaSetDevice(d));
-    cudaStream_t lead = stream(d, bg_first ? bg_streams[0] : fg_streams[0]);
+    cudaStream_t lead = stream(d, bg_unit ? bg_streams[0] : fg_streams[0]);
     gate_kernel<<<1, 1, 0, lead>>>(gate);
     CHECK(cudaGetLastError());
     CHECK(cudaEventRecord(g[d].start, lead));
     for (int id : bg_streams) CHECK(cudaStreamWaitEvent(stream(d, id), g[d].start));
     for (int id : fg_streams) CHECK(cudaStreamWaitEvent(stream(d, id), g[d].start));
-    if (bg_first) {
-      bg_first(d);
+    if (bg_unit) {
+      bg_unit(d);
       CHECK(cudaEventRecord(g[d].first, stream(d, bg_streams[0])));
       for (int id : fg_streams) CHECK(cudaStreamWaitEvent(stream(d, id), g[d].first));
       CHECK(cudaEventRecord(g[d].start, stream(d, fg_streams[0])));  // the foreground's start
     }
-    fg_first(d);
-    fg_rest(d);
+    foreground(d);
     for (size_t i = 0; i < fg_streams.size(); ++i) CHECK(cudaEventRecord(g[d].end[i], stream(d, fg_streams[i])));
-    if (bg_rest) bg_rest(d);
+    for (int i = 1; i < bg_count; ++i) bg_unit(d);
   }
   const auto opened = std::chrono::steady_clock::now();
   *gate = 1;
@@ -174,14 +174,9 @@ int main(int argc, char** argv) {
   gpus = std::min(gpus, kMaxGpus);
   g.resize(gpus);
   const size_t slots = round_bytes() * (gpus - 1);
+  probe::enable_peer_access(gpus);
   for (int d = 0; d < gpus; ++d) {
     CHECK(cudaSetDevice(d));
-    for (int h = 0; h < gpus; ++h) {
-      if (h == d) continue;
-      const cudaError_t e = cudaDeviceEnablePeerAccess(h, 0);
-      if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) CHECK(e);
-      (void)cudaGetLastError();
-    }
     Gpu& x = g[d];
     for (char** p : {&x.ce_send, &x.ce_recv, &x.sm_send, &x.sm_recv}) CHECK(cudaMalloc(p, slots));
     CHECK(cudaMalloc(&x.a, size_t(gm) * gk * 2));
@@ -208,14 +203,13 @@ int main(int argc, char** argv) {
   const double round = double(round_bytes()) * (gpus - 1);  // bytes each GPU sends per round
   std::printf("%s x %d; a round: %d copies of %zu KB to each of %d peers (%.0f MB sent per GPU); GEMM %d x %d x %d\n",
               prop.name, gpus, copies, copy_bytes >> 10, gpus - 1, round / 1e6, gm, gn, gk);
-  std::printf("%-34s %12s %12s %12s\n", "phase", "GB/s", "other GB/s", "sum or us");
+  std::printf("%-36s %12s %12s %12s\n", "phase", "GB/s", "other GB/s", "sum or us");
 
   const std::vector<int> ce1{2}, sm{1}, gemm{0};
   std::vector<int> ce_all;
   for (int k = 0; k < gpus - 1; ++k) ce_all.push_back(2 + k);
   const int rounds = 6;  // few enough copies that the queues never fill behind the gate
   auto repeat = [](int n, Enqueue f) { return Enqueue([=](int d) { for (int i = 0; i < n; ++i) f(d); }); };
-  const Enqueue none;
   for (int pass = 0; pass < 2; ++pass) {  // pass 0 warms up, untimed
     const bool show = pass == 1;
     auto line = [&](const char* name, double a, double b, double c) {
@@ -224,22 +218,22 @@ int main(int argc, char** argv) {
     // Copy engine alone.
     for (bool per_peer : {false, true}) {
       const Enqueue ce = [=](int d) { enqueue_ce_round(d, per_peer); };
-      const float ms = median3([&] { return run_phase(ce, repeat(rounds - 1, ce), per_peer ? ce_all : ce1, none, none, {}); });
+      const float ms = median3([&] { return run_phase(repeat(rounds, ce), per_peer ? ce_all : ce1); });
       line(per_peer ? "ce, a stream per peer" : "ce, one stream", gbs(round * rounds, ms), 0, 0);
     }
     // SM all-to-all alone and beside the copy engine.
     for (bool pull : {false, true}) {
       for (int ctas : {16, 32, 132}) {
         const Enqueue s = [=](int d) { enqueue_sm_round(d, pull, ctas); };
-        const float ms = median3([&] { return run_phase(s, repeat(rounds - 1, s), sm, none, none, {}); });
+        const float ms = median3([&] { return run_phase(repeat(rounds, s), sm); });
         char name[64];
         std::snprintf(name, sizeof name, "sm %s, %d CTAs", pull ? "pull" : "push", ctas);
         line(name, gbs(round * rounds, ms), 0, 0);
         if (ctas == 132) continue;
         // Both at once: each side timed while a longer loop of the other covers it.
         const Enqueue ce = [](int d) { enqueue_ce_round(d, false); };
-        const float sm_ms = median3([&] { return run_phase(s, repeat(rounds - 1, s), sm, ce, repeat(2 * rounds, ce), ce1); });
-        const float ce_ms = median3([&] { return run_phase(ce, repeat(rounds - 1, ce), ce1, s, repeat(3 * rounds, s), sm); });
+        const float sm_ms = median3([&] { return run_phase(repeat(rounds, s), sm, ce, 2 * rounds + 1, ce1); });
+        const float ce_ms = median3([&] { return run_phase(repeat(rounds, ce), ce1, s, 3 * rounds + 1, sm); });
         std::snprintf(name, sizeof name, "sm %s %d CTAs | ce one stream", pull ? "pull" : "push", ctas);
         const double sm_rate = gbs(round * rounds, sm_ms), ce_rate = gbs(round * rounds, ce_ms);
         line(name, sm_rate, ce_rate, sm_rate + ce_rate);
@@ -248,16 +242,16 @@ int main(int argc, char** argv) {
     // The GEMM alone, the copy engine beside it, and it beside the copy engine.
     const Enqueue gem = enqueue_gemm;
     const int calls = 6;
-    const float alone = median3([&] { return run_phase(gem, repeat(calls - 1, gem), gemm, none, none, {}); });
+    const float alone = median3([&] { return run_phase(repeat(calls, gem), gemm); });
     line("gemm alone (us per call)", 0, 0, alone * 1e3 / calls);
     for (bool per_peer : {false, true}) {
       const Enqueue ce = [=](int d) { enqueue_ce_round(d, per_peer); };
       const std::vector<int>& streams = per_peer ? ce_all : ce1;
       // The copies beside a GEMM loop long enough to cover them.
-      const float ce_ms = median3([&] { return run_phase(ce, repeat(rounds - 1, ce), streams, gem, repeat(4 * calls, gem), gemm); });
+      const float ce_ms = median3([&] { return run_phase(repeat(rounds, ce), streams, gem, 4 * calls + 1, gemm); });
       line(per_peer ? "ce per peer | gemm" : "ce one stream | gemm", gbs(round * rounds, ce_ms), 0, 0);
       // The GEMMs beside a copy loop long enough to cover them.
-      const float gemm_ms = median3([&] { return run_phase(gem, repeat(calls - 1, gem), gemm, ce, repeat(2 * rounds, ce), streams); });
+      const float gemm_ms = median3([&] { return run_phase(repeat(calls, gem), gemm, ce, 2 * rounds + 1, streams); });
       line(per_peer ? "gemm | ce per peer (us per call)" : "gemm | ce one stream (us per call)", 0, 0,
            gemm_ms * 1e3 / calls);
     }

@@ -102,14 +102,9 @@ void all_to_all(int gpus, size_t piece) {
   std::vector<void*> send(gpus), recv(gpus);
   std::vector<cudaStream_t> streams(gpus);
   std::vector<cudaEvent_t> start(gpus), stop(gpus);
+  probe::enable_peer_access(gpus);
   for (int g = 0; g < gpus; ++g) {
     CHECK(cudaSetDevice(g));
-    for (int h = 0; h < gpus; ++h) {
-      if (h == g) continue;
-      const cudaError_t e = cudaDeviceEnablePeerAccess(h, 0);
-      if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) CHECK(e);
-      (void)cudaGetLastError();
-    }
     CHECK(cudaMalloc(&send[g], piece * (gpus - 1)));
     CHECK(cudaMemset(send[g], g + 1, piece * (gpus - 1)));
     CHECK(cudaMalloc(&recv[g], piece * (gpus - 1)));

@@ -64,6 +64,20 @@ inline void enable_peer_pair() {
   }
 }
 
+// Every pair of GPUs 0 .. gpus - 1 with access to each other's memory (already enabled
+// is fine); leaves GPU gpus - 1 current.
+inline void enable_peer_access(int gpus) {
+  for (int g = 0; g < gpus; ++g) {
+    CHECK(cudaSetDevice(g));
+    for (int h = 0; h < gpus; ++h) {
+      if (h == g) continue;
+      const cudaError_t e = cudaDeviceEnablePeerAccess(h, 0);
+      if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) CHECK(e);
+      (void)cudaGetLastError();
+    }
+  }
+}
+
 inline float median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
